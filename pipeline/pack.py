@@ -1,0 +1,154 @@
+"""Tokenize, then pack fixed-length sequences from the documents of ONE leaf each.
+
+Tokenizer: a byte-level BPE trained with `tokenizers` on a bounded, seeded
+sample of documents (``tokenizer_sample_docs`` reach the driver, no more), or a
+user's tokenizer.json. Ids 0 and 1 are ``<|endoftext|>`` and ``<|pad|>``.
+
+Packing (format in docs/FORMATS.md): a leaf's documents, in a seeded order, are
+concatenated with an end-of-text token after each and cut into sequences of
+``seq_len + 1`` tokens. A large leaf is split into packing groups by a seeded
+hash of the doc id so that one task holds at most ``pack_group_tokens`` tokens;
+only each group's last sequence is padded. Each sequence lists the documents
+whose first token it holds, so every routed document appears exactly once.
+Shards are partitioned by level-1 node, so a trainer rank reads only its subtrees.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pandas as pd
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
+from pyspark.sql import types as T
+from pyspark.sql.functions import pandas_udf
+
+from pipeline.config import JobConfig
+
+EOT, PAD = "<|endoftext|>", "<|pad|>"
+EOT_ID, PAD_ID = 0, 1
+
+SHARD_SCHEMA = T.StructType([
+    T.StructField("seq_id", T.LongType()),
+    T.StructField("path", T.ArrayType(T.IntegerType())),
+    T.StructField("leaf", T.LongType()),
+    T.StructField("tokens", T.ArrayType(T.IntegerType())),
+    T.StructField("n_valid", T.IntegerType()),
+    T.StructField("doc_ids", T.ArrayType(T.StringType())),
+])
+
+
+def train_tokenizer(texts, vocab_size: int):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOT, PAD],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer=trainer)
+    return tok
+
+
+def load_or_train_tokenizer(spark: SparkSession, docs: DataFrame, cfg: JobConfig, n_docs: int):
+    from tokenizers import Tokenizer
+    if cfg.tokenizer:
+        tok = Tokenizer.from_file(cfg.tokenizer)
+        for name, want in ((EOT, EOT_ID), (PAD, PAD_ID)):
+            if tok.token_to_id(name) != want:
+                raise SystemExit(f"{cfg.tokenizer}: token {name!r} must have id {want} (has {tok.token_to_id(name)}); "
+                                 "add it as a special token or let the job train one")
+        return tok
+    frac = min(1.0, 1.2 * cfg.tokenizer_sample_docs / max(n_docs, 1))
+    sample = (docs.select("text").sample(fraction=frac, seed=cfg.seed)
+              .orderBy(F.xxhash64("text")).limit(cfg.tokenizer_sample_docs))
+    return train_tokenizer((r["text"] for r in sample.toLocalIterator()), cfg.vocab_size)
+
+
+def make_tokenize_udf(tok_json: str):
+    @pandas_udf("array<int>")
+    def tokenize(texts: pd.Series) -> pd.Series:
+        from tokenizers import Tokenizer
+        tok = Tokenizer.from_str(tok_json)
+        return pd.Series([np.asarray(e.ids, dtype=np.int32) for e in tok.encode_batch(texts.tolist())])
+    return tokenize
+
+
+def pack_group(doc_ids: list[str], token_lists: list[np.ndarray], seq_len: int) -> list[tuple[list[int], int, list[str]]]:
+    """Pack documents (already in order) into (tokens[seq_len+1], n_valid, first-token doc ids) sequences."""
+    width = seq_len + 1
+    lengths = np.array([len(t) + 1 for t in token_lists], dtype=np.int64)
+    stream = np.full(int(lengths.sum()), EOT_ID, dtype=np.int32)
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    for s, t in zip(starts, token_lists):
+        stream[s:s + len(t)] = t
+    n_seq = -(-len(stream) // width)
+    padded = np.full(n_seq * width, PAD_ID, dtype=np.int32)
+    padded[:len(stream)] = stream
+    owner = starts // width
+    out = []
+    for i in range(n_seq):
+        n_valid = min(width, len(stream) - i * width)
+        ids = [doc_ids[j] for j in np.flatnonzero(owner == i)]
+        out.append((padded[i * width:(i + 1) * width].tolist(), n_valid, ids))
+    return out
+
+
+def pack_stage(spark: SparkSession, cfg: JobConfig, run_dir: str) -> dict:
+    docs = spark.read.parquet(os.path.join(run_dir, "documents"))
+    routed = spark.read.parquet(os.path.join(run_dir, "work", f"level_{cfg.depth}"))
+    n_docs = routed.count()
+    tok = load_or_train_tokenizer(spark, docs, cfg, n_docs)
+    tok.save(os.path.join(run_dir, "tokenizer.json"))
+    tokenize = make_tokenize_udf(tok.to_str())
+
+    parts = cfg.partitions or spark.sparkContext.defaultParallelism * 2
+    joined = (routed.select("doc_id", "path", F.col("node").alias("leaf"), "embedding")
+              .join(docs.select("doc_id", "text"), "doc_id")
+              .repartition(parts, "doc_id")
+              .withColumn("ids", tokenize("text"))
+              .withColumn("n_tokens", F.size("ids").cast("long"))
+              .withColumn("l1", F.col("path")[0]))
+    work = os.path.join(run_dir, "work", "tokens")
+    joined.drop("text").write.mode("overwrite").parquet(work)
+    toks = spark.read.parquet(work)
+
+    # routed/: the doc -> path table the router and the evaluation read
+    (toks.join(docs.select("doc_id", F.substring("text", 1, 200).alias("preview")), "doc_id")
+     .select("doc_id", "path", "leaf", "embedding", "n_tokens", "preview", "l1")
+     .write.mode("overwrite").partitionBy("l1").parquet(os.path.join(run_dir, "routed")))
+
+    leaf_tokens = {r["leaf"]: int(r["t"]) for r in toks.groupBy("leaf").agg(F.sum(F.col("n_tokens") + 1).alias("t")).collect()}
+    groups = {leaf: max(1, -(-t // cfg.pack_group_tokens)) for leaf, t in leaf_tokens.items()}
+    group_map = F.create_map(*[x for leaf, g in groups.items() for x in (F.lit(leaf), F.lit(g))])
+    h = F.xxhash64("doc_id", F.lit(cfg.seed))
+    seq_len, seed = cfg.seq_len, cfg.seed
+
+    def pack(pdf: pd.DataFrame) -> pd.DataFrame:
+        pdf = pdf.sort_values(["order", "doc_id"])
+        leaf, group = int(pdf["leaf"].iloc[0]), int(pdf["group"].iloc[0])
+        seqs = pack_group(pdf["doc_id"].tolist(), [np.asarray(t, dtype=np.int32) for t in pdf["ids"]], seq_len)
+        if len(seqs) >= 1 << 20 or group >= 1 << 11:
+            raise ValueError(f"leaf {leaf}: packing group too large for seq_id numbering; lower pack_group_tokens")
+        path = list(pdf["path"].iloc[0])
+        return pd.DataFrame({
+            "seq_id": [(leaf << 31) | (group << 20) | i for i in range(len(seqs))],
+            "path": [path] * len(seqs), "leaf": [leaf] * len(seqs),
+            "tokens": [s[0] for s in seqs], "n_valid": [s[1] for s in seqs], "doc_ids": [s[2] for s in seqs]})
+
+    shards = (toks.select("doc_id", "path", "leaf", "ids",
+                          F.pmod(h, group_map[F.col("leaf")]).alias("group"),
+                          F.xxhash64("doc_id", F.lit(seed + 1)).alias("order"))
+              .groupBy("leaf", "group").applyInPandas(pack, SHARD_SCHEMA)
+              .withColumn("l1", F.col("path")[0]))
+    shards.write.mode("overwrite").partitionBy("l1").parquet(os.path.join(run_dir, "shards"))
+
+    written = spark.read.parquet(os.path.join(run_dir, "shards"))
+    seq_stats = written.agg(F.count("*").alias("sequences"), F.sum("n_valid").alias("valid"),
+                            F.sum(F.size("doc_ids")).alias("docs")).first()
+    if seq_stats["docs"] != n_docs:
+        raise RuntimeError(f"pack: {n_docs} routed documents but {seq_stats['docs']} listed in shards")
+    leaf_seq = {r["leaf"]: r["count"] for r in written.groupBy("leaf").count().collect()}
+    return {"vocab_size": tok.get_vocab_size(), "documents": n_docs, "sequences": seq_stats["sequences"],
+            "tokens": int(toks.agg(F.sum("n_tokens")).first()[0]), "valid_tokens": int(seq_stats["valid"]),
+            "leaf_tokens": {str(k): v for k, v in leaf_tokens.items()},
+            "leaf_sequences": {str(k): v for k, v in leaf_seq.items()}}

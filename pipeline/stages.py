@@ -1,0 +1,112 @@
+"""Stage bookkeeping: completion markers (resume), timing, and a progress line with rate and ETA.
+
+A stage writes its outputs first and its marker ``RUN/stages/<name>.json`` last,
+so a run killed mid-stage redoes that stage only; Spark's overwrite mode makes
+the redo idempotent. The marker records the config fingerprint: a rerun with a
+different config into the same directory is refused instead of mixing outputs.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+
+def fmt_duration(s: float) -> str:
+    s = int(max(s, 0))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+class Progress(threading.Thread):
+    """Polls Spark's status tracker and prints `stage: tasks, items/s, ETA` every few seconds.
+
+    Items per second are estimated as (items in the stage) x (share of tasks done) / elapsed,
+    which is exact when tasks are even and honest about what it is otherwise.
+    """
+
+    def __init__(self, spark, name: str, total_items: int | None, unit: str, every: float = 10.0):
+        super().__init__(daemon=True)
+        self.tracker = spark.sparkContext.statusTracker()
+        self.name, self.total, self.unit, self.every = name, total_items, unit, every
+        self.stop_event = threading.Event()
+        self.t0 = time.time()
+
+    def run(self):
+        while not self.stop_event.wait(self.every):
+            done = total = 0
+            for sid in self.tracker.getActiveStageIds():
+                info = self.tracker.getStageInfo(sid)
+                if info:
+                    done += info.numCompletedTasks
+                    total += info.numTasks
+            elapsed = time.time() - self.t0
+            line = f"[{self.name}] {fmt_duration(elapsed)} elapsed, tasks {done}/{total}"
+            if total and done and self.total:
+                frac = done / total
+                line += f", ~{self.total * frac / elapsed:,.0f} {self.unit}/s, ETA {fmt_duration(elapsed * (1 - frac) / frac)}"
+            print(line, file=sys.stderr, flush=True)
+
+    def stop(self):
+        self.stop_event.set()
+
+
+@dataclass
+class Stages:
+    run_dir: str
+    fingerprint: str
+    timings: dict = field(default_factory=dict)
+
+    def marker(self, name: str) -> str:
+        return os.path.join(self.run_dir, "stages", f"{name}.json")
+
+    def done(self, name: str) -> dict | None:
+        """The stats of a completed stage, or None."""
+        path = self.marker(name)
+        if not os.path.exists(path):
+            return None
+        with open(path) as f:
+            m = json.load(f)
+        if m["fingerprint"] != self.fingerprint:
+            raise SystemExit(f"{self.run_dir} holds a run with another config (stage {name}: {m['fingerprint']} != {self.fingerprint}); "
+                             "use a fresh --output or delete the directory")
+        return m["stats"]
+
+    def finish(self, name: str, stats: dict, seconds: float) -> None:
+        os.makedirs(os.path.dirname(self.marker(name)), exist_ok=True)
+        tmp = self.marker(name) + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump({"fingerprint": self.fingerprint, "seconds": seconds, "stats": stats}, f, indent=2)
+        os.replace(tmp, self.marker(name))
+
+    def seconds(self, name: str) -> float:
+        with open(self.marker(name)) as f:
+            return json.load(f)["seconds"]
+
+    @contextmanager
+    def progress(self, spark, name: str, total_items: int | None = None, unit: str = "docs"):
+        p = Progress(spark, name, total_items, unit)
+        p.start()
+        try:
+            yield p
+        finally:
+            p.stop()
+
+    def run(self, spark, name: str, fn, total_items: int | None = None, unit: str = "docs") -> dict:
+        """Run ``fn() -> stats`` unless its marker exists; print what happened."""
+        stats = self.done(name)
+        if stats is not None:
+            print(f"[{name}] done earlier ({fmt_duration(self.seconds(name))}), skipped", file=sys.stderr, flush=True)
+            return stats
+        t0 = time.time()
+        print(f"[{name}] start", file=sys.stderr, flush=True)
+        with self.progress(spark, name, total_items, unit):
+            stats = fn()
+        dt = time.time() - t0
+        self.finish(name, stats, dt)
+        rate = f", {total_items / dt:,.1f} {unit}/s" if total_items else ""
+        print(f"[{name}] finished in {fmt_duration(dt)}{rate}", file=sys.stderr, flush=True)
+        return stats

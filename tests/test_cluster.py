@@ -1,0 +1,77 @@
+"""A real Spark standalone cluster on loopback (master + one worker) gives the same outputs as local[2]."""
+import os
+import socket
+import subprocess
+import time
+
+import numpy as np
+import pytest
+
+from tests.spark_helpers import BIN, SMALL, manifest, read_table, spark_env, submit, write_bbc_subset
+
+pytestmark = pytest.mark.slow
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, timeout: float = 90) -> None:
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.5)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
+
+
+@pytest.fixture(scope="module")
+def standalone(tmp_path_factory):
+    logs = tmp_path_factory.mktemp("spark-logs")
+    port = free_port()
+    env = spark_env()
+    env["SPARK_WORKER_DIR"] = str(logs / "work")
+    cls = os.path.join(BIN, "spark-class")
+    master = subprocess.Popen([cls, "org.apache.spark.deploy.master.Master", "--host", "127.0.0.1", "--port", str(port),
+                               "--webui-port", str(free_port())], env=env,
+                              stdout=open(logs / "master.log", "w"), stderr=subprocess.STDOUT)
+    worker = None
+    try:
+        wait_for_port(port)
+        url = f"spark://127.0.0.1:{port}"
+        worker = subprocess.Popen([cls, "org.apache.spark.deploy.worker.Worker", url, "--host", "127.0.0.1",
+                                   "--cores", "2", "--memory", "3g", "--webui-port", str(free_port())], env=env,
+                                  stdout=open(logs / "worker.log", "w"), stderr=subprocess.STDOUT)
+        time.sleep(5)
+        yield url, logs / "work"
+    finally:
+        for p in (worker, master):
+            if p is not None:
+                p.terminate()
+                p.wait(30)
+
+
+def test_standalone_cluster_matches_local(standalone, tmp_path):
+    url, workdir = standalone
+    inp = tmp_path / "bbc.jsonl"
+    write_bbc_subset(str(inp), 40, start=3)
+    args = ["--input", str(inp), "--id-column", "id", *SMALL]
+    local = submit([*args, "--output", str(tmp_path / "local")])
+    assert local.returncode == 0, local.stdout[-3000:]
+    cluster = submit([*args, "--output", str(tmp_path / "cluster")], master=url)
+    assert cluster.returncode == 0, cluster.stdout[-3000:]
+    # the worker really ran executors for the job (an application folder appears in its work dir)
+    assert any(name.startswith("app-") for name in os.listdir(workdir))
+    ml, mc = manifest(tmp_path / "local"), manifest(tmp_path / "cluster")
+    assert mc["tree_version"] == ml["tree_version"]
+    assert mc["levels"] == ml["levels"] and mc["sequences"] == ml["sequences"]
+    rl = read_table(tmp_path / "local" / "routed").sort_values("doc_id")
+    rc = read_table(tmp_path / "cluster" / "routed").sort_values("doc_id")
+    assert rl.doc_id.tolist() == rc.doc_id.tolist()
+    assert np.array_equal(np.stack(rl.path.to_numpy()), np.stack(rc.path.to_numpy()))
+    sl = read_table(tmp_path / "local" / "shards").sort_values("seq_id")
+    sc = read_table(tmp_path / "cluster" / "shards").sort_values("seq_id")
+    assert [list(t) for t in sl.tokens] == [list(t) for t in sc.tokens]

@@ -1,0 +1,120 @@
+"""End to end: the real Spark job (spark-submit, local[2]) on real BBC text plus bad rows."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+from index.route import route
+from index.tree import Tree
+from tests.spark_helpers import SMALL, manifest, read_table, submit, write_bbc_subset
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def bad_inputs(tmp_path_factory):
+    d = tmp_path_factory.mktemp("inputs")
+    good = write_bbc_subset(str(d / "bbc.jsonl"), 60)
+    (d / "empty.jsonl").write_bytes(b"")
+    rows = [
+        b'{"id": "ok-1", "text": "A short but valid document about football and the league."}',
+        b'{"id": "utf8", "text": "broken \xff\xfe bytes here"}',
+        b'this line is not json',
+        b'{"id": "blank", "text": "   \\n  "}',
+        b'{"id": "ok-1", "text": "A second document that reuses the id ok-1."}',
+        b'{"id": "notext", "title": "no text field on this row"}',
+        b'{"id": "huge", "text": "' + b"word " * 2_000_000 + b'"}',
+    ]
+    (d / "bad.jsonl").write_bytes(b"\n".join(rows) + b"\n")
+    return d, good
+
+
+@pytest.fixture(scope="module")
+def run(bad_inputs, tmp_path_factory):
+    d, good = bad_inputs
+    out = tmp_path_factory.mktemp("run") / "r"
+    p = submit(["--input", str(d), "--id-column", "id", "--output", str(out), *SMALL])
+    assert p.returncode == 0, p.stdout[-4000:]
+    return out, good, p
+
+
+def test_counts_in_equal_counts_out(run):
+    out, good, _ = run
+    m = manifest(out)
+    assert m["documents_in"] == len(good) + 7
+    assert m["documents_in"] == m["documents_routed"] + m["documents_quarantined"]
+    assert m["documents_routed"] == len(good) + 1
+    assert m["quarantine_reasons"] == {"invalid_utf8": 1, "invalid_json": 1, "empty_text": 1, "duplicate_id": 1,
+                                       "missing_text": 1, "too_large": 1}
+    q = read_table(out / "quarantine")
+    assert len(q) == m["documents_quarantined"]
+    assert set(q[q.reason == "duplicate_id"].row) == {4}  # the later occurrence, by (source, row)
+    assert any(i["rows"] == 0 and i["path"].endswith("empty.jsonl") for i in m["inputs"])
+    assert set(m) >= {"documents_in", "documents_routed", "documents_quarantined", "tree_version", "levels"}
+
+
+def test_every_routed_doc_once_in_shards(run):
+    out, good, _ = run
+    routed = read_table(out / "routed")
+    shards = read_table(out / "shards")
+    listed = [d for ids in shards.doc_ids for d in ids]
+    assert sorted(listed) == sorted(routed.doc_id) and len(set(listed)) == len(listed)
+    assert set(routed.doc_id) >= {r["id"] for r in good}
+    m = manifest(out)
+    # one leaf per sequence, exact width, padding only after n_valid
+    for _, s in shards.iterrows():
+        assert len(s.tokens) == m["seq_len"] + 1
+        assert (np.asarray(s.tokens[s.n_valid:]) == m["pad_id"]).all()
+        assert int(s.l1) == s.path[0]
+    docs_leaf = dict(zip(routed.doc_id, routed.leaf))
+    for _, s in shards.iterrows():
+        assert all(docs_leaf[d] == s.leaf for d in s.doc_ids)
+    # tokens are conserved: document tokens + one end-of-text each
+    assert shards.n_valid.sum() == routed.n_tokens.sum() + len(routed)
+
+
+def test_tree_balance_and_routing_agree(run):
+    out, _, _ = run
+    m = manifest(out)
+    tree = Tree.load(out / "tree")
+    assert tree.version == m["tree_version"]
+    for lv in m["levels"]:
+        assert lv["nodes"] == 3 ** lv["level"]
+        assert sum(lv["node_documents"]) == m["documents_routed"]
+        # the cap is floor(1.5/k * n) points per child: share can exceed 1.5/k only through flooring on tiny parents
+        assert lv["max_child_fraction"] <= 0.5 + 1e-9
+    routed = read_table(out / "routed")
+    paths = route(tree, np.stack(routed.embedding.to_numpy()))
+    assert (paths == np.stack(routed.path.to_numpy())).all()
+
+
+def test_rerun_resumes_and_reproduces(run, bad_inputs):
+    out, _, _ = run
+    d, _ = bad_inputs
+    stages = sorted(os.listdir(out / "stages"))
+    before = manifest(out)
+    shards_before = read_table(out / "shards").sort_values("seq_id").reset_index(drop=True)
+    p = submit(["--input", str(d), "--id-column", "id", "--output", str(out), *SMALL])
+    assert p.returncode == 0, p.stdout[-3000:]
+    assert p.stdout.count("skipped") == len(stages)
+    after = manifest(out)
+    assert after["tree_version"] == before["tree_version"] and after["levels"] == before["levels"]
+    shards_after = read_table(out / "shards").sort_values("seq_id").reset_index(drop=True)
+    assert shards_after.seq_id.tolist() == shards_before.seq_id.tolist()
+    assert [list(t) for t in shards_after.tokens] == [list(t) for t in shards_before.tokens]
+
+
+def test_changed_config_into_same_dir_is_refused(run, bad_inputs):
+    out, _, _ = run
+    d, _ = bad_inputs
+    p = submit(["--input", str(d), "--id-column", "id", "--output", str(out), *SMALL, "--balance-factor", "2.0"])
+    assert p.returncode != 0 and "another config" in p.stdout
+
+
+def test_missing_text_column_is_a_clear_error(tmp_path):
+    f = tmp_path / "notext.jsonl"
+    f.write_text('{"body": "text under another name"}\n{"body": "again"}\n')
+    p = submit(["--input", str(f), "--output", str(tmp_path / "out"), *SMALL])
+    assert p.returncode != 0
+    assert "notext.jsonl" in p.stdout and "'text'" in p.stdout and "--text-column" in p.stdout

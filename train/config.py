@@ -1,0 +1,178 @@
+"""TrainConfig: the model and memory configs plus optim / data / schedule / recipe / deepspeed sections.
+
+A YAML file (configs/train/<name>.yaml) with CLI overrides ``--set section.key=value``. The run
+directory fixes what the data decides: vocab_size (its tokenizer), k and depth (its tree);
+``resolve`` fills them in, so a config file is valid for any run.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field
+
+import yaml
+
+from train.memory import MemoryConfig
+from train.model import ModelConfig, load_model_config
+
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "train")
+RECIPES = ("cotrain", "memory_only", "anchor_only")
+
+
+@dataclass
+class OptimGroup:
+    """AdamW hyper-parameters and LR schedule of one parameter group (anchor or memory)."""
+
+    lr: float
+    weight_decay: float
+    warmup_steps: int = 0
+    decay: str = "cosine"  # cosine | constant
+    min_lr_ratio: float = 0.1
+
+
+@dataclass
+class OptimConfig:
+    anchor: OptimGroup = field(default_factory=lambda: OptimGroup(lr=3e-3, weight_decay=0.05))
+    memory: OptimGroup = field(default_factory=lambda: OptimGroup(lr=1e-4, weight_decay=1e-3))  # the paper's
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    # Anchor (by DeepSpeed) and memory (train/distributed.py) are each clipped by their own global norm.
+    grad_clip: float = 1.0
+
+
+@dataclass
+class DataConfig:
+    batch_size: int = 8  # sequences per rank per step
+    seed: int = 0
+
+
+@dataclass
+class ScheduleConfig:
+    max_steps: int = 100
+    log_every: int = 10
+    checkpoint_every: int = 0  # 0: only at the end
+    save: bool = True  # final checkpoint and export (benchmarks turn it off)
+    log_batches: bool = False  # write each rank's seq_ids per step to OUT/batches/ (audit of what was read)
+
+
+@dataclass
+class RecipeConfig:
+    name: str = "cotrain"  # cotrain | memory_only (frozen anchor) | anchor_only (dense baseline)
+    init_anchor: str | None = None  # an exported model directory whose anchor starts the run
+
+    def __post_init__(self):
+        if self.name not in RECIPES:
+            raise ValueError(f"recipe.name {self.name!r}; one of {RECIPES}")
+        if self.name == "memory_only" and not self.init_anchor:
+            raise ValueError("recipe memory_only freezes the anchor: set recipe.init_anchor to an exported model directory")
+
+    @property
+    def trains_anchor(self) -> bool:
+        return self.name != "memory_only"
+
+    @property
+    def uses_memory(self) -> bool:
+        return self.name != "anchor_only"
+
+
+@dataclass
+class DeepSpeedConfig:
+    zero_stage: int = 2
+    config: str | None = None  # a ds_config JSON used as is instead of the generated one
+    bf16: bool | None = None  # None: bf16 on GPU, fp32 on CPU
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig
+    memory: MemoryConfig
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    recipe: RecipeConfig = field(default_factory=RecipeConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    model_preset: str = "demo"
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def ds_config(self, bf16: bool) -> dict:
+        """The DeepSpeed config generated from this one (anchor only: the bank is not DeepSpeed's)."""
+        return {
+            "train_micro_batch_size_per_gpu": self.data.batch_size,
+            "gradient_accumulation_steps": 1,
+            "gradient_clipping": self.optim.grad_clip,
+            "zero_optimization": {"stage": self.deepspeed.zero_stage},
+            "bf16": {"enabled": bf16},
+            "steps_per_print": 10**9,  # the trainer logs
+        }
+
+
+def _coerce(value, tp, where: str):
+    """YAML value -> the field's type (YAML reads 1e-4 as a string; lists stand for tuples)."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value or {}, where)
+    if origin is typing.Union or type(tp).__name__ == "UnionType":
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return None if value is None else _coerce(value, args[0], where)
+    if origin is tuple:
+        return tuple(_coerce(v, typing.get_args(tp)[0], where) for v in value)
+    if tp is float and isinstance(value, (str, int)):
+        return float(value)
+    if tp is int and isinstance(value, str):
+        return int(value)
+    return value
+
+
+def _build(cls, raw: dict, where: str, **given):
+    """``cls`` from a mapping, recursively, with unknown keys rejected; ``given`` are ready-made fields."""
+    if not isinstance(raw, dict):
+        raise ValueError(f"{where}: expected a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ValueError(f"{where}: unknown keys {unknown}; known: {sorted(known)}")
+    return cls(**{k: _coerce(v, hints[k], f"{where}.{k}") for k, v in raw.items()}, **given)
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """``section.key=value`` strings (values parsed as YAML) applied to the nested dict ``raw``."""
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set {item!r}: expected section.key=value")
+        node = raw
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = yaml.safe_load(value)
+    return raw
+
+
+def load_config(path: str | None, overrides: list[str], manifest: dict) -> TrainConfig:
+    """configs/train/demo.yaml (or ``path``) + overrides, resolved against a run's manifest."""
+    path = path or "demo"
+    if not os.path.isfile(path):
+        path = os.path.join(CONFIG_DIR, f"{path}.yaml")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"train config {path!r} not found (a YAML file or a name in {CONFIG_DIR})")
+    with open(path) as f:
+        raw = apply_overrides(yaml.safe_load(f) or {}, overrides)
+    model_raw = dict(raw.pop("model", {}) or {})
+    preset = model_raw.pop("preset", "demo")
+    model_raw["vocab_size"] = int(manifest["vocab_size"])  # the run's tokenizer decides
+    model = load_model_config(preset, **model_raw)
+    if model.max_seq_len < int(manifest["seq_len"]):
+        raise ValueError(f"{path}: model max_seq_len {model.max_seq_len} < the run's seq_len {manifest['seq_len']}; "
+                         f"--set model.max_seq_len={manifest['seq_len']}")
+    mem_raw = dict(raw.pop("memory", {}) or {})
+    mem_raw.update(k=int(manifest["k"]), depth=int(manifest["depth"]))  # the run's tree decides
+    try:
+        memory = _build(MemoryConfig, mem_raw, f"{path}: memory")
+    except ValueError as e:
+        raise ValueError(f"{e} (the run's tree has depth {manifest['depth']}: give one rank per level, "
+                         "e.g. --set memory.ranks=[64,16])") from e
+    return _build(TrainConfig, raw, path, model=model, memory=memory, model_preset=preset)

@@ -1,0 +1,289 @@
+"""Train the anchor and/or its hierarchical memory over a run directory's pre-routed shards.
+
+    deepspeed --num_gpus 2 train/main.py --data runs/demo --out runs/demo/model [--config CONFIG] [--set a.b=v ...]
+    torchrun --nproc_per_node 2 train/main.py ...      python train/main.py ...   (one process, for debugging)
+
+One step on rank r: a batch from r's own subtrees (train/data.py) fetches only the blocks on its
+paths from r's bank shard; the anchor's gradients go through DeepSpeed (ZeRO), the blocks'
+gradients are reduced only among the ranks holding them (train/distributed.py) and only those
+blocks are updated (train/optim.py). Without --config the demo config is trained. A run resumes
+from OUT/checkpoints/latest when there is one; at the end the model is exported to OUT/export.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+if __package__ in (None, ""):  # run as a script (deepspeed/torchrun/python train/main.py): make `train` importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from train import checkpoint
+from train.config import TrainConfig, load_config
+from train.data import ShardLoader, assign_subtrees, read_manifest
+from train.distributed import BlockReducer, DistInfo, init, teardown
+from train.export import anchor_weights, export
+from train.model import Anchor
+from train.optim import BlockGrads, TouchedAdamW, lr_at
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", help="configs/train/<name>.yaml or a name in it (default: demo)")
+    ap.add_argument("--data", required=True, help="run directory of jobs/cluster_corpus.py")
+    ap.add_argument("--out", required=True, help="output directory (checkpoints, logs, export)")
+    ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="config override (repeatable)")
+    ap.add_argument("--deepspeed_config", help="a ds_config JSON to use instead of the generated one")
+    ap.add_argument("--no-resume", action="store_true", help="start fresh even if OUT/checkpoints/latest exists")
+    ap.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # passed by the deepspeed launcher
+    return ap.parse_args(argv)
+
+
+def ds_config(cfg: TrainConfig, bf16: bool) -> dict:
+    if cfg.deepspeed.config:
+        with open(cfg.deepspeed.config) as f:
+            user = json.load(f)
+        if user.get("train_micro_batch_size_per_gpu", cfg.data.batch_size) != cfg.data.batch_size:
+            raise ValueError(f"{cfg.deepspeed.config}: train_micro_batch_size_per_gpu differs from data.batch_size "
+                             f"{cfg.data.batch_size}; the loader makes batches of data.batch_size")
+        return user
+    generated = cfg.ds_config(bf16)
+    if not cfg.recipe.trains_anchor:
+        generated["zero_optimization"] = {"stage": 0}  # a frozen anchor has no optimizer state to shard
+    return generated
+
+
+def human(n: float) -> str:
+    for unit in ("", "K", "M", "G", "T"):
+        if abs(n) < 1000:
+            return f"{n:.3g}{unit}"
+        n /= 1000
+    return f"{n:.3g}P"
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, run_dir: str, out_dir: str, dist_info: DistInfo, manifest: dict, resume: bool):
+        import deepspeed
+
+        self.cfg, self.out_dir = cfg, out_dir
+        self.rank, self.world, self.device = dist_info.rank, dist_info.world_size, dist_info.device
+        self.k, self.depth = int(manifest["k"]), int(manifest["depth"])
+        self.ownership = assign_subtrees(manifest, self.world)
+        mem = cfg.memory if cfg.recipe.uses_memory else None
+        self.loader = ShardLoader(run_dir, self.ownership, self.rank, cfg.data.batch_size, cfg.data.seed,
+                                  mem.p_generic if mem else 0.0)
+
+        torch.manual_seed(cfg.data.seed)  # the same anchor init on every rank
+        anchor = Anchor(cfg.model)
+        if cfg.recipe.init_anchor:
+            anchor.load_state_dict(load_file(os.path.join(cfg.recipe.init_anchor, "anchor.safetensors")))
+        optimizer = None
+        if cfg.recipe.trains_anchor:
+            decay = [p for p in anchor.parameters() if p.dim() >= 2]  # matrices decay; norms do not
+            rest = [p for p in anchor.parameters() if p.dim() < 2]
+            a = cfg.optim.anchor
+            # plain torch AdamW as DeepSpeed's client optimizer: no fused_adam op to compile
+            optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": a.weight_decay},
+                                           {"params": rest, "weight_decay": 0.0}],
+                                          lr=a.lr, betas=cfg.optim.betas, eps=cfg.optim.eps)
+        else:
+            anchor.requires_grad_(False)
+        self.bf16 = cfg.deepspeed.bf16 if cfg.deepspeed.bf16 is not None else self.device.type == "cuda"
+        self.engine, *_ = deepspeed.initialize(model=anchor, optimizer=optimizer, config=ds_config(cfg, self.bf16))
+
+        self.bank = self.mem_optim = self.reducer = None
+        if mem:
+            from train.memory import MemoryBank
+
+            # the bank lives outside ZeRO: this rank's blocks only, updated by the touched-block AdamW
+            self.bank = MemoryBank.create(mem, cfg.model, torch.from_numpy(self.ownership.blocks(self.rank)), device=self.device)
+            m = cfg.optim.memory
+            self.mem_optim = TouchedAdamW(self.bank.store, self.k, self.depth, cfg.optim.betas, cfg.optim.eps,
+                                          m.weight_decay, device=self.device)
+            self.reducer = BlockReducer(self.ownership, self.rank, self.device, self.bank.store.shapes)
+
+        self.step, self.tokens_seen = 0, 0
+        self.ckpt_root = os.path.join(out_dir, "checkpoints")
+        last = checkpoint.latest(self.ckpt_root) if resume else None
+        if last:
+            state = checkpoint.load(last, self.engine, self.rank, self.world, cfg.recipe.trains_anchor,
+                                    self.bank and self.bank.store, self.mem_optim, self.k, self.depth)
+            self.loader.load_state_dict(state["loader"])
+            self.step, self.tokens_seen = state["step"], state["tokens_seen"]
+            self.log(f"resumed from {last} at step {self.step}")
+        self.writer = None
+        mode = "a" if last else "w"  # a resumed run appends (replayed steps log again; the last line wins)
+        if self.rank == 0:
+            os.makedirs(out_dir, exist_ok=True)
+            open(os.path.join(out_dir, "metrics.jsonl"), mode).close()
+            with open(os.path.join(out_dir, "config.json"), "w") as f:
+                json.dump(cfg.to_dict(), f, indent=2)
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(os.path.join(out_dir, "tb"))
+        self.batch_log = None
+        if cfg.schedule.log_batches:
+            os.makedirs(os.path.join(out_dir, "batches"), exist_ok=True)
+            self.batch_log = open(os.path.join(out_dir, "batches", f"rank{self.rank}.jsonl"), mode)
+        self.describe()
+
+    def log(self, msg: str) -> None:
+        if self.rank == 0:
+            print(msg, flush=True)
+
+    def bank_bytes(self) -> int:
+        """Bytes of this rank's bank shard and its optimizer state."""
+        if self.bank is None:
+            return 0
+        store = self.bank.store.tensors.values()
+        return sum(t.numel() * t.element_size() for named in store for t in named.values()) + self.mem_optim.state_bytes()
+
+    def describe(self) -> None:
+        o = self.ownership
+        line = (f"rank {self.rank}: level-{o.level} subtrees {list(o.subtrees[self.rank])}, {human(o.tokens[self.rank])} tokens, "
+                f"{len(self.loader)} sequences, {len(o.blocks(self.rank))} blocks, bank shard {human(self.bank_bytes())}B")
+        lines = [None] * self.world
+        dist.all_gather_object(lines, line)
+        self.log("\n".join(lines))
+        self.log(f"recipe {self.cfg.recipe.name}, anchor {human(self.cfg.model.num_params())} params, "
+                 f"ZeRO stage {self.engine.zero_optimization_stage()}, {'bf16' if self.bf16 else 'fp32'}, {self.world} ranks on {self.device.type}")
+
+    def train_step(self) -> dict:
+        """One optimizer step; returns this rank's raw statistics."""
+        cfg, step = self.cfg, self.step + 1
+        batch = self.loader.next_batch()
+        if self.batch_log:
+            self.batch_log.write(json.dumps({"step": step, "seq_ids": batch.seq_ids.tolist(),
+                                             "generic": batch.generic.tolist()}) + "\n")
+            self.batch_log.flush()
+        tokens = batch.tokens.to(self.device)
+        mask = batch.mask.to(self.device)
+        fetched = self.bank.fetch(batch.block_ids, device=self.device) if self.bank else None
+        # A frozen anchor runs as the bare module: DeepSpeed's forward arms a hook that refuses a backward
+        # not driven by engine.backward, which needs an optimizer the frozen anchor does not have.
+        model = self.engine if cfg.recipe.trains_anchor else self.engine.module
+        logits = model(tokens[:, :-1], fetched)
+        ce = F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten(), reduction="none").view(mask.shape) * mask
+        loss = ce.sum() / mask.sum().clamp(min=1)
+
+        lr_anchor = self.lr("anchor", step)
+        lr_memory = self.lr("memory", step)
+        if cfg.recipe.trains_anchor:
+            for group in self.engine.optimizer.param_groups:
+                group["lr"] = lr_anchor
+            self.engine.backward(loss)
+        else:
+            loss.backward()  # gradients reach the fetched blocks only
+        touched, mem_norm = 0, 0.0
+        if fetched is not None:
+            local = [BlockGrads(l + 1, ids, {n: t.grad for n, t in named.items()})
+                     for l, (ids, named) in enumerate(zip(fetched.ids, fetched.params)) if named]
+            updates = self.reducer.reduce(local)
+            mem_norm = self.reducer.clip(updates, cfg.optim.grad_clip)
+            self.mem_optim.step(updates, lr_memory)
+            touched = sum(len(u.ids) for u in updates)
+        if cfg.recipe.trains_anchor:
+            self.engine.step()
+        self.step = step
+        l1 = batch.paths[:, 0].to(self.device)
+        per_l1 = torch.zeros(2, self.k, dtype=torch.float64, device=self.device)
+        per_l1[0].index_add_(0, l1, ce.sum(1).detach().double())
+        per_l1[1].index_add_(0, l1, mask.sum(1).double())
+        return {"per_l1": per_l1, "tokens": tokens[:, :-1].numel(), "touched": touched, "mem_norm": mem_norm,
+                "lr_anchor": lr_anchor if cfg.recipe.trains_anchor else 0.0,
+                "lr_memory": lr_memory if self.bank else 0.0}
+
+    def lr(self, group: str, step: int) -> float:
+        g = getattr(self.cfg.optim, group)
+        return lr_at(step, g.lr, self.cfg.schedule.max_steps, g.warmup_steps, g.decay, g.min_lr_ratio)
+
+    def fit(self) -> None:
+        cfg, sched = self.cfg, self.cfg.schedule
+        window = {"t": time.time(), "tokens": 0, "steps": 0, "per_l1": 0, "touched": 0}
+        t_start, start_step = time.time(), self.step
+        while self.step < sched.max_steps:
+            stats = self.train_step()
+            self.tokens_seen += stats["tokens"] * self.world  # every rank runs batches of one shape
+            window["tokens"] += stats["tokens"]
+            window["steps"] += 1
+            window["per_l1"] = window["per_l1"] + stats["per_l1"]
+            window["touched"] += stats["touched"]
+            if self.step % sched.log_every == 0 or self.step == sched.max_steps:
+                self.report(stats, window, (time.time() - t_start) / (self.step - start_step))
+                window = {"t": time.time(), "tokens": 0, "steps": 0, "per_l1": 0, "touched": 0}
+            if (sched.checkpoint_every and self.step % sched.checkpoint_every == 0) or (
+                    sched.save and self.step == sched.max_steps):
+                self.save()
+
+    def report(self, stats: dict, window: dict, step_time: float) -> None:
+        """Global statistics over the window since the last report (one small all-reduce)."""
+        vec = torch.cat([window["per_l1"].flatten(),
+                         torch.tensor([window["tokens"], window["touched"], self.bank_bytes()],
+                                      dtype=torch.float64, device=self.device)])
+        dist.all_reduce(vec)
+        k = self.k
+        loss_sum, count = vec[:k], vec[k:2 * k]
+        tokens, touched, bank_bytes = (float(x) for x in vec[2 * k:])
+        if self.rank != 0:
+            return
+        elapsed = time.time() - window["t"]
+        # blocks touched: updated per step summed over ranks; bank bytes: all shards + their AdamW state
+        m = {"step": self.step, "loss": float(loss_sum.sum() / count.sum().clamp(min=1)),
+             "loss_l1": [float(s / c) if c > 0 else None for s, c in zip(loss_sum, count)],
+             "tokens_per_s": tokens / elapsed, "tokens_seen": self.tokens_seen,
+             "lr_anchor": stats["lr_anchor"], "lr_memory": stats["lr_memory"],
+             "blocks_touched_per_step": touched / window["steps"], "bank_bytes_resident": bank_bytes,
+             "memory_grad_norm": stats["mem_norm"]}
+        with open(os.path.join(self.out_dir, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps(m) + "\n")
+        for key in ("loss", "tokens_per_s", "lr_anchor", "lr_memory", "blocks_touched_per_step",
+                    "bank_bytes_resident", "memory_grad_norm"):
+            self.writer.add_scalar(f"train/{key}", m[key], self.step)
+        for i, v in enumerate(m["loss_l1"]):
+            if v is not None:
+                self.writer.add_scalar(f"loss_l1/{i}", v, self.step)
+        eta = step_time * (self.cfg.schedule.max_steps - self.step)
+        print(f"step {self.step}/{self.cfg.schedule.max_steps} | loss {m['loss']:.4f} | {human(m['tokens_per_s'])} tok/s | "
+              f"lr {stats['lr_anchor']:.2e}/{stats['lr_memory']:.2e} | blocks/step {m['blocks_touched_per_step']:.1f} | "
+              f"bank {human(bank_bytes)}B | eta {int(eta // 60)}m{int(eta % 60):02d}s", flush=True)
+
+    def save(self) -> str:
+        path = checkpoint.save(self.ckpt_root, self.step, self.engine, self.rank,
+                               {"loader": self.loader.state_dict(), "tokens_seen": self.tokens_seen, "world_size": self.world},
+                               self.bank and self.bank.store, self.mem_optim)
+        self.log(f"checkpoint {path}")
+        return path
+
+    def close(self) -> None:
+        if self.writer:
+            self.writer.close()
+        if self.batch_log:
+            self.batch_log.close()
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    info = init()
+    manifest = read_manifest(args.data)
+    cfg = load_config(args.config, args.set, manifest)
+    if args.deepspeed_config:
+        cfg.deepspeed.config = args.deepspeed_config
+    trainer = Trainer(cfg, args.data, args.out, info, manifest, resume=not args.no_resume)
+    trainer.fit()
+    last = checkpoint.latest(trainer.ckpt_root)
+    if cfg.schedule.save and info.rank == 0:  # every rank's shard is on disk: checkpoint.save ends with a barrier
+        out = export(last, args.data, os.path.join(args.out, "export"), cfg.to_dict(), anchor_weights(last, cfg.to_dict()), manifest)
+        print(f"exported {out}", flush=True)
+    trainer.close()
+    teardown()
+
+
+if __name__ == "__main__":
+    main()
