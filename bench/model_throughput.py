@@ -4,7 +4,12 @@ The memory's fetched size is ``--fraction`` (default 10%) of the anchor's parame
 accounting, 3*R*L*d), split over three levels in the ratio 4:2:1; every sequence of the batch has a
 different leaf (so a different path), drawn afresh each step, and each memory step includes the
 fetch from the in-memory bank. Steps alternate between the two models and the median step time of
-each is reported. Last line: ``ratio X.XX`` = memory tokens/s / anchor tokens/s.
+each is reported. Last line: ``ratio X.XX`` = memory tokens/s / anchor tokens/s (wall clock).
+
+One torch thread by default: on a shared 2-core box, OpenMP threads fighting other processes make
+wall-clock numbers meaningless (seen: 5-6x slower and ratios swinging 0.7-0.9 run to run), while a
+single thread measures the memory path's compute overhead. ``--threads 0`` uses torch's default.
+The process CPU-time ratio is printed too, as a load-independent cross-check.
 
     .venv/bin/python bench/model_throughput.py [--config tiny] [--batch 16] [--seq 256] [--steps 12]
 """
@@ -39,7 +44,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--fraction", type=float, default=0.10, help="fetched memory / anchor parameters")
     ap.add_argument("--k", type=int, default=8)
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     if args.threads:
@@ -80,18 +85,22 @@ def main() -> None:
         step_anchor()
         step_memory()
     times = {"anchor": [], "memory": []}
+    cpu = {"anchor": [], "memory": []}
     for _ in range(args.steps):
         for name, fn in (("anchor", step_anchor), ("memory", step_memory)):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             fn()
             times[name].append(time.perf_counter() - t0)
+            cpu[name].append(time.process_time() - c0)
     tokens = args.batch * args.seq
     tps = {n: tokens / statistics.median(t) for n, t in times.items()}
+    cpu_ratio = statistics.median(cpu["anchor"]) / statistics.median(cpu["memory"])
     print(f"config {args.config}: anchor {pc['anchor']:,} params; memory ranks {ranks} (k={args.k}), "
           f"fetched {pc['fetched']:,} = {pc['fetched'] / pc['anchor']:.1%} of the anchor; "
           f"batch {args.batch} x {args.seq}, threads {torch.get_num_threads()}")
     print(f"anchor alone    {tps['anchor']:10.0f} tokens/s (fwd+bwd, median of {args.steps})")
     print(f"anchor + memory {tps['memory']:10.0f} tokens/s (fetch+fwd+bwd, a different path per sequence)")
+    print(f"cpu-time ratio {cpu_ratio:.2f} (process CPU seconds per step, anchor / memory)")
     print(f"ratio {tps['memory'] / tps['anchor']:.2f}")
 
 

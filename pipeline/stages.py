@@ -12,8 +12,7 @@ import os
 import sys
 import threading
 import time
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 def fmt_duration(s: float) -> str:
@@ -58,7 +57,6 @@ class Progress(threading.Thread):
 class Stages:
     run_dir: str
     fingerprint: str
-    timings: dict = field(default_factory=dict)
 
     def marker(self, name: str) -> str:
         return os.path.join(self.run_dir, "stages", f"{name}.json")
@@ -86,15 +84,6 @@ class Stages:
         with open(self.marker(name)) as f:
             return json.load(f)["seconds"]
 
-    @contextmanager
-    def progress(self, spark, name: str, total_items: int | None = None, unit: str = "docs"):
-        p = Progress(spark, name, total_items, unit)
-        p.start()
-        try:
-            yield p
-        finally:
-            p.stop()
-
     def run(self, spark, name: str, fn, total_items: int | None = None, unit: str = "docs") -> dict:
         """Run ``fn() -> stats`` unless its marker exists; print what happened."""
         stats = self.done(name)
@@ -103,8 +92,12 @@ class Stages:
             return stats
         t0 = time.time()
         print(f"[{name}] start", file=sys.stderr, flush=True)
-        with self.progress(spark, name, total_items, unit):
+        progress = Progress(spark, name, total_items, unit)
+        progress.start()
+        try:
             stats = fn()
+        finally:
+            progress.stop()
         dt = time.time() - t0
         self.finish(name, stats, dt)
         rate = f", {total_items / dt:,.1f} {unit}/s" if total_items else ""

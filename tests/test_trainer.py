@@ -15,11 +15,11 @@ from fixtures import make_run_dir
 from safetensors.torch import load_file
 
 from index.tree import generic_block_ids, n_tree_blocks, path_block_ids
-from train.data import assign_subtrees, read_manifest
+from train.config import load_config
+from train.data import read_manifest
 from train.export import load_model
 from train.memory import TensorBlockStore
 
-pytestmark = pytest.mark.slow
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)
 ENV = {**os.environ, "TORCH_EXTENSIONS_DIR": os.path.join(ROOT, ".cache", "torch_extensions"),
@@ -76,6 +76,7 @@ def run(tmp_path_factory):
     return make_run_dir(str(tmp_path_factory.mktemp("run")), k=2, depth=2, seqs_per_leaf=[6, 9, 12, 6])
 
 
+@pytest.mark.slow
 def test_ranks_update_only_blocks_on_their_paths(run, tmp_path):
     """3 ranks on k=2: level-2 subtrees, so level-1 blocks are shared by subgroups and generic ones by all."""
     out, world = str(tmp_path / "out"), 3
@@ -123,6 +124,7 @@ def test_ranks_update_only_blocks_on_their_paths(run, tmp_path):
     assert logits.shape == (2, 8, meta["model"]["vocab_size"])
 
 
+@pytest.mark.slow
 def test_kill_and_resume_matches_uninterrupted_run(run, tmp_path):
     sets = ("schedule.max_steps=40", "schedule.checkpoint_every=10")
     ref, out = str(tmp_path / "ref"), str(tmp_path / "out")
@@ -145,6 +147,7 @@ def test_kill_and_resume_matches_uninterrupted_run(run, tmp_path):
     assert max(abs(a[s] - b[s]) for s in a) <= 1e-5
 
 
+@pytest.mark.slow
 def test_recipes_dense_baseline_then_frozen_anchor(run, tmp_path):
     dense, mem_only = str(tmp_path / "dense"), str(tmp_path / "mem")
     train("python", run, dense, "recipe.name=anchor_only", "schedule.max_steps=3")
@@ -159,3 +162,17 @@ def test_recipes_dense_baseline_then_frozen_anchor(run, tmp_path):
     _, mem, _ = load_model(os.path.join(mem_only, "export"))
     fresh = blocks_of(TensorBlockStore.create(mem.config, anchor.cfg))
     assert any(not torch.equal(trained[i]["w_down"], fresh[i]["w_down"]) for i in trained)  # the memory did
+
+
+def test_config_resolves_against_the_run_and_rejects_unknown_keys(run):
+    m = read_manifest(run)
+    cfg = load_config("tiny", ["optim.memory.lr=1e-3", "memory.ranks=[2,1]", "deepspeed.zero_stage=3"], m)
+    assert cfg.optim.memory.lr == 1e-3 and cfg.memory.ranks == (2, 1) and cfg.deepspeed.zero_stage == 3
+    assert (cfg.model.vocab_size, cfg.memory.k, cfg.memory.depth) == (m["vocab_size"], m["k"], m["depth"])
+    assert cfg.ds_config(bf16=False)["zero_optimization"]["stage"] == 3
+    with pytest.raises(ValueError, match="unknown keys"):
+        load_config("tiny", ["optim.lr=1e-3"], m)
+    with pytest.raises(ValueError, match="one rank per level"):
+        load_config("tiny", ["memory.ranks=[1,2,3]"], m)
+    with pytest.raises(ValueError, match="init_anchor"):
+        load_config("tiny", ["recipe.name=memory_only"], m)

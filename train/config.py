@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import types
 import typing
 from dataclasses import dataclass, field
 
@@ -114,7 +115,7 @@ def _coerce(value, tp, where: str):
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp):
         return _build(tp, value or {}, where)
-    if origin is typing.Union or type(tp).__name__ == "UnionType":
+    if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         return None if value is None else _coerce(value, args[0], where)
     if origin is tuple:
@@ -135,7 +136,7 @@ def _build(cls, raw: dict, where: str, **given):
     unknown = sorted(set(raw) - known)
     if unknown:
         raise ValueError(f"{where}: unknown keys {unknown}; known: {sorted(known)}")
-    return cls(**{k: _coerce(v, hints[k], f"{where}.{k}") for k, v in raw.items()}, **given)
+    return cls(**{k: _coerce(v, hints[k], f"{where} -> {k}") for k, v in raw.items()}, **given)
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
@@ -171,8 +172,9 @@ def load_config(path: str | None, overrides: list[str], manifest: dict) -> Train
     mem_raw = dict(raw.pop("memory", {}) or {})
     mem_raw.update(k=int(manifest["k"]), depth=int(manifest["depth"]))  # the run's tree decides
     try:
-        memory = _build(MemoryConfig, mem_raw, f"{path}: memory")
+        memory = _build(MemoryConfig, mem_raw, f"{path} -> memory")
     except ValueError as e:
+        example = ",".join(str(max(1, 64 >> 2 * i)) for i in range(int(manifest["depth"])))
         raise ValueError(f"{e} (the run's tree has depth {manifest['depth']}: give one rank per level, "
-                         "e.g. --set memory.ranks=[64,16])") from e
+                         f"e.g. --set memory.ranks=[{example}])") from e
     return _build(TrainConfig, raw, path, model=model, memory=memory, model_preset=preset)

@@ -107,10 +107,6 @@ class Batch:
     generic: torch.Tensor  # [B] bool
     seq_ids: torch.Tensor  # [B] int64
 
-    @property
-    def n_tokens(self) -> int:
-        return int(self.mask.sum())
-
 
 class ShardLoader:
     """Endless, seeded, resumable batches over the shards of one rank's subtrees."""

@@ -415,43 +415,45 @@ class Fetched:
         active = [(p, x) for p, x in zip(self.params, self.index) if p]
         if not active:
             return [LayerMemory()] * self.n_layers
-        names, zero = _NAMES[self.kind]
-        valid = None  # [B, R] bool when some sequence lacks some level
-        if self.all_same:
-            # one block per level for the whole batch: [L, r, w] slices, concatenated along units
-            w = {n: torch.cat([p[n][int(x[0])] for p, x in active], dim=1) for n in names}
+        layer_cls, groups = _LAYER_GROUPS[self.kind]
+        zero = _NAMES[self.kind][1]
+        valid = None  # KV only: [B, R] bool of the slots each sequence may attend to
+        if self.all_same:  # one block per level for the whole batch: [L, r, w] slices, no per-sequence copy
+            rows = [int(x[0]) for _, x in active]
+            tensors = [torch.cat([p[n][row] for n in group for (p, _), row in zip(active, rows)], dim=1)
+                       for group in groups]
         else:
-            rows, masks = [], []
-            for p, x in active:
-                ok = x >= 0
-                rows.append(x.clamp(min=0))
-                masks.append(None if bool(ok.all()) else ok)
-            w = {}
-            for n in names:
-                parts = []
-                for (p, _), r, m in zip(active, rows, masks):
-                    t = p[n].index_select(0, r)  # [B, L, r, w]
-                    if m is not None and (n in zero or self.kind == "kv"):
-                        t = t * m.to(t.dtype)[:, None, None, None]
-                    parts.append(t.transpose(0, 1))
-                w[n] = torch.cat(parts, dim=2)  # [L, B, R, w], contiguous: one copy per step
+            rows = [x.clamp(min=0) for _, x in active]
+            masks = [None if bool((x >= 0).all()) else x >= 0 for _, x in active]
+
+            def part(p, r, m, n):  # [L, B, r, w] for one level and name
+                t = p[n].index_select(0, r)
+                if m is not None and (n in zero or self.kind == "kv"):
+                    t = t * m.to(t.dtype)[:, None, None, None]
+                return t.transpose(0, 1)
+
+            # one cat per group: [L, B, R (x names in the group), w], contiguous, one copy per step
+            tensors = [torch.cat([part(p, r, m, n) for n in group for (p, _), r, m in zip(active, rows, masks)], dim=2)
+                       for group in groups]
             if self.kind == "kv" and any(m is not None for m in masks):
                 B = self.batch_size
                 valid = torch.cat([(torch.ones(B, dtype=torch.bool, device=r.device) if m is None else m)[:, None]
-                                   .expand(B, p[names[0]].shape[2]) for (p, _), r, m in zip(active, rows, masks)], dim=1)
+                                   .expand(B, p["k"].shape[2]) for (p, _), r, m in zip(active, rows, masks)], dim=1)
                 valid = valid | ~valid.any(dim=1, keepdim=True)  # no slots at all: values are zero, keep softmax finite
         if dtype is not None:
-            w = {n: t.to(dtype) for n, t in w.items()}
-        # per-layer views via unbind: its backward is ONE stack, where indexing w[i] per layer would
+            tensors = [t.to(dtype) for t in tensors]
+        extra = (valid,) if self.kind == "kv" else ()
+        # per-layer views via unbind: its backward is ONE stack, where indexing t[i] per layer would
         # zero-fill and accumulate a full [L, ...] gradient once per layer (O(L^2) memory traffic)
-        if self.kind == "ffn":
-            w_gu = torch.cat([w["w_gate"], w["w_up"]], dim=-2)
-            return [FFNLayerMemory(*a) for a in zip(w_gu.unbind(0), w["w_down"].unbind(0))]
-        if self.kind == "lora":
-            a_gu = torch.cat([w["a_gate"], w["a_up"]], dim=-2)
-            per_layer = zip(*(t.unbind(0) for t in (a_gu, w["b_gate"], w["b_up"], w["a_down"], w["b_down"])))
-            return [LoRALayerMemory(*a) for a in per_layer]
-        return [KVLayerMemory(k, v, valid) for k, v in zip(w["k"].unbind(0), w["v"].unbind(0))]
+        return [layer_cls(*per_layer, *extra) for per_layer in zip(*(t.unbind(0) for t in tensors))]
+
+
+# the per-layer tensors each kind's LayerMemory takes; each is a cat of stored names along the unit axis
+_LAYER_GROUPS = {
+    "ffn": (FFNLayerMemory, (("w_gate", "w_up"), ("w_down",))),
+    "lora": (LoRALayerMemory, (("a_gate", "a_up"), ("b_gate",), ("b_up",), ("a_down",), ("b_down",))),
+    "kv": (KVLayerMemory, (("k",), ("v",))),
+}
 
 
 # ---------------------------------------------------------------- the bank

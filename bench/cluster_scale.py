@@ -1,0 +1,118 @@
+"""Scale of the tree fit + routing stages: k=16, p=4, local[2], N generated 384-d embeddings.
+
+Embedding is skipped: each N gets generated unit vectors (a seeded mixture of
+Gaussian topics, made on executors, never on the driver), then the job's own
+fit stages run on them (pipeline/fit.py: every level's sampling, fitting and
+routing). Each N runs in a fresh process so driver memory is measured alone:
+peak RSS of the Python driver and of the driver JVM (which, in local mode, also
+hosts the executors' JVM side).
+
+    python bench/cluster_scale.py                       # N = 250k and 1M
+    python bench/cluster_scale.py --n 20000 80000       # a quick look
+Last line: `time_ratio <t(N2)/t(N1)> rss_growth <py driver RSS(N2)/RSS(N1) - 1>`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def generate(spark, n: int, dim: int, out: str, seed: int, parts: int) -> None:
+    import numpy as np
+    import pandas as pd
+
+    def gen(batches):
+        topics = np.random.default_rng(seed).normal(size=(256, dim)).astype(np.float32)
+        for pdf in batches:
+            ids = pdf["id"].to_numpy()
+            rng = np.random.default_rng([seed, int(ids[0])])
+            t = rng.integers(0, 256, size=len(ids))
+            x = topics[t] + 1.5 * rng.normal(size=(len(ids), dim)).astype(np.float32)
+            x /= np.linalg.norm(x, axis=1, keepdims=True)
+            yield pd.DataFrame({"doc_id": [f"d{i:09d}" for i in ids], "embedding": list(x.astype(np.float32))})
+
+    (spark.range(n, numPartitions=parts).mapInPandas(gen, "doc_id string, embedding array<float>")
+     .write.mode("overwrite").parquet(os.path.join(out, "embeddings")))
+
+
+def jvm_peak_rss_mb() -> float:
+    """VmHWM of the driver JVM (a child of this Python process when pyspark launches it)."""
+    import psutil
+    peak = 0.0
+    for child in psutil.Process().children(recursive=True):
+        try:
+            if "java" in child.name():
+                with open(f"/proc/{child.pid}/status") as f:
+                    for line in f:
+                        if line.startswith("VmHWM"):
+                            peak = max(peak, int(line.split()[1]) / 1024)
+        except (psutil.Error, OSError):
+            pass
+    return peak
+
+
+def one(n: int, k: int, depth: int, out: str) -> dict:
+    from pipeline.config import JobConfig
+    from pipeline.fit import fit_stage
+    from pipeline.run import spark_session
+    from pipeline.stages import Stages
+    spark = spark_session("bench-scale")
+    cfg = JobConfig(k=k, depth=depth, output=out, seed=0)
+    t0 = time.time()
+    generate(spark, n, 384, out, seed=0, parts=16)
+    t_gen = time.time() - t0
+    stages = Stages(out, cfg.fingerprint())
+    t0 = time.time()
+    fit = fit_stage(spark, cfg, out, stages)
+    total = time.time() - t0
+    per_level = {f"fit_level_{l}": round(stages.seconds(f"fit_level_{l}"), 1) for l in range(1, depth + 1)}
+    res = {"n": n, "generate_s": round(t_gen, 1), "fit_total_s": round(total, 1), **per_level,
+           "max_child_fraction": max(lv["max_child_fraction"] for lv in fit["levels"]),
+           "py_driver_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+           "jvm_driver_peak_rss_mb": round(jvm_peak_rss_mb(), 1)}
+    spark.stop()
+    return res
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--n", type=int, nargs="+", default=[250_000, 1_000_000])
+    ap.add_argument("--k", type=int, default=16)
+    ap.add_argument("--depth", type=int, default=4)
+    ap.add_argument("--one", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--out", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.one:
+        print("RESULT " + json.dumps(one(args.one, args.k, args.depth, args.out)), flush=True)
+        return
+    results = []
+    for n in args.n:
+        with tempfile.TemporaryDirectory(prefix="hmem-scale-") as d:
+            env = dict(os.environ, PYSPARK_PYTHON=sys.executable, SPARK_LOCAL_IP="127.0.0.1")
+            p = subprocess.run([sys.executable, __file__, "--one", str(n), "--k", str(args.k), "--depth", str(args.depth),
+                                "--out", d], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            line = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
+            if p.returncode or not line:
+                sys.exit(f"N={n} failed:\n{p.stdout[-3000:]}")
+            r = json.loads(line[0][7:])
+            results.append(r)
+            print(json.dumps(r), flush=True)
+    a, b = results[0], results[-1]
+    print(f"N {a['n']} -> {b['n']} ({b['n'] / a['n']:.1f}x): fit time {a['fit_total_s']}s -> {b['fit_total_s']}s, "
+          f"python driver peak RSS {a['py_driver_peak_rss_mb']} -> {b['py_driver_peak_rss_mb']} MB, "
+          f"JVM driver peak RSS {a['jvm_driver_peak_rss_mb']} -> {b['jvm_driver_peak_rss_mb']} MB")
+    print(f"time_ratio {b['fit_total_s'] / a['fit_total_s']:.2f} "
+          f"rss_growth {b['py_driver_peak_rss_mb'] / a['py_driver_peak_rss_mb'] - 1:.3f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,246 @@
+"""A long-tail facts corpus: real facts at Zipf-like frequencies, mixed into BBC news, plus probes.
+
+Entities and their facts come from data shipped in registry packages: the 118
+chemical elements (``mendeleev``: atomic number, symbol, group, discovery, the
+package's own description and uses text) and the ISO 3166 countries
+(``pycountry``: numeric and alpha codes, subdivisions). Each entity gets a
+corpus frequency from a Zipf-like law over a seeded random ranking,
+``max(1, round(max_frequency / rank**zipf_exponent))``: a few entities appear
+in dozens of documents, most in one or two.
+
+An entity's facts sit inside documents about it, in varied wording: every
+document about an entity states all of its probed facts (so its frequency is
+also the number of times each probed fact is seen), plus a random subset of
+other facts, each sentence drawn from several phrasings and shuffled after an
+opening sentence. One templated sentence per document made the sentence
+encoder cluster by template rather than by entity, which left the probes'
+routes far from their facts.
+
+Outputs (``write``): ``train.jsonl`` and ``heldout.jsonl`` (id, text, source,
+entity) and ``probes.jsonl`` (prompt, answer, entity, frequency, fact, domain,
+doc_ids: the entity's training documents), the format ``train.evaluate`` reads.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import re
+from dataclasses import asdict, dataclass, field
+
+DOMAINS = ("elements", "countries")
+
+
+@dataclass
+class LongtailConfig:
+    domains: tuple[str, ...] = DOMAINS
+    max_frequency: int = 48  # documents about the most frequent entity
+    zipf_exponent: float = 0.7  # 0.7: about 2/3 of the entities appear once or twice
+    bbc_train: int = 120  # BBC articles mixed into the training corpus
+    bbc_heldout: int = 40  # BBC articles held out for perplexity
+    heldout_entities: int = 80  # entities that get one extra, held-out document
+    optional_facts: tuple[int, int] = (2, 4)  # non-probed facts per document (min, max)
+    seed: int = 0
+
+    def __post_init__(self):
+        unknown = set(self.domains) - set(DOMAINS)
+        if unknown or not self.domains:
+            raise ValueError(f"domains {list(self.domains)}: choose from {DOMAINS}")
+        if self.max_frequency < 1 or self.zipf_exponent <= 0:
+            raise ValueError("max_frequency must be >= 1 and zipf_exponent > 0")
+
+
+@dataclass
+class Entity:
+    """One entity: its facts (name -> sentence phrasings, all stating the same fact) and its probes."""
+
+    name: str
+    domain: str
+    intros: list[str]  # opening sentences (name the entity)
+    probed: dict[str, list[str]]  # fact -> phrasings; every document states every probed fact
+    optional: dict[str, list[str]]  # fact -> phrasings; a random subset per document
+    probes: dict[str, tuple[str, str]]  # fact -> (prompt, answer)
+    frequency: int = 0
+
+
+@dataclass
+class Corpus:
+    train: list[dict] = field(default_factory=list)
+    heldout: list[dict] = field(default_factory=list)
+    probes: list[dict] = field(default_factory=list)
+    entities: list[Entity] = field(default_factory=list)
+
+
+def _cap(s: str) -> str:
+    return s[:1].upper() + s[1:]
+
+
+_SERIES = {"Nonmetals": "nonmetal", "Noble gases": "noble gas", "Alkali metals": "alkali metal",
+           "Alkaline earth metals": "alkaline earth metal", "Metalloids": "metalloid", "Halogens": "halogen",
+           "Poor metals": "post-transition metal", "Transition metals": "transition metal",
+           "Lanthanides": "lanthanide", "Actinides": "actinide"}
+
+
+def _sentences(text) -> list[str]:
+    """The package's free text cut into sentences (None/NaN -> none)."""
+    if not isinstance(text, str):
+        return []
+    return [s.strip() + "." for s in re.split(r"\.\s+", text.strip().rstrip(".")) if len(s.split()) >= 3]
+
+
+def element_entities() -> list[Entity]:
+    from mendeleev.fetch import fetch_table
+
+    series = fetch_table("series").set_index("id")["name"].to_dict()
+    out = []
+    for e in fetch_table("elements").to_dict("records"):
+        n, N, num, sym = e["name"].lower(), e["name"], int(e["atomic_number"]), e["symbol"]
+        kind = _SERIES.get(series.get(e["series_id"]), "chemical element")
+        optional = {
+            "period": [f"{N} is found in period {int(e['period'])} of the periodic table.",
+                       f"In the periodic table, {n} sits in period {int(e['period'])}."],
+            "block": [f"{N} is a {e['block']}-block element.", f"Its outer electrons fill the {e['block']} block."],
+            "weight": [f"The standard atomic weight of {n} is about {e['atomic_weight']:.2f}.",
+                       f"An atom of {n} weighs roughly {e['atomic_weight']:.1f} atomic mass units."],
+            "series": [f"Chemists class {n} among the {kind}s.", f"Like the other {kind}s, {n} has a distinctive chemistry."],
+        }
+        if isinstance(e["group_id"], float) and not math.isnan(e["group_id"]):
+            g = int(e["group_id"])
+            optional["group"] = [f"{N} belongs to group {g}.", f"It is a member of group {g} of the periodic table."]
+        if isinstance(e["discovery_year"], float) and not math.isnan(e["discovery_year"]):
+            y, who = int(e["discovery_year"]), e["discoverers"] or "chemists"
+            optional["discovery"] = [f"{N} was discovered in {y} by {who}.", f"{who} first identified {n} in {y}.",
+                                     f"The discovery of {n} dates from {y}."]
+        else:
+            optional["discovery"] = [f"{N} has been known since antiquity.", f"People have used {n} since ancient times."]
+        for key in ("description", "uses"):
+            for i, s in enumerate(_sentences(e[key])[:3]):
+                optional[f"{key}{i}"] = [s]
+        out.append(Entity(
+            name=n, domain="elements",
+            intros=[f"{N} is a {kind}.", f"This note is about {n}.", f"{N} is a chemical element.",
+                    f"Here are some facts about the element {n}."],
+            probed={"atomic_number": [f"The atomic number of {n} is {num}.", f"{N} has the atomic number {num}.",
+                                      f"{N} is element number {num} in the periodic table.",
+                                      f"Every atom of {n} carries {num} protons, so its atomic number is {num}."],
+                    "symbol": [f"The chemical symbol of {n} is {sym}.", f"Its symbol is {sym}.",
+                               f"In chemical formulas {n} is written {sym}.", f"Chemists abbreviate {n} as {sym}."]},
+            optional=optional,
+            probes={"atomic_number": (f"The atomic number of {n} is", str(num)),
+                    "symbol": (f"The chemical symbol of {n} is", sym)}))
+    return out
+
+
+def _country_name(c) -> str | None:
+    """A name as prose writes it: ISO's inverted forms ("Korea, Republic of") need a common or official name."""
+    name = getattr(c, "common_name", None) or c.name
+    if re.search(r", .* of( the)?$", name):
+        name = getattr(c, "official_name", None)
+    return name
+
+
+def country_entities() -> list[Entity]:
+    import pycountry
+
+    subs: dict[str, list] = {}
+    for s in pycountry.subdivisions:
+        if s.parent_code is None:  # top-level divisions only
+            subs.setdefault(s.country_code, []).append(s)
+    out = []
+    for c in pycountry.countries:
+        name = _country_name(c)
+        if not name:
+            continue
+        a2, a3, num = c.alpha_2, c.alpha_3, c.numeric
+        optional = {"alpha_3": [f"Its three-letter code is {a3}.", f"Sports results list {name} as {a3}."]}
+        official = getattr(c, "official_name", None)
+        if official and official != name:
+            optional["official"] = [f"Its official name is {official}.", f"Formally, {name} is called {official}."]
+        top = sorted(subs.get(a2, []), key=lambda s: s.code)
+        if len(top) >= 2:
+            kind = top[0].type.lower()
+            optional["divisions"] = [f"{name} is divided into {len(top)} top-level subdivisions, among them {top[0].name} and {top[-1].name}.",
+                                     f"The {kind} of {top[1].name} is part of {name}."]
+        out.append(Entity(
+            name=name, domain="countries",
+            intros=[f"{name} is a country or territory listed in ISO 3166.", f"This note is about {name}.",
+                    f"Here are some facts about {name}.", f"{name} appears in every international code list."],
+            probed={"numeric_code": [f"The ISO numeric code of {name} is {num}.",
+                                     f"{name} has the numeric country code {num}.",
+                                     f"Its ISO 3166 numeric code is {num}.",
+                                     f"In statistical tables {name} is recorded under the number {num}."],
+                    "alpha_2": [f"The two-letter code of {name} is {a2}.", f"Its two-letter country code is {a2}.",
+                                f"ISO 3166-1 abbreviates {name} as {a2}.", f"Shipping labels mark {name} with {a2}."]},
+            optional=optional,
+            probes={"numeric_code": (f"The ISO numeric code of {name} is", num),
+                    "alpha_2": (f"The two-letter code of {name} is", a2)}))
+    return out
+
+
+def zipf_frequencies(n: int, max_frequency: int, exponent: float) -> list[int]:
+    """Frequency of the entity at each rank 1..n (non-increasing, at least 1)."""
+    return [max(1, round(max_frequency / r ** exponent)) for r in range(1, n + 1)]
+
+
+def render(entity: Entity, rng: random.Random, optional_facts: tuple[int, int]) -> str:
+    """One document about ``entity``: an opening sentence, then every probed fact and a few optional ones, shuffled."""
+    keys = sorted(entity.optional)
+    n_opt = min(len(keys), rng.randint(*optional_facts))
+    body = [rng.choice(p) for p in entity.probed.values()] + [rng.choice(entity.optional[k]) for k in rng.sample(keys, n_opt)]
+    rng.shuffle(body)
+    return " ".join([rng.choice(entity.intros)] + body)
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def build(cfg: LongtailConfig, bbc: list[dict]) -> Corpus:
+    """The corpus for ``cfg`` from the BBC records ``bbc`` (id, text); deterministic given ``cfg.seed``."""
+    rng = random.Random(cfg.seed)
+    loaders = {"elements": element_entities, "countries": country_entities}
+    entities = [e for d in cfg.domains for e in loaders[d]()]
+    ranked = rng.sample(entities, len(entities))  # rank by chance, not by any property of the entity
+    for e, f in zip(ranked, zipf_frequencies(len(ranked), cfg.max_frequency, cfg.zipf_exponent)):
+        e.frequency = f
+    corpus = Corpus(entities=entities)
+    for e in entities:
+        ids = [f"fact-{e.domain}-{_slug(e.name)}-{i:03d}" for i in range(e.frequency)]
+        corpus.train += [{"id": i, "text": render(e, rng, cfg.optional_facts), "source": e.domain, "entity": e.name}
+                         for i in ids]
+        corpus.probes += [{"prompt": p, "answer": a, "entity": e.name, "frequency": e.frequency, "fact": fact,
+                           "domain": e.domain, "doc_ids": ids} for fact, (p, a) in e.probes.items()]
+    for e in rng.sample(entities, min(cfg.heldout_entities, len(entities))):
+        corpus.heldout.append({"id": f"heldout-{e.domain}-{_slug(e.name)}", "text": render(e, rng, cfg.optional_facts),
+                               "source": e.domain, "entity": e.name})
+    if cfg.bbc_train + cfg.bbc_heldout > len(bbc):
+        raise ValueError(f"bbc_train + bbc_heldout = {cfg.bbc_train + cfg.bbc_heldout} > {len(bbc)} BBC articles")
+    picked = rng.sample(bbc, cfg.bbc_train + cfg.bbc_heldout)
+    corpus.train += [{"id": r["id"], "text": r["text"], "source": "bbc", "entity": None} for r in picked[:cfg.bbc_train]]
+    corpus.heldout += [{"id": r["id"], "text": r["text"], "source": "bbc", "entity": None} for r in picked[cfg.bbc_train:]]
+    rng.shuffle(corpus.train)
+    return corpus
+
+
+def _write_jsonl(path: str, rows: list[dict]) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+def write(corpus: Corpus, cfg: LongtailConfig, out_dir: str) -> dict:
+    """Write train.jsonl, heldout.jsonl, probes.jsonl and summary.json into ``out_dir``; returns the summary."""
+    os.makedirs(out_dir, exist_ok=True)
+    for name in ("train", "heldout", "probes"):
+        _write_jsonl(os.path.join(out_dir, f"{name}.jsonl"), getattr(corpus, name))
+    freqs = sorted((e.frequency for e in corpus.entities), reverse=True)
+    summary = {"config": asdict(cfg), "entities": len(corpus.entities), "probes": len(corpus.probes),
+               "train_documents": len(corpus.train), "heldout_documents": len(corpus.heldout),
+               "fact_documents": sum(freqs), "entities_seen_once_or_twice": sum(f <= 2 for f in freqs),
+               "top_frequencies": freqs[:10]}
+    with open(os.path.join(out_dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    return summary

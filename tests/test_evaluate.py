@@ -1,0 +1,134 @@
+"""train/evaluate.py on a model trained by the real trainer (tiny config) over a fixture run with a 384-d tree,
+routed by the real encoder and router."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from fixtures import make_run_dir
+
+from index.router import Router
+from index.tree import path_block_ids
+from train.evaluate import (Evaluator, Probe, block_report, bucket_edges, bucket_of, is_exact_match, read_probes)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = {**os.environ, "TORCH_EXTENSIONS_DIR": os.path.join(ROOT, ".cache", "torch_extensions"),
+       "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT, "HF_HUB_OFFLINE": "1"}
+PROMPTS = {"hydrogen": "the atomic number of hydrogen is", "tree": "memory blocks on a tree"}
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("evaluate")
+    run = make_run_dir(str(root / "run"), k=2, depth=2, seq_len=16, dim=384)
+    out = root / "model"
+    cmd = [sys.executable, os.path.join(ROOT, "train", "main.py"), "--config", "tiny", "--data", run, "--out", str(out),
+           "--set", "schedule.max_steps=3", "--set", "optim.memory.lr=0.05"]
+    p = subprocess.run(cmd, env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    router = Router.load(run, documents=False)
+    routes = dict(zip(PROMPTS, router.route_texts(list(PROMPTS.values())).tolist()))
+    # the entity's training documents: hydrogen's on its probe's own path, tree's under the other level-1 node
+    away = [1 - routes["tree"][0], routes["tree"][1]]
+    docs = [("h0", routes["hydrogen"], "hydrogen is element one"), ("h1", routes["hydrogen"], "Hydrogen: one proton"),
+            ("t0", away, "a tree of memory blocks")]
+    rows = {"doc_id": [d for d, _, _ in docs], "path": [p for _, p, _ in docs],
+            "leaf": [p[0] * 2 + p[1] for _, p, _ in docs], "l1": [p[0] for _, p, _ in docs]}
+    pq.write_to_dataset(pa.table(rows), os.path.join(run, "routed"), partition_cols=["l1"])
+    os.makedirs(os.path.join(run, "documents"))
+    pq.write_table(pa.table({"doc_id": [d for d, _, _ in docs], "text": [t for _, _, t in docs]}),
+                   os.path.join(run, "documents", "part-0.parquet"))
+    return Evaluator(str(out / "export"), router, batch_size=2), routes, str(out / "export")
+
+
+def test_buckets_and_matching():
+    freqs = [1, 1, 2, 3, 5, 8, 20, 60, 200]
+    edges = bucket_edges(freqs)
+    b = bucket_of(freqs, edges)
+    assert len(edges) == 6 and b[0] == 0 and b[-1] == 4
+    assert all(x <= y for x, y in zip(b, b[1:]))
+    assert is_exact_match(" 26.", "26") and is_exact_match("Fe is", "Fe")
+    assert not is_exact_match(" 260", "26") and not is_exact_match("Fermium", "Fe")
+
+
+def test_read_probes_names_the_bad_line(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_text(json.dumps({"prompt": "a", "answer": "b", "entity": "c", "frequency": 1}) + "\n"
+                    + json.dumps({"prompt": "a", "entity": "c", "frequency": 1}) + "\n")
+    with pytest.raises(ValueError, match=r"p.jsonl:2: missing \['answer'\]"):
+        read_probes(str(path))
+
+
+def test_nll_counts_every_token_once_and_matches_the_anchor(setup):
+    ev, _, _ = setup
+    short, long = "the atomic number of hydrogen is one", " ".join(["memory blocks on a tree"] * 12)
+    paths = ev.router.route_texts([short, long])
+    nll, n = ev.text_nll([short, long], paths, "fetched")
+    for i, t in enumerate([short, long]):
+        assert n[i] == len(ev.tokenizer.encode(t).ids) + 1  # each token and the closing <eot>, once
+    assert len(ev.windows(long)) > 1
+    ids = [ev.eot] + ev.tokenizer.encode(short).ids + [ev.eot]
+    memory = ev.bank.fetch(torch.from_numpy(path_block_ids(paths[:1], ev.k)), requires_grad=False)
+    with torch.no_grad():
+        want = ev.anchor.loss(torch.tensor([ids]), memory=memory).item() * (len(ids) - 1)
+    assert nll[0] == pytest.approx(want, rel=1e-5)
+
+
+def test_perplexity_settings_differ_where_memory_differs(setup):
+    ev, _, _ = setup
+    docs = [{"text": "hydrogen is element one", "source": "facts"}, {"text": "a tree of memory blocks", "source": "news"}]
+    ppl = ev.perplexity(docs)
+    assert set(ppl) == {"fetched", "generic", "none", "generic@1", "off@1", "generic@2", "off@2"}
+    assert all(set(row) == {"all", "facts", "news"} and row["all"] > 1 for row in ppl.values())
+    assert ppl["fetched"]["all"] != ppl["none"]["all"]  # the trained blocks change the model
+    assert ppl["off@1"]["all"] != ppl["fetched"]["all"] != ppl["off@2"]["all"]
+
+
+def test_batched_greedy_completion_equals_one_by_one(setup):
+    ev, routes, _ = setup
+    prompts = list(PROMPTS.values()) + ["the"]
+    ids = ev.block_ids(ev.router.route_texts(prompts), "fetched")
+    together = ev.complete(prompts, ids, [4, 2, 3])
+    for i, p in enumerate(prompts):
+        seq = [ev.eot] + ev.tokenizer.encode(p).ids
+        memory = ev.bank.fetch(ids[i:i + 1], requires_grad=False)
+        for _ in range([4, 2, 3][i]):
+            with torch.no_grad():
+                seq.append(int(ev.anchor(torch.tensor([seq]), memory)[0, -1].argmax()))
+        new = seq[len(ev.tokenizer.encode(p).ids) + 1:]
+        new = new[:new.index(ev.eot) + 1] if ev.eot in new else new
+        assert together[i] == ev.tokenizer.decode([t for t in new if t != ev.eot])
+
+
+def test_probe_agreement_oracle_and_blocking(setup):
+    ev, routes, _ = setup
+    probes = [Probe(PROMPTS["hydrogen"], "one", "hydrogen", 2, ["h0", "h1"]),
+              Probe(PROMPTS["tree"], "of", "tree", 1, ["t0"]),
+              Probe(PROMPTS["hydrogen"], "one", "hydrogen", 2)]  # no doc_ids: found by name in documents/
+    res = ev.probe(probes)
+    h, t, found = res["records"]
+    assert h["agreement"] == 1.0 and t["agreement"] == 0.0 and found["agreement"] == 1.0
+    assert h["oracle"] == h["fetched"]  # its documents are on its own path
+    assert h["blocked"] == h["none"]  # every block on its path is blocked
+    assert h["blocked_share"] == pytest.approx(2 / 6)  # 2 of the 6 tree blocks (k=2, depth=2)
+    assert sum(b["probes"] for b in res["buckets"]) == 3
+    assert set(res["accuracy"]) == {"fetched", "generic", "none", "oracle", "blocked"}
+
+
+def test_block_report(setup):
+    ev, _, model_dir = setup
+    texts = ["hydrogen is element one", "a tree of memory blocks"]
+    report = block_report(model_dir, ev.router, texts)
+    blocks = path_block_ids(ev.router.route_texts(texts), ev.k)
+    assert [[lv["block"] for lv in q] for q in report] == blocks.tolist()
+    for q in report:
+        assert [lv["level"] for lv in q] == [1, 2]
+        for lv in q:
+            assert lv["delta"] == pytest.approx(lv["nll_without"] - lv["nll_fetched"])
+            assert np.isfinite(lv["nll_generic"])
+        assert any(lv["delta"] != 0 for lv in q)

@@ -1,0 +1,101 @@
+"""The long-tail facts corpus: real facts, Zipf-like frequencies, varied wording, probes that match the corpus."""
+import json
+import re
+from collections import Counter, defaultdict
+
+import pytest
+
+from pipeline.demo_data import bbc_records
+from pipeline.longtail import LongtailConfig, build, write, zipf_frequencies
+from train.evaluate import read_probes
+
+SMALL = dict(bbc_train=6, bbc_heldout=3, heldout_entities=5, max_frequency=20)
+
+
+@pytest.fixture(scope="module")
+def bbc():
+    return list(bbc_records())
+
+
+@pytest.fixture(scope="module")
+def corpus(bbc):
+    return build(LongtailConfig(**SMALL), bbc)
+
+
+def test_zipf_frequencies_are_long_tailed():
+    f = zipf_frequencies(300, 64, 0.8)
+    assert f[0] == 64 and min(f) == 1
+    assert all(a >= b for a, b in zip(f, f[1:]))
+    assert sum(x <= 2 for x in f) > len(f) / 2  # most entities are rare
+    assert sum(x >= 10 for x in f) >= 5  # a few are frequent
+
+
+def test_entity_documents_carry_every_probed_fact(corpus):
+    docs = defaultdict(list)
+    for d in corpus.train:
+        docs[d["entity"]].append(d)
+    assert len(corpus.entities) > 300  # elements and countries
+    for e in corpus.entities:
+        mine = docs[e.name]
+        assert len(mine) == e.frequency >= 1
+        for d in mine:
+            assert e.name.lower() in d["text"].lower()
+            for prompt, answer in e.probes.values():
+                assert re.search(r"\b" + re.escape(answer) + r"\b", d["text"]), (answer, d["text"])
+    for p in corpus.probes:  # the probe records the entity's true frequency and its documents
+        assert p["frequency"] == len(docs[p["entity"]])
+        assert sorted(p["doc_ids"]) == sorted(d["id"] for d in docs[p["entity"]])
+
+
+def test_facts_are_the_packages_facts(corpus):
+    probes = {(p["entity"], p["fact"]): p for p in corpus.probes}
+    assert probes[("iron", "atomic_number")]["answer"] == "26"
+    assert probes[("iron", "symbol")]["answer"] == "Fe"
+    assert probes[("France", "numeric_code")]["answer"] == "250"
+    assert probes[("iron", "atomic_number")]["prompt"] == "The atomic number of iron is"
+
+
+def test_wording_varies_within_an_entity(corpus):
+    frequent = max(corpus.entities, key=lambda e: e.frequency)
+    texts = [d["text"] for d in corpus.train if d["entity"] == frequent.name]
+    assert len(set(texts)) > len(texts) // 2
+    for fact, phrasings in frequent.probed.items():
+        used = Counter(p for t in texts for p in phrasings if p in t)
+        assert len(used) >= 2, f"{fact}: one phrasing only"
+    openings = {t.split(". ")[0] for t in texts}
+    assert len(openings) >= 2
+
+
+def test_bbc_mixed_in_and_held_out(corpus, bbc):
+    train_ids = {d["id"] for d in corpus.train}
+    held_ids = {d["id"] for d in corpus.heldout}
+    assert not train_ids & held_ids
+    assert len(train_ids) == len(corpus.train)  # ids unique
+    assert sum(d["source"] == "bbc" for d in corpus.train) == SMALL["bbc_train"]
+    assert sum(d["source"] == "bbc" for d in corpus.heldout) == SMALL["bbc_heldout"]
+    assert sum(d["source"] != "bbc" for d in corpus.heldout) == SMALL["heldout_entities"]
+    # the BBC rows are the real articles
+    by_id = {r["id"]: r["text"] for r in bbc}
+    assert all(by_id[d["id"]] == d["text"] for d in corpus.train if d["source"] == "bbc")
+
+
+def test_deterministic_by_seed(bbc, corpus):
+    again = build(LongtailConfig(**SMALL), bbc)
+    assert again.train == corpus.train and again.probes == corpus.probes
+    other = build(LongtailConfig(**SMALL, seed=1), bbc)
+    assert [d["text"] for d in other.train] != [d["text"] for d in corpus.train]
+
+
+def test_write_reads_back_as_probes(tmp_path, corpus):
+    cfg = LongtailConfig(**SMALL)
+    summary = write(corpus, cfg, str(tmp_path))
+    probes = read_probes(str(tmp_path / "probes.jsonl"))
+    assert len(probes) == summary["probes"] == len(corpus.probes)
+    with open(tmp_path / "train.jsonl") as f:
+        assert sum(1 for _ in f) == summary["train_documents"]
+    assert json.loads((tmp_path / "summary.json").read_text())["entities"] == len(corpus.entities)
+
+
+def test_bad_config_is_refused():
+    with pytest.raises(ValueError, match="domains"):
+        LongtailConfig(domains=("planets",))

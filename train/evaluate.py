@@ -1,0 +1,354 @@
+"""Evaluate an exported model: held-out perplexity per memory setting, knowledge probes, per-block reports.
+
+    python -m train.evaluate --model EXPORT --run RUN [--heldout DOCS.jsonl] [--probes PROBES.jsonl] --out RESULTS.json
+
+Memory settings. A text is routed by the run's router (the same greedy descent as the training
+documents) and fetches, per level, one block:
+  fetched     the blocks on its own path
+  generic     the generic memory (one shared block per level, co-trained with probability p_generic)
+  none        no memory: the bare anchor (the only setting of an anchor-only model)
+  generic@l   its path, with level l's block swapped for the generic one   (per-level ablation)
+  off@l       its path, with level l disabled (block id -1)                 (per-level ablation)
+
+Perplexity. Each held-out document (JSONL with ``text``, optional ``source``) is tokenised with the
+run's tokenizer as ``<eot> text <eot>`` and cut into consecutive windows of seq_len + 1 tokens, the
+way the job packs training documents; every window uses the document's route.
+
+Probes. JSONL with ``prompt``, ``answer``, ``entity``, ``frequency`` (the entity's corpus frequency)
+and optionally ``doc_ids`` (the entity's training documents; without them, the routed documents
+whose text names the entity, as a whole word, are used) plus any labels (``fact``, ``domain``).
+A prompt is completed greedily; it is right when the completion, stripped, starts with the answer
+followed by a non-alphanumeric character or its end. Per probe also:
+  agreement   share of the entity's training documents that sit in the probe's leaf
+  oracle      accuracy when the probe fetches the path holding most of those documents instead of
+              its own route (separates routing errors from memory capacity)
+  blocked     accuracy when every block on a path of those documents is disabled (id -1)
+Probes are grouped in 5 buckets of entity frequency, log-spaced between the smallest and largest.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import sys
+from collections import Counter
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from index.tree import generic_block_ids, n_tree_blocks, path_block_ids
+
+N_BUCKETS = 5
+
+
+@dataclass
+class Probe:
+    prompt: str
+    answer: str
+    entity: str
+    frequency: int
+    doc_ids: list[str] | None = None
+    fact: str = ""
+    domain: str = ""
+
+
+def read_jsonl(path: str, required: tuple[str, ...]) -> list[dict]:
+    """Rows of a JSONL file; a bad line or a missing field is an error naming the file and line."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} does not exist")
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{i}: not JSON ({e})") from e
+            missing = [k for k in required if row.get(k) in (None, "")]
+            if missing:
+                raise ValueError(f"{path}:{i}: missing {missing}; each line needs {list(required)}")
+            rows.append(row)
+    if not rows:
+        raise ValueError(f"{path} holds no rows")
+    return rows
+
+
+def read_probes(path: str) -> list[Probe]:
+    known = set(Probe.__dataclass_fields__)
+    return [Probe(**{k: v for k, v in r.items() if k in known})
+            for r in read_jsonl(path, ("prompt", "answer", "entity", "frequency"))]
+
+
+def bucket_edges(frequencies, n: int = N_BUCKETS) -> np.ndarray:
+    """n+1 log-spaced edges; bucket b holds frequencies in [edges[b], edges[b+1]) (the last edge is max + 1)."""
+    f = np.asarray(frequencies, dtype=np.float64)
+    return np.geomspace(f.min(), f.max() + 1, n + 1)
+
+
+def bucket_of(frequencies, edges: np.ndarray) -> np.ndarray:
+    return np.clip(np.searchsorted(edges, np.asarray(frequencies, dtype=np.float64), side="right") - 1, 0, len(edges) - 2)
+
+
+def is_exact_match(completion: str, answer: str) -> bool:
+    c, a = completion.strip(), answer.strip()
+    return c.startswith(a) and (len(c) == len(a) or not c[len(a)].isalnum())
+
+
+class Evaluator:
+    """An exported model, its tokenizer and the run's router; every method is batched and uses no grad."""
+
+    def __init__(self, model_dir: str, router, batch_size: int = 16):
+        from tokenizers import Tokenizer
+
+        from train.export import load_model
+
+        self.anchor, self.bank, self.meta = load_model(model_dir)
+        router.check_tree_version(self.meta["tree_version"])
+        self.router, self.batch_size = router, batch_size
+        tok = os.path.join(model_dir, "tokenizer.json")
+        if not os.path.exists(tok):
+            raise FileNotFoundError(f"{tok} is missing: re-export the model (train.export copies the run's tokenizer)")
+        self.tokenizer = Tokenizer.from_file(tok)
+        self.seq_len = min(int(self.meta["seq_len"]), self.anchor.cfg.max_seq_len)
+        self.eot, self.pad = int(self.meta["eot_id"]), int(self.meta["pad_id"])
+        self.k, self.depth = int(self.meta["k"]), int(self.meta["depth"])
+
+    @property
+    def settings(self) -> list[str]:
+        """Memory settings this model supports (see the module doc)."""
+        if self.bank is None:
+            return ["none"]
+        levels = [l for l in range(1, self.depth + 1) if self.bank.config.ranks[l - 1] > 0]
+        return ["fetched", "generic", "none"] + [f"{s}@{l}" for l in levels for s in ("generic", "off")]
+
+    def block_ids(self, paths: np.ndarray, setting: str) -> torch.Tensor | None:
+        """[N, p] block ids of ``paths`` under ``setting``; None means no memory."""
+        if setting == "none" or self.bank is None:
+            return None
+        ids = path_block_ids(paths, self.k)
+        generic = generic_block_ids(self.k, self.depth)
+        if setting == "generic":
+            ids[:] = generic
+        elif "@" in setting:
+            kind, level = setting.split("@")
+            ids[:, int(level) - 1] = generic[int(level) - 1] if kind == "generic" else -1
+        elif setting != "fetched":
+            raise ValueError(f"unknown memory setting {setting!r}; one of {self.settings}")
+        return torch.from_numpy(ids)
+
+    def _memory(self, ids: torch.Tensor | None):
+        return None if ids is None else self.bank.fetch(ids, requires_grad=False)
+
+    @torch.no_grad()
+    def window_nll(self, windows: list[list[int]], ids: torch.Tensor | None) -> np.ndarray:
+        """Summed next-token NLL of each token window (input = w[:-1], target = w[1:])."""
+        out = np.zeros(len(windows))
+        for s in range(0, len(windows), self.batch_size):
+            part = windows[s:s + self.batch_size]
+            width = max(len(w) for w in part)
+            x = torch.full((len(part), width), self.pad, dtype=torch.long)
+            for i, w in enumerate(part):
+                x[i, :len(w)] = torch.tensor(w)
+            mask = torch.arange(1, width)[None, :] < torch.tensor([len(w) for w in part])[:, None]
+            logits = self.anchor(x[:, :-1], self._memory(None if ids is None else ids[s:s + len(part)]))
+            nll = F.cross_entropy(logits.float().transpose(1, 2), x[:, 1:], reduction="none")
+            out[s:s + len(part)] = (nll * mask).sum(1).numpy()
+        return out
+
+    def windows(self, text: str) -> list[list[int]]:
+        stream = [self.eot] + self.tokenizer.encode(text).ids + [self.eot]
+        return [stream[s:s + self.seq_len + 1] for s in range(0, len(stream) - 1, self.seq_len)]
+
+    def text_nll(self, texts: list[str], paths: np.ndarray, setting: str) -> tuple[np.ndarray, np.ndarray]:
+        """(summed NLL, predicted tokens) per text under ``setting``, each text on its own path."""
+        wins, owner = [], []
+        for i, t in enumerate(texts):
+            ws = self.windows(t)
+            wins += ws
+            owner += [i] * len(ws)
+        owner = np.asarray(owner)
+        ids = self.block_ids(paths[owner], setting)
+        nll = self.window_nll(wins, ids)
+        return (np.bincount(owner, weights=nll, minlength=len(texts)),
+                np.bincount(owner, weights=[len(w) - 1 for w in wins], minlength=len(texts)))
+
+    def perplexity(self, docs: list[dict], settings: list[str] | None = None) -> dict:
+        """Per setting: perplexity over all held-out documents and per ``source``."""
+        texts = [d["text"] for d in docs]
+        sources = np.array([d.get("source") or "all" for d in docs])
+        paths = self.router.route_texts(texts)
+        out = {}
+        for setting in settings or self.settings:
+            nll, n = self.text_nll(texts, paths, setting)
+            row = {"all": math.exp(nll.sum() / n.sum())}
+            for s in sorted(set(sources) - {"all"}):
+                row[s] = math.exp(nll[sources == s].sum() / n[sources == s].sum())
+            out[setting] = row
+        return out
+
+    @torch.no_grad()
+    def complete(self, prompts: list[str], ids: torch.Tensor | None, max_new: list[int]) -> list[str]:
+        """Greedy continuation of each prompt (after <eot>), ``max_new[i]`` tokens or until <eot>."""
+        out = []
+        for s in range(0, len(prompts), self.batch_size):
+            seqs = [[self.eot] + self.tokenizer.encode(p).ids for p in prompts[s:s + self.batch_size]]
+            new = [[] for _ in seqs]
+            memory = self._memory(None if ids is None else ids[s:s + len(seqs)])
+            for step in range(max(max_new[s:s + len(seqs)])):
+                width = max(len(q) for q in seqs)
+                x = torch.full((len(seqs), width), self.pad, dtype=torch.long)
+                for i, q in enumerate(seqs):
+                    x[i, :len(q)] = torch.tensor(q)
+                logits = self.anchor(x, memory)  # causal: right padding does not change earlier positions
+                nxt = logits[torch.arange(len(seqs)), torch.tensor([len(q) - 1 for q in seqs])].argmax(-1)
+                for i, t in enumerate(nxt.tolist()):
+                    if step < max_new[s + i] and (not new[i] or new[i][-1] != self.eot):
+                        new[i].append(t)
+                    seqs[i].append(t)
+            out += [self.tokenizer.decode([t for t in n if t != self.eot]) for n in new]
+        return out
+
+    def entity_documents(self, probes: list[Probe]) -> dict[str, list[str]]:
+        """entity -> its training doc ids: the probes' ``doc_ids``, else routed documents naming the entity."""
+        found = {p.entity: list(p.doc_ids) for p in probes if p.doc_ids}
+        missing = sorted({p.entity for p in probes} - set(found))
+        if missing:
+            import pyarrow.parquet as pq
+
+            docs = pq.read_table(os.path.join(self.router.run_dir, "documents"), columns=["doc_id", "text"]).to_pydict()
+            for e in missing:
+                pattern = re.compile(r"\b" + re.escape(e) + r"\b", re.IGNORECASE)
+                found[e] = [d for d, t in zip(docs["doc_id"], docs["text"]) if pattern.search(t)]
+        return found
+
+    def doc_paths(self, doc_ids: set[str]) -> dict[str, list[int]]:
+        import pyarrow.compute as pc
+        import pyarrow.dataset as ds
+
+        table = ds.dataset(os.path.join(self.router.run_dir, "routed"), format="parquet", partitioning="hive").to_table(
+            columns=["doc_id", "path"], filter=pc.field("doc_id").isin(sorted(doc_ids)))
+        return dict(zip(table.column("doc_id").to_pylist(), table.column("path").to_pylist()))
+
+    def probe(self, probes: list[Probe]) -> dict:
+        """Per-probe records and per-bucket summaries (see the module doc)."""
+        prompts = [p.prompt for p in probes]
+        routes = self.router.route_texts(prompts)
+        leaves = self.router.leaves(routes)
+        entity_docs = self.entity_documents(probes)
+        paths_of = self.doc_paths({d for ds_ in entity_docs.values() for d in ds_})
+        oracle, agreement, blocked = routes.copy(), np.zeros(len(probes)), []
+        for i, p in enumerate(probes):
+            doc_paths = [paths_of[d] for d in entity_docs[p.entity] if d in paths_of]
+            if not doc_paths:
+                agreement[i] = float("nan")
+                blocked.append(set())
+                continue
+            doc_leaves = self.router.leaves(np.asarray(doc_paths))
+            agreement[i] = float(np.mean(doc_leaves == leaves[i]))
+            top = Counter(doc_leaves.tolist()).most_common()
+            best = min(l for l, c in top if c == top[0][1])  # ties: the smallest leaf, deterministically
+            oracle[i] = doc_paths[int(np.flatnonzero(doc_leaves == best)[0])]
+            blocked.append(set(path_block_ids(np.asarray(doc_paths), self.k).ravel().tolist()))
+        max_new = [len(self.tokenizer.encode(" " + p.answer).ids) + 1 for p in probes]
+        runs = {"none": None} if self.bank is None else {
+            "fetched": self.block_ids(routes, "fetched"), "generic": self.block_ids(routes, "generic"), "none": None,
+            "oracle": self.block_ids(oracle, "fetched")}
+        if self.bank is not None:
+            ids = runs["fetched"].clone()
+            for i, b in enumerate(blocked):
+                ids[i] = torch.tensor([-1 if int(x) in b else int(x) for x in ids[i]])
+            runs["blocked"] = ids
+        correct = {}
+        for name, ids in runs.items():
+            completions = self.complete(prompts, ids, max_new)
+            correct[name] = np.array([is_exact_match(c, p.answer) for c, p in zip(completions, probes)])
+        freqs = np.array([p.frequency for p in probes])
+        edges = bucket_edges(freqs)
+        bucket = bucket_of(freqs, edges)
+        n_blocks = n_tree_blocks(self.k, self.depth)
+        buckets = []
+        for b in range(N_BUCKETS):
+            sel = bucket == b
+            f = freqs[sel]
+            buckets.append({"bucket": b, "frequency_range": [int(f.min()), int(f.max())] if sel.any() else None,
+                            "probes": int(sel.sum()), "entities": len({probes[i].entity for i in np.flatnonzero(sel)}),
+                            "routing_agreement": float(np.nanmean(agreement[sel])) if sel.any() else None,
+                            "accuracy": {n: float(c[sel].mean()) if sel.any() else None for n, c in correct.items()}})
+        records = [dict(asdict(p), doc_ids=None, bucket=int(bucket[i]), leaf=int(leaves[i]),
+                        agreement=None if np.isnan(agreement[i]) else float(agreement[i]),
+                        blocked_share=len(blocked[i]) / n_blocks, **{n: bool(c[i]) for n, c in correct.items()})
+                   for i, p in enumerate(probes)]
+        return {"edges": edges.tolist(), "buckets": buckets, "records": records,
+                "accuracy": {n: float(c.mean()) for n, c in correct.items()},
+                "routing_agreement": float(np.nanmean(agreement)),
+                "blocked_bank_share": float(np.mean([len(b) for b in blocked]) / n_blocks)}
+
+
+def block_report(model_dir: str, router, texts: list[str]) -> list[list[dict]]:
+    """Per text, per memory level: the text's mean NLL (nats/token) with its whole path, without that
+    level's block and with the generic block in its place; ``delta`` = without - with: how much the
+    block carries the text. ``index.query --model`` prints it."""
+    ev = Evaluator(model_dir, router)
+    if ev.bank is None:
+        raise ValueError(f"{model_dir} is an anchor-only model: it has no memory blocks to report on")
+    paths = router.route_texts(texts)
+    blocks = path_block_ids(paths, ev.k)
+    nll = {}
+    for setting in ev.settings:
+        if setting != "none":
+            total, n = ev.text_nll(texts, paths, setting)
+            nll[setting] = total / n
+    return [[{"level": l, "block": int(blocks[q, l - 1]), "nll_fetched": float(nll["fetched"][q]),
+              "nll_without": float(nll[f"off@{l}"][q]), "nll_generic": float(nll[f"generic@{l}"][q]),
+              "delta": float(nll[f"off@{l}"][q] - nll["fetched"][q])}
+             for l in range(1, ev.depth + 1) if f"off@{l}" in nll] for q in range(len(texts))]
+
+
+def model_summary(ev: Evaluator) -> dict:
+    from train.memory import param_counts
+
+    out = {"anchor_params": ev.anchor.num_params(), "step": ev.meta.get("step"), "tree_version": ev.meta["tree_version"]}
+    if ev.bank is not None:
+        counts = param_counts(ev.anchor.cfg, ev.bank.config)
+        out.update(fetched_params=counts["fetched"], bank_params=counts["bank"], ranks=list(ev.bank.config.ranks))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", required=True, help="export directory (OUT/export of train/main.py)")
+    ap.add_argument("--run", required=True, help="the run directory the model was trained on")
+    ap.add_argument("--heldout", help="JSONL of held-out documents (text, optional source)")
+    ap.add_argument("--probes", help="JSONL of probes (prompt, answer, entity, frequency[, doc_ids])")
+    ap.add_argument("--out", help="write the results JSON here (default: print it)")
+    ap.add_argument("--batch-size", type=int, default=16)
+    args = ap.parse_args(argv)
+    from index.router import Router
+
+    try:
+        router = Router.load(args.run, documents=False)
+        ev = Evaluator(args.model, router, args.batch_size)
+        result = {"model": model_summary(ev), "settings": ev.settings}
+        if args.heldout:
+            result["perplexity"] = ev.perplexity(read_jsonl(args.heldout, ("text",)))
+        if args.probes:
+            result["probes"] = ev.probe(read_probes(args.probes))
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    text = json.dumps(result, indent=1)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text)
+    else:
+        print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
