@@ -38,7 +38,7 @@ def faiss_kmeans(x: np.ndarray, k: int, seed: int) -> np.ndarray:
 def spark_bisecting(x: np.ndarray, k: int, seed: int) -> np.ndarray:
     from pyspark.ml.clustering import BisectingKMeans
     from pyspark.ml.linalg import Vectors
-    from pipeline.run import spark_session
+    from pipeline.spark import spark_session
     spark = spark_session("bench-bisecting")
     df = spark.createDataFrame([(i, Vectors.dense(v.astype(float))) for i, v in enumerate(x)], ["i", "features"])
     model = BisectingKMeans(k=k, seed=seed).fit(df)

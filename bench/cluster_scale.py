@@ -63,7 +63,7 @@ def jvm_peak_rss_mb() -> float:
 def one(n: int, k: int, depth: int, out: str) -> dict:
     from pipeline.config import JobConfig
     from pipeline.fit import fit_stage
-    from pipeline.run import spark_session
+    from pipeline.spark import spark_session
     from pipeline.stages import Stages
     spark = spark_session("bench-scale")
     cfg = JobConfig(k=k, depth=depth, output=out, seed=0)

@@ -1,28 +1,31 @@
 """Trainer throughput on 2 CPU ranks: anchor alone vs anchor + memory, and a ~12x larger bank.
 
-Three runs of train/main.py under the deepspeed launcher (gloo), same run directory, same seed,
-hence the same batches:
-  anchor   recipe anchor_only (the dense baseline)
-  memory   co-training with FFN-memory ranks (144, 16, 8): 168 units fetched per sequence,
-           ~10% of the demo anchor's parameters, from a bank of 6,272 units (k=8, depth=3)
+Three trainers (train/main.py's Trainer) live in the same 2 rank processes, started by the
+deepspeed launcher (gloo), on the same run directory with the same seed:
+  anchor      recipe anchor_only (the dense baseline)
+  memory      co-training with FFN-memory ranks (144, 16, 8): 168 units fetched per sequence,
+              ~10% of the demo anchor's parameters, from a bank of 6,272 units (k=8, depth=3)
   memory_big  ranks (8, 16, 144): the same 168 units fetched, a bank of 74,816 units (11.9x)
-tokens/s is read from the trainer's metrics.jsonl, windows after warm-up only. The three runs are
-repeated in interleaved rounds and each keeps its best round, so that load from other processes
-on a shared machine (which only ever slows a run down) drifts less into the comparison.
-Prints per-run figures, the step-time change with the larger bank, and last `ratio X`
-(memory tokens/s / anchor tokens/s).
+Their steps are interleaved (anchor, memory, memory_big, anchor, ...), so that load from other
+processes on a shared machine hits the three alike instead of whichever ran last. Each step is
+timed two ways: wall clock between barriers, and the CPU time of the slowest rank (process time,
+one thread per rank). The headline figures use the median CPU time per step: it does not count
+the time a rank waits for a core that another program holds, so it is what a dedicated machine
+with one core per rank gives; the wall-clock medians are printed beside them. Prints the figures, the
+step-time change with the larger bank, and last `ratio X` (memory tokens/s / anchor tokens/s).
 
-    python bench/train_throughput.py [--data runs/demo] [--steps 20] [--warmup 5] [--rounds 2]
+    python bench/train_throughput.py [--data runs/demo] [--steps 30] [--warmup 3]
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
+import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUNS = {
@@ -32,53 +35,78 @@ RUNS = {
 }
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def worker(args) -> None:
+    """Runs in each rank: build the three trainers, interleave their steps, report medians on rank 0."""
+    sys.path.insert(0, ROOT)
+    import torch
+    import torch.distributed as dist
 
+    from train.config import load_config
+    from train.data import read_manifest
+    from train.distributed import init, teardown
+    from train.main import Trainer
 
-def measure(name: str, data: str, out: str, steps: int, warmup: int, log_every: int) -> dict:
-    sets = RUNS[name] + [f"schedule.max_steps={steps}", f"schedule.log_every={log_every}",
-                         "schedule.checkpoint_every=0", "schedule.save=false"]
-    cmd = [os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
-           os.path.join(ROOT, "train", "main.py"), "--data", data, "--out", out, "--no-resume"]
-    for s in sets:
-        cmd += ["--set", s]
-    env = {**os.environ, "TORCH_EXTENSIONS_DIR": os.path.join(ROOT, ".cache", "torch_extensions")}
-    p = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
-    if p.returncode:
-        sys.exit(f"{name} failed:\n{p.stdout[-2000:]}\n{p.stderr[-2000:]}")
-    with open(os.path.join(out, "metrics.jsonl")) as f:
-        windows = [m for m in map(json.loads, f) if m["step"] > warmup]
-    # windows of equal token counts: the overall rate is the harmonic mean of the window rates
-    rate = len(windows) / sum(1.0 / m["tokens_per_s"] for m in windows)
-    return {"tokens_per_s": rate, "blocks_per_step": windows[-1]["blocks_touched_per_step"],
-            "bank_bytes": windows[-1]["bank_bytes_resident"]}
+    info = init()
+    manifest = read_manifest(args.data)
+    trainers = {}
+    for name, sets in RUNS.items():
+        cfg = load_config(args.config, sets + ["schedule.save=false", f"schedule.max_steps={args.steps + args.warmup}"], manifest)
+        trainers[name] = Trainer(cfg, args.data, os.path.join(args.out, name), info, manifest, resume=False)
+    wall = {name: [] for name in trainers}
+    cpu = {name: [] for name in trainers}
+    for step in range(args.warmup + args.steps):
+        for name, trainer in trainers.items():
+            dist.barrier()
+            t0, c0 = time.perf_counter(), time.process_time()
+            trainer.train_step()
+            slowest = torch.tensor([time.process_time() - c0], dtype=torch.float64)
+            dist.all_reduce(slowest, op=dist.ReduceOp.MAX)  # also ends the step when the slowest rank is done
+            if step >= args.warmup:
+                wall[name].append(time.perf_counter() - t0)
+                cpu[name].append(float(slowest))
+    if info.rank == 0:
+        med = {name: statistics.median(t) for name, t in cpu.items()}
+        lines = []
+        for name, trainer in trainers.items():
+            tokens = trainer.cfg.data.batch_size * int(manifest["seq_len"]) * info.world_size
+            lines.append(f"{name:11s} {tokens / med[name]:8.0f} tok/s  step {med[name] * 1000:7.1f} ms CPU "
+                         f"(wall: {tokens / statistics.median(wall[name]):6.0f} tok/s, median of {len(cpu[name])} steps)  "
+                         f"bank+state per rank {trainer.bank_bytes() / 2**20:7.1f} MiB")
+        lines.append(f"step time with the {RUNS['memory_big'][0]} bank vs {RUNS['memory'][0]}: "
+                     f"{(med['memory_big'] / med['memory'] - 1) * 100:+.1f}%")
+        lines.append(f"ratio {med['anchor'] / med['memory']:.2f}")
+        with open(os.path.join(args.out, "result.txt"), "w") as f:
+            f.write("\n".join(lines) + "\n")
+    for trainer in trainers.values():
+        trainer.close()
+    teardown()
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default=os.path.join(ROOT, "runs", "demo"))
-    ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--warmup", type=int, default=5, help="steps excluded from the measurement")
-    ap.add_argument("--log-every", type=int, default=5)
-    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--config", default="demo", help="train config the three runs start from")
+    ap.add_argument("--steps", type=int, default=30, help="timed steps per configuration")
+    ap.add_argument("--warmup", type=int, default=3, help="untimed steps per configuration first")
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--out", help=argparse.SUPPRESS)
+    ap.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # from the deepspeed launcher
     args = ap.parse_args()
-    if (args.steps - args.warmup) % args.log_every or args.warmup % args.log_every:
-        sys.exit("--steps and --warmup must be multiples of --log-every")
-    results = {}
+    if args.worker:
+        return worker(args)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": os.path.join(ROOT, ".cache", "torch_extensions"), "OMP_NUM_THREADS": "1"}
     with tempfile.TemporaryDirectory() as tmp:
-        for round_ in range(args.rounds):
-            for name in RUNS:
-                r = measure(name, args.data, os.path.join(tmp, f"{name}{round_}"), args.steps, args.warmup, args.log_every)
-                print(f"round {round_} {name:11s} {r['tokens_per_s']:8.0f} tok/s  blocks/step {r['blocks_per_step']:5.1f}  "
-                      f"bank+state {r['bank_bytes'] / 2**20:8.1f} MiB", flush=True)
-                if name not in results or r["tokens_per_s"] > results[name]["tokens_per_s"]:
-                    results[name] = r
-    slower = results["memory"]["tokens_per_s"] / results["memory_big"]["tokens_per_s"] - 1
-    print(f"step time with the {RUNS['memory_big'][0]} bank vs {RUNS['memory'][0]}: {slower * 100:+.1f}%")
-    print(f"ratio {results['memory']['tokens_per_s'] / results['anchor']['tokens_per_s']:.2f}")
+        cmd = [os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_gpus", "2", "--master_port", str(port),
+               os.path.abspath(__file__), "--worker", "--data", os.path.abspath(args.data), "--config", args.config,
+               "--steps", str(args.steps), "--warmup", str(args.warmup), "--out", tmp]
+        p = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
+        if p.returncode:
+            sys.exit(f"benchmark failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
+        with open(os.path.join(tmp, "result.txt")) as f:
+            print(f.read(), end="")
 
 
 if __name__ == "__main__":

@@ -74,8 +74,10 @@ def format_answer(a: dict) -> str:
     lines.append(f"share of corpus-wide neighbours in this leaf: {share:.0%}"
                  + ("" if share >= 0.5 else "  -- most related documents were routed elsewhere: "
                     "the blocks this query fetches were not trained on them"))
-    for lv in a.get("model", []):
-        lines.append(f"  model, level {lv['level']}: {json.dumps(lv)}")
+    if a.get("model"):
+        lines.append(f"model: mean loss of the query text {a['model'][0]['nll_fetched']:.3f} nats/token with its path; per level:")
+        lines += [f"  level {lv['level']} block {lv['block']}: {lv['nll_without']:.3f} without it ({lv['delta']:+.3f}), "
+                  f"{lv['nll_generic']:.3f} with the generic block instead" for lv in a["model"]]
     return "\n".join(lines)
 
 

@@ -144,7 +144,7 @@ class Tree:
             tree = cls(k=meta["k"], depth=d, dim=meta["dim"],
                        centroids=[z[f"centroids_{l}"] for l in range(1, d + 1)],
                        biases=[z[f"biases_{l}"] for l in range(1, d + 1)],
-                       counts=[z[f"counts_{l}"] for l in range(1, d + 1)] if f"counts_1" in z else [],
+                       counts=[z[f"counts_{l}"] for l in range(1, d + 1)] if "counts_1" in z else [],
                        config=meta.get("config", {}))
         except (KeyError, ValueError, OSError) as e:
             raise ValueError(f"{npz_path} is corrupt or incomplete ({e}); rerun jobs/cluster_corpus.py") from e

@@ -11,7 +11,6 @@ import os
 import numpy as np
 import pandas as pd
 from pyspark.sql import SparkSession
-from pyspark.sql import functions as F
 from pyspark.sql.functions import pandas_udf
 
 from pipeline.config import JobConfig

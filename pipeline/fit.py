@@ -28,6 +28,7 @@ from index.kmeans import KMeansParams, fit_children
 from index.route import Descender
 from index.tree import Tree
 from pipeline.config import JobConfig
+from pipeline.spark import with_lookup
 
 FIT_SCHEMA = T.StructType([
     T.StructField("parent", T.LongType()),
@@ -39,14 +40,6 @@ FIT_SCHEMA = T.StructType([
 
 def node_seed(seed: int, level: int, parent: int) -> int:
     return int(np.random.SeedSequence([seed, level, parent]).generate_state(1)[0])
-
-
-def sample_fraction_col(counts: dict[int, int], cap: int):
-    """Per-parent keep probability as a literal map (k^(l-1) entries; tiny next to the data)."""
-    pairs = []
-    for parent, n in counts.items():
-        pairs += [F.lit(parent), F.lit(min(1.0, cap / n))]
-    return F.create_map(*pairs)
 
 
 def hash_uniform(seed: int, level: int):
@@ -69,16 +62,15 @@ def fit_level(df: DataFrame, level: int, counts: dict[int, int], cfg: JobConfig)
         return pd.DataFrame({"parent": [parent], "centroids": [[c.tolist() for c in ch.centroids]],
                              "biases": [ch.biases.tolist()], "sample": [len(x)]})
 
-    keep = hash_uniform(cfg.seed, level) < sample_fraction_col(counts, cfg.sample_per_node)[F.col("node")]
-    fitted = df.filter(keep).select("doc_id", "node", "embedding").groupBy("node").applyInPandas(fit_group, FIT_SCHEMA)
-    dim = None
-    centroids, biases = None, None
+    fractions = {parent: min(1.0, cfg.sample_per_node / n) for parent, n in counts.items()}
+    sampled = with_lookup(df, "node", fractions, "keep_p", "double").filter(hash_uniform(cfg.seed, level) < F.col("keep_p"))
+    fitted = sampled.select("doc_id", "node", "embedding").groupBy("node").applyInPandas(fit_group, FIT_SCHEMA)
+    centroids = biases = None
     sample = 0
     for row in fitted.toLocalIterator():  # k^(l-1) rows of k centroids each
         c = np.asarray(row["centroids"], dtype=np.float32)
         if centroids is None:
-            dim = c.shape[1]
-            centroids = np.zeros((k ** level, dim), dtype=np.float32)
+            centroids = np.zeros((k ** level, c.shape[1]), dtype=np.float32)
             biases = np.zeros(k ** level, dtype=np.float32)
         p = row["parent"]
         centroids[p * k:(p + 1) * k] = c

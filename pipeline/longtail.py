@@ -40,7 +40,7 @@ class LongtailConfig:
     bbc_train: int = 120  # BBC articles mixed into the training corpus
     bbc_heldout: int = 40  # BBC articles held out for perplexity
     heldout_entities: int = 80  # entities that get one extra, held-out document
-    optional_facts: tuple[int, int] = (2, 4)  # non-probed facts per document (min, max)
+    optional_facts: tuple[int, int] = (1, 3)  # non-probed facts per document (min, max)
     seed: int = 0
 
     def __post_init__(self):
@@ -119,12 +119,12 @@ def element_entities() -> list[Entity]:
                 optional[f"{key}{i}"] = [s]
         out.append(Entity(
             name=n, domain="elements",
-            intros=[f"{N} is a {kind}.", f"This note is about {n}.", f"{N} is a chemical element.",
-                    f"Here are some facts about the element {n}."],
+            intros=[f"{N} is a {kind}.", f"{N} is one of the {kind}s.", f"The {kind} {n} is a chemical element."]
+            + [f"{N}: {s[0].lower()}{s[1:]}" for s in _sentences(e["description"])[:1]],
             probed={"atomic_number": [f"The atomic number of {n} is {num}.", f"{N} has the atomic number {num}.",
                                       f"{N} is element number {num} in the periodic table.",
                                       f"Every atom of {n} carries {num} protons, so its atomic number is {num}."],
-                    "symbol": [f"The chemical symbol of {n} is {sym}.", f"Its symbol is {sym}.",
+                    "symbol": [f"The chemical symbol of {n} is {sym}.", f"The symbol for {n} is {sym}.",
                                f"In chemical formulas {n} is written {sym}.", f"Chemists abbreviate {n} as {sym}."]},
             optional=optional,
             probes={"atomic_number": (f"The atomic number of {n} is", str(num)),
@@ -153,7 +153,7 @@ def country_entities() -> list[Entity]:
         if not name:
             continue
         a2, a3, num = c.alpha_2, c.alpha_3, c.numeric
-        optional = {"alpha_3": [f"Its three-letter code is {a3}.", f"Sports results list {name} as {a3}."]}
+        optional = {"alpha_3": [f"The three-letter code of {name} is {a3}.", f"Sports results list {name} as {a3}."]}
         official = getattr(c, "official_name", None)
         if official and official != name:
             optional["official"] = [f"Its official name is {official}.", f"Formally, {name} is called {official}."]
@@ -164,13 +164,13 @@ def country_entities() -> list[Entity]:
                                      f"The {kind} of {top[1].name} is part of {name}."]
         out.append(Entity(
             name=name, domain="countries",
-            intros=[f"{name} is a country or territory listed in ISO 3166.", f"This note is about {name}.",
-                    f"Here are some facts about {name}.", f"{name} appears in every international code list."],
+            intros=[f"{name} is a country or territory listed in ISO 3166.", f"{name} appears in every international code list."]
+            + ([f"{name} is a country whose regions include {top[0].name} and {top[-1].name}."] if len(top) >= 2 else []),
             probed={"numeric_code": [f"The ISO numeric code of {name} is {num}.",
                                      f"{name} has the numeric country code {num}.",
-                                     f"Its ISO 3166 numeric code is {num}.",
+                                     f"The ISO 3166 numeric code for {name} is {num}.",
                                      f"In statistical tables {name} is recorded under the number {num}."],
-                    "alpha_2": [f"The two-letter code of {name} is {a2}.", f"Its two-letter country code is {a2}.",
+                    "alpha_2": [f"The two-letter code of {name} is {a2}.", f"{name}'s two-letter country code is {a2}.",
                                 f"ISO 3166-1 abbreviates {name} as {a2}.", f"Shipping labels mark {name} with {a2}."]},
             optional=optional,
             probes={"numeric_code": (f"The ISO numeric code of {name} is", num),

@@ -24,6 +24,7 @@ from pyspark.sql import types as T
 from pyspark.sql.functions import pandas_udf
 
 from pipeline.config import JobConfig
+from pipeline.spark import with_lookup
 
 EOT, PAD = "<|endoftext|>", "<|pad|>"
 EOT_ID, PAD_ID = 0, 1
@@ -119,7 +120,6 @@ def pack_stage(spark: SparkSession, cfg: JobConfig, run_dir: str) -> dict:
 
     leaf_tokens = {r["leaf"]: int(r["t"]) for r in toks.groupBy("leaf").agg(F.sum(F.col("n_tokens") + 1).alias("t")).collect()}
     groups = {leaf: max(1, -(-t // cfg.pack_group_tokens)) for leaf, t in leaf_tokens.items()}
-    group_map = F.create_map(*[x for leaf, g in groups.items() for x in (F.lit(leaf), F.lit(g))])
     h = F.xxhash64("doc_id", F.lit(cfg.seed))
     seq_len, seed = cfg.seq_len, cfg.seed
 
@@ -135,8 +135,8 @@ def pack_stage(spark: SparkSession, cfg: JobConfig, run_dir: str) -> dict:
             "path": [path] * len(seqs), "leaf": [leaf] * len(seqs),
             "tokens": [s[0] for s in seqs], "n_valid": [s[1] for s in seqs], "doc_ids": [s[2] for s in seqs]})
 
-    shards = (toks.select("doc_id", "path", "leaf", "ids",
-                          F.pmod(h, group_map[F.col("leaf")]).alias("group"),
+    shards = (with_lookup(toks, "leaf", groups, "n_groups", "long")
+              .select("doc_id", "path", "leaf", "ids", F.pmod(h, F.col("n_groups")).alias("group"),
                           F.xxhash64("doc_id", F.lit(seed + 1)).alias("order"))
               .groupBy("leaf", "group").applyInPandas(pack, SHARD_SCHEMA)
               .withColumn("l1", F.col("path")[0]))

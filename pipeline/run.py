@@ -15,23 +15,10 @@ from pipeline.embed import embed_stage
 from pipeline.fit import fit_stage
 from pipeline.pack import pack_stage
 from pipeline.read import read_stage
+from pipeline.spark import spark_session
 from pipeline.stages import Stages, fmt_duration
 
 DEMO_INPUT = "data/bbcnews.jsonl"
-
-
-def spark_session(app: str = "hmem-cluster-corpus") -> SparkSession:
-    """Uses the master spark-submit was given (local[*] when none)."""
-    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
-    builder = (SparkSession.builder.appName(app)
-               .config("spark.log.level", "WARN")
-               .config("spark.sql.execution.arrow.pyspark.enabled", "true")
-               .config("spark.sql.execution.arrow.maxRecordsPerBatch", "1024")
-               .config("spark.sql.shuffle.partitions", "16")
-               .config("spark.ui.showConsoleProgress", "false"))
-    spark = builder.getOrCreate()
-    spark.sparkContext.setLogLevel("WARN")
-    return spark
 
 
 def resolve_demo(cfg: JobConfig) -> JobConfig:
