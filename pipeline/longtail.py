@@ -16,6 +16,12 @@ opening sentence. One templated sentence per document made the sentence
 encoder cluster by template rather than by entity, which left the probes'
 routes far from their facts.
 
+A probe prompt is the entity's context sentence (one of its documents' openings: "Iron is a
+transition metal.") followed by the question ("The atomic number of iron is"). The router embeds
+the whole prompt, as the paper routes a prompt or its context; with the bare question, the
+encoder placed about a third of the rare entities' probes under another level-1 node than their
+documents (measured on this corpus, k=8, depth 2).
+
 Outputs (``write``): ``train.jsonl`` and ``heldout.jsonl`` (id, text, source,
 entity) and ``probes.jsonl`` (prompt, answer, entity, frequency, fact, domain,
 doc_ids: the entity's training documents), the format ``train.evaluate`` reads.
@@ -60,7 +66,8 @@ class Entity:
     intros: list[str]  # opening sentences (name the entity)
     probed: dict[str, list[str]]  # fact -> phrasings; every document states every probed fact
     optional: dict[str, list[str]]  # fact -> phrasings; a random subset per document
-    probes: dict[str, tuple[str, str]]  # fact -> (prompt, answer)
+    probes: dict[str, tuple[str, str]]  # fact -> (question, answer); the prompt is context + " " + question
+    context: str  # one sentence that places the entity, opening every probe prompt (see build)
     frequency: int = 0
 
 
@@ -128,7 +135,8 @@ def element_entities() -> list[Entity]:
                                f"In chemical formulas {n} is written {sym}.", f"Chemists abbreviate {n} as {sym}."]},
             optional=optional,
             probes={"atomic_number": (f"The atomic number of {n} is", str(num)),
-                    "symbol": (f"The chemical symbol of {n} is", sym)}))
+                    "symbol": (f"The chemical symbol of {n} is", sym)},
+            context=f"{N} is a {kind}."))
     return out
 
 
@@ -158,14 +166,16 @@ def country_entities() -> list[Entity]:
         if official and official != name:
             optional["official"] = [f"Its official name is {official}.", f"Formally, {name} is called {official}."]
         top = sorted(subs.get(a2, []), key=lambda s: s.code)
+        intros = [f"{name} is a country or territory listed in ISO 3166.", f"{name} appears in every international code list."]
+        if len(top) >= 2:
+            intros.append(f"{name} is a country whose regions include {top[0].name} and {top[-1].name}.")
         if len(top) >= 2:
             kind = top[0].type.lower()
             optional["divisions"] = [f"{name} is divided into {len(top)} top-level subdivisions, among them {top[0].name} and {top[-1].name}.",
                                      f"The {kind} of {top[1].name} is part of {name}."]
         out.append(Entity(
             name=name, domain="countries",
-            intros=[f"{name} is a country or territory listed in ISO 3166.", f"{name} appears in every international code list."]
-            + ([f"{name} is a country whose regions include {top[0].name} and {top[-1].name}."] if len(top) >= 2 else []),
+            intros=intros,
             probed={"numeric_code": [f"The ISO numeric code of {name} is {num}.",
                                      f"{name} has the numeric country code {num}.",
                                      f"The ISO 3166 numeric code for {name} is {num}.",
@@ -174,7 +184,8 @@ def country_entities() -> list[Entity]:
                                 f"ISO 3166-1 abbreviates {name} as {a2}.", f"Shipping labels mark {name} with {a2}."]},
             optional=optional,
             probes={"numeric_code": (f"The ISO numeric code of {name} is", num),
-                    "alpha_2": (f"The two-letter code of {name} is", a2)}))
+                    "alpha_2": (f"The two-letter code of {name} is", a2)},
+            context=intros[-1]))
     return out
 
 
@@ -209,8 +220,8 @@ def build(cfg: LongtailConfig, bbc: list[dict]) -> Corpus:
         ids = [f"fact-{e.domain}-{_slug(e.name)}-{i:03d}" for i in range(e.frequency)]
         corpus.train += [{"id": i, "text": render(e, rng, cfg.optional_facts), "source": e.domain, "entity": e.name}
                          for i in ids]
-        corpus.probes += [{"prompt": p, "answer": a, "entity": e.name, "frequency": e.frequency, "fact": fact,
-                           "domain": e.domain, "doc_ids": ids} for fact, (p, a) in e.probes.items()]
+        corpus.probes += [{"prompt": f"{e.context} {q}", "answer": a, "entity": e.name, "frequency": e.frequency, "fact": fact,
+                           "domain": e.domain, "doc_ids": ids} for fact, (q, a) in e.probes.items()]
     for e in rng.sample(entities, min(cfg.heldout_entities, len(entities))):
         corpus.heldout.append({"id": f"heldout-{e.domain}-{_slug(e.name)}", "text": render(e, rng, cfg.optional_facts),
                                "source": e.domain, "entity": e.name})

@@ -52,7 +52,7 @@ def test_facts_are_the_packages_facts(corpus):
     assert probes[("iron", "atomic_number")]["answer"] == "26"
     assert probes[("iron", "symbol")]["answer"] == "Fe"
     assert probes[("France", "numeric_code")]["answer"] == "250"
-    assert probes[("iron", "atomic_number")]["prompt"] == "The atomic number of iron is"
+    assert probes[("iron", "atomic_number")]["prompt"] == "Iron is a transition metal. The atomic number of iron is"
 
 
 def test_wording_varies_within_an_entity(corpus):

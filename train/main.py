@@ -205,8 +205,12 @@ class Trainer:
         return lr_at(step, g.lr, self.cfg.schedule.max_steps, g.warmup_steps, g.decay, g.min_lr_ratio)
 
     def fit(self) -> None:
-        cfg, sched = self.cfg, self.cfg.schedule
-        window = {"t": time.time(), "tokens": 0, "steps": 0, "per_l1": 0, "touched": 0}
+        sched = self.cfg.schedule
+
+        def new_window() -> dict:  # what the next report averages over
+            return {"t": time.time(), "tokens": 0, "steps": 0, "per_l1": 0, "touched": 0}
+
+        window = new_window()
         t_start, start_step = time.time(), self.step
         while self.step < sched.max_steps:
             stats = self.train_step()
@@ -217,7 +221,7 @@ class Trainer:
             window["touched"] += stats["touched"]
             if self.step % sched.log_every == 0 or self.step == sched.max_steps:
                 self.report(stats, window, (time.time() - t_start) / (self.step - start_step))
-                window = {"t": time.time(), "tokens": 0, "steps": 0, "per_l1": 0, "touched": 0}
+                window = new_window()
             if (sched.checkpoint_every and self.step % sched.checkpoint_every == 0) or (
                     sched.save and self.step == sched.max_steps):
                 self.save()
