@@ -10,7 +10,7 @@ export TORCH_EXTENSIONS_DIR := $(abspath .cache/torch_extensions)
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test bench clean
+.PHONY: install demo longtail test test-quick lint bench bench-scale gpu-smoke clean
 
 install: $(STAMP)
 
@@ -21,14 +21,43 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q "torch==2.13.0" -e ".[test]"
 	touch $(STAMP)
 
+QUERY ?= Downing Street has confirmed British troops are on standby to help evacuate UK citizens from Ivory Coast.
+
 demo: install
-	$(BIN)/spark-submit --master "local[*]" jobs/cluster_corpus.py --output runs/demo
+	$(BIN)/spark-submit --master "local[*]" --driver-memory 4g jobs/cluster_corpus.py --config configs/job/demo.yaml
 	$(BIN)/python jobs/build_index.py --run runs/demo
 	$(BIN)/deepspeed --num_gpus 2 train/main.py --data runs/demo --out runs/demo/model
-	$(BIN)/python -m index.query --run runs/demo --model runs/demo/model/export "The Prime Minister announced a new budget for schools."
+	# the demo trains on all of BBC: this perplexity is on training documents, not held out
+	$(BIN)/python -m train.evaluate --model runs/demo/model/export --run runs/demo --heldout data/bbcnews.jsonl \
+		--max-docs 64 --out runs/demo/model/eval.json
+	$(BIN)/python -m index.query --run runs/demo --model runs/demo/model/export "$(QUERY)"
 
-test: install
+longtail: install  # the long-tail knowledge benchmark (issue 6): corpus, job, 3 models, table + plot
+	$(BIN)/python bench/longtail.py --out runs/longtail
+
+test: install lint
 	$(BIN)/python -m pytest -q
+
+test-quick: install  # unit tests only: no Spark job, no DeepSpeed launch
+	$(BIN)/python -m pytest -q -m "not slow"
+
+lint: install
+	$(BIN)/ruff check --select F,E9 pipeline index train jobs bench tests
+
+# Headline figures (each script's last line). Heavy: run on a quiet machine, not in CI.
+bench: install
+	$(BIN)/python bench/cluster_quality.py --run runs/demo
+	$(BIN)/python bench/embed_throughput.py
+	$(BIN)/python bench/router_throughput.py
+	$(BIN)/python bench/query_latency.py --run runs/demo
+	$(BIN)/python bench/model_throughput.py
+	$(BIN)/python bench/train_throughput.py
+
+bench-scale: install  # k=16, p=4 tree fit on 250k and 1M generated embeddings (tens of minutes on 2 cores)
+	$(BIN)/python bench/cluster_scale.py
+
+gpu-smoke: install
+	bash bench/gpu_smoke.sh
 
 clean:
 	rm -rf runs .pytest_cache

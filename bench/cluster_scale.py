@@ -65,7 +65,8 @@ def one(n: int, k: int, depth: int, out: str) -> dict:
     from pipeline.fit import fit_stage
     from pipeline.spark import spark_session
     from pipeline.stages import Stages
-    spark = spark_session("bench-scale")
+    # local mode runs the executors inside the driver JVM: give it the heap a cluster's executors would have
+    spark = spark_session("bench-scale", **{"spark.driver.memory": "8g"})
     cfg = JobConfig(k=k, depth=depth, output=out, seed=0)
     t0 = time.time()
     generate(spark, n, 384, out, seed=0, parts=16)
@@ -102,7 +103,8 @@ def main():
                                 "--out", d], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
             line = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
             if p.returncode or not line:
-                sys.exit(f"N={n} failed:\n{p.stdout[-3000:]}")
+                errors = [ln for ln in p.stdout.splitlines() if "Error" in ln or "Exception" in ln][:10]
+                sys.exit(f"N={n} failed:\n" + "\n".join(errors) + "\n" + p.stdout[-2000:])
             r = json.loads(line[0][7:])
             results.append(r)
             print(json.dumps(r), flush=True)

@@ -156,7 +156,7 @@ def markdown(r: dict) -> str:
     cols = sorted({k for v in r["perplexity"].values() for k in v}, key=lambda k: (k != "all", k))
     lines += ["| model: memory | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for name, row in r["perplexity"].items():
-        lines.append(f"| {name} | " + " | ".join(f"{row[c]:.2f}" for c in cols) + " |")
+        lines.append(f"| {name} | " + " | ".join("-" if row.get(c) is None else f"{row[c]:.2f}" for c in cols) + " |")
     lines += ["", "Training: " + "; ".join(f"{m} final loss {v['final_loss']:.3f}, {v['tokens_per_s']:.0f} tokens/s"
                                            for m, v in r["train"].items())]
     lines.append("Stage seconds: " + json.dumps(r["timings"]))

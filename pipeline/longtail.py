@@ -79,10 +79,6 @@ class Corpus:
     entities: list[Entity] = field(default_factory=list)
 
 
-def _cap(s: str) -> str:
-    return s[:1].upper() + s[1:]
-
-
 _SERIES = {"Nonmetals": "nonmetal", "Noble gases": "noble gas", "Alkali metals": "alkali metal",
            "Alkaline earth metals": "alkaline earth metal", "Metalloids": "metalloid", "Halogens": "halogen",
            "Poor metals": "post-transition metal", "Transition metals": "transition metal",

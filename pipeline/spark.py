@@ -8,10 +8,13 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 
-def spark_session(app: str = "hmem-cluster-corpus") -> SparkSession:
-    """Uses the master spark-submit was given (local[*] when none)."""
+def spark_session(app: str = "hmem-cluster-corpus", **conf: str) -> SparkSession:
+    """Uses the master spark-submit was given (local[*] when none); ``conf`` adds Spark settings."""
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
-    spark = (SparkSession.builder.appName(app)
+    builder = SparkSession.builder.appName(app)
+    for key, value in conf.items():
+        builder = builder.config(key, value)
+    spark = (builder
              .config("spark.log.level", "WARN")
              .config("spark.sql.execution.arrow.pyspark.enabled", "true")
              .config("spark.sql.execution.arrow.maxRecordsPerBatch", "1024")

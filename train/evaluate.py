@@ -200,12 +200,12 @@ class Evaluator:
             new = [[] for _ in seqs]
             memory = self._memory(None if ids is None else ids[s:s + len(seqs)])
             for step in range(max(max_new[s:s + len(seqs)])):
-                width = max(len(q) for q in seqs)
-                x = torch.full((len(seqs), width), self.pad, dtype=torch.long)
-                for i, q in enumerate(seqs):
-                    x[i, :len(q)] = torch.tensor(q)
+                views = [q[-self.anchor.cfg.max_seq_len:] for q in seqs]  # a long prompt keeps its end
+                x = torch.full((len(views), max(len(v) for v in views)), self.pad, dtype=torch.long)
+                for i, v in enumerate(views):
+                    x[i, :len(v)] = torch.tensor(v)
                 logits = self.anchor(x, memory)  # causal: right padding does not change earlier positions
-                nxt = logits[torch.arange(len(seqs)), torch.tensor([len(q) - 1 for q in seqs])].argmax(-1)
+                nxt = logits[torch.arange(len(views)), torch.tensor([len(v) - 1 for v in views])].argmax(-1)
                 for i, t in enumerate(nxt.tolist()):
                     if step < max_new[s + i] and (not new[i] or new[i][-1] != self.eot):
                         new[i].append(t)
@@ -240,7 +240,7 @@ class Evaluator:
         routes = self.router.route_texts(prompts)
         leaves = self.router.leaves(routes)
         entity_docs = self.entity_documents(probes)
-        paths_of = self.doc_paths({d for ds_ in entity_docs.values() for d in ds_})
+        paths_of = self.doc_paths({d for docs in entity_docs.values() for d in docs})
         oracle, agreement, blocked = routes.copy(), np.zeros(len(probes)), []
         for i, p in enumerate(probes):
             doc_paths = [paths_of[d] for d in entity_docs[p.entity] if d in paths_of]
@@ -326,6 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--heldout", help="JSONL of held-out documents (text, optional source)")
     ap.add_argument("--probes", help="JSONL of probes (prompt, answer, entity, frequency[, doc_ids])")
     ap.add_argument("--out", help="write the results JSON here (default: print it)")
+    ap.add_argument("--max-docs", type=int, default=0, help="only the first N held-out documents (0: all)")
     ap.add_argument("--batch-size", type=int, default=16)
     args = ap.parse_args(argv)
     from index.router import Router
@@ -335,18 +336,25 @@ def main(argv: list[str] | None = None) -> int:
         ev = Evaluator(args.model, router, args.batch_size)
         result = {"model": model_summary(ev), "settings": ev.settings}
         if args.heldout:
-            result["perplexity"] = ev.perplexity(read_jsonl(args.heldout, ("text",)))
+            docs = read_jsonl(args.heldout, ("text",))
+            result["perplexity"] = ev.perplexity(docs[:args.max_docs or None])
         if args.probes:
             result["probes"] = ev.probe(read_probes(args.probes))
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     text = json.dumps(result, indent=1)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text)
-    else:
+    if not args.out:
         print(text)
+        return 0
+    with open(args.out, "w") as f:
+        f.write(text)
+    line = [f"wrote {args.out}"]
+    if "perplexity" in result:
+        line.append("held-out perplexity " + ", ".join(f"{k} {v['all']:.2f}" for k, v in result["perplexity"].items()))
+    if "probes" in result:
+        line.append("probe accuracy " + ", ".join(f"{k} {v:.1%}" for k, v in result["probes"]["accuracy"].items()))
+    print("; ".join(line))
     return 0
 
 
