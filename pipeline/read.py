@@ -2,6 +2,8 @@
 
 Counts in equal counts out: every input row ends up in ``documents/`` or in
 ``quarantine/`` (columns source, row, doc_id, reason, preview), never dropped.
+Reasons: invalid_json, invalid_utf8, missing_text, empty_text, too_large,
+missing_id, duplicate_id (the later (source, row) occurrence of an id).
 
 Row numbers are computed without a shuffle or a pass through Python: Spark's
 ``_metadata`` gives each row its file and split, ``monotonically_increasing_id``
@@ -18,7 +20,6 @@ from pyspark.sql import functions as F
 
 from pipeline.config import JobConfig
 
-REASONS = ("invalid_json", "invalid_utf8", "missing_text", "empty_text", "too_large", "missing_id", "duplicate_id")
 TEXT_EXT = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".ndjson")
 PARQUET_EXT = (".parquet",)
 
