@@ -16,13 +16,18 @@ def bbc_records():
         yield {"id": f"bbc-{LABELS[label]}-{seen[label]:04d}", "text": text, "label": LABELS[label]}
 
 
+def write_jsonl(path: str, rows) -> None:
+    """Write ``rows`` (dicts) as JSONL, atomically: a killed run never leaves half a file."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
 def write_bbc(path: str) -> str:
     """Write the BBC corpus to ``path`` unless it is already there; returns the path."""
     if not os.path.exists(path):
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        tmp = path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            for r in bbc_records():
-                f.write(json.dumps(r, ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
+        write_jsonl(path, bbc_records())
     return path

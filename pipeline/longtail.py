@@ -35,6 +35,8 @@ import random
 import re
 from dataclasses import asdict, dataclass, field
 
+from pipeline.demo_data import write_jsonl
+
 DOMAINS = ("elements", "countries")
 
 
@@ -165,7 +167,6 @@ def country_entities() -> list[Entity]:
         intros = [f"{name} is a country or territory listed in ISO 3166.", f"{name} appears in every international code list."]
         if len(top) >= 2:
             intros.append(f"{name} is a country whose regions include {top[0].name} and {top[-1].name}.")
-        if len(top) >= 2:
             kind = top[0].type.lower()
             optional["divisions"] = [f"{name} is divided into {len(top)} top-level subdivisions, among them {top[0].name} and {top[-1].name}.",
                                      f"The {kind} of {top[1].name} is part of {name}."]
@@ -230,19 +231,11 @@ def build(cfg: LongtailConfig, bbc: list[dict]) -> Corpus:
     return corpus
 
 
-def _write_jsonl(path: str, rows: list[dict]) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
-
-
 def write(corpus: Corpus, cfg: LongtailConfig, out_dir: str) -> dict:
     """Write train.jsonl, heldout.jsonl, probes.jsonl and summary.json into ``out_dir``; returns the summary."""
     os.makedirs(out_dir, exist_ok=True)
     for name in ("train", "heldout", "probes"):
-        _write_jsonl(os.path.join(out_dir, f"{name}.jsonl"), getattr(corpus, name))
+        write_jsonl(os.path.join(out_dir, f"{name}.jsonl"), getattr(corpus, name))
     freqs = sorted((e.frequency for e in corpus.entities), reverse=True)
     summary = {"config": asdict(cfg), "entities": len(corpus.entities), "probes": len(corpus.probes),
                "train_documents": len(corpus.train), "heldout_documents": len(corpus.heldout),
