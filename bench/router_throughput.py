@@ -1,4 +1,4 @@
-"""Router throughput, one core: greedy descent (index/route.py) vs brute-force nearest leaf.
+"""Router throughput, one core: greedy descent (index/route.py + _descend.c) vs brute-force nearest leaf.
 
     python bench/router_throughput.py [--k 16] [--depth 4] [--n 1048576]
 
@@ -20,7 +20,7 @@ import time
 import faiss
 import numpy as np
 
-from index.route import Descender
+from index.route import Descender, kernel_isa
 from index.tree import Tree
 
 
@@ -56,7 +56,8 @@ def main() -> None:
     flat.add(tree.centroids[-1])
     nb = min(args.n, 16384)  # the baseline is ~k^(p-1)/p times slower: a slice is enough
     brute = per_s(lambda: flat.search(x[:nb], 1), nb)
-    print(f"k={args.k} depth={args.depth} n={args.n} dim={args.dim} threads=1 (process CPU time)")
+    print(f"k={args.k} depth={args.depth} n={args.n} dim={args.dim} threads=1 (process CPU time), "
+          f"kernel {kernel_isa()}")
     print(f"brute_force_nearest_leaf_per_s {brute:.0f}  ({args.k**args.depth} leaf centroids, FAISS IndexFlatIP)")
     print(f"speedup_over_brute_force {descent / brute:.1f}")
     print(f"embeddings_per_s_per_core {descent:.0f}")

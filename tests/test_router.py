@@ -18,7 +18,7 @@ from index.route import Descender, route
 from index.router import Router, TreeVersionError, build_document_index
 from index.tree import Tree, local_index, path_block_ids
 
-DEMO_RUN = "/work/main/runs/demo"
+DEMO_RUN = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "runs", "demo")
 
 
 def bbc_texts(n: int) -> list[str]:
@@ -166,27 +166,39 @@ def test_streamed_build_equals_one_batch(run_dir, tmp_path, monkeypatch):
                 == [[(nb.doc_id, nb.score) for nb in row] for row in b.neighbours(q, 3, within)])
 
 
-def test_depth_first_route_equals_level_by_level():
-    rng = np.random.default_rng(1)
-    k, depth, dim = 4, 3, 16
+@pytest.mark.parametrize("k,depth,dim", [(4, 3, 16), (20, 2, 24), (16, 4, 40)])
+def test_descent_kernel(k, depth, dim):
+    """index/_descend.c: the rule, level-by-level == all at once, and the same bits in any batch."""
+    rng = np.random.default_rng(k * depth)
     tree = Tree(k=k, depth=depth, dim=dim,
                 centroids=[rng.standard_normal((k**l, dim)).astype(np.float32) for l in range(1, depth + 1)],
                 biases=[rng.random(k**l).astype(np.float32) for l in range(1, depth + 1)])
-    x = rng.standard_normal((500, dim)).astype(np.float32)
+    x = rng.standard_normal((3000, dim)).astype(np.float32)
     d = Descender(tree)
+    paths = d.route(x)
+    assert paths.shape == (len(x), depth) and paths.min() >= 0 and paths.max() < k  # padding lanes never win
     local = np.zeros(len(x), dtype=np.int64)
     cols = []
     for level in range(1, depth + 1):
         cols.append(d.step(x, local, level))
         local = local * k + cols[-1]
-    assert np.array_equal(d.route(x), np.stack(cols, axis=1))
-    assert np.array_equal(d.route(x, levels=2), np.stack(cols[:2], axis=1))
-    # and the rule itself: argmin of squared distance + bias among the parent's children
+    assert np.array_equal(paths, np.stack(cols, axis=1))
+    assert np.array_equal(d.route(x, levels=depth - 1), paths[:, :depth - 1])
+    # a point's path does not depend on the batch around it: shuffled, sliced, alone
+    perm = rng.permutation(len(x))
+    assert np.array_equal(d.route(x[perm]), paths[perm])
+    assert np.array_equal(d.route(x[777:1234]), paths[777:1234])
+    assert all(np.array_equal(d.route(x[i:i + 1])[0], paths[i]) for i in range(0, len(x), 97))
+    # the rule itself: argmin of squared distance + bias among the parent's children
     for level in range(1, depth + 1):
-        parent = local_index(d.route(x), k, level - 1) if level > 1 else np.zeros(len(x), dtype=np.int64)
-        c = tree.centroids[level - 1].reshape(-1, k, dim)[parent]
+        parent = local_index(paths, k, level - 1) if level > 1 else np.zeros(len(x), dtype=np.int64)
+        c = tree.centroids[level - 1].reshape(-1, k, dim)[parent].astype(np.float64)
         cost = ((x[:, None, :] - c) ** 2).sum(-1) + tree.biases[level - 1].reshape(-1, k)[parent]
-        assert (cost.argmin(1) == d.route(x)[:, level - 1]).mean() > 0.99  # float rounding aside
+        assert (cost.argmin(1) == paths[:, level - 1]).mean() > 0.999  # float32 rounding aside
+    with pytest.raises(ValueError, match="node indices"):
+        d.step(x[:2], np.array([0, k ** (depth - 1)]), depth)
+    with pytest.raises(ValueError, match="expects"):
+        d.route(x[:, :-1])
 
 
 def test_tree_version_check(run_dir):
