@@ -7,7 +7,7 @@ python -m train.evaluate for each. Then OUT/results.md + OUT/results.json (accur
 bucket and model / memory setting, routing agreement, perplexity fetched / generic / none and the
 per-level ablation, mean over seeds) and OUT/longtail.png.
 
-    python bench/longtail.py [--out runs/longtail] [--seeds 0] [--epochs 16] [--cores 2]
+    python bench/longtail.py [--out runs/longtail] [--seeds 0] [--epochs 1] [--cores 2]
 
 A stage whose output exists is skipped, so an interrupted run resumes (delete a model's
 directory to retrain it). The last line printed is the headline: the rarest bucket's accuracy.
@@ -77,8 +77,12 @@ def run_seed(out: str, seed: int, epochs: float, cores: int) -> dict:
         manifest = json.load(f)
     batch = 16  # every configs/longtail/*.yaml trains on batches of 16 sequences: equal tokens per step
     steps = math.ceil(epochs * manifest["sequences"] / batch)
+    with open(os.path.join(data, "summary.json")) as f:
+        corpus = json.load(f)
     results = {"seed": seed, "steps": steps, "tokens": steps * batch * manifest["seq_len"],
-               "corpus_tokens": manifest["tokens"], "sequences": manifest["sequences"], "timings": timings, "train": {}}
+               "corpus_tokens": manifest["tokens"], "sequences": manifest["sequences"],
+               "fact_passes": corpus["config"]["fact_passes"], "bbc_train": corpus["config"]["bbc_train"],
+               "timings": timings, "train": {}}
     for m in MODELS:
         mdir = os.path.join(d, "models", m)
         step(f"train {m}", [sys.executable, "train/main.py", "--config", f"{CONFIGS}/{m}.yaml", "--data", run,
@@ -126,6 +130,7 @@ def aggregate(per_seed: list[dict]) -> dict:
     models = {m: per_seed[0][m]["model"] for m in MODELS}
     train = {m: {k: mean(s["train"][m][k] for s in per_seed) for k in ("final_loss", "tokens_per_s")} for m in MODELS}
     return {"seeds": [s["seed"] for s in per_seed], "steps": per_seed[0]["steps"], "tokens": per_seed[0]["tokens"],
+            "fact_passes": per_seed[0]["fact_passes"], "bbc_train": per_seed[0]["bbc_train"],
             "corpus_tokens": mean(s["corpus_tokens"] for s in per_seed), "buckets": buckets, "accuracy": table,
             "perplexity": ppl, "models": models, "train": train,
             "blocked_bank_share": mean(s["memory"]["probes"]["blocked_bank_share"] for s in per_seed),
@@ -140,11 +145,13 @@ def markdown(r: dict) -> str:
     b = r["buckets"]
     head = [f"f {x['frequency_range'][0]}-{x['frequency_range'][1]} ({x['entities']} ent., {x['probes']} pr.)" for x in b]
     lines = [f"Long-tail benchmark: seeds {r['seeds']}, {r['steps']} steps = {r['tokens']:,} training tokens per model "
-             f"({r['tokens'] / r['corpus_tokens']:.1f} epochs of {r['corpus_tokens']:.0f} tokens).", "",
+             f"({r['tokens'] / r['corpus_tokens']:.1f} epochs of {r['corpus_tokens']:.0f} tokens: {r['bbc_train']} BBC "
+             f"articles once, the facts part {r['fact_passes']}x).", "",
              "Models: " + "; ".join(f"{m} {v['anchor_params'] / 1e6:.2f}M" + (
                  f" + {v['fetched_params'] / 1e6:.3f}M fetched of a {v['bank_params'] / 1e6:.2f}M bank" if "bank_params" in v else "")
                  for m, v in r["models"].items()), "",
-             "Exact-match accuracy (%) per entity-frequency bucket (rarest first):", "",
+             f"Exact-match accuracy (%) per entity-frequency bucket (rarest first; f = distinct documents about "
+             f"the entity, each read {r['fact_passes']}x):", "",
              "| model / memory | " + " | ".join(head) + " | all |", "|---" * (len(head) + 2) + "|"]
     for label, row in r["accuracy"].items():
         lines.append(f"| {label} | " + " | ".join(pct(x) for x in row["buckets"]) + f" | {pct(row['all'])} |")
@@ -196,7 +203,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="runs/longtail")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
-    ap.add_argument("--epochs", type=float, default=16.0, help="passes over the run's sequences (equal for all models)")
+    ap.add_argument("--epochs", type=float, default=1.0,
+                    help="passes over the run's sequences (equal for all models); the corpus already repeats the "
+                         "facts (configs/longtail/corpus.yaml fact_passes)")
     ap.add_argument("--cores", type=int, default=2)
     args = ap.parse_args(argv)
     out = os.path.abspath(args.out)

@@ -83,24 +83,47 @@ __attribute__((target("avx2,fma"))) static void dots_avx2(const float *const *ro
 }
 #endif
 
-static dots_fn pick_dots(void) {
+/* the instruction sets this CPU can run, best first */
+static const struct {
+    const char *name;
+    dots_fn fn;
+} ISAS[] = {
+#if defined(__x86_64__) && defined(__GNUC__)
+    {"avx512f", dots_avx512},
+    {"avx2+fma", dots_avx2},
+#endif
+    {"scalar", dots_scalar},
+};
+#define N_ISAS ((int)(sizeof(ISAS) / sizeof(ISAS[0])))
+
+static int supported(int i) {
 #if defined(__x86_64__) && defined(__GNUC__)
     __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx512f")) return dots_avx512;
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return dots_avx2;
+    if (ISAS[i].fn == dots_avx512) return __builtin_cpu_supports("avx512f");
+    if (ISAS[i].fn == dots_avx2) return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
 #endif
-    return dots_scalar;
+    return ISAS[i].fn == dots_scalar;
 }
 
-/* the instruction set in use, for benchmarks' headers */
-const char *hm_isa(void) {
-    dots_fn f = pick_dots();
-#if defined(__x86_64__) && defined(__GNUC__)
-    if (f == dots_avx512) return "avx512f";
-    if (f == dots_avx2) return "avx2+fma";
-#endif
-    (void)f;
-    return "scalar fmaf";
+static int chosen = -1; /* index into ISAS; -1: the best supported one */
+
+static int pick(void) {
+    if (chosen < 0)
+        for (chosen = 0; !supported(chosen); chosen++) {}
+    return chosen;
+}
+
+/* the instruction set in use */
+const char *hm_isa(void) { return ISAS[pick()].name; }
+
+/* use `name` from now on (tests run every path this CPU supports); 0, or -1 when unknown or unsupported */
+int hm_set_isa(const char *name) {
+    for (int i = 0; i < N_ISAS; i++)
+        if (!strcmp(ISAS[i].name, name) && supported(i)) {
+            chosen = i;
+            return 0;
+        }
+    return -1;
 }
 
 /* best child (first maximum, as numpy.argmax) of each of the m rows ids[] under one node */
@@ -153,7 +176,7 @@ int hm_descend(const float *x, int64_t n, int64_t dim, int64_t k, int64_t kp, in
         free(order); free(start); free(sub); free(child);
         return -1;
     }
-    const dots_fn dots = pick_dots();
+    const dots_fn dots = ISAS[pick()].fn;
     int64_t parents = 1;
     for (int64_t l = 0; l < first; l++) parents *= k;
     for (int64_t l = first; l < last; l += 2, parents *= k * k) {

@@ -36,14 +36,21 @@ def _load_kernel() -> ctypes.CDLL:
     lib.hm_descend.restype = ctypes.c_int
     lib.hm_descend.argtypes = [ctypes.c_void_p] + [ctypes.c_int64] * 6 + [ctypes.c_void_p] * 4
     lib.hm_isa.restype = ctypes.c_char_p
+    lib.hm_set_isa.argtypes = [ctypes.c_char_p]
     return lib
 
 
 _KERNEL = _load_kernel()
 
 
-def kernel_isa() -> str:
-    """The instruction set the kernel dispatched to on this CPU (results are the same on all)."""
+ISAS = ("avx512f", "avx2+fma", "scalar")
+
+
+def kernel_isa(use: str | None = None) -> str:
+    """The instruction set the kernel runs (the best this CPU has; results are the same bits on all).
+    ``use`` switches to another of ``ISAS`` for this process (tests compare them); ValueError if unsupported."""
+    if use is not None and _KERNEL.hm_set_isa(use.encode()):
+        raise ValueError(f"kernel instruction set {use!r} is unknown or not supported by this CPU; one of {ISAS}")
     return _KERNEL.hm_isa().decode()
 
 

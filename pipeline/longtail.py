@@ -16,6 +16,16 @@ opening sentence. One templated sentence per document made the sentence
 encoder cluster by template rather than by entity, which left the probes'
 routes far from their facts.
 
+Upsampling (``fact_passes``): a tiny model needs to read a rare fact about 16
+times to learn it, but repeating the whole corpus 16 times also repeats the news
+16 times, and every model, the memory most of all (a leaf block sees a dozen
+articles), then learns the news articles by heart and held-out perplexity
+measures that. So, as pretraining mixes upweight reference text, the facts part
+is written ``fact_passes`` times (identical copies, ids ``...-rNN``) and the
+news is not: ``bbc_train`` distinct articles, each read once in one epoch. An
+entity's ``frequency`` stays its number of distinct documents; ``exposures``
+(= frequency x fact_passes) is how often training reads its facts.
+
 A probe prompt is the entity's context sentence (one of its documents' openings: "Iron is a
 transition metal.") followed by the question ("The atomic number of iron is"). The router embeds
 the whole prompt, as the paper routes a prompt or its context; with the bare question, the
@@ -23,8 +33,9 @@ encoder placed about a third of the rare entities' probes under another level-1 
 documents (measured on this corpus, k=8, depth 2).
 
 Outputs (``write``): ``train.jsonl`` and ``heldout.jsonl`` (id, text, source,
-entity) and ``probes.jsonl`` (prompt, answer, entity, frequency, fact, domain,
-doc_ids: the entity's training documents), the format ``train.evaluate`` reads.
+entity) and ``probes.jsonl`` (prompt, answer, entity, frequency, exposures, fact,
+domain, doc_ids: the entity's training documents, copies included), the format
+``train.evaluate`` reads.
 """
 from __future__ import annotations
 
@@ -45,10 +56,11 @@ class LongtailConfig:
     domains: tuple[str, ...] = DOMAINS
     max_frequency: int = 48  # documents about the most frequent entity
     zipf_exponent: float = 0.7  # 0.7: about 2/3 of the entities appear once or twice
-    bbc_train: int = 120  # BBC articles mixed into the training corpus
+    bbc_train: int = 120  # BBC articles mixed into the training corpus (each once)
     bbc_heldout: int = 40  # BBC articles held out for perplexity
     heldout_entities: int = 80  # entities that get one extra, held-out document
     optional_facts: tuple[int, int] = (1, 3)  # non-probed facts per document (min, max)
+    fact_passes: int = 1  # identical copies of the facts part in train.jsonl (see the module doc)
     seed: int = 0
 
     def __post_init__(self):
@@ -57,6 +69,8 @@ class LongtailConfig:
             raise ValueError(f"domains {list(self.domains)}: choose from {DOMAINS}")
         if self.max_frequency < 1 or self.zipf_exponent <= 0:
             raise ValueError("max_frequency must be >= 1 and zipf_exponent > 0")
+        if self.fact_passes < 1:
+            raise ValueError(f"fact_passes {self.fact_passes}: must be >= 1")
 
 
 @dataclass
@@ -214,11 +228,13 @@ def build(cfg: LongtailConfig, bbc: list[dict]) -> Corpus:
         e.frequency = f
     corpus = Corpus(entities=entities)
     for e in entities:
-        ids = [f"fact-{e.domain}-{_slug(e.name)}-{i:03d}" for i in range(e.frequency)]
-        corpus.train += [{"id": i, "text": render(e, rng, cfg.optional_facts), "source": e.domain, "entity": e.name}
-                         for i in ids]
-        corpus.probes += [{"prompt": f"{e.context} {q}", "answer": a, "entity": e.name, "frequency": e.frequency, "fact": fact,
-                           "domain": e.domain, "doc_ids": ids} for fact, (q, a) in e.probes.items()]
+        docs = [{"id": f"fact-{e.domain}-{_slug(e.name)}-{i:03d}", "text": render(e, rng, cfg.optional_facts),
+                 "source": e.domain, "entity": e.name} for i in range(e.frequency)]
+        docs += [dict(d, id=f"{d['id']}-r{r:02d}") for r in range(1, cfg.fact_passes) for d in docs[:e.frequency]]
+        corpus.train += docs
+        corpus.probes += [{"prompt": f"{e.context} {q}", "answer": a, "entity": e.name, "frequency": e.frequency,
+                           "exposures": len(docs), "fact": fact, "domain": e.domain, "doc_ids": [d["id"] for d in docs]}
+                          for fact, (q, a) in e.probes.items()]
     for e in rng.sample(entities, min(cfg.heldout_entities, len(entities))):
         corpus.heldout.append({"id": f"heldout-{e.domain}-{_slug(e.name)}", "text": render(e, rng, cfg.optional_facts),
                                "source": e.domain, "entity": e.name})
@@ -239,7 +255,7 @@ def write(corpus: Corpus, cfg: LongtailConfig, out_dir: str) -> dict:
     freqs = sorted((e.frequency for e in corpus.entities), reverse=True)
     summary = {"config": asdict(cfg), "entities": len(corpus.entities), "probes": len(corpus.probes),
                "train_documents": len(corpus.train), "heldout_documents": len(corpus.heldout),
-               "fact_documents": sum(freqs), "entities_seen_once_or_twice": sum(f <= 2 for f in freqs),
+               "fact_documents": sum(freqs), "fact_documents_with_copies": sum(freqs) * cfg.fact_passes, "entities_seen_once_or_twice": sum(f <= 2 for f in freqs),
                "top_frequencies": freqs[:10]}
     with open(os.path.join(out_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)

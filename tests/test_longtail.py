@@ -96,6 +96,21 @@ def test_write_reads_back_as_probes(tmp_path, corpus):
     assert json.loads((tmp_path / "summary.json").read_text())["entities"] == len(corpus.entities)
 
 
+def test_fact_passes_upsample_the_facts_not_the_news(bbc, corpus):
+    up = build(LongtailConfig(**SMALL, fact_passes=3), bbc)
+    facts = [d for d in corpus.train if d["source"] != "bbc"]
+    up_facts = [d for d in up.train if d["source"] != "bbc"]
+    assert len(up_facts) == 3 * len(facts) and len({d["id"] for d in up.train}) == len(up.train)
+    # the copies are the same documents: each distinct text three times
+    assert Counter(Counter(d["text"] for d in up_facts).values()) == Counter(3 * n for n in Counter(d["text"] for d in facts).values())
+    assert sum(d["source"] == "bbc" for d in up.train) == SMALL["bbc_train"]  # the news once
+    for p, q in zip(corpus.probes, up.probes):
+        assert q["frequency"] == p["frequency"] and q["exposures"] == 3 * p["exposures"] == 3 * p["frequency"]
+        assert len(q["doc_ids"]) == q["exposures"]
+
+
 def test_bad_config_is_refused():
     with pytest.raises(ValueError, match="domains"):
         LongtailConfig(domains=("planets",))
+    with pytest.raises(ValueError, match="fact_passes"):
+        LongtailConfig(fact_passes=0)

@@ -259,6 +259,7 @@ def test_counts_match_store(kind):
         assert x["block"] == sum(math.prod(s) for s in shapes[x["level"]].values())
     store = TensorBlockStore.create(mcfg, CFG)
     assert sum(t.numel() for named in store.tensors.values() for t in named.values()) == pc["bank"] + pc["generic"]
+    assert store.nbytes() == 4 * (pc["bank"] + pc["generic"])  # float32
     d, f, a, L = CFG.d_model, CFG.ffn_hidden, CFG.attn_dim, CFG.n_layers
     assert pc["fetched"] == sum(RANKS) * L * {"ffn": 3 * d, "lora": 3 * (d + f), "kv": 2 * a}[kind]
 

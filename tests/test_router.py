@@ -14,7 +14,7 @@ import pytest
 from index import router as router_mod
 from index.encoder import embed_texts, load_encoder
 from index.kmeans import KMeansParams, fit_children
-from index.route import Descender, route
+from index.route import ISAS, Descender, kernel_isa, route
 from index.router import Router, TreeVersionError, build_document_index
 from index.tree import Tree, local_index, path_block_ids
 
@@ -199,6 +199,45 @@ def test_descent_kernel(k, depth, dim):
         d.step(x[:2], np.array([0, k ** (depth - 1)]), depth)
     with pytest.raises(ValueError, match="expects"):
         d.route(x[:, :-1])
+
+
+def fmaf_scores(x: np.ndarray, c: np.ndarray, bias: np.ndarray) -> np.ndarray:
+    """The kernel's arithmetic in numpy: per child, fmaf over d in order from 0, then + offset (float32).
+    float64 holds a float32 product exactly, so one float32 rounding of (a*b + acc) is fmaf (double
+    rounding aside, which needs a 2^-29 coincidence)."""
+    acc = np.zeros((len(x), len(c)), dtype=np.float32)
+    for d in range(x.shape[1]):
+        acc = (x[:, d:d + 1].astype(np.float64) * c[:, d].astype(np.float64) + acc).astype(np.float32)
+    offset = (np.float32(-0.5) * (np.einsum("nd,nd->n", c, c) + bias)).astype(np.float32)
+    return acc + offset
+
+
+@pytest.mark.parametrize("k", [16, 20])
+def test_kernel_arithmetic_is_exact_on_every_instruction_set(k):
+    """Near-ties everywhere (children differ by ~1e-6): any other summation order flips many argmaxes."""
+    rng = np.random.default_rng(k)
+    dim = 96
+    base = rng.standard_normal(dim).astype(np.float32)
+    c = (base + 1e-6 * rng.standard_normal((k, dim))).astype(np.float32)
+    bias = np.zeros(k, dtype=np.float32)
+    x = (base + 0.5 * rng.standard_normal((4000, dim))).astype(np.float32)
+    want = fmaf_scores(x, c, bias).argmax(1)
+    d = Descender(Tree(k=k, depth=1, dim=dim, centroids=[c], biases=[bias]))
+    best = kernel_isa()
+    ran = []
+    try:
+        for isa in ISAS:
+            try:
+                kernel_isa(isa)
+            except ValueError:
+                continue  # this CPU lacks it
+            assert np.array_equal(d.route(x)[:, 0], want), isa
+            ran.append(isa)
+    finally:
+        kernel_isa(best)
+    assert "scalar" in ran and best in ran
+    # and the near-ties are real: float64 dot products disagree with float32 fmaf on some points
+    assert (((x.astype(np.float64) @ c.T.astype(np.float64)) - 0.5 * (c.astype(np.float64) ** 2).sum(1)).argmax(1) != want).any()
 
 
 def test_tree_version_check(run_dir):

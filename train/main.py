@@ -142,8 +142,7 @@ class Trainer:
         """Bytes of this rank's bank shard and its optimizer state."""
         if self.bank is None:
             return 0
-        store = self.bank.store.tensors.values()
-        return sum(t.numel() * t.element_size() for named in store for t in named.values()) + self.mem_optim.state_bytes()
+        return self.bank.store.nbytes() + self.mem_optim.state_bytes()
 
     def describe(self) -> None:
         o = self.ownership

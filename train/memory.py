@@ -159,6 +159,10 @@ class BlockStore(ABC):
     def save(self, path: str, metadata: dict | None = None) -> None:
         """Write the owned blocks to one safetensors file."""
 
+    @abstractmethod
+    def nbytes(self) -> int:
+        """Bytes the owned blocks take where they are held (RAM or device)."""
+
 
 class TensorBlockStore(BlockStore):
     """Blocks held as one tensor per (level, name): [n_owned_at_level, *shape], rows in id order.
@@ -190,6 +194,9 @@ class TensorBlockStore(BlockStore):
                         raise ValueError(f"level {l} {n}: shape {tuple(t.shape)}, expected {(lid.numel(), *s)}")
                     t = t.index_select(0, order.to(t.device)).to(device=device or t.device).contiguous()
                 self.tensors[l][n] = t
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for named in self.tensors.values() for t in named.values())
 
     # -- construction helpers
     @classmethod
