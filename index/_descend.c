@@ -116,6 +116,9 @@ static int pick(void) {
 /* the instruction set in use */
 const char *hm_isa(void) { return ISAS[pick()].name; }
 
+/* name of compiled-in instruction set i (best first), NULL past the last: route.py lists them from here */
+const char *hm_isa_name(int i) { return i >= 0 && i < N_ISAS ? ISAS[i].name : NULL; }
+
 /* use `name` from now on (tests run every path this CPU supports); 0, or -1 when unknown or unsupported */
 int hm_set_isa(const char *name) {
     for (int i = 0; i < N_ISAS; i++)
@@ -153,9 +156,10 @@ static void best_children(dots_fn dots, const float *x, int64_t dim, const int64
 }
 
 /* Each level reads every row (1.5 KB at d=384); with one DRAM pass per level, waiting on
- * memory cost more than the FMAs. So levels go in pairs. Rows are bucketed by their node at the pair's first level; a bucket is
- * routed BLOCK rows at a time through both levels while those rows sit in L2, next to the
- * node's k + k^2 children (408 KB at k=16, d=384). Each row then leaves DRAM every other level. */
+ * memory cost more than the FMAs. So levels go in pairs. Rows are bucketed by their node at
+ * the pair's first level; a bucket is routed BLOCK rows at a time through both levels while
+ * those rows sit in L2, next to the node's k + k^2 children (408 KB at k=16, d=384). Each row
+ * then leaves DRAM every other level. */
 #define BLOCK 512
 
 /* Route rows x [n, dim] (row-major) from level `first` to level `last` (0 = root).

@@ -37,13 +37,20 @@ def _load_kernel() -> ctypes.CDLL:
     lib.hm_descend.argtypes = [ctypes.c_void_p] + [ctypes.c_int64] * 6 + [ctypes.c_void_p] * 4
     lib.hm_isa.restype = ctypes.c_char_p
     lib.hm_set_isa.argtypes = [ctypes.c_char_p]
+    lib.hm_isa_name.restype = ctypes.c_char_p
+    lib.hm_isa_name.argtypes = [ctypes.c_int]
     return lib
 
 
+def _isa_names() -> tuple[str, ...]:
+    names = []
+    while (name := _KERNEL.hm_isa_name(len(names))) is not None:
+        names.append(name.decode())
+    return tuple(names)
+
+
 _KERNEL = _load_kernel()
-
-
-ISAS = ("avx512f", "avx2+fma", "scalar")
+ISAS = _isa_names()  # the instruction sets compiled into the kernel, best first (this CPU may lack some)
 
 
 def kernel_isa(use: str | None = None) -> str:

@@ -255,7 +255,8 @@ def write(corpus: Corpus, cfg: LongtailConfig, out_dir: str) -> dict:
     freqs = sorted((e.frequency for e in corpus.entities), reverse=True)
     summary = {"config": asdict(cfg), "entities": len(corpus.entities), "probes": len(corpus.probes),
                "train_documents": len(corpus.train), "heldout_documents": len(corpus.heldout),
-               "fact_documents": sum(freqs), "fact_documents_with_copies": sum(freqs) * cfg.fact_passes, "entities_seen_once_or_twice": sum(f <= 2 for f in freqs),
+               "fact_documents": sum(freqs), "fact_documents_with_copies": sum(freqs) * cfg.fact_passes,
+               "entities_seen_once_or_twice": sum(f <= 2 for f in freqs),
                "top_frequencies": freqs[:10]}
     with open(os.path.join(out_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
