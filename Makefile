@@ -42,7 +42,7 @@ test-quick: install  # unit tests only: no Spark job, no DeepSpeed launch
 	$(BIN)/python -m pytest -q -m "not slow"
 
 lint: install
-	$(BIN)/ruff check --select F,E9 pipeline index train jobs bench tests
+	$(BIN)/ruff check --select F,E9 pipeline index train corpora jobs bench tests
 
 # Headline figures (each script's last line). Heavy: run on a quiet machine, not in CI.
 bench: install

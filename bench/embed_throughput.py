@@ -32,7 +32,7 @@ def main():
     import torch
     from index.encoder import embed_texts, load_encoder
     from pipeline.config import JobConfig
-    from pipeline.demo_data import bbc_records
+    from corpora.bbc import bbc_records
     from pipeline.embed import embed_stage
     from pipeline.spark import spark_session
 

@@ -1,4 +1,4 @@
-"""Write the long-tail facts corpus (pipeline/longtail.py): train.jsonl, heldout.jsonl, probes.jsonl, summary.json.
+"""Write the long-tail facts corpus (corpora/longtail.py): train.jsonl, heldout.jsonl, probes.jsonl, summary.json.
 
     python jobs/build_longtail.py --out runs/longtail/data [--config configs/longtail/corpus.yaml] [--seed 1]
 
@@ -16,14 +16,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import yaml  # noqa: E402
 
-from pipeline.demo_data import bbc_records  # noqa: E402
-from pipeline.longtail import LongtailConfig, build, write  # noqa: E402
+from corpora.bbc import bbc_records  # noqa: E402
+from corpora.longtail import LongtailConfig, build, write  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--config", help="YAML file with LongtailConfig fields (pipeline/longtail.py)")
+    p.add_argument("--config", help="YAML file with LongtailConfig fields (corpora/longtail.py)")
     p.add_argument("--seed", type=int, help="overrides the config's seed")
     args = p.parse_args(argv)
     raw = {}
@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = LongtailConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()})
     except TypeError as e:
-        print(f"error: {args.config}: {e} (fields: see LongtailConfig in pipeline/longtail.py)", file=sys.stderr)
+        print(f"error: {args.config}: {e} (fields: see LongtailConfig in corpora/longtail.py)", file=sys.stderr)
         return 1
     summary = write(build(cfg, list(bbc_records())), cfg, args.out)
     print(json.dumps(summary))

@@ -10,7 +10,7 @@ from pyspark.sql import SparkSession
 
 from pipeline import manifest
 from pipeline.config import JobConfig
-from pipeline.demo_data import write_bbc
+from corpora.bbc import write_bbc
 from pipeline.embed import embed_stage
 from pipeline.fit import fit_stage
 from pipeline.pack import pack_stage

@@ -31,7 +31,7 @@ def submit(args: list[str], master: str = "local[2]", timeout: int = 600, cwd: s
 
 
 def write_bbc_subset(path: str, n: int, start: int = 0) -> list[dict]:
-    from pipeline.demo_data import bbc_records
+    from corpora.bbc import bbc_records
     recs = [r for i, r in enumerate(bbc_records()) if start <= i < start + n * 20 and (i - start) % 20 == 0][:n]
     with open(path, "w") as f:
         for r in recs:

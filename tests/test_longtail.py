@@ -5,8 +5,8 @@ from collections import Counter, defaultdict
 
 import pytest
 
-from pipeline.demo_data import bbc_records
-from pipeline.longtail import LongtailConfig, build, write, zipf_frequencies
+from corpora.bbc import bbc_records
+from corpora.longtail import LongtailConfig, build, write, zipf_frequencies
 from train.evaluate import read_probes
 
 SMALL = dict(bbc_train=6, bbc_heldout=3, heldout_entities=5, max_frequency=20)

@@ -46,7 +46,7 @@ import random
 import re
 from dataclasses import asdict, dataclass, field
 
-from pipeline.demo_data import write_jsonl
+from corpora.bbc import write_jsonl
 
 DOMAINS = ("elements", "countries")
 
