@@ -9,15 +9,20 @@ per-level ablation, mean over seeds) and OUT/longtail.png.
 
     python bench/longtail.py [--out runs/longtail] [--seeds 0] [--epochs 1] [--cores 2]
 
-A stage whose output exists is skipped, so an interrupted run resumes (delete a model's
-directory to retrain it). The last line printed is the headline: the rarest bucket's accuracy.
+A stage is skipped when its output exists AND its fingerprint matches: the hash of its command, of the
+config and data files it reads and of the fingerprints of the stages it depends on (OUT/seedN/stages.json).
+Change a config or the corpus and exactly the stages downstream of it run again; an interrupted run
+resumes. (Code is not fingerprinted: after changing the trainer, pass --force.) The last line printed is
+the headline: the rarest bucket's accuracy.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -28,13 +33,19 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)
 CONFIGS = os.path.join(ROOT, "configs", "longtail")
 MODELS = ("anchor", "memory", "dense2x")
-# table rows: (label, model, memory setting of train.evaluate)
+# routing modes train.evaluate compares on the memory model (index/router.py); the first is the headline
+ROUTING = ("neighbours", "descent", "hybrid", "levels", "two_paths")
+# table rows: (label, model, memory setting of train.evaluate); the memory model's routing modes follow
 BLOCKED = "anchor + memory, facts' blocks blocked"
-ROWS = [("dense anchor", "anchor", "none"), ("anchor + memory, routed", "memory", "fetched"),
-        ("anchor + memory, oracle leaf", "memory", "oracle"), ("anchor + memory, generic", "memory", "generic"),
-        ("anchor + memory, no memory", "memory", "none"), (BLOCKED, "memory", "blocked"),
-        ("dense 2x", "dense2x", "none")]
+ROUTED = f"anchor + memory, routed ({ROUTING[0]})"
 
+
+def rows() -> list[tuple[str, str, str]]:
+    return ([("dense anchor", "anchor", "none"), (ROUTED, "memory", "fetched")]
+            + [(f"anchor + memory, routed ({m})", "memory", f"fetched[{m}]") for m in ROUTING[1:]]
+            + [("anchor + memory, oracle leaf", "memory", "oracle"), ("anchor + memory, generic", "memory", "generic"),
+               ("anchor + memory, no memory", "memory", "none"), (BLOCKED, "memory", "blocked"),
+               ("dense 2x", "dense2x", "none")])
 
 def env(cores: int) -> dict:
     e = dict(os.environ)
@@ -44,11 +55,47 @@ def env(cores: int) -> dict:
     return e
 
 
+class Stages:
+    """The stages of one seed directory and their fingerprints (``stages.json``)."""
+
+    def __init__(self, root: str, cores: int, force: bool):
+        self.path, self.cores, self.force = os.path.join(root, "stages.json"), cores, force
+        self.timings: dict[str, float] = {}
+        self.fingerprints = {}
+        if os.path.exists(self.path):
+            with open(self.path) as f:
+                self.fingerprints = json.load(f)
+
+    def fingerprint(self, cmd: list[str], files: list[str], after: list[str]) -> str:
+        h = hashlib.sha256(json.dumps(cmd).encode())
+        for path in files:
+            with open(path, "rb") as f:
+                h.update(hashlib.file_digest(f, "sha256").digest())
+        for name in after:
+            h.update(self.fingerprints[name].encode())
+        return h.hexdigest()[:16]
+
+    def run(self, name: str, cmd: list[str], done: str, log: str, files: list[str] = (), after: list[str] = (),
+            clear: str | None = None):
+        """Run ``cmd`` (output to ``log``) unless ``done`` exists with the same fingerprint; record its seconds.
+        ``clear``: the stage's output directory, removed before a rerun (its tools refuse a changed config)."""
+        fp = self.fingerprint(cmd, list(files), list(after))
+        if not self.force and os.path.exists(done) and self.fingerprints.get(name) == fp:
+            print(f"[{name}] up to date ({done})", flush=True)
+            return
+        if clear and os.path.isdir(clear):
+            shutil.rmtree(clear)
+        step(name, cmd, done, log, self.cores, self.timings)
+        self.fingerprints[name] = fp
+        with open(self.path + ".tmp", "w") as f:
+            json.dump(self.fingerprints, f, indent=1)
+        os.replace(self.path + ".tmp", self.path)
+
+
 def step(name: str, cmd: list[str], done: str, log: str, cores: int, timings: dict) -> None:
-    """Run ``cmd`` (output to ``log``) unless ``done`` exists; record its seconds."""
+    """Run ``cmd`` (output to ``log``); fail with the log's tail unless it exits 0 and writes ``done``."""
     if os.path.exists(done):
-        print(f"[{name}] done already ({done})", flush=True)
-        return
+        os.remove(done)  # a stale output must not pass for this run's
     print(f"[{name}] {' '.join(cmd)}", flush=True)
     t = time.time()
     with open(log, "w") as f:
@@ -61,18 +108,21 @@ def step(name: str, cmd: list[str], done: str, log: str, cores: int, timings: di
     print(f"[{name}] {timings[name]:.0f}s", flush=True)
 
 
-def run_seed(out: str, seed: int, epochs: float, cores: int) -> dict:
+def run_seed(out: str, seed: int, epochs: float, cores: int, force: bool = False, until: str = "evaluate") -> dict:
     """The chain for one seed; returns {model: evaluation JSON} plus timings and training figures."""
     d = os.path.join(out, f"seed{seed}")
     data, run, logs = os.path.join(d, "data"), os.path.join(d, "run"), os.path.join(d, "logs")
     os.makedirs(logs, exist_ok=True)
-    timings: dict[str, float] = {}
-    step("corpus", [sys.executable, "jobs/build_longtail.py", "--out", data, "--config", f"{CONFIGS}/corpus.yaml",
-                    "--seed", str(seed)], os.path.join(data, "summary.json"), f"{logs}/corpus.log", cores, timings)
-    step("cluster", [f"{BIN}/spark-submit", "--master", f"local[{cores}]", "--conf", "spark.driver.memory=2g",
-                     "jobs/cluster_corpus.py", "--config", f"{CONFIGS}/job.yaml", "--input", f"{data}/train.jsonl",
-                     "--id-column", "id", "--seed", str(seed), "--output", run],
-         os.path.join(run, "manifest.json"), f"{logs}/cluster.log", cores, timings)
+    st = Stages(d, cores, force)
+    st.run("corpus", [sys.executable, "jobs/build_longtail.py", "--out", data, "--config", f"{CONFIGS}/corpus.yaml",
+                      "--seed", str(seed)], os.path.join(data, "summary.json"), f"{logs}/corpus.log",
+           files=[f"{CONFIGS}/corpus.yaml"])
+    # the job's input is the corpus's content, not the corpus stage: new probes alone do not re-cluster
+    st.run("cluster", [f"{BIN}/spark-submit", "--master", f"local[{cores}]", "--conf", "spark.driver.memory=2g",
+                       "jobs/cluster_corpus.py", "--config", f"{CONFIGS}/job.yaml", "--input", f"{data}/train.jsonl",
+                       "--id-column", "id", "--seed", str(seed), "--output", run],
+           os.path.join(run, "manifest.json"), f"{logs}/cluster.log", files=[f"{data}/train.jsonl", f"{CONFIGS}/job.yaml"],
+           clear=run)
     with open(os.path.join(run, "manifest.json")) as f:
         manifest = json.load(f)
     batch = 16  # every configs/longtail/*.yaml trains on batches of 16 sequences: equal tokens per step
@@ -82,24 +132,39 @@ def run_seed(out: str, seed: int, epochs: float, cores: int) -> dict:
     results = {"seed": seed, "steps": steps, "tokens": steps * batch * manifest["seq_len"],
                "corpus_tokens": manifest["tokens"], "sequences": manifest["sequences"],
                "fact_passes": corpus["config"]["fact_passes"], "bbc_train": corpus["config"]["bbc_train"],
-               "timings": timings, "train": {}}
+               "timings": st.timings, "train": {}}
     for m in MODELS:
         mdir = os.path.join(d, "models", m)
-        step(f"train {m}", [sys.executable, "train/main.py", "--config", f"{CONFIGS}/{m}.yaml", "--data", run,
-                            "--out", mdir, "--no-resume", "--set", f"schedule.max_steps={steps}",
-                            "--set", f"data.seed={seed}", "--set", f"memory.seed={seed}"],
-             os.path.join(mdir, "export", "meta.json"), f"{logs}/train_{m}.log", cores, timings)
+        st.run(f"train {m}", [sys.executable, "train/main.py", "--config", f"{CONFIGS}/{m}.yaml", "--data", run,
+                              "--out", mdir, "--no-resume", "--set", f"schedule.max_steps={steps}",
+                              "--set", f"data.seed={seed}", "--set", f"memory.seed={seed}"],
+               os.path.join(mdir, "export", "meta.json"), f"{logs}/train_{m}.log", files=[f"{CONFIGS}/{m}.yaml"],
+               after=["cluster"], clear=mdir)
         with open(os.path.join(mdir, "metrics.jsonl")) as f:
             metrics = [json.loads(line) for line in f]
         results["train"][m] = {"final_loss": metrics[-1]["loss"],
                                "tokens_per_s": float(np.median([x["tokens_per_s"] for x in metrics]))}
-        ev = os.path.join(d, "eval", f"{m}.json")
-        os.makedirs(os.path.dirname(ev), exist_ok=True)
-        step(f"evaluate {m}", [sys.executable, "-m", "train.evaluate", "--model", f"{mdir}/export", "--run", run,
-                               "--heldout", f"{data}/heldout.jsonl", "--probes", f"{data}/probes.jsonl", "--out", ev],
-             ev, f"{logs}/evaluate_{m}.log", cores, timings)
-        with open(ev) as f:
-            results[m] = json.load(f)
+    if until == "train":
+        return results
+    # the document index the neighbour vote searches; its code is part of its fingerprint
+    st.run("index", [sys.executable, "jobs/build_index.py", "--run", run], os.path.join(run, "index", "index.json"),
+           f"{logs}/index.log", files=[os.path.join(ROOT, f) for f in ("jobs/build_index.py", "index/docindex.py")],
+           after=["cluster"], clear=os.path.join(run, "index"))
+    for m in MODELS:
+        mdir = os.path.join(d, "models", m)
+        for probes, suffix, extra in (("probes", "", ["--heldout", f"{data}/heldout.jsonl"]),
+                                      ("probes_context", "_context", [])):
+            ev = os.path.join(d, "eval", f"{m}{suffix}.json")
+            os.makedirs(os.path.dirname(ev), exist_ok=True)
+            routing = ["--routing", *ROUTING] if m == "memory" else []
+            st.run(f"evaluate {m}{suffix}", [sys.executable, "-m", "train.evaluate", "--model", f"{mdir}/export",
+                                             "--run", run, "--probes", f"{data}/{probes}.jsonl", *extra, *routing,
+                                             "--out", ev],
+                   ev, f"{logs}/evaluate_{m}{suffix}.log", files=[f"{data}/{probes}.jsonl", f"{data}/heldout.jsonl",
+                          *(os.path.join(ROOT, f) for f in ("train/evaluate.py", "index/router.py"))],
+                   after=[f"train {m}", "index"])
+            with open(ev) as f:
+                results[m + suffix] = json.load(f)
     return results
 
 
@@ -108,62 +173,95 @@ def mean(xs) -> float | None:
     return float(np.mean(xs)) if xs else None
 
 
+def probe_table(per_seed: list[dict], suffix: str) -> dict:
+    """Mean over seeds of accuracy per (row, bucket), plus the per-seed values; routing figures per mode."""
+    mem = [s["memory" + suffix]["probes"] for s in per_seed]
+    n_buckets = len(mem[0]["buckets"])
+    acc = {}
+    for label, model, setting in rows():
+        per = [[s[model + suffix]["probes"]["buckets"][b]["accuracy"].get(setting) for b in range(n_buckets)]
+               for s in per_seed]
+        acc[label] = {"buckets": [mean(p[b] for p in per) for b in range(n_buckets)], "per_seed": per,
+                      "all": mean(s[model + suffix]["probes"]["accuracy"].get(setting) for s in per_seed)}
+    buckets = [{"frequency_range": [min(m["buckets"][b]["frequency_range"][0] for m in mem),
+                                    max(m["buckets"][b]["frequency_range"][1] for m in mem)],
+                "probes": int(sum(m["buckets"][b]["probes"] for m in mem) / len(mem)),
+                "entities": int(sum(m["buckets"][b]["entities"] for m in mem) / len(mem))} for b in range(n_buckets)]
+    routing = {mode: {key: {"buckets": [mean(m["buckets"][b][key + "_by_mode"][mode] for m in mem)
+                                        for b in range(n_buckets)],
+                            "per_seed": [[m["buckets"][b][key + "_by_mode"][mode] for b in range(n_buckets)]
+                                         for m in mem]}
+                      for key in ("routing_agreement", "oracle_leaf")} for mode in ROUTING}
+    cost = {mode: mean(m["fetch_cost"][mode] for m in mem) for mode in ROUTING}
+    return {"buckets": buckets, "accuracy": acc, "routing": routing, "fetch_cost": cost,
+            "blocked_bank_share": mean(m["blocked_bank_share"] for m in mem)}
+
+
 def aggregate(per_seed: list[dict]) -> dict:
-    """Mean over seeds of the accuracy per (row, bucket), routing agreement and perplexities."""
-    n_buckets = len(per_seed[0]["memory"]["probes"]["buckets"])
-    table = {}
-    for label, model, setting in ROWS:
-        table[label] = {"buckets": [mean(s[model]["probes"]["buckets"][b]["accuracy"].get(setting) for s in per_seed)
-                                    for b in range(n_buckets)],
-                        "all": mean(s[model]["probes"]["accuracy"].get(setting) for s in per_seed)}
-    buckets = [{"frequency_range": [min(s["memory"]["probes"]["buckets"][b]["frequency_range"][0] for s in per_seed),
-                                    max(s["memory"]["probes"]["buckets"][b]["frequency_range"][1] for s in per_seed)],
-                "probes": int(sum(s["memory"]["probes"]["buckets"][b]["probes"] for s in per_seed) / len(per_seed)),
-                "entities": int(sum(s["memory"]["probes"]["buckets"][b]["entities"] for s in per_seed) / len(per_seed)),
-                "routing_agreement": mean(s["memory"]["probes"]["buckets"][b]["routing_agreement"] for s in per_seed)}
-               for b in range(n_buckets)]
+    """Mean over seeds: bare-question and context-prefixed probe tables, perplexities, training figures."""
     ppl = {}
     for model in MODELS:
         for setting in per_seed[0][model]["perplexity"]:
             ppl[f"{model}: {setting}"] = {k: mean(s[model]["perplexity"][setting][k] for s in per_seed)
                                          for k in per_seed[0][model]["perplexity"][setting]}
+            ppl[f"{model}: {setting}"]["per_seed"] = [s[model]["perplexity"][setting]["all"] for s in per_seed]
     models = {m: per_seed[0][m]["model"] for m in MODELS}
     train = {m: {k: mean(s["train"][m][k] for s in per_seed) for k in ("final_loss", "tokens_per_s")} for m in MODELS}
     return {"seeds": [s["seed"] for s in per_seed], "steps": per_seed[0]["steps"], "tokens": per_seed[0]["tokens"],
             "fact_passes": per_seed[0]["fact_passes"], "bbc_train": per_seed[0]["bbc_train"],
-            "corpus_tokens": mean(s["corpus_tokens"] for s in per_seed), "buckets": buckets, "accuracy": table,
-            "perplexity": ppl, "models": models, "train": train,
-            "blocked_bank_share": mean(s["memory"]["probes"]["blocked_bank_share"] for s in per_seed),
-            "timings": [s["timings"] for s in per_seed]}
+            "corpus_tokens": mean(s["corpus_tokens"] for s in per_seed), "routing_modes": list(ROUTING),
+            "bare": probe_table(per_seed, ""), "context": probe_table(per_seed, "_context"),
+            "perplexity": ppl, "models": models, "train": train, "timings": [s["timings"] for s in per_seed]}
 
 
 def pct(x) -> str:
     return "-" if x is None else f"{100 * x:.1f}"
 
 
-def markdown(r: dict) -> str:
-    b = r["buckets"]
+def accuracy_md(t: dict, seeds: list[int], title: str) -> list[str]:
+    b = t["buckets"]
     head = [f"f {x['frequency_range'][0]}-{x['frequency_range'][1]} ({x['entities']} ent., {x['probes']} pr.)" for x in b]
+    lines = [title, "", "| model / memory | " + " | ".join(head) + " | all |", "|---" * (len(head) + 2) + "|"]
+    for label, row in t["accuracy"].items():
+        lines.append(f"| {label} | " + " | ".join(pct(x) for x in row["buckets"]) + f" | {pct(row['all'])} |")
+    for key, what in (("routing_agreement", "routing agreement"), ("oracle_leaf", "route = oracle leaf")):
+        for mode, r in t["routing"].items():
+            lines.append(f"| {what} ({mode}) | " + " | ".join(pct(x) for x in r[key]["buckets"]) + " | |")
+    lines += ["", f"Per seed, rarest bucket ({head[0]}):", "",
+              "| seed | " + " | ".join(t["accuracy"]) + " | " + " | ".join(f"agreement ({m})" for m in t["routing"]) + " |",
+              "|---" * (1 + len(t["accuracy"]) + len(t["routing"])) + "|"]
+    for i, seed in enumerate(seeds):
+        lines.append(f"| {seed} | " + " | ".join(pct(row["per_seed"][i][0]) for row in t["accuracy"].values()) + " | "
+                     + " | ".join(pct(r["routing_agreement"]["per_seed"][i][0]) for r in t["routing"].values()) + " |")
+    lines += ["", "Fetched memory per probe relative to one path: "
+              + ", ".join(f"{m} {c:.2f}x" for m, c in t["fetch_cost"].items())
+              + f". Blocking disables on average {100 * t['blocked_bank_share']:.1f}% of the tree's blocks per probe.", ""]
+    return lines
+
+
+def markdown(r: dict) -> str:
     lines = [f"Long-tail benchmark: seeds {r['seeds']}, {r['steps']} steps = {r['tokens']:,} training tokens per model "
              f"({r['tokens'] / r['corpus_tokens']:.1f} epochs of {r['corpus_tokens']:.0f} tokens: {r['bbc_train']} BBC "
              f"articles once, the facts part {r['fact_passes']}x).", "",
              "Models: " + "; ".join(f"{m} {v['anchor_params'] / 1e6:.2f}M" + (
                  f" + {v['fetched_params'] / 1e6:.3f}M fetched of a {v['bank_params'] / 1e6:.2f}M bank" if "bank_params" in v else "")
                  for m, v in r["models"].items()), "",
-             f"Exact-match accuracy (%) per entity-frequency bucket (rarest first; f = distinct documents about "
-             f"the entity, each read {r['fact_passes']}x):", "",
-             "| model / memory | " + " | ".join(head) + " | all |", "|---" * (len(head) + 2) + "|"]
-    for label, row in r["accuracy"].items():
-        lines.append(f"| {label} | " + " | ".join(pct(x) for x in row["buckets"]) + f" | {pct(row['all'])} |")
-    lines.append("| routing agreement (share of the entity's documents in the probe's leaf) | "
-                 + " | ".join(pct(x["routing_agreement"]) for x in b) + " | |")
-    lines += ["", f"Blocking disables on average {100 * r['blocked_bank_share']:.1f}% of the tree's blocks per probe.", "",
-              "Held-out perplexity (documents routed by the router; generic@l / off@l: level l swapped for the "
-              "generic block / disabled):", ""]
-    cols = sorted({k for v in r["perplexity"].values() for k in v}, key=lambda k: (k != "all", k))
-    lines += ["| model: memory | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+             f"Routing modes (index/router.py): {', '.join(r['routing_modes'])}; the first is the headline. Routing "
+             "agreement = share of the entity's training documents in the probe's leaf; route = oracle leaf = share "
+             "of probes routed to the leaf holding most of the entity's documents.", ""]
+    lines += accuracy_md(r["bare"], r["seeds"], "**Bare questions** (the primary table: \"The atomic number of iron is\"), "
+                         f"exact-match accuracy (%) per entity-frequency bucket, mean of seeds (f = distinct documents "
+                         f"about the entity, each read {r['fact_passes']}x):")
+    lines += accuracy_md(r["context"], r["seeds"], "**Context-prefixed questions** (second table: each question after "
+                         "one of the entity's own document openings, \"Iron is a transition metal. The atomic number of "
+                         "iron is\", which hands the router the answer's neighbourhood):")
+    lines += ["Held-out perplexity (held-out documents routed by each mode; generic@l / off@l: level l swapped for "
+              "the generic block / disabled):", ""]
+    cols = sorted({k for v in r["perplexity"].values() for k in v if k != "per_seed"}, key=lambda k: (k != "all", k))
+    lines += ["| model: memory | " + " | ".join(cols) + " | all, per seed |", "|---" * (len(cols) + 2) + "|"]
     for name, row in r["perplexity"].items():
-        lines.append(f"| {name} | " + " | ".join("-" if row.get(c) is None else f"{row[c]:.2f}" for c in cols) + " |")
+        lines.append(f"| {name} | " + " | ".join("-" if row.get(c) is None else f"{row[c]:.2f}" for c in cols)
+                     + " | " + " / ".join(f"{x:.2f}" for x in row["per_seed"]) + " |")
     lines += ["", "Training: " + "; ".join(f"{m} final loss {v['final_loss']:.3f}, {v['tokens_per_s']:.0f} tokens/s"
                                            for m, v in r["train"].items())]
     lines.append("Stage seconds: " + json.dumps(r["timings"]))
@@ -177,22 +275,24 @@ def plot(r: dict, path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(13, 4.5), gridspec_kw={"width_ratios": [3, 1]})
-    labels = [f"{x['frequency_range'][0]}-{x['frequency_range'][1]}" for x in r["buckets"]]
-    shown = ["dense anchor", "anchor + memory, routed", "anchor + memory, oracle leaf",
+    t = r["bare"]
+    labels = [f"{x['frequency_range'][0]}-{x['frequency_range'][1]}" for x in t["buckets"]]
+    shown = ["dense anchor", ROUTED, "anchor + memory, routed (descent)", "anchor + memory, oracle leaf",
              BLOCKED, "dense 2x"]
     w = 0.8 / len(shown)
     for i, label in enumerate(shown):
-        ys = [100 * (y or 0) for y in r["accuracy"][label]["buckets"]]
+        ys = [100 * (y or 0) for y in t["accuracy"][label]["buckets"]]
         ax.bar(np.arange(len(labels)) + (i - len(shown) / 2 + 0.5) * w, ys, w, label=label)
     ax.set_xticks(range(len(labels)), labels)
     ax.set_xlabel("entity frequency in the corpus (documents)")
     ax.set_ylabel("exact-match accuracy (%)")
-    ax.set_title("Long-tail facts")
+    ax.set_title("Long-tail facts, bare questions")
     ax.legend(fontsize=8)
-    names = ["anchor: none", "memory: fetched", "memory: generic", "memory: none", "dense2x: none"]
-    bx.bar(range(len(names)), [r["perplexity"][n]["all"] for n in names],
-           color=["C0", "C1", "C2", "C3", "C4"])
-    bx.set_xticks(range(len(names)), [n.replace(": ", "\n") for n in names], fontsize=8)
+    names = ["anchor: none", "memory: fetched", "memory: fetched[descent]", "memory: generic", "memory: none",
+             "dense2x: none"]
+    names = [n for n in names if n in r["perplexity"]]
+    bx.bar(range(len(names)), [r["perplexity"][n]["all"] for n in names], color=[f"C{i}" for i in range(len(names))])
+    bx.set_xticks(range(len(names)), [n.replace(": ", "\n") for n in names], fontsize=7)
     bx.set_ylabel("held-out perplexity")
     bx.set_title("Perplexity")
     fig.tight_layout()
@@ -207,10 +307,16 @@ def main(argv: list[str] | None = None) -> int:
                     help="passes over the run's sequences (equal for all models); the corpus already repeats the "
                          "facts (configs/longtail/corpus.yaml fact_passes)")
     ap.add_argument("--cores", type=int, default=2)
+    ap.add_argument("--force", action="store_true", help="rerun every stage, fingerprints or not")
+    ap.add_argument("--until", choices=("train", "evaluate"), default="evaluate",
+                    help="stop after training every seed's models (then rerun without it to evaluate)")
     args = ap.parse_args(argv)
     out = os.path.abspath(args.out)
     t = time.time()
-    per_seed = [run_seed(out, s, args.epochs, args.cores) for s in args.seeds]
+    per_seed = [run_seed(out, s, args.epochs, args.cores, args.force, args.until) for s in args.seeds]
+    if args.until == "train":
+        print(f"trained seeds {args.seeds} in {(time.time() - t) / 60:.1f} min")
+        return 0
     r = aggregate(per_seed)
     r["wall_seconds"] = round(time.time() - t, 1)
     r["load_average"] = os.getloadavg()
@@ -221,12 +327,14 @@ def main(argv: list[str] | None = None) -> int:
         f.write(md + "\n")
     plot(r, os.path.join(out, "longtail.png"))
     print(md)
-    acc = {label: r["accuracy"][label]["buckets"][0] for label, _, _ in ROWS}
-    ppl = {s: r["perplexity"][f"memory: {s}"]["all"] for s in ("fetched", "generic", "none")}
-    print(f"rarest bucket accuracy: dense anchor {pct(acc['dense anchor'])}%, memory routed "
-          f"{pct(acc['anchor + memory, routed'])}% (oracle {pct(acc['anchor + memory, oracle leaf'])}%, blocked "
-          f"{pct(acc[BLOCKED])}%), dense 2x {pct(acc['dense 2x'])}%; "
-          f"ppl fetched/generic/none {ppl['fetched']:.2f}/{ppl['generic']:.2f}/{ppl['none']:.2f} "
+    acc = {label: row["buckets"][0] for label, row in r["bare"]["accuracy"].items()}
+    agree = r["bare"]["routing"][ROUTING[0]]["routing_agreement"]["buckets"][0]
+    ppl = {s: r["perplexity"][f"memory: {s}"]["all"] for s in ("fetched", "fetched[descent]", "generic", "none")}
+    print(f"bare questions, rarest bucket: dense anchor {pct(acc['dense anchor'])}%, memory routed ({ROUTING[0]}) "
+          f"{pct(acc[ROUTED])}% (descent {pct(acc['anchor + memory, routed (descent)'])}%, oracle "
+          f"{pct(acc['anchor + memory, oracle leaf'])}%, blocked {pct(acc[BLOCKED])}%), dense 2x "
+          f"{pct(acc['dense 2x'])}%; agreement {pct(agree)}%; ppl fetched/descent/generic/none "
+          f"{ppl['fetched']:.2f}/{ppl['fetched[descent]']:.2f}/{ppl['generic']:.2f}/{ppl['none']:.2f} "
           f"(dense anchor {r['perplexity']['anchor: none']['all']:.2f}); {r['wall_seconds'] / 60:.1f} min")
     return 0
 

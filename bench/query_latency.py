@@ -32,7 +32,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     faiss.omp_set_num_threads(1)  # microseconds of work; a second OpenMP pool spinning beside torch costs more
     router = Router.load(args.run)
-    previews = router.doc_table.column("preview").to_pylist()
+    previews = router.documents.table.column("preview").to_pylist()
     texts = [t.split(". ")[0] for t in previews[:: max(1, len(previews) // args.queries)][: args.queries]]
     answer(router, texts[:1], args.n)  # warm: encoder loaded, pages mapped
     ms = []
@@ -40,7 +40,7 @@ def main() -> None:
         start = time.perf_counter()
         answer(router, [t], args.n)
         ms.append(1000 * (time.perf_counter() - start))
-    print(f"run={args.run} documents={router.documents.ntotal} queries={len(ms)} threads={args.threads} (wall clock)")
+    print(f"run={args.run} documents={router.documents.index.ntotal} queries={len(ms)} threads={args.threads} (wall clock)")
     print(f"query_latency_ms p50 {np.percentile(ms, 50):.1f} p95 {np.percentile(ms, 95):.1f}")
 
 

@@ -26,16 +26,18 @@ news is not: ``bbc_train`` distinct articles, each read once in one epoch. An
 entity's ``frequency`` stays its number of distinct documents; ``exposures``
 (= frequency x fact_passes) is how often training reads its facts.
 
-A probe prompt is the entity's context sentence (one of its documents' openings: "Iron is a
-transition metal.") followed by the question ("The atomic number of iron is"). The router embeds
-the whole prompt, as the paper routes a prompt or its context; with the bare question, the
-encoder placed about a third of the rare entities' probes under another level-1 node than their
-documents (measured on this corpus, k=8, depth 2).
+Probes come in two files. ``probes.jsonl`` holds the bare question a user asks ("The atomic
+number of iron is"), as in the paper's probe: the primary benchmark. ``probes_context.jsonl``
+prefixes each question with the entity's context sentence (one of its documents' openings: "Iron
+is a transition metal. The atomic number of iron is"), which hands the router the answer's
+neighbourhood; it is reported separately, labelled as such. Greedy descent of a bare question
+left most rare entities' probes outside their documents' leaf; the neighbour vote
+(index/router.py) is what makes bare questions reach their blocks.
 
 Outputs (``write``): ``train.jsonl`` and ``heldout.jsonl`` (id, text, source,
-entity) and ``probes.jsonl`` (prompt, answer, entity, frequency, exposures, fact,
-domain, doc_ids: the entity's training documents, copies included), the format
-``train.evaluate`` reads.
+entity), ``probes.jsonl`` and ``probes_context.jsonl`` (prompt, answer, entity,
+frequency, exposures, fact, domain, doc_ids: the entity's training documents,
+copies included), the format ``train.evaluate`` reads.
 """
 from __future__ import annotations
 
@@ -82,8 +84,8 @@ class Entity:
     intros: list[str]  # opening sentences (name the entity)
     probed: dict[str, list[str]]  # fact -> phrasings; every document states every probed fact
     optional: dict[str, list[str]]  # fact -> phrasings; a random subset per document
-    probes: dict[str, tuple[str, str]]  # fact -> (question, answer); the prompt is context + " " + question
-    context: str  # one sentence that places the entity, opening every probe prompt (see build)
+    probes: dict[str, tuple[str, str]]  # fact -> (question, answer)
+    context: str  # one sentence that places the entity; opens the context-prefixed probes only
     frequency: int = 0
 
 
@@ -91,7 +93,8 @@ class Entity:
 class Corpus:
     train: list[dict] = field(default_factory=list)
     heldout: list[dict] = field(default_factory=list)
-    probes: list[dict] = field(default_factory=list)
+    probes: list[dict] = field(default_factory=list)  # bare questions
+    probes_context: list[dict] = field(default_factory=list)  # the same, after the entity's context sentence
     entities: list[Entity] = field(default_factory=list)
 
 
@@ -232,9 +235,11 @@ def build(cfg: LongtailConfig, bbc: list[dict]) -> Corpus:
                  "source": e.domain, "entity": e.name} for i in range(e.frequency)]
         docs += [dict(d, id=f"{d['id']}-r{r:02d}") for r in range(1, cfg.fact_passes) for d in docs[:e.frequency]]
         corpus.train += docs
-        corpus.probes += [{"prompt": f"{e.context} {q}", "answer": a, "entity": e.name, "frequency": e.frequency,
-                           "exposures": len(docs), "fact": fact, "domain": e.domain, "doc_ids": [d["id"] for d in docs]}
-                          for fact, (q, a) in e.probes.items()]
+        for fact, (q, a) in e.probes.items():
+            probe = {"answer": a, "entity": e.name, "frequency": e.frequency, "exposures": len(docs), "fact": fact,
+                     "domain": e.domain, "doc_ids": [d["id"] for d in docs]}
+            corpus.probes.append(dict(probe, prompt=q))
+            corpus.probes_context.append(dict(probe, prompt=f"{e.context} {q}"))
     for e in rng.sample(entities, min(cfg.heldout_entities, len(entities))):
         corpus.heldout.append({"id": f"heldout-{e.domain}-{_slug(e.name)}", "text": render(e, rng, cfg.optional_facts),
                                "source": e.domain, "entity": e.name})
@@ -248,9 +253,9 @@ def build(cfg: LongtailConfig, bbc: list[dict]) -> Corpus:
 
 
 def write(corpus: Corpus, cfg: LongtailConfig, out_dir: str) -> dict:
-    """Write train.jsonl, heldout.jsonl, probes.jsonl and summary.json into ``out_dir``; returns the summary."""
+    """Write train.jsonl, heldout.jsonl, probes.jsonl, probes_context.jsonl and summary.json into ``out_dir``."""
     os.makedirs(out_dir, exist_ok=True)
-    for name in ("train", "heldout", "probes"):
+    for name in ("train", "heldout", "probes", "probes_context"):
         write_jsonl(os.path.join(out_dir, f"{name}.jsonl"), getattr(corpus, name))
     freqs = sorted((e.frequency for e in corpus.entities), reverse=True)
     summary = {"config": asdict(cfg), "entities": len(corpus.entities), "probes": len(corpus.probes),

@@ -3,12 +3,14 @@
     python -m index.query --run RUN "some text" ["more text" ...]
     python -m index.query --run RUN --file queries.txt --json     # one query per line; '-' reads stdin
     python -m index.query --run RUN --model MODEL_DIR "some text"  # + per-level share of the fact
+    python -m index.query --run RUN --routing descent "some text"  # another routing mode (index/router.py)
 
-For each query: the path (i1..ip), per level the node's global block id and its
-document/token counts, the nearest training documents inside the query's leaf
-and over the whole corpus, and the share of the corpus-wide ones that sit in
-the query's leaf. A low share means the documents carrying this fact were
-routed elsewhere, so the blocks this query fetches were not trained on them.
+For each query: the path (i1..ip) under the routing mode (default: the model's recorded mode with
+--model, else ``neighbours``, the vote of the nearest training documents), the greedy-descent path
+for comparison, per level the node's global block id and its document/token counts, the nearest
+training documents inside the query's leaf and over the corpus, and the share of the corpus-wide
+ones that sit in the query's leaf. A low share means the documents carrying this fact were routed
+elsewhere, so the blocks this query fetches were not trained on them.
 """
 from __future__ import annotations
 
@@ -17,22 +19,26 @@ import json
 import sys
 from dataclasses import asdict
 
-from index.router import Router
+from index.router import MODES, Router, RoutingConfig
 
 
 def answer(router: Router, texts: list[str], n: int) -> list[dict]:
     """One JSON-able object per query."""
     x = router.embed(texts)
-    paths = router.route_embeddings(x)
+    routed = router.route_embeddings(x)
+    two = routed.ndim == 3
+    paths = routed[:, 0] if two else routed  # two_paths: the first path leads the report
+    descent = router.descend(x)
     leaves = router.leaves(paths)
     stats = router.node_stats(paths)
-    in_leaf = router.neighbours(x, n, within_leaf=True)
-    corpus = router.neighbours(x, n, within_leaf=False)
+    in_leaf = router.neighbours(x, n, leaves=leaves)
+    corpus = router.neighbours(x, n)
     out = []
     for q, text in enumerate(texts):
         leaf = int(leaves[q])
         wide = [dict(asdict(nb), in_leaf=nb.leaf == leaf) for nb in corpus[q]]
-        out.append({"text": text, "path": paths[q].tolist(), "leaf": leaf,
+        out.append({"text": text, "routing": router.routing.mode, "path": paths[q].tolist(), "leaf": leaf,
+                    "second_path": routed[q, 1].tolist() if two else None, "descent_path": descent[q].tolist(),
                     "blocks": [lv["block"] for lv in stats[q]], "levels": stats[q],
                     "leaf_neighbours": [asdict(nb) for nb in in_leaf[q]], "neighbours": wide,
                     "leaf_share": sum(nb["in_leaf"] for nb in wide) / max(1, len(wide)),
@@ -61,7 +67,9 @@ def _snippet(text: str, words: int = 12) -> str:
 
 def format_answer(a: dict) -> str:
     lines = [f"query: {_snippet(a['text'], 20)!r}",
-             f"path: {a['path']}   leaf {a['leaf']}   tree {a['tree_version']}",
+             f"path: {a['path']}   leaf {a['leaf']}   routing {a['routing']}   tree {a['tree_version']}"
+             + (f"   second path {a['second_path']}" if a.get("second_path") else "")
+             + ("" if a["descent_path"] == a["path"] else f"   (descent: {a['descent_path']})"),
              f"  {'level':>5} {'node':>8} {'block':>8} {'documents':>10} {'tokens':>12}"]
     lines += [f"  {lv['level']:>5} {lv['local']:>8} {lv['block']:>8} {lv['documents']:>10} {lv['tokens']:>12}"
               for lv in a["levels"]]
@@ -100,10 +108,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("-n", type=int, default=5, help="neighbours to list (default 5)")
     p.add_argument("--json", action="store_true", help="one JSON object per line and query")
     p.add_argument("--model", help="trainer export: also report per level how much the block carries the fact")
+    p.add_argument("--routing", choices=MODES, help="routing mode (default: the model's recorded mode with --model, "
+                                                    "else neighbours)")
     args = p.parse_args(argv)
     try:
         texts = read_queries(args)
-        router = Router.load(args.run)
+        routing = RoutingConfig(mode=args.routing) if args.routing else RoutingConfig()
+        if args.model:  # the mode the model records (train.evaluate reads the export; index never imports train)
+            from train.evaluate import model_routing
+
+            routing = model_routing(args.model, [args.routing] if args.routing else None)
+        router = Router.load(args.run, routing=routing)
         answers = answer(router, texts, args.n)
         if args.model:
             model_report(args.model, router, answers)

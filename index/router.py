@@ -1,36 +1,57 @@
-"""Router: a run's tree + its FAISS document index; texts/embeddings -> paths, blocks, neighbours.
+"""Router: a run's tree + its document index; texts/embeddings -> paths, blocks, neighbours.
 
-Owns the ``RUN/index/`` format:
+Two questions, two answers. A *training document's* path is the greedy descent of its embedding
+(index/route.py, the Spark job's own code), stored once in ``RUN/routed/``; nothing here changes it.
+What a *prompt* fetches is a routing mode, chosen at inference (``RoutingConfig``):
 
-    index/documents.faiss   IndexIVFFlat, inner product; inverted list j = the routed
-                            documents of leaf j (local index), FAISS id = row of documents.arrow
-    index/documents.arrow   Arrow IPC file, one row per FAISS id: doc_id, leaf, preview
-    index/index.json        format, tree_version, n_documents, dim, n_leaves
+  descent     the greedy descent, as for training documents. A bare question ("The atomic number of
+              iron is") is short and far from any document; descent sent it to its documents' leaf
+              for ~15% of rare entities on a held-out corpus.
+  neighbours  the leaf holding most of the prompt's ``neighbours`` nearest training documents, each
+              weighted by its similarity (document index, index/docindex.py, ``nprobe`` lists).
+              The documents that state a fact are the prompt's nearest, wherever descent goes.
+  hybrid      the neighbours' leaf when it holds at least ``hybrid_share`` of the vote's weight,
+              else descent.
+  levels      the vote taken level by level: the level-1 node with the most weight, then among
+              the neighbours under it the level-2 node, and so on.
+  two_paths   the two leaves with the most weight, both fetched (shared ancestors once): up to
+              twice the fetched memory, see ``fetch_cost``.
 
-Routing is index/route.py (the Spark job's code), so a routed document's path
-from the router is its path in ``RUN/routed/``. The IVF coarse quantizer holds
-the leaf centroids but is never used to assign: documents are added to, and
-queries searched in, the list of the leaf their greedy descent reached (the
-descent uses biases and parents, nearest-leaf-centroid does not).
-
-Scores are inner products of L2-normalised embeddings, i.e. cosine similarity.
+A query with no neighbour found (an empty index region) falls back to descent.
+Scores are cosine similarities of L2-normalised embeddings (approximate: PQ codes).
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 
-import faiss
 import numpy as np
-import pyarrow as pa
-import pyarrow.dataset as ds
 
+from index.docindex import DocumentIndex, Hits, TreeVersionError, read_json
 from index.route import Descender
 from index.tree import Tree, local_index, path_block_ids
 
-FORMAT = "hmem-index/1"
-BUILD_BATCH = 65536  # routed rows per parquet batch while building: bounds the build's own memory
+MODES = ("descent", "neighbours", "hybrid", "levels", "two_paths")
+
+
+@dataclass
+class RoutingConfig:
+    """How a prompt is routed at inference (recorded in an exported model's meta.json)."""
+
+    mode: str = "neighbours"
+    neighbours: int = 32  # training documents in the vote
+    nprobe: int = 64  # leaf lists the vote searches (bounded: the cost does not grow with the corpus)
+    hybrid_share: float = 0.5  # hybrid: the vote wins when its leaf holds this share of the weight
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"routing mode {self.mode!r}: one of {MODES}")
+        if self.neighbours < 1 or self.nprobe < 1 or not 0 < self.hybrid_share <= 1:
+            raise ValueError(f"routing: neighbours and nprobe must be >= 1 and 0 < hybrid_share <= 1 ({self})")
+
+    @property
+    def needs_index(self) -> bool:
+        return self.mode != "descent"
 
 
 @dataclass
@@ -41,114 +62,60 @@ class Neighbour:
     preview: str
 
 
-class TreeVersionError(ValueError):
-    pass
+
+def leaf_paths(leaves: np.ndarray, k: int, depth: int) -> np.ndarray:
+    """Root-to-leaf paths [..., depth] of leaf local indices (the inverse of index.tree.local_index)."""
+    leaves = np.asarray(leaves, dtype=np.int64)
+    return np.stack([(leaves // k ** (depth - 1 - l)) % k for l in range(depth)], axis=-1).astype(np.int32)
 
 
-def _read_json(path: str, what: str) -> dict:
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} is missing: {what}")
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is corrupt ({e}): {what}") from e
+def _weights(hits: Hits) -> np.ndarray:
+    """Vote weight of each hit: its similarity, never negative; 0 for a missing hit."""
+    return np.nan_to_num(np.clip(hits.sims, 0.0, None), nan=0.0).astype(np.float64) + (hits.rows >= 0) * 1e-9
 
 
-def _embedding_matrix(column: pa.ChunkedArray | pa.Array, dim: int, where: str) -> np.ndarray:
-    """list<float32> column -> float32 [n, dim], without a Python loop over rows."""
-    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-    lengths = arr.value_lengths().to_numpy(zero_copy_only=False)
-    if arr.null_count or (lengths != dim).any():
-        raise ValueError(f"{where}: embeddings must be non-null lists of {dim} floats")
-    return np.ascontiguousarray(arr.flatten().to_numpy(zero_copy_only=False), dtype=np.float32).reshape(-1, dim)
-
-
-def build_document_index(run_dir: str) -> dict:
-    """Write RUN/index/ from RUN/tree/ and RUN/routed/, streaming routed/ in batches. Returns index.json."""
-    tree = Tree.load(os.path.join(run_dir, "tree"))
-    routed_dir = os.path.join(run_dir, "routed")
-    if not os.path.isdir(routed_dir):
-        raise FileNotFoundError(f"{routed_dir} is missing: run jobs/cluster_corpus.py to its routing stage first")
-    n_leaves = tree.k ** tree.depth
-    quantizer = faiss.IndexFlatIP(tree.dim)
-    quantizer.add(tree.centroids[-1])
-    ivf = faiss.IndexIVFFlat(quantizer, tree.dim, n_leaves, faiss.METRIC_INNER_PRODUCT)
-    ivf.is_trained = True  # the lists are the tree's leaves: nothing to train
-
-    out_dir = os.path.join(run_dir, "index")
-    os.makedirs(out_dir, exist_ok=True)
-    schema = pa.schema([("doc_id", pa.string()), ("leaf", pa.int64()), ("preview", pa.string())])
-    arrow_tmp = os.path.join(out_dir, "documents.arrow.tmp")
-    dataset = ds.dataset(routed_dir, format="parquet", partitioning="hive")
-    n = 0
-    with pa.OSFile(arrow_tmp, "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
-        # files in sorted path order: FAISS ids are deterministic for a given run
-        for batch in dataset.to_batches(columns=["doc_id", "leaf", "embedding", "preview"], batch_size=BUILD_BATCH):
-            if batch.num_rows == 0:
-                continue
-            where = f"{routed_dir} (rows {n}..{n + batch.num_rows - 1})"
-            x = _embedding_matrix(batch.column("embedding"), tree.dim, where)
-            leaf = batch.column("leaf").to_numpy(zero_copy_only=False).astype(np.int64)
-            if leaf.min() < 0 or leaf.max() >= n_leaves:
-                raise ValueError(f"{where}: leaf outside 0..{n_leaves - 1}; routed/ and tree/ come from different runs")
-            ids = np.arange(n, n + len(leaf), dtype=np.int64)
-            ivf.add_core(len(leaf), faiss.swig_ptr(x), faiss.swig_ptr(ids), faiss.swig_ptr(leaf))
-            writer.write_batch(pa.record_batch([batch.column("doc_id"), pa.array(leaf), batch.column("preview")],
-                                               schema=schema))
-            n += len(leaf)
-    if n == 0:
-        raise ValueError(f"{routed_dir} holds no routed documents")
-    faiss_tmp = os.path.join(out_dir, "documents.faiss.tmp")
-    faiss.write_index(ivf, faiss_tmp)
-    meta = {"format": FORMAT, "tree_version": tree.version, "n_documents": n, "dim": tree.dim, "n_leaves": n_leaves}
-    # index.json last: its presence marks a complete index
-    os.replace(faiss_tmp, os.path.join(out_dir, "documents.faiss"))
-    os.replace(arrow_tmp, os.path.join(out_dir, "documents.arrow"))
-    with open(os.path.join(out_dir, "index.json"), "w") as f:
-        json.dump(meta, f, indent=2)
-    return meta
+def vote(keys: np.ndarray, weights: np.ndarray, top: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Per row, the ``top`` keys with the most summed weight (ties: the smallest key) and their share
+    of the row's weight. keys [N, m] (-1 = no hit) -> (best [N, top] with -1 where none, share [N, top])."""
+    n = keys.shape[0]
+    best = np.full((n, top), -1, dtype=np.int64)
+    share = np.zeros((n, top))
+    for i in range(n):
+        ok = keys[i] >= 0
+        if not ok.any():
+            continue
+        uniq, inv = np.unique(keys[i][ok], return_inverse=True)
+        w = np.bincount(inv, weights=weights[i][ok])
+        order = np.lexsort((uniq, -w))[:top]  # most weight first, then the smallest key
+        best[i, :len(order)] = uniq[order]
+        share[i, :len(order)] = w[order] / w.sum()
+    return best, share
 
 
 class Router:
     """Load with ``Router.load(run_dir)``; all methods are batched over queries."""
 
-    def __init__(self, run_dir: str, tree: Tree, manifest: dict, documents: faiss.IndexIVF | None,
-                 doc_table: pa.Table | None):
-        self.run_dir, self.tree, self.manifest = run_dir, tree, manifest
-        self.documents, self.doc_table = documents, doc_table
+    def __init__(self, run_dir: str, tree: Tree, manifest: dict, documents: DocumentIndex | None,
+                 routing: RoutingConfig | None = None):
+        self.run_dir, self.tree, self.manifest, self.documents = run_dir, tree, manifest, documents
+        self.routing = routing or RoutingConfig(mode="neighbours" if documents is not None else "descent")
+        if self.routing.needs_index and documents is None:
+            raise ValueError(f"routing mode {self.routing.mode!r} votes over the document index; load the router "
+                             f"with documents=True (python jobs/build_index.py --run {run_dir} builds it)")
         self.descender = Descender(tree)
         self._encoder = None
 
     @classmethod
-    def load(cls, run_dir: str, documents: bool = True) -> "Router":
-        """``documents=False`` skips the document index (routing and blocks only)."""
+    def load(cls, run_dir: str, documents: bool = True, routing: RoutingConfig | None = None) -> "Router":
+        """``documents=False`` skips the document index (descent routing and blocks only)."""
         if not os.path.isdir(run_dir):
             raise FileNotFoundError(f"run directory {run_dir} does not exist")
         tree = Tree.load(os.path.join(run_dir, "tree"))
-        manifest = _read_json(os.path.join(run_dir, "manifest.json"), "is the cluster_corpus run finished?")
+        manifest = read_json(os.path.join(run_dir, "manifest.json"), "is the cluster_corpus run finished?")
         if manifest.get("tree_version") != tree.version:
             raise TreeVersionError(f"{run_dir}: manifest.json has tree_version {manifest.get('tree_version')!r} "
                                    f"but tree/ is {tree.version!r}; the run directory mixes two runs")
-        if not documents:
-            return cls(run_dir, tree, manifest, None, None)
-        index_dir = os.path.join(run_dir, "index")
-        fix = f"build it with: python jobs/build_index.py --run {run_dir}"
-        meta = _read_json(os.path.join(index_dir, "index.json"), f"the run has no document index; {fix}")
-        if meta.get("format") != FORMAT or meta.get("tree_version") != tree.version:
-            raise TreeVersionError(f"{index_dir}/index.json: built for tree {meta.get('tree_version')!r} "
-                                   f"(format {meta.get('format')!r}), the run's tree is {tree.version!r}; {fix}")
-        try:
-            # codes stay in the page cache, shared between processes, not copied into each
-            index = faiss.read_index(os.path.join(index_dir, "documents.faiss"),
-                                     faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY)
-            table = pa.ipc.open_file(pa.memory_map(os.path.join(index_dir, "documents.arrow"))).read_all()
-        except (RuntimeError, OSError, pa.ArrowInvalid) as e:
-            raise ValueError(f"{index_dir} is corrupt or incomplete ({e}); {fix}") from e
-        if index.ntotal != meta["n_documents"] or table.num_rows != meta["n_documents"]:
-            raise ValueError(f"{index_dir}: index.json says {meta['n_documents']} documents, documents.faiss has "
-                             f"{index.ntotal}, documents.arrow {table.num_rows}; {fix}")
-        return cls(run_dir, tree, manifest, index, table)
+        return cls(run_dir, tree, manifest, DocumentIndex.load(run_dir, tree) if documents else None, routing)
 
     @property
     def tree_version(self) -> str:
@@ -171,12 +138,48 @@ class Router:
         windows = int(self.manifest.get("config", {}).get("max_windows", 1))  # embed as the job did
         return embed_texts(self._encoder, texts, batch_size=64, max_windows=windows)
 
-    def route_embeddings(self, x: np.ndarray) -> np.ndarray:
-        """Paths [N, p] (int32) of L2-normalised embeddings [N, dim]."""
+    # -- routing
+    def descend(self, x: np.ndarray) -> np.ndarray:
+        """Greedy-descent paths [N, p] (int32) of L2-normalised embeddings [N, dim]: a training document's path."""
         return self.descender.route(np.atleast_2d(x))
 
-    def route_texts(self, texts: list[str]) -> np.ndarray:
-        return self.route_embeddings(self.embed(texts))
+    def route_embeddings(self, x: np.ndarray, mode: str | None = None) -> np.ndarray:
+        """Paths of embeddings [N, dim] under ``mode`` (default: this router's): [N, p] (int32), or
+        [N, 2, p] for ``two_paths`` (the second path repeats the first where the vote found one leaf)."""
+        mode = mode or self.routing.mode
+        if mode not in MODES:
+            raise ValueError(f"routing mode {mode!r}: one of {MODES}")
+        x = np.atleast_2d(x)
+        descent = self.descend(x)
+        if mode == "descent":
+            return descent
+        if self.documents is None:
+            raise ValueError(f"routing mode {mode!r} needs the document index: load the router with documents=True")
+        cfg, k, depth = self.routing, self.tree.k, self.tree.depth
+        hits = self.documents.search(x, cfg.neighbours, cfg.nprobe)
+        weights = _weights(hits)
+        if mode == "levels":
+            chosen = np.zeros(len(x), dtype=np.int64)
+            alive = hits.leaves >= 0
+            for level in range(1, depth + 1):
+                node = np.where(alive, hits.leaves // k ** (depth - level), -1)  # local index at this level
+                best, _ = vote(node, weights)
+                chosen = best[:, 0]
+                alive &= node == chosen[:, None]
+            paths = leaf_paths(np.maximum(chosen, 0), k, depth)
+            return np.where((chosen >= 0)[:, None], paths, descent)
+        best, share = vote(np.where(hits.leaves >= 0, hits.leaves, -1), weights, top=2)
+        found = best[:, 0] >= 0
+        first = np.where(found[:, None], leaf_paths(np.maximum(best[:, 0], 0), k, depth), descent)
+        if mode == "neighbours":
+            return first
+        if mode == "hybrid":
+            return np.where((found & (share[:, 0] >= cfg.hybrid_share))[:, None], first, descent)
+        second = np.where((best[:, 1] >= 0)[:, None], leaf_paths(np.maximum(best[:, 1], 0), k, depth), first)
+        return np.stack([first, second], axis=1)
+
+    def route_texts(self, texts: list[str], mode: str | None = None) -> np.ndarray:
+        return self.route_embeddings(self.embed(texts), mode)
 
     def blocks(self, paths: np.ndarray) -> np.ndarray:
         """Global block ids [N, p] of each path's nodes (index/tree.py numbering)."""
@@ -201,18 +204,18 @@ class Router:
             out.append(rows)
         return out
 
-    def neighbours(self, x: np.ndarray, n: int, within_leaf: bool) -> list[list[Neighbour]]:
-        """The n nearest routed documents of each embedding, in its own leaf or over the whole corpus."""
+    def neighbours(self, x: np.ndarray, n: int, leaves: np.ndarray | None = None) -> list[list[Neighbour]]:
+        """The n nearest routed documents of each embedding: within its leaf ``leaves[i]`` when given,
+        else over the corpus (the ``nprobe`` nearest lists, as the vote searches)."""
         if self.documents is None:
             raise ValueError(f"{self.run_dir}: router loaded without the document index")
-        x = np.ascontiguousarray(np.atleast_2d(x), dtype=np.float32)
-        if within_leaf:
-            lists = self.leaves(self.route_embeddings(x))[:, None]
-            self.documents.nprobe = 1  # the query's own leaf
-            scores, ids = self.documents.search_preassigned(x, n, lists, np.zeros(lists.shape, dtype=np.float32))
-        else:
-            self.documents.nprobe = self.documents.nlist  # every list: an exact search over all documents
-            scores, ids = self.documents.search(x, n)
-        doc_id, leaf, preview = (self.doc_table.column(c) for c in ("doc_id", "leaf", "preview"))
-        return [[Neighbour(doc_id[int(i)].as_py(), float(s), leaf[int(i)].as_py(), preview[int(i)].as_py())
-                 for s, i in zip(srow, irow) if i >= 0] for srow, irow in zip(scores, ids)]
+        x = np.atleast_2d(x)
+        hits = (self.documents.search(x, n, self.routing.nprobe) if leaves is None
+                else self.documents.search_leaves(x, np.asarray(leaves).reshape(-1, 1), n))
+        out = []
+        for sims, rows in zip(hits.sims, hits.rows):
+            ok = rows >= 0
+            docs = self.documents.documents(rows[ok])
+            out.append([Neighbour(d, float(s), int(lf), pv) for d, s, lf, pv in
+                        zip(docs["doc_id"], sims[ok], docs["leaf"], docs["preview"])])
+        return out

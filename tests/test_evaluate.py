@@ -120,6 +120,26 @@ def test_probe_agreement_oracle_and_blocking(setup):
     assert set(res["accuracy"]) == {"fetched", "generic", "none", "oracle", "blocked"}
 
 
+def test_two_paths_fetch_shared_blocks_once(setup):
+    """two_paths: the second path's blocks that the first fetches are disabled; the same path twice is one path."""
+    ev, _, _ = setup
+    prompts = list(PROMPTS.values())
+    one = ev.router.route_texts(prompts)
+    same = ev.block_ids(np.stack([one, one], axis=1), "fetched")
+    assert same.shape == (2, 2 * ev.depth) and (same[:, ev.depth:] == -1).all()
+    assert ev.fetch_cost(same) == pytest.approx(1.0)
+    assert ev.complete(prompts, same, [3, 3]) == ev.complete(prompts, ev.block_ids(one, "fetched"), [3, 3])
+    other = one.copy()
+    other[:, -1] = 1 - other[:, -1]  # a sibling leaf: the level-1 block is shared, the leaf block is not
+    both = ev.block_ids(np.stack([one, other], axis=1), "fetched")
+    assert (both[:, ev.depth] == -1).all() and (both[:, -1] >= 0).all()
+    ranks = ev.bank.config.ranks
+    assert ev.fetch_cost(both) == pytest.approx((sum(ranks) + ranks[-1]) / sum(ranks))
+    nll_one, _ = ev.text_nll(prompts, one, "fetched")
+    nll_both, _ = ev.text_nll(prompts, np.stack([one, other], axis=1), "fetched")
+    assert not np.allclose(nll_one, nll_both)  # the sibling's block takes part
+
+
 def test_block_report(setup):
     ev, _, model_dir = setup
     texts = ["hydrogen is element one", "a tree of memory blocks"]

@@ -1,5 +1,6 @@
 """The long-tail facts corpus: real facts, Zipf-like frequencies, varied wording, probes that match the corpus."""
 import json
+import os
 import re
 from collections import Counter, defaultdict
 
@@ -9,6 +10,7 @@ from corpora.bbc import bbc_records
 from corpora.longtail import LongtailConfig, build, write, zipf_frequencies
 from train.evaluate import read_probes
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = dict(bbc_train=6, bbc_heldout=3, heldout_entities=5, max_frequency=20)
 
 
@@ -52,7 +54,11 @@ def test_facts_are_the_packages_facts(corpus):
     assert probes[("iron", "atomic_number")]["answer"] == "26"
     assert probes[("iron", "symbol")]["answer"] == "Fe"
     assert probes[("France", "numeric_code")]["answer"] == "250"
-    assert probes[("iron", "atomic_number")]["prompt"] == "Iron is a transition metal. The atomic number of iron is"
+    # the primary probe is the bare question a user asks; the context-prefixed one is a second file
+    assert probes[("iron", "atomic_number")]["prompt"] == "The atomic number of iron is"
+    context = {(p["entity"], p["fact"]): p for p in corpus.probes_context}
+    assert context[("iron", "atomic_number")]["prompt"] == "Iron is a transition metal. The atomic number of iron is"
+    assert [dict(p, prompt=None) for p in corpus.probes] == [dict(p, prompt=None) for p in corpus.probes_context]
 
 
 def test_wording_varies_within_an_entity(corpus):
@@ -91,6 +97,7 @@ def test_write_reads_back_as_probes(tmp_path, corpus):
     summary = write(corpus, cfg, str(tmp_path))
     probes = read_probes(str(tmp_path / "probes.jsonl"))
     assert len(probes) == summary["probes"] == len(corpus.probes)
+    assert len(read_probes(str(tmp_path / "probes_context.jsonl"))) == len(probes)
     with open(tmp_path / "train.jsonl") as f:
         assert sum(1 for _ in f) == summary["train_documents"]
     assert json.loads((tmp_path / "summary.json").read_text())["entities"] == len(corpus.entities)
@@ -114,3 +121,40 @@ def test_bad_config_is_refused():
         LongtailConfig(domains=("planets",))
     with pytest.raises(ValueError, match="fact_passes"):
         LongtailConfig(fact_passes=0)
+
+
+def test_bench_stage_reruns_exactly_when_its_inputs_change(tmp_path):
+    """bench/longtail.py: a stage is skipped only when its output exists and its fingerprint matches."""
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location("longtail_bench", os.path.join(ROOT, "bench", "longtail.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    cfg, out, log = tmp_path / "cfg.yaml", tmp_path / "out.txt", str(tmp_path / "log")
+    cfg.write_text("a: 1\n")
+    counter = tmp_path / "runs"
+
+    def stage(name, after=()):
+        cmd = [sys.executable, "-c", f"open({str(out)!r}, 'w').write('x'); open({str(counter)!r}, 'a').write('{name}\\n')"]
+        bench.Stages(str(tmp_path), cores=1, force=False).run(name, cmd, str(out), log, files=[str(cfg)], after=after)
+
+    def runs():
+        return counter.read_text().split() if counter.exists() else []
+
+    stage("a")
+    stage("a")
+    assert runs() == ["a"]  # same command and inputs: skipped
+    cfg.write_text("a: 2\n")
+    stage("a")
+    assert runs() == ["a", "a"]  # a config changed: recomputed, not skipped because its output exists
+    out.unlink()
+    stage("a")
+    assert runs() == ["a", "a", "a"]  # output gone
+    stage("b", after=["a"])
+    stage("b", after=["a"])
+    assert runs()[-1] == "b" and runs().count("b") == 1
+    cfg.write_text("a: 3\n")
+    stage("a")
+    stage("b", after=["a"])
+    assert runs().count("b") == 2  # its upstream stage ran with other inputs

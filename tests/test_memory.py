@@ -313,3 +313,19 @@ def test_fetched_api_shape():
         assert torch.equal(lv.ids[lv.index], ids[:, lv.level - 1])
     with pytest.raises(ValueError, match="block_ids"):
         bank.fetch(ids[:, :2])
+
+
+def test_union_of_ffn_memories_equals_their_units_together():
+    """Two paths fetched together (inference, two_paths routing): chained hooks = one FFN with all units."""
+    from train.memory import ChainedLayerMemory, FFNLayerMemory
+
+    g = torch.Generator().manual_seed(0)
+    d, ra, rb = 8, 3, 2
+    gu_a, gu_b = torch.randn(2 * ra, d, generator=g), torch.randn(2 * rb, d, generator=g)
+    down_a, down_b = torch.randn(ra, d, generator=g), torch.randn(rb, d, generator=g)
+    x, out = torch.randn(2, 5, d, generator=g), torch.randn(2, 5, d, generator=g)
+    chained = ChainedLayerMemory([FFNLayerMemory(gu_a, down_a), FFNLayerMemory(gu_b, down_b)]).post_ffn(x, None, out)
+    # one memory with both unit sets: gate rows then up rows, each the two paths' units in turn
+    (ga, ua), (gb, ub) = gu_a.chunk(2), gu_b.chunk(2)
+    both = FFNLayerMemory(torch.cat([ga, gb, ua, ub]), torch.cat([down_a, down_b])).post_ffn(x, None, out)
+    assert torch.allclose(chained, both, atol=1e-5)

@@ -37,6 +37,17 @@ def test_json_answers_match_router(run_dir, capsys):
         assert len(a["neighbours"]) == 3 and all({"doc_id", "score"} <= set(nb) for nb in a["neighbours"])
         assert all(nb["leaf"] == a["leaf"] for nb in a["leaf_neighbours"])
         assert a["leaf_share"] == np.mean([nb["leaf"] == a["leaf"] for nb in a["neighbours"]])
+        assert a["routing"] == "neighbours"
+    assert [a["descent_path"] for a in answers] == r.route_texts(QUERIES, "descent").tolist()
+
+
+def test_routing_mode_option(run_dir, capsys):
+    assert main(["--run", run_dir, "--json", "--routing", "descent", *QUERIES]) == 0
+    answers = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [a["path"] for a in answers] == [a["descent_path"] for a in answers]
+    assert main(["--run", run_dir, "--json", "--routing", "two_paths", *QUERIES]) == 0
+    answers = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert all(len(a["second_path"]) == len(a["path"]) for a in answers)
 
 
 def test_text_output_and_file_and_stdin(run_dir, tmp_path, capsys, monkeypatch):

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import yaml
 
+from index.router import RoutingConfig
 from train.memory import MemoryConfig
 from train.model import ModelConfig, load_model_config
 
@@ -93,6 +94,7 @@ class TrainConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     recipe: RecipeConfig = field(default_factory=RecipeConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    routing: RoutingConfig = field(default_factory=RoutingConfig)  # what a prompt fetches; exported as the default
     model_preset: str = "demo"
 
     def to_dict(self) -> dict:

@@ -1,10 +1,16 @@
 """Evaluate an exported model: held-out perplexity per memory setting, knowledge probes, per-block reports.
 
-    python -m train.evaluate --model EXPORT --run RUN [--heldout DOCS.jsonl] [--probes PROBES.jsonl] --out RESULTS.json
+    python -m train.evaluate --model EXPORT --run RUN [--heldout DOCS.jsonl] [--probes PROBES.jsonl]
+        [--routing neighbours descent ...] --out RESULTS.json
 
-Memory settings. A text is routed by the run's router (the same greedy descent as the training
-documents) and fetches, per level, one block:
-  fetched     the blocks on its own path
+Routing. A text is routed by the run's router in a routing mode (index/router.py: descent,
+neighbours, hybrid, levels, two_paths); ``--routing`` lists the modes to compare, the first one is
+the headline (default: the mode the model's export records). Training documents keep their stored
+paths; only what a prompt or held-out text fetches depends on the mode.
+
+Memory settings. A routed text fetches, per level, one block:
+  fetched     the blocks on its path under the headline mode (``fetched[mode]``: under another mode;
+              two_paths fetches the blocks of both paths, shared ancestors once)
   generic     the generic memory (one shared block per level, co-trained with probability p_generic)
   none        no memory: the bare anchor (the only setting of an anchor-only model)
   generic@l   its path, with level l's block swapped for the generic one   (per-level ablation)
@@ -23,11 +29,13 @@ followed by a non-alphanumeric character or its end. Per probe also:
   oracle      accuracy when the probe fetches the path holding most of those documents instead of
               its own route (separates routing errors from memory capacity)
   blocked     accuracy when every block on a path of those documents is disabled (id -1)
+  oracle_leaf share of probes whose route is the oracle's leaf (per mode)
 Probes are grouped in 5 buckets of entity frequency, log-spaced between the smallest and largest.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -40,6 +48,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from index.router import MODES
 from index.tree import generic_block_ids, n_tree_blocks, path_block_ids
 
 N_BUCKETS = 5
@@ -127,9 +136,16 @@ class Evaluator:
         return ["fetched", "generic", "none"] + [f"{s}@{l}" for l in levels for s in ("generic", "off")]
 
     def block_ids(self, paths: np.ndarray, setting: str) -> torch.Tensor | None:
-        """[N, p] block ids of ``paths`` under ``setting``; None means no memory."""
+        """[N, p] block ids of ``paths`` [N, p] under ``setting``; None means no memory. Two paths per text
+        ([N, 2, p], the two_paths mode) give [N, 2p] for ``fetched``: the second path's blocks that the
+        first already fetches are disabled (-1), so a shared ancestor counts once."""
         if setting == "none" or self.bank is None:
             return None
+        if paths.ndim == 3:
+            if setting == "fetched":
+                first, second = path_block_ids(paths[:, 0], self.k), path_block_ids(paths[:, 1], self.k)
+                return torch.from_numpy(np.concatenate([first, np.where(second == first, -1, second)], axis=1))
+            paths = paths[:, 0]
         ids = path_block_ids(paths, self.k)
         generic = generic_block_ids(self.k, self.depth)
         if setting == "generic":
@@ -142,7 +158,23 @@ class Evaluator:
         return torch.from_numpy(ids)
 
     def _memory(self, ids: torch.Tensor | None):
-        return None if ids is None else self.bank.fetch(ids, requires_grad=False)
+        if ids is None:
+            return None
+        if ids.shape[1] == 2 * self.depth:  # two paths: both sets of blocks, applied together
+            from train.memory import FetchedUnion
+
+            return FetchedUnion([self.bank.fetch(part, requires_grad=False) for part in ids.split(self.depth, 1)])
+        return self.bank.fetch(ids, requires_grad=False)
+
+    def fetch_cost(self, ids: torch.Tensor) -> float:
+        """Mean fetched memory units per text, relative to one full path (two_paths: up to 2)."""
+        ranks = torch.tensor(self.bank.config.ranks * (ids.shape[1] // self.depth), dtype=torch.float64)
+        return float(((ids >= 0).double() @ ranks).mean() / sum(self.bank.config.ranks))
+
+    def routes(self, texts: list[str], modes: list[str]) -> dict[str, np.ndarray]:
+        """Paths of ``texts`` under each routing mode (the texts embedded once)."""
+        x = self.router.embed(texts)
+        return {mode: self.router.route_embeddings(x, mode) for mode in modes}
 
     @torch.no_grad()
     def window_nll(self, windows: list[list[int]], ids: torch.Tensor | None) -> np.ndarray:
@@ -177,18 +209,23 @@ class Evaluator:
         return (np.bincount(owner, weights=nll, minlength=len(texts)),
                 np.bincount(owner, weights=[len(w) - 1 for w in wins], minlength=len(texts)))
 
-    def perplexity(self, docs: list[dict], settings: list[str] | None = None) -> dict:
-        """Per setting: perplexity over all held-out documents and per ``source``."""
+    def perplexity(self, docs: list[dict], settings: list[str] | None = None, modes: list[str] | None = None) -> dict:
+        """Per setting: perplexity over all held-out documents and per ``source``. ``modes``: routing modes,
+        the first for every setting, the others for ``fetched[mode]``."""
         texts = [d["text"] for d in docs]
         sources = np.array([d.get("source") or "all" for d in docs])
-        paths = self.router.route_texts(texts)
+        modes = modes or [self.router.routing.mode]
+        routes = self.routes(texts, modes)
+        runs = [(setting, routes[modes[0]], setting) for setting in settings or self.settings]
+        if self.bank is not None:
+            runs += [(f"fetched[{m}]", routes[m], "fetched") for m in modes[1:]]
         out = {}
-        for setting in settings or self.settings:
+        for name, paths, setting in runs:
             nll, n = self.text_nll(texts, paths, setting)
             row = {"all": math.exp(nll.sum() / n.sum())}
             for s in sorted(set(sources) - {"all"}):
                 row[s] = math.exp(nll[sources == s].sum() / n[sources == s].sum())
-            out[setting] = row
+            out[name] = row
         return out
 
     @torch.no_grad()
@@ -234,11 +271,17 @@ class Evaluator:
             columns=["doc_id", "path"], filter=pc.field("doc_id").isin(sorted(doc_ids)))
         return dict(zip(table.column("doc_id").to_pylist(), table.column("path").to_pylist()))
 
-    def probe(self, probes: list[Probe]) -> dict:
-        """Per-probe records and per-bucket summaries (see the module doc)."""
+    def probe(self, probes: list[Probe], modes: list[str] | None = None) -> dict:
+        """Per-probe records and per-bucket summaries (see the module doc); ``modes``: routing modes to
+        compare, the first is the headline (``fetched``, ``blocked``, ``agreement``)."""
         prompts = [p.prompt for p in probes]
-        routes = self.router.route_texts(prompts)
+        modes = modes or [self.router.routing.mode]
+        by_mode = self.routes(prompts, modes)
+        first = {m: r[:, 0] if r.ndim == 3 else r for m, r in by_mode.items()}  # each mode's leading path
+        routes = first[modes[0]]
         leaves = self.router.leaves(routes)
+        mode_leaves = {m: self.router.leaves(r) for m, r in first.items()}
+        mode_agreement = {m: np.full(len(probes), np.nan) for m in modes}
         entity_docs = self.entity_documents(probes)
         paths_of = self.doc_paths({d for docs in entity_docs.values() for d in docs})
         oracle, agreement, blocked = routes.copy(), np.zeros(len(probes)), []
@@ -250,16 +293,19 @@ class Evaluator:
                 continue
             doc_leaves = self.router.leaves(np.asarray(doc_paths))
             agreement[i] = float(np.mean(doc_leaves == leaves[i]))
+            for m in modes:
+                mode_agreement[m][i] = float(np.mean(doc_leaves == mode_leaves[m][i]))
             top = Counter(doc_leaves.tolist()).most_common()
             best = min(l for l, c in top if c == top[0][1])  # ties: the smallest leaf, deterministically
             oracle[i] = doc_paths[int(np.flatnonzero(doc_leaves == best)[0])]
             blocked.append(set(path_block_ids(np.asarray(doc_paths), self.k).ravel().tolist()))
         max_new = [len(self.tokenizer.encode(" " + p.answer).ids) + 1 for p in probes]
         runs = {"none": None} if self.bank is None else {
-            "fetched": self.block_ids(routes, "fetched"), "generic": self.block_ids(routes, "generic"), "none": None,
-            "oracle": self.block_ids(oracle, "fetched")}
+            "fetched": self.block_ids(by_mode[modes[0]], "fetched"), "generic": self.block_ids(routes, "generic"),
+            "none": None, "oracle": self.block_ids(oracle, "fetched"),
+            **{f"fetched[{m}]": self.block_ids(by_mode[m], "fetched") for m in modes[1:]}}
         if self.bank is not None:
-            ids = runs["fetched"].clone()
+            ids = self.block_ids(routes, "fetched")
             for i, b in enumerate(blocked):
                 ids[i] = torch.tensor([-1 if int(x) in b else int(x) for x in ids[i]])
             runs["blocked"] = ids
@@ -271,6 +317,8 @@ class Evaluator:
         edges = bucket_edges(freqs)
         bucket = bucket_of(freqs, edges)
         n_blocks = n_tree_blocks(self.k, self.depth)
+        oracle_leaves = self.router.leaves(oracle)
+        on_oracle = {m: mode_leaves[m] == oracle_leaves for m in modes}
         buckets = []
         for b in range(N_BUCKETS):
             sel = bucket == b
@@ -278,14 +326,20 @@ class Evaluator:
             buckets.append({"bucket": b, "frequency_range": [int(f.min()), int(f.max())] if sel.any() else None,
                             "probes": int(sel.sum()), "entities": len({probes[i].entity for i in np.flatnonzero(sel)}),
                             "routing_agreement": float(np.nanmean(agreement[sel])) if sel.any() else None,
+                            "routing_agreement_by_mode": {m: float(np.nanmean(a[sel])) if sel.any() else None
+                                                          for m, a in mode_agreement.items()},
+                            "oracle_leaf_by_mode": {m: float(o[sel].mean()) if sel.any() else None
+                                                    for m, o in on_oracle.items()},
                             "accuracy": {n: float(c[sel].mean()) if sel.any() else None for n, c in correct.items()}})
         records = [dict(asdict(p), doc_ids=None, bucket=int(bucket[i]), leaf=int(leaves[i]),
                         agreement=None if np.isnan(agreement[i]) else float(agreement[i]),
                         blocked_share=len(blocked[i]) / n_blocks, **{n: bool(c[i]) for n, c in correct.items()})
                    for i, p in enumerate(probes)]
-        return {"edges": edges.tolist(), "buckets": buckets, "records": records,
+        return {"edges": edges.tolist(), "buckets": buckets, "records": records, "modes": modes,
                 "accuracy": {n: float(c.mean()) for n, c in correct.items()},
                 "routing_agreement": float(np.nanmean(agreement)),
+                "fetch_cost": {m: self.fetch_cost(runs["fetched" if m == modes[0] else f"fetched[{m}]"])
+                               for m in modes} if self.bank is not None else {},
                 "blocked_bank_share": float(np.mean([len(b) for b in blocked]) / n_blocks)}
 
 
@@ -297,6 +351,8 @@ def block_report(model_dir: str, router, texts: list[str]) -> list[list[dict]]:
     if ev.bank is None:
         raise ValueError(f"{model_dir} is an anchor-only model: it has no memory blocks to report on")
     paths = router.route_texts(texts)
+    if paths.ndim == 3:
+        raise ValueError("the per-level report needs one path per text: use another routing mode than two_paths")
     blocks = path_block_ids(paths, ev.k)
     nll = {}
     for setting in ev.settings:
@@ -307,6 +363,21 @@ def block_report(model_dir: str, router, texts: list[str]) -> list[list[dict]]:
               "nll_without": float(nll[f"off@{l}"][q]), "nll_generic": float(nll[f"generic@{l}"][q]),
               "delta": float(nll[f"off@{l}"][q] - nll["fetched"][q])}
              for l in range(1, ev.depth + 1) if f"off@{l}" in nll] for q in range(len(texts))]
+
+
+def model_routing(model_dir: str, modes: list[str] | None = None, neighbours: int | None = None,
+                  nprobe: int | None = None):
+    """The routing of prompts for an exported model: the one its meta.json records (index.router defaults
+    for older exports), with the first of ``modes`` and the given sizes overriding it."""
+    from index.router import RoutingConfig
+
+    path = os.path.join(model_dir, "meta.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} is missing: --model must be an export directory written by train/main.py")
+    with open(path) as f:
+        recorded = json.load(f).get("routing") or {}
+    given = {"mode": modes[0] if modes else None, "neighbours": neighbours, "nprobe": nprobe}
+    return RoutingConfig(**dict(recorded, **{k: v for k, v in given.items() if v is not None}))
 
 
 def model_summary(ev: Evaluator) -> dict:
@@ -328,18 +399,25 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", help="write the results JSON here (default: print it)")
     ap.add_argument("--max-docs", type=int, default=0, help="only the first N held-out documents (0: all)")
     ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--routing", nargs="+", choices=MODES, metavar="MODE",
+                    help=f"routing modes to compare ({', '.join(MODES)}); the first is the headline "
+                         "(default: the model's recorded mode)")
+    ap.add_argument("--neighbours", type=int, help="documents in the neighbour vote (default: the model's)")
+    ap.add_argument("--nprobe", type=int, help="leaf lists the vote searches (default: the model's)")
     args = ap.parse_args(argv)
     from index.router import Router
 
     try:
-        router = Router.load(args.run, documents=False)
+        routing = model_routing(args.model, args.routing, args.neighbours, args.nprobe)
+        modes = args.routing or [routing.mode]
+        router = Router.load(args.run, documents=any(m != "descent" for m in modes), routing=routing)
         ev = Evaluator(args.model, router, args.batch_size)
-        result = {"model": model_summary(ev), "settings": ev.settings}
+        result = {"model": model_summary(ev), "settings": ev.settings, "routing": dataclasses.asdict(routing)}
         if args.heldout:
             docs = read_jsonl(args.heldout, ("text",))
-            result["perplexity"] = ev.perplexity(docs[:args.max_docs or None])
+            result["perplexity"] = ev.perplexity(docs[:args.max_docs or None], modes=modes)
         if args.probes:
-            result["probes"] = ev.probe(read_probes(args.probes))
+            result["probes"] = ev.probe(read_probes(args.probes), modes)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -6,7 +6,8 @@ EXPORT/
                                train.memory.TensorBlockStore format; one file per level so shallow
                                levels can sit in RAM and deep ones on disk
   tokenizer.json               the run's tokenizer
-  meta.json                    tree version, k, depth, model / memory / train configs, step
+  meta.json                    tree version, k, depth, model / memory / train configs, step, and the
+                               default routing of prompts (index.router.RoutingConfig)
 
 Usage: python -m train.export --checkpoint OUT/checkpoints/stepN --data RUN_DIR --out EXPORT_DIR
 (the trainer calls ``export`` itself at the end of a run).
@@ -82,7 +83,8 @@ def export(checkpoint: str, run_dir: str, out_dir: str, cfg_dict: dict, anchor_s
     meta = {"format": FORMAT, "tree_version": manifest["tree_version"], "k": k, "depth": depth,
             "seq_len": manifest["seq_len"], "eot_id": manifest.get("eot_id", 0), "pad_id": manifest.get("pad_id", 1),
             "model": cfg_dict["model"], "memory": cfg_dict["memory"] if shards else None,
-            "train": cfg_dict, "step": state["step"], "run_dir": os.path.abspath(run_dir)}
+            "routing": cfg_dict.get("routing"), "train": cfg_dict, "step": state["step"],
+            "run_dir": os.path.abspath(run_dir)}
     with open(os.path.join(out_dir, "meta.json"), "w") as f:
         json.dump(meta, f, indent=2)
     return out_dir

@@ -455,6 +455,44 @@ class Fetched:
         return [layer_cls(*per_layer, *extra) for per_layer in zip(*(t.unbind(0) for t in tensors))]
 
 
+class ChainedLayerMemory(LayerMemory):
+    """Several memories in one layer, their hooks applied in turn. For FFN memory the result equals one
+    memory with all their units (the units' contributions add); LoRA deltas add too; KV memories each
+    keep their own softmax."""
+
+    def __init__(self, parts: list[LayerMemory]):
+        self.parts = parts
+
+    def attend(self, q, y):
+        for m in self.parts:
+            y = m.attend(q, y)
+        return y
+
+    def pre_ffn(self, x, g, u):
+        for m in self.parts:
+            g, u = m.pre_ffn(x, g, u)
+        return g, u
+
+    def post_ffn(self, x, h, out):
+        for m in self.parts:
+            out = m.post_ffn(x, h, out)
+        return out
+
+
+@dataclass
+class FetchedUnion:
+    """Several ``Fetched`` of one batch used together (inference only: e.g. the blocks of two paths)."""
+
+    parts: list[Fetched]
+
+    @property
+    def batch_size(self) -> int:
+        return self.parts[0].batch_size
+
+    def layers(self, dtype: torch.dtype | None = None) -> list[LayerMemory]:
+        return [ChainedLayerMemory(list(per_layer)) for per_layer in zip(*(f.layers(dtype) for f in self.parts))]
+
+
 # the per-layer tensors each kind's LayerMemory takes; each is a cat of stored names along the unit axis
 _LAYER_GROUPS = {
     "ffn": (FFNLayerMemory, (("w_gate", "w_up"), ("w_down",))),

@@ -1,0 +1,198 @@
+"""The document index the neighbour vote searches (index/docindex.py): size, vote agreement, query latency.
+
+    python bench/doc_index.py                                   # 1M synthetic documents, k=16, p=4
+    python bench/doc_index.py --real RUN PROBES.jsonl [RUN PROBES.jsonl ...]   # + agreement on real runs
+
+1. Size. A synthetic run of N documents (a seeded hierarchy of topics, k children per node, p
+   levels; the tree's centroids are the topics, every document routed by the real descent) is
+   written in parts and indexed with jobs/build_index.py's code: build seconds, peak RSS of the
+   build, bytes per document in the lists.
+2. Vote agreement. The leaf the neighbour vote picks from the compressed index (bounded nprobe)
+   against the leaf it picks from an exact search over the raw embeddings (streamed, flat inner
+   product), for the same questions: the synthetic run's (documents' noisy copies) and, with
+   --real, each real run's probe prompts embedded by the real encoder.
+3. Latency. ``index.query``'s answer (embed + vote + neighbours in the leaf and over the corpus),
+   warm, one query at a time, real sentences as queries, 1 thread.
+Last line: ``bytes_per_document B vote_agreement_real A vote_agreement_synthetic S p50_ms P``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def synthetic_run(root: str, n: int, k: int, depth: int, dim: int, seed: int, part_rows: int = 100_000) -> None:
+    """A run directory (tree/, routed/, manifest.json) of n generated documents; never all vectors at once."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from corpora.bbc import bbc_records
+    from index.route import Descender
+    from index.tree import Tree, local_index
+
+    rng = np.random.default_rng(seed)
+    centroids, level = [], np.zeros((1, dim), dtype=np.float32)
+    for l in range(depth):  # children of each node: the parent plus a shrinking perturbation (norm 1, .6, .4, .27)
+        noise = rng.normal(size=(len(level) * k, dim)).astype(np.float32) / np.sqrt(dim)
+        child = np.repeat(level, k, axis=0) + (0.65 ** l if l else 1.0) * noise
+        child /= np.linalg.norm(child, axis=1, keepdims=True)
+        centroids.append(child)
+        level = child
+    tree = Tree(k=k, depth=depth, dim=dim, centroids=centroids,
+                biases=[np.zeros(len(c), dtype=np.float32) for c in centroids], config={"max_windows": 1})
+    tree.save(os.path.join(root, "tree"))
+    sentences = [r["text"].split(". ")[0][:200] for r in bbc_records()]
+    descender, counts = Descender(tree), [np.zeros(k ** (l + 1), dtype=np.int64) for l in range(depth)]
+    os.makedirs(os.path.join(root, "routed"))
+    for start in range(0, n, part_rows):
+        m = min(part_rows, n - start)
+        leaf = rng.integers(0, k ** depth, size=m)
+        x = level[leaf] + 0.2 * rng.normal(size=(m, dim)).astype(np.float32) / np.sqrt(dim)  # cosine ~0.98
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
+        paths = descender.route(x)
+        for l in range(depth):
+            counts[l] += np.bincount(local_index(paths, k, l + 1), minlength=k ** (l + 1))
+        table = pa.table({"doc_id": [f"syn-{i:09d}" for i in range(start, start + m)],
+                          "path": pa.array(paths.tolist(), pa.list_(pa.int32())),
+                          "leaf": local_index(paths, k, depth),
+                          "embedding": pa.FixedSizeListArray.from_arrays(pa.array(x.ravel()), dim).cast(
+                              pa.list_(pa.float32())),
+                          "preview": [sentences[i % len(sentences)] for i in range(start, start + m)]})
+        pq.write_table(table, os.path.join(root, "routed", f"part-{start // part_rows:05d}.parquet"))
+    levels = [{"level": l + 1, "nodes": k ** (l + 1), "node_documents": c.tolist(), "node_tokens": (c * 500).tolist()}
+              for l, c in enumerate(counts)]
+    with open(os.path.join(root, "manifest.json"), "w") as f:
+        json.dump({"documents_in": n, "documents_routed": n, "documents_quarantined": 0, "tree_version": tree.version,
+                   "k": k, "depth": depth, "levels": levels, "config": {"max_windows": 1}}, f)
+
+
+def exact_vote(run: str, q: np.ndarray, m: int, router) -> np.ndarray:
+    """The vote's leaf from an exact inner-product search over the raw routed embeddings (streamed)."""
+    import faiss
+
+    from index.docindex import _batches, embedding_matrix
+    from index.router import vote
+
+    heap = faiss.ResultHeap(len(q), m, keep_max=True)
+    leaves = []
+    offset = 0
+    for batch in _batches(os.path.join(run, "routed"), ["leaf", "embedding"]):
+        x = embedding_matrix(batch.column("embedding"), q.shape[1], run)
+        flat = faiss.IndexFlatIP(q.shape[1])
+        flat.add(x)
+        d, i = flat.search(q, min(m, len(x)))
+        heap.add_result(d, np.where(i >= 0, i + offset, -1))
+        leaves.append(batch.column("leaf").to_numpy(zero_copy_only=False))
+        offset += len(x)
+    heap.finalize()
+    leaf_of = np.concatenate(leaves)
+    ids = heap.I
+    keys = np.where(ids >= 0, leaf_of[np.maximum(ids, 0)], -1)
+    best, _ = vote(keys, np.clip(np.nan_to_num(heap.D), 0, None) + (ids >= 0) * 1e-9)
+    return best[:, 0]
+
+
+def index_vote(router, q: np.ndarray) -> np.ndarray:
+    return router.leaves(router.route_embeddings(q, "neighbours"))
+
+
+def latency(router, texts: list[str], n: int = 5) -> list[float]:
+    from index.query import answer
+
+    answer(router, texts[:1], n)  # warm: encoder loaded, pages mapped
+    ms = []
+    for t in texts:
+        start = time.perf_counter()
+        answer(router, [t], n)
+        ms.append(1000 * (time.perf_counter() - start))
+    return ms
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--n", type=int, default=1_000_000)
+    p.add_argument("--k", type=int, default=16)
+    p.add_argument("--depth", type=int, default=4)
+    p.add_argument("--queries", type=int, default=200, help="synthetic questions for the agreement")
+    p.add_argument("--latency-queries", type=int, default=50)
+    p.add_argument("--real", nargs="*", default=[], metavar="RUN PROBES", help="real runs and their probe files")
+    p.add_argument("--work", help="directory for the synthetic run (default: a temporary one)")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args()
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[var] = "1"
+    import faiss
+    import torch
+
+    from index.docindex import build_document_index
+    from index.router import Router
+
+    torch.set_num_threads(1)
+    faiss.omp_set_num_threads(1)
+    rows = []
+    real_agree = []
+    for run, probes in zip(args.real[::2], args.real[1::2]):
+        router = Router.load(run)
+        with open(probes) as f:
+            prompts = [json.loads(line)["prompt"] for line in f if line.strip()]
+        q = router.embed(prompts)
+        same = index_vote(router, q) == exact_vote(run, q, router.routing.neighbours, router)
+        real_agree.append(same)
+        rows.append(f"real {run}: {len(prompts)} questions, vote leaf = exact-search vote leaf for {same.mean():.1%} "
+                    f"(nprobe {router.routing.nprobe} of {router.documents.n_lists} lists, "
+                    f"{router.documents.meta['list_bytes_per_document']:.1f} bytes/document)")
+        print(rows[-1], flush=True)
+
+    with tempfile.TemporaryDirectory(dir=args.work) as tmp:
+        run = os.path.join(tmp, "run")
+        t = time.time()
+        synthetic_run(run, args.n, args.k, args.depth, 384, args.seed)
+        gen_s = time.time() - t
+        rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        t = time.time()
+        meta = build_document_index(run, log=lambda m: None)
+        build_s = time.time() - t
+        rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        rows.append(f"synthetic: {args.n:,} documents, k={args.k} p={args.depth} ({args.k ** args.depth:,} lists), "
+                    f"generated in {gen_s:.0f}s; index built in {build_s:.0f}s; lists "
+                    f"{meta['list_bytes_per_document']:.1f} bytes/document, whole index "
+                    f"{meta['index_bytes'] / args.n:.1f} bytes/document (quantizer included), display table "
+                    f"{meta['table_bytes_per_document']:.1f} bytes/document; process peak RSS {rss0 / 1024:.0f} MB "
+                    f"before the build, {rss1 / 1024:.0f} MB after")
+        print(rows[-1], flush=True)
+        router = Router.load(run)
+        rng = np.random.default_rng(args.seed + 1)
+        import pyarrow.dataset as ds
+
+        table = ds.dataset(os.path.join(run, "routed"), format="parquet").head(50_000, columns=["embedding"])
+        x = np.array(table.column("embedding").to_pylist(), dtype=np.float32)
+        x = x[rng.choice(len(x), min(args.queries, len(x)), replace=False)]
+        q = x + 0.2 * rng.normal(size=x.shape).astype(np.float32) / np.sqrt(x.shape[1])  # near a document, not on it
+        q /= np.linalg.norm(q, axis=1, keepdims=True)
+        syn_same = index_vote(router, q) == exact_vote(run, q, router.routing.neighbours, router)
+        rows.append(f"synthetic: vote leaf = exact-search vote leaf for {syn_same.mean():.1%} of {args.queries} "
+                    f"questions (nprobe {router.routing.nprobe}, {router.routing.neighbours} neighbours)")
+        print(rows[-1], flush=True)
+        previews = router.documents.table.column("preview").to_pylist()[:5000]
+        texts = list(dict.fromkeys(previews))[:args.latency_queries]
+        ms = latency(router, texts)
+        rows.append(f"index.query answer, warm, 1 thread, {len(ms)} queries on the {args.n:,}-document index: "
+                    f"p50 {np.percentile(ms, 50):.1f} ms, p95 {np.percentile(ms, 95):.1f} ms; load {os.getloadavg()}")
+        print(rows[-1], flush=True)
+    real = float(np.concatenate(real_agree).mean()) if real_agree else float("nan")
+    print(f"bytes_per_document {meta['list_bytes_per_document']:.1f} vote_agreement_real {real:.3f} "
+          f"vote_agreement_synthetic {syn_same.mean():.3f} p50_ms {np.percentile(ms, 50):.1f}")
+
+
+if __name__ == "__main__":
+    main()
