@@ -127,15 +127,20 @@ class Router:
             raise TreeVersionError(f"the model was trained on tree {version!r} but {self.run_dir} holds tree "
                                    f"{self.tree.version!r}; query it with the run directory it was trained on")
 
-    def embed(self, texts: list[str]) -> np.ndarray:
-        from index.encoder import embed_texts, load_encoder
+    def embed(self, texts: list[str], precision: str | None = None) -> np.ndarray:
+        """Embed as the job did (windows, encoder precision); another ``precision`` is refused."""
+        from index.encoder import PrecisionMismatch, embed_texts, load_encoder, run_precision
 
         for i, t in enumerate(texts):
             if not isinstance(t, str) or not t.strip():
                 raise ValueError(f"query {i} is empty: give some text to route")
+        run = run_precision(self.manifest, self.tree.config)
+        if precision not in (None, run):
+            raise PrecisionMismatch(f"{self.run_dir} was embedded at encoder precision {run!r}; {precision!r} "
+                                    f"embeddings would route differently from its documents")
         if self._encoder is None:
-            self._encoder = load_encoder()
-        windows = int(self.manifest.get("config", {}).get("max_windows", 1))  # embed as the job did
+            self._encoder = load_encoder(precision=run)
+        windows = int(self.manifest.get("config", {}).get("max_windows", 1))
         return embed_texts(self._encoder, texts, batch_size=64, max_windows=windows)
 
     # -- routing

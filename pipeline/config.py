@@ -10,6 +10,8 @@ from typing import get_type_hints
 
 import yaml
 
+from index.encoder import PRECISIONS
+
 
 @dataclass
 class JobConfig:
@@ -31,6 +33,7 @@ class JobConfig:
     encoder_device: str = "auto"  # auto: cuda when the executor has a GPU, else cpu
     encoder_threads: int = 0  # torch threads per Python worker; 0 = executor cores / concurrent tasks
     max_windows: int = 1  # 256-word-piece windows embedded per document (mean of the first max_windows)
+    encoder_precision: str = "auto"  # fp32 | bf16 | int8; auto: bf16 where the CPU has native bf16, else fp32
     # tokenizer and packing
     tokenizer: str = ""  # a tokenizer.json to use; empty: train a byte-level BPE on a sample
     vocab_size: int = 8192
@@ -53,6 +56,8 @@ class JobConfig:
             problems.append(f"seq_len={self.seq_len} is too short")
         if self.max_windows < 1:
             problems.append("max_windows must be >= 1")
+        if self.encoder_precision not in ("auto",) + PRECISIONS:
+            problems.append(f"encoder_precision={self.encoder_precision!r}: choose auto, {', '.join(PRECISIONS)}")
         if problems:
             raise ValueError("invalid job config: " + "; ".join(problems))
 

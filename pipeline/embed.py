@@ -1,8 +1,15 @@
 """Embed documents on executors: an Arrow (pandas) UDF, the encoder loaded once per Python worker.
 
-Windowing is index/encoder.py's choice (first 256 word pieces, or the mean of the
-first ``max_windows`` windows), shared with the router so a text embeds the same
-way in the job and at query time.
+Windowing, precision and length bucketing are index/encoder.py's, shared with
+the router so a text embeds the same way in the job and at query time.
+
+Identical texts are embedded once: documents are hash-partitioned and sorted by
+a hash of their text, so all copies of a text sit next to each other in one
+task. Each UDF call embeds the distinct texts of its Arrow batch once, and
+remembers the last text and vector of the batch before it (the same task) for a
+run of copies that crosses the batch boundary. Memory: one Arrow batch
+(spark.sql.execution.arrow.maxRecordsPerBatch rows) plus one vector. The
+``reused`` column marks the rows whose vector was copied, not computed.
 """
 from __future__ import annotations
 
@@ -11,9 +18,12 @@ import os
 import numpy as np
 import pandas as pd
 from pyspark.sql import SparkSession
+from pyspark.sql import functions as F
 from pyspark.sql.functions import pandas_udf
 
 from pipeline.config import JobConfig
+
+_last: dict = {}  # per worker process: the previous batch's last (task attempt, text, vector)
 
 
 def encoder_device(requested: str) -> str:
@@ -23,18 +33,36 @@ def encoder_device(requested: str) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def make_embed_udf(cfg: JobConfig, threads: int):
+def make_embed_udf(cfg: JobConfig, precision: str, threads: int, counter: tuple[str, int] | None = None):
     batch, windows, device = cfg.encoder_batch_size, cfg.max_windows, cfg.encoder_device
 
-    @pandas_udf("array<float>")
-    def embed(texts: pd.Series) -> pd.Series:
+    @pandas_udf("struct<embedding:array<float>,reused:boolean>")
+    def embed(texts: pd.Series) -> pd.DataFrame:
         import torch
+        from pyspark import TaskContext
         from index.encoder import embed_texts, load_encoder
+        from pipeline.counter import report
         if threads:
             torch.set_num_threads(threads)
-        model = load_encoder(encoder_device(device))  # cached: loaded once per worker process
-        vecs = embed_texts(model, texts.tolist(), batch_size=batch, max_windows=windows)
-        return pd.Series(list(vecs.astype(np.float32)))
+        encoder = load_encoder(encoder_device(device), precision)  # cached: loaded once per worker process
+        task = TaskContext.get().taskAttemptId() if TaskContext.get() else None
+        texts = texts.tolist()
+        first: dict[str, int] = {}
+        src = np.array([first.setdefault(t, i) for i, t in enumerate(texts)])
+        carried = _last.get("task") == task and _last.get("text") in first
+        compute = [i for i in first.values() if not (carried and texts[i] == _last["text"])]
+        vecs = np.empty((len(texts), 384), dtype=np.float32)
+        vecs[compute] = embed_texts(encoder, [texts[i] for i in compute], batch_size=batch, max_windows=windows,
+                                    on_batch=lambda n: report(counter, n))
+        if carried:
+            vecs[first[_last["text"]]] = _last["vector"]
+        vecs = vecs[src]
+        reused = np.ones(len(texts), dtype=bool)
+        reused[compute] = False
+        report(counter, len(texts) - len(compute))
+        if texts:
+            _last.update(task=task, text=texts[-1], vector=vecs[-1].copy())
+        return pd.DataFrame({"embedding": list(vecs), "reused": reused})
 
     return embed
 
@@ -48,15 +76,21 @@ def worker_threads(spark: SparkSession, cfg: JobConfig) -> int:
     return max(1, cores_per_task)
 
 
-def embed_stage(spark: SparkSession, cfg: JobConfig, run_dir: str) -> dict:
+def embed_stage(spark: SparkSession, cfg: JobConfig, run_dir: str, counter: tuple[str, int] | None = None) -> dict:
+    """``counter``: the driver's ItemCounter address (pipeline/counter.py) for live progress."""
+    from index.encoder import resolve_precision
+    precision = resolve_precision(cfg.encoder_precision)  # on the driver: every executor uses the same
     docs = spark.read.parquet(os.path.join(run_dir, "documents"))
     n = docs.count()
     parts = cfg.partitions or spark.sparkContext.defaultParallelism * 2
-    udf = make_embed_udf(cfg, worker_threads(spark, cfg))
-    out = (docs.select("doc_id", "text").repartition(parts, "doc_id")
-           .select("doc_id", udf("text").alias("embedding")))
+    udf = make_embed_udf(cfg, precision, worker_threads(spark, cfg), counter)
+    h = F.xxhash64("text")
+    out = (docs.select("doc_id", "text").repartition(parts, h).sortWithinPartitions(h)
+           .select("doc_id", udf("text").alias("e")).select("doc_id", "e.embedding", "e.reused"))
     out.write.mode("overwrite").parquet(os.path.join(run_dir, "embeddings"))
-    written = spark.read.parquet(os.path.join(run_dir, "embeddings")).count()
-    if written != n:
-        raise RuntimeError(f"embed: {n} documents in, {written} embeddings out")
-    return {"documents": n, "partitions": parts}
+    written = (spark.read.parquet(os.path.join(run_dir, "embeddings"))
+               .agg(F.count("*").alias("n"), F.sum(F.col("reused").cast("long")).alias("reused")).first())
+    if written["n"] != n:
+        raise RuntimeError(f"embed: {n} documents in, {written['n']} embeddings out")
+    return {"documents": n, "partitions": parts, "encoder_precision": precision,
+            "embeddings_reused": int(written["reused"] or 0)}

@@ -143,6 +143,6 @@ def fit_stage(spark: SparkSession, cfg: JobConfig, run_dir: str, stages) -> dict
                 counts=[np.asarray(s["node_documents"]) for s in level_stats],
                 config={"seed": cfg.seed, "sample_per_node": cfg.sample_per_node, "balance_factor": cfg.balance_factor,
                         "em_batch_size": cfg.em_batch_size, "em_steps": cfg.em_steps, "max_windows": cfg.max_windows,
-                        "encoder": "all-MiniLM-L6-v2"})
+                        "encoder": "all-MiniLM-L6-v2", "encoder_precision": cfg.encoder_precision})
     tree.save(os.path.join(run_dir, "tree"))
     return {"tree_version": tree.version, "levels": level_stats}

@@ -8,9 +8,11 @@ import time
 
 from pyspark.sql import SparkSession
 
+from index.encoder import resolve_precision
 from pipeline import manifest
 from pipeline.config import JobConfig
 from corpora.bbc import write_bbc
+from pipeline.counter import ItemCounter
 from pipeline.embed import embed_stage
 from pipeline.fit import fit_stage
 from pipeline.pack import pack_stage
@@ -31,6 +33,7 @@ def resolve_demo(cfg: JobConfig) -> JobConfig:
 
 def run(cfg: JobConfig, spark: SparkSession | None = None) -> dict:
     cfg = resolve_demo(cfg)
+    cfg.encoder_precision = resolve_precision(cfg.encoder_precision)  # recorded resolved: the router reads it
     spark = spark or spark_session()
     run_dir = cfg.output
     os.makedirs(run_dir, exist_ok=True)
@@ -40,12 +43,15 @@ def run(cfg: JobConfig, spark: SparkSession | None = None) -> dict:
     stages = Stages(run_dir, cfg.fingerprint())
     read = stages.run(spark, "read", lambda: read_stage(spark, cfg, run_dir))
     n = read["documents_valid"]
-    stages.run(spark, "embed", lambda: embed_stage(spark, cfg, run_dir), total_items=n)
+    with ItemCounter(spark.sparkContext.getConf().get("spark.driver.host", "127.0.0.1")) as counter:
+        embed = stages.run(spark, "embed", lambda: embed_stage(spark, cfg, run_dir, counter.address),
+                           total_items=n, done_items=lambda: counter.done)
     fit = fit_stage(spark, cfg, run_dir, stages)
     pack = stages.run(spark, "pack", lambda: pack_stage(spark, cfg, run_dir), total_items=n)
     names = ["read", "embed"] + [f"fit_level_{l}" for l in range(1, cfg.depth + 1)] + ["pack"]
     seconds = {name: round(stages.seconds(name), 2) for name in names}
     m = manifest.build(cfg, read, fit, pack, seconds)
+    m["embeddings_reused"] = embed.get("embeddings_reused", 0)  # identical texts embedded once (pipeline/embed.py)
     manifest.write(run_dir, m)
     print(summary(m) + f"\ntotal {fmt_duration(time.time() - t0)} (this invocation)", file=sys.stderr, flush=True)
     return m

@@ -12,7 +12,9 @@ import os
 import sys
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
+from typing import Callable
 
 
 def fmt_duration(s: float) -> str:
@@ -20,19 +22,48 @@ def fmt_duration(s: float) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
+class RecentRate:
+    """Items per second over the last ``window`` seconds of (time, items done) samples.
+
+    A steady run reads its true rate once the start-up (model loads, first batches) has left
+    the window, instead of a done/elapsed figure that carries the start-up forever."""
+
+    def __init__(self, t0: float, window: float = 60.0):
+        self.window = window
+        self.samples: deque[tuple[float, float]] = deque([(t0, 0.0)])
+
+    def add(self, t: float, done: float) -> float:
+        self.samples.append((t, done))
+        while len(self.samples) > 2 and t - self.samples[1][0] >= self.window:  # keep one sample at or before the window start
+            self.samples.popleft()
+        (t_a, d_a), (t_b, d_b) = self.samples[0], self.samples[-1]
+        return (d_b - d_a) / (t_b - t_a) if t_b > t_a else 0.0
+
+
 class Progress(threading.Thread):
     """Polls Spark's status tracker and prints `stage: tasks, items/s, ETA` every few seconds.
 
-    Items per second are estimated as (items in the stage) x (share of tasks done) / elapsed,
-    which is exact when tasks are even and honest about what it is otherwise.
+    With ``done_items`` (a live count, pipeline/counter.py) the rate is items counted over the
+    last ``window`` seconds and the ETA the remaining items at that rate. Without it, items per
+    second are estimated as (items in the stage) x (share of tasks done) / elapsed, which is
+    exact when tasks are even and honest about what it is otherwise.
     """
 
-    def __init__(self, spark, name: str, total_items: int | None, unit: str, every: float = 10.0):
+    def __init__(self, spark, name: str, total_items: int | None, unit: str, every: float = 10.0,
+                 done_items: Callable[[], float] | None = None, window: float = 60.0):
         super().__init__(daemon=True)
         self.tracker = spark.sparkContext.statusTracker()
         self.name, self.total, self.unit, self.every = name, total_items, unit, every
         self.stop_event = threading.Event()
         self.t0 = time.time()
+        self.done_items, self.rate = done_items, RecentRate(self.t0, window)
+
+    def counted_line(self, now: float) -> str:
+        """`items done/total, items/s over the recent window, ETA` from the live count."""
+        done = min(self.done_items(), self.total)
+        rate = self.rate.add(now, done)
+        line = f", {done:,.0f}/{self.total:,} {self.unit}, {rate:,.1f} {self.unit}/s"
+        return line + (f", ETA {fmt_duration((self.total - done) / rate)}" if rate > 0 else "")
 
     def run(self):
         while not self.stop_event.wait(self.every):
@@ -44,7 +75,9 @@ class Progress(threading.Thread):
                     total += info.numTasks
             elapsed = time.time() - self.t0
             line = f"[{self.name}] {fmt_duration(elapsed)} elapsed, tasks {done}/{total}"
-            if total and done and self.total:
+            if self.done_items and self.total:
+                line += self.counted_line(time.time())
+            elif total and done and self.total:
                 frac = done / total
                 line += f", ~{self.total * frac / elapsed:,.0f} {self.unit}/s, ETA {fmt_duration(elapsed * (1 - frac) / frac)}"
             print(line, file=sys.stderr, flush=True)
@@ -84,15 +117,16 @@ class Stages:
         with open(self.marker(name)) as f:
             return json.load(f)["seconds"]
 
-    def run(self, spark, name: str, fn, total_items: int | None = None, unit: str = "docs") -> dict:
-        """Run ``fn() -> stats`` unless its marker exists; print what happened."""
+    def run(self, spark, name: str, fn, total_items: int | None = None, unit: str = "docs",
+            done_items: Callable[[], float] | None = None) -> dict:
+        """Run ``fn() -> stats`` unless its marker exists; print what happened (``done_items``: see Progress)."""
         stats = self.done(name)
         if stats is not None:
             print(f"[{name}] done earlier ({fmt_duration(self.seconds(name))}), skipped", file=sys.stderr, flush=True)
             return stats
         t0 = time.time()
         print(f"[{name}] start", file=sys.stderr, flush=True)
-        progress = Progress(spark, name, total_items, unit)
+        progress = Progress(spark, name, total_items, unit, done_items=done_items)
         progress.start()
         try:
             stats = fn()
