@@ -82,7 +82,8 @@ def export(checkpoint: str, run_dir: str, out_dir: str, cfg_dict: dict, anchor_s
     meta = {"format": FORMAT, "tree_version": manifest["tree_version"], "k": k, "depth": depth,
             "seq_len": manifest["seq_len"], "eot_id": manifest.get("eot_id", 0), "pad_id": manifest.get("pad_id", 1),
             "model": cfg_dict["model"], "memory": cfg_dict["memory"] if shards else None,
-            "train": cfg_dict, "step": state["step"], "run_dir": os.path.abspath(run_dir)}
+            "train": cfg_dict, "step": state["step"], "run_dir": os.path.abspath(run_dir),
+            "runs": manifest.get("runs", [os.path.abspath(run_dir)])}
     with open(os.path.join(out_dir, "meta.json"), "w") as f:
         json.dump(meta, f, indent=2)
     return out_dir
