@@ -30,7 +30,7 @@ from train import checkpoint
 from train.config import TrainConfig, load_config
 from train.data import ShardLoader, assign_subtrees, read_manifests
 from train.distributed import BlockReducer, DistInfo, init, teardown
-from train.export import anchor_weights, export
+from train.export import anchor_weights, export, write_bank_file
 from train.model import Anchor
 from train.optim import BlockGrads, TouchedAdamW, lr_at
 
@@ -282,10 +282,16 @@ def main(argv=None) -> None:
         cfg.deepspeed.config = args.deepspeed_config
     trainer = Trainer(cfg, args.data, args.out, info, manifest, resume=not args.no_resume)
     trainer.fit()
-    last = checkpoint.latest(trainer.ckpt_root)
-    if cfg.schedule.save and info.rank == 0:  # every rank's shard is on disk: checkpoint.save ends with a barrier
-        out = export(last, args.data[0], os.path.join(args.out, "export"), cfg.to_dict(), anchor_weights(last, cfg.to_dict()), manifest)
-        print(f"exported {out}", flush=True)
+    # this step's checkpoint, not `latest`: rank 0 may not have moved `latest` yet when another rank reads it
+    last = os.path.join(trainer.ckpt_root, checkpoint.tag_for(trainer.step))
+    if cfg.schedule.save:  # each rank exports its own bank file from its own shard: no gather (train/export.py)
+        out = os.path.join(args.out, "export")
+        if trainer.bank:
+            write_bank_file(last, info.rank, out, trainer.ownership)
+        if info.rank == 0:
+            export(last, args.data[0], out, cfg.to_dict(), anchor_weights(last, cfg.to_dict()), manifest, trainer.ownership)
+        dist.barrier()  # the run ends when every rank's file is written
+        trainer.log(f"exported {out}")
     trainer.close()
     teardown()
 
