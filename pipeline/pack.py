@@ -10,7 +10,8 @@ concatenated with an end-of-text token after each and cut into sequences of
 hash of the doc id so that one task holds at most ``pack_group_tokens`` tokens;
 only each group's last sequence is padded. Each sequence lists the documents
 whose first token it holds, so every routed document appears exactly once.
-Shards are partitioned by level-1 node, so a trainer rank reads only its subtrees.
+Shards are partitioned by level-1 node and sorted by leaf inside each file, so a trainer rank reads
+only the files and row groups of its subtrees.
 """
 from __future__ import annotations
 
@@ -139,7 +140,8 @@ def pack_stage(spark: SparkSession, cfg: JobConfig, run_dir: str) -> dict:
               .select("doc_id", "path", "leaf", "ids", F.pmod(h, F.col("n_groups")).alias("group"),
                           F.xxhash64("doc_id", F.lit(seed + 1)).alias("order"))
               .groupBy("leaf", "group").applyInPandas(pack, SHARD_SCHEMA)
-              .withColumn("l1", F.col("path")[0]))
+              .withColumn("l1", F.col("path")[0])
+              .sortWithinPartitions("l1", "leaf", "seq_id"))  # leaf-sorted files: a subtree is a few row groups
     shards.write.mode("overwrite").partitionBy("l1").parquet(os.path.join(run_dir, "shards"))
 
     written = spark.read.parquet(os.path.join(run_dir, "shards"))

@@ -32,8 +32,8 @@ def write_tokenizer(path: str, vocab_size: int) -> int:
 
 
 def make_run_dir(root: str, k: int = 2, depth: int = 2, seq_len: int = 16, seed: int = 0,
-                 seqs_per_leaf: list[int] | None = None, dim: int = 8) -> str:
-    """Write a run directory under ``root`` and return its path."""
+                 seqs_per_leaf: list[int] | None = None, dim: int = 8, row_group_size: int | None = None) -> str:
+    """Write a run directory under ``root`` and return its path (``row_group_size``: rows per Parquet row group)."""
     rng = np.random.default_rng(seed)
     n_leaves = k**depth
     if seqs_per_leaf is None:
@@ -63,7 +63,8 @@ def make_run_dir(root: str, k: int = 2, depth: int = 2, seq_len: int = 16, seed:
         if part:
             d = os.path.join(root, "shards", f"l1={i1}")
             os.makedirs(d, exist_ok=True)
-            pq.write_table(pa.Table.from_pylist(part[::-1], schema=schema), os.path.join(d, "part-00000.parquet"))
+            pq.write_table(pa.Table.from_pylist(part[::-1], schema=schema), os.path.join(d, "part-00000.parquet"),
+                           row_group_size=row_group_size)
 
     paths = np.array([r["path"] for r in rows])
     valid = np.array([r["n_valid"] - 1 for r in rows])

@@ -106,3 +106,85 @@ def test_generic_memory_and_loss_mask(run):
     assert 0.3 < np.mean(flags) < 0.5
     none = ShardLoader(run, o, 0, batch_size=8, seed=0, p_generic=0.0)
     assert not any(none.next_batch().generic.any() for _ in range(10))
+
+
+@pytest.fixture(scope="module")
+def small_groups(tmp_path_factory):
+    """Row groups of 4 sequences: some hold one leaf, some straddle two."""
+    return make_run_dir(str(tmp_path_factory.mktemp("rg")), k=2, depth=2, seqs_per_leaf=[6, 9, 12, 6], row_group_size=4)
+
+
+def test_loader_reads_only_row_groups_of_its_leaves(small_groups):
+    o = assign_subtrees(read_manifest(small_groups), 3)  # level-2 subtrees: two ranks share each l1 file
+    partial = 0
+    for r in range(3):
+        loader = ShardLoader(small_groups, o, r, batch_size=4, seed=0, p_generic=0.0)
+        listed = {(g.file, g.index): g for g in loader.row_groups}
+        for path in sorted({g.file for g in loader.row_groups}):
+            f = pq.ParquetFile(path)
+            for i in range(f.num_row_groups):
+                leaves = set(f.read_row_group(i, columns=["leaf"]).column("leaf").to_pylist())
+                owned = {leaf for leaf in leaves if loader.owned_leaf[leaf]}
+                if not owned:
+                    assert (path, i) not in listed  # another rank's row group is never read
+                else:
+                    assert listed[(path, i)].partial == (owned != leaves) and listed[(path, i)].rows > 0
+                    partial += owned != leaves
+    assert partial  # the straddling case was exercised
+
+
+def test_shuffle_buffer_bounds_the_window_and_resume_is_exact_across_windows(small_groups):
+    seqs = all_sequences(small_groups)
+    o = assign_subtrees(read_manifest(small_groups), 2)
+    own = {s for s, p in seqs.items() if o.owns(0, np.array([p]))[0]}
+    a = ShardLoader(small_groups, o, 0, batch_size=5, seed=3, p_generic=0.2, shuffle_buffer=4)
+    largest = max(g.rows for g in a.row_groups)
+    epochs, seen, states = {}, [], []
+    for step in range(3 * len(own) // 5 + 1):
+        states.append((a.state_dict(), step))
+        epoch = a.epoch if a.position < len(a) else a.epoch + 1
+        b = a.next_batch()
+        assert a.window.n <= 4 - 1 + largest  # a window stops growing once it reaches the buffer size
+        seen.append(b.seq_ids.tolist())
+        epochs.setdefault(epoch, []).extend(b.seq_ids.tolist())
+    assert sorted(epochs[0][:len(own)]) == sorted(own)
+    assert epochs[0][:len(own)] != epochs[1][:len(own)]  # a new order each epoch
+    for state, step in states[3::4]:  # resume from states inside, at the start of and across windows
+        resumed = ShardLoader(small_groups, o, 0, batch_size=5, seed=3, p_generic=0.2, shuffle_buffer=4)
+        resumed.load_state_dict(state)
+        assert [resumed.next_batch().seq_ids.tolist() for _ in range(min(3, len(seen) - step))] == seen[step:step + 3]
+    with pytest.raises(ValueError, match="shuffle_buffer"):
+        ShardLoader(small_groups, o, 0, batch_size=5, seed=3, p_generic=0.2, shuffle_buffer=8).load_state_dict(state)
+
+
+def test_several_runs_with_one_tree_add_up(run, tmp_path):
+    from train.data import read_manifests
+
+    other = make_run_dir(str(tmp_path / "b"), k=2, depth=2, seqs_per_leaf=[3, 0, 5, 8])  # seed 0: the same tree
+    a, b, both = read_manifest(run), read_manifest(other), read_manifests([run, other])
+    assert both["tree_version"] == a["tree_version"] == b["tree_version"]
+    assert both["sequences"] == a["sequences"] + b["sequences"] and both["tokens"] == a["tokens"] + b["tokens"]
+    for la, lb, lab in zip(a["levels"], b["levels"], both["levels"]):
+        assert lab["node_tokens"] == (np.array(la["node_tokens"]) + lb["node_tokens"]).tolist()
+    o = assign_subtrees(both, 2)
+    assert sum(o.tokens) == both["tokens"]
+    seqs = [all_sequences(run), all_sequences(other)]
+    for r in range(2):
+        loader = ShardLoader([run, other], o, r, batch_size=4, seed=0, p_generic=0.0)
+        own = {(i, s) for i, sq in enumerate(seqs) for s, p in sq.items() if o.owns(r, np.array([p]))[0]}
+        assert len(loader) == len(own)
+        seen = []
+        while len(seen) < len(own):
+            batch = loader.next_batch()
+            seen += list(zip(batch.runs.tolist(), batch.seq_ids.tolist()))
+            for run_i, s, p in zip(batch.runs.tolist(), batch.seq_ids.tolist(), batch.paths.tolist()):
+                assert seqs[run_i][s] == p
+        assert sorted(seen[:len(own)]) == sorted(own)  # both runs, every owned sequence once per epoch
+
+
+def test_runs_with_different_trees_are_refused(run, tmp_path):
+    from train.main import main
+
+    other = make_run_dir(str(tmp_path / "c"), k=2, depth=2, seed=1)
+    with pytest.raises(ValueError, match="tree_version .* --tree"):
+        main(["--data", run, other, "--out", str(tmp_path / "out")])

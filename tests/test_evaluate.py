@@ -152,3 +152,25 @@ def test_block_report(setup):
             assert lv["delta"] == pytest.approx(lv["nll_without"] - lv["nll_fetched"])
             assert np.isfinite(lv["nll_generic"])
         assert any(lv["delta"] != 0 for lv in q)
+
+
+def test_entity_documents_streams_and_matches_whole_words_like_python(tmp_path):
+    """Arrow's regex kernel over documents/ (two files) gives what a Python ``\\b`` scan gives."""
+    import re
+    from types import SimpleNamespace
+
+    texts = ["Hydrogen: one proton", "hydrogens", "the Fe atom", "Fermium", "C++ rocks", "xC++y", "über café",
+             "Ü-Bahn café!", "_fe_", "a fe", "Jean-Luc Picard", "picard's", "1fe", "fe2"]
+    os.makedirs(tmp_path / "documents")
+    for part, lo in enumerate((0, 7)):
+        rows = texts[lo:lo + 7]
+        pq.write_table(pa.table({"doc_id": [f"d{lo + i}" for i in range(len(rows))], "text": rows}),
+                       tmp_path / "documents" / f"part-{part}.parquet")
+    entities = ["hydrogen", "Fe", "C++", "café", "picard", "über", "ü-bahn"]
+    probes = [Probe("p", "a", e, 1) for e in entities] + [Probe("p", "a", "given", 1, doc_ids=["x"])]
+    found = Evaluator.entity_documents(SimpleNamespace(router=SimpleNamespace(run_dir=str(tmp_path))), probes)
+    for e in entities:
+        want = [f"d{i}" for i, t in enumerate(texts) if re.search(r"\b" + re.escape(e) + r"\b", t, re.IGNORECASE)]
+        assert found[e] == want, e
+    assert all(found[e] for e in entities if e != "C++")  # ("C++" has no word boundary after "++" here)
+    assert found["given"] == ["x"]

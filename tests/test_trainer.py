@@ -176,3 +176,49 @@ def test_config_resolves_against_the_run_and_rejects_unknown_keys(run):
         load_config("tiny", ["memory.ranks=[1,2,3]"], m)
     with pytest.raises(ValueError, match="init_anchor"):
         load_config("tiny", ["recipe.name=memory_only"], m)
+
+
+@pytest.mark.slow
+def test_trains_on_two_runs_with_one_tree(run, tmp_path):
+    other = make_run_dir(str(tmp_path / "b"), k=2, depth=2, seqs_per_leaf=[4, 0, 7, 3])  # seed 0: run's tree
+    out = str(tmp_path / "out")
+    cmd = launcher("torchrun", 2) + [os.path.join(ROOT, "train", "main.py"), "--config", "tiny", "--data", run, other,
+                                     "--out", out, "--set", "schedule.max_steps=6", "--set", "schedule.log_batches=true"]
+    p = subprocess.run(cmd, env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    paths = [dict(zip(*pq.read_table(f"{d}/shards", columns=["seq_id", "path"]).to_pydict().values())) for d in (run, other)]
+    read = set()
+    for r in range(2):
+        with open(os.path.join(out, "batches", f"rank{r}.jsonl")) as f:
+            for b in map(json.loads, f):
+                read |= {(i, s) for i, s in zip(b["runs"], b["seq_ids"])}
+    assert {i for i, _ in read} == {0, 1} and all(s in paths[i] for i, s in read)  # both runs feed the steps
+    _, _, meta = load_model(os.path.join(out, "export"))
+    assert meta["runs"] == [os.path.abspath(run), os.path.abspath(other)]
+
+
+@pytest.mark.slow
+def test_zero_stage_0_exports_one_bank_file_per_rank(run, tmp_path):
+    out = str(tmp_path / "out")
+    train("deepspeed", run, out, "deepspeed.zero_stage=0", "schedule.max_steps=3")
+    export = os.path.join(out, "export")
+    with open(os.path.join(export, "meta.json")) as f:
+        files = json.load(f)["bank_files"]
+    assert sorted(files) == ["bank/rank0.safetensors", "bank/rank1.safetensors"]
+    listed = {}  # block -> file, from meta.json's ranges; every block in exactly one file, as that file holds it
+    for name, levels in files.items():
+        held = set(blocks_of(TensorBlockStore.load(os.path.join(export, name))))
+        ranges = {b for runs in levels.values() for lo, hi in runs for b in range(lo, hi)}
+        assert ranges == held and not held & set(listed)
+        listed.update(dict.fromkeys(held, name))
+    assert set(listed) == set(range(n_tree_blocks(2, 2))) | set(generic_block_ids(2, 2).tolist())
+    ckpt = os.path.join(out, "checkpoints", "step00000003")
+    module = torch.load(os.path.join(ckpt, "mp_rank_00_model_states.pt"), weights_only=False)["module"]
+    anchor, mem, _ = load_model(export)
+    assert all(torch.equal(anchor.state_dict()[n], module[n]) for n in module)  # stage 0: the module states
+    final = {i: b for r in range(2) for i, b in blocks_of(bank(out, 3, r)).items()}
+    exported = blocks_of(mem.store)
+    assert all(torch.equal(exported[i][n], final[i][n]) for i in final for n in final[i])
+    os.rename(os.path.join(export, "bank", "rank1.safetensors"), os.path.join(out, "rank1.safetensors"))
+    with pytest.raises(FileNotFoundError, match="rank1.safetensors.*copy every file listed"):
+        load_model(export)

@@ -8,11 +8,18 @@ the shards of its subtrees and holds only the blocks on their paths: the
 subtrees' own nodes, their ancestors (shared with the other ranks under the
 same ancestor when the level is > 1) and the generic blocks.
 
-Loader. The rank's sequences are shuffled across all its subtrees with a
-permutation drawn per epoch from (seed, rank, epoch); a sequence draws the
-generic memory instead of its path with probability ``p_generic`` from the
-same generator. The state is (epoch, position), so a resumed run continues
-exactly where the checkpoint was taken.
+Loader. It streams Parquet row groups and never holds more than one shuffle
+window: it lists the row groups of the rank's level-1 partitions
+(``shards/l1=<i1>/``) and keeps those whose ``leaf`` statistics meet its leaves
+(the shards are sorted by leaf, so a level-L subtree is a few row groups); a
+row group that also holds other ranks' leaves is filtered by its ``leaf``
+column. Per epoch, a generator seeded by (seed, rank, epoch) permutes the row
+groups; consecutive ones are grouped into windows of at least
+``shuffle_buffer`` sequences, and each window is read and shuffled by a
+generator seeded by (seed, rank, epoch, window), which also draws which
+sequences use the generic memory (probability ``p_generic``). The state is
+(epoch, position): a resumed run reads only the window holding the position
+and continues exactly where the checkpoint was taken.
 """
 from __future__ import annotations
 
@@ -34,6 +41,47 @@ def read_manifest(run_dir: str) -> dict:
                                 "jobs/cluster_corpus.py run (see docs/FORMATS.md)")
     with open(path) as f:
         return json.load(f)
+
+
+# what must agree between runs trained together: one tree, one tokenizer, one sequence length
+SHARED_KEYS = ("tree_version", "k", "depth", "seq_len", "vocab_size", "eot_id", "pad_id")
+SUMMED_KEYS = ("documents_in", "documents_routed", "documents_quarantined", "sequences", "tokens")
+
+
+def read_manifests(run_dirs: list[str]) -> dict:
+    """One manifest for several runs routed with the same tree (``cluster_corpus.py --tree RUN_A``).
+
+    Runs must agree on SHARED_KEYS and on tokenizer.json; per-node counts (``levels[l].node_tokens``,
+    ``node_documents``) and SUMMED_KEYS add up, so ownership is bin-packed over all runs' tokens.
+    """
+    manifests = [read_manifest(d) for d in run_dirs]
+    first, out = run_dirs[0], dict(manifests[0])
+    tok = _tokenizer_bytes(first)
+    for d, m in zip(run_dirs[1:], manifests[1:]):
+        for key in SHARED_KEYS:
+            if m.get(key) != out.get(key):
+                raise ValueError(f"--data: {d} has {key} {m.get(key)!r} but {first} has {out.get(key)!r}; runs trained "
+                                 f"together must share one tree and tokenizer (route the new corpus with "
+                                 f"jobs/cluster_corpus.py --tree {first})")
+        if _tokenizer_bytes(d) != tok:
+            raise ValueError(f"--data: {d}/tokenizer.json differs from {first}/tokenizer.json; runs trained together "
+                             f"must share one tokenizer (route the new corpus with jobs/cluster_corpus.py --tree {first})")
+    if len(run_dirs) > 1:
+        for key in SUMMED_KEYS:
+            out[key] = sum(int(m.get(key, 0)) for m in manifests)
+        out["levels"] = [{**lv, **{c: np.sum([m["levels"][i][c] for m in manifests], axis=0).tolist()
+                                   for c in ("node_documents", "node_tokens")}}
+                         for i, lv in enumerate(out["levels"])]
+    out["runs"] = [os.path.abspath(d) for d in run_dirs]
+    return out
+
+
+def _tokenizer_bytes(run_dir: str) -> bytes | None:
+    path = os.path.join(run_dir, "tokenizer.json")
+    if not os.path.exists(path):
+        return None
+    with open(path, "rb") as f:
+        return f.read()
 
 
 @dataclass(frozen=True)
@@ -105,77 +153,181 @@ class Batch:
     paths: torch.Tensor  # [B, p] int64
     block_ids: torch.Tensor  # [B, p] int64 global block ids
     generic: torch.Tensor  # [B] bool
-    seq_ids: torch.Tensor  # [B] int64
+    seq_ids: torch.Tensor  # [B] int64, unique within one run directory
+    runs: torch.Tensor  # [B] int64: which of the loader's ``run_dirs`` each sequence comes from
+
+
+@dataclass(frozen=True)
+class RowGroup:
+    """A Parquet row group holding sequences of this rank; ``partial``: it holds other ranks' leaves too."""
+
+    run: int
+    file: str
+    index: int
+    rows: int  # this rank's sequences in it
+    partial: bool
+
+
+class Window:
+    """The shuffle buffer: this rank's rows of consecutive row groups, as flat arrays (no per-row objects)."""
+
+    def __init__(self, n: int, depth: int):
+        self.n, self.depth, self.filled = n, depth, 0
+        self.tokens = None  # [n, seq_len + 1] int32, allocated at the first row group (its width)
+        self.paths = np.empty((n, depth), dtype=np.int64)
+        self.n_valid = np.empty(n, dtype=np.int64)
+        self.seq_id = np.empty(n, dtype=np.int64)
+        self.runs = np.empty(n, dtype=np.int64)
+
+    def append(self, table, run: int, keep: np.ndarray | None, where: str) -> None:
+        rows = table.num_rows
+        flat = table.column("tokens").combine_chunks().flatten().to_numpy()
+        path = table.column("path").combine_chunks().flatten().to_numpy()
+        if self.tokens is None and rows:
+            self.tokens = np.empty((self.n, flat.size // rows), dtype=np.int32)
+        if rows and flat.size != rows * self.tokens.shape[1]:
+            raise ValueError(f"{where}: sequences of unequal length; every row must hold seq_len + 1 tokens")
+        if path.size != rows * self.depth:
+            raise ValueError(f"{where}: a path is not {self.depth} long (the run's tree depth)")
+        cols = (flat.reshape(rows, -1), path.reshape(rows, self.depth), table.column("n_valid").to_numpy(),
+                table.column("seq_id").to_numpy())
+        if keep is not None:
+            cols = tuple(c[keep] for c in cols)
+        lo = self.filled
+        self.filled += len(cols[-1])
+        for dst, src in zip((self.tokens, self.paths, self.n_valid, self.seq_id), cols):
+            dst[lo:self.filled] = src
+        self.runs[lo:self.filled] = run
 
 
 class ShardLoader:
-    """Endless, seeded, resumable batches over the shards of one rank's subtrees."""
+    """Endless, seeded, resumable batches streamed from the shards of one rank's subtrees (one or more runs).
 
-    def __init__(self, run_dir: str, ownership: Ownership, rank: int, batch_size: int, seed: int, p_generic: float):
-        self.ownership, self.rank, self.batch_size, self.seed, self.p_generic = ownership, rank, batch_size, seed, p_generic
-        k = ownership.k
-        # Level-1 partitions this rank needs; deeper subtrees are filtered by path prefix inside them.
-        l1s = sorted({s // k ** (ownership.level - 1) for s in ownership.subtrees[rank]})
-        tables = []
+    Memory: one window (``shuffle_buffer`` sequences, or more when one row group is larger) plus the row
+    group being decoded; it does not grow with the amount of shard data.
+    """
+
+    def __init__(self, run_dirs: str | list[str], ownership: Ownership, rank: int, batch_size: int, seed: int,
+                 p_generic: float, shuffle_buffer: int = 4096):
+        if shuffle_buffer < 1:
+            raise ValueError(f"data.shuffle_buffer = {shuffle_buffer}: must be at least 1 sequence")
+        self.run_dirs = [run_dirs] if isinstance(run_dirs, str) else list(run_dirs)
+        self.ownership, self.rank, self.batch_size, self.seed = ownership, rank, batch_size, seed
+        self.p_generic, self.shuffle_buffer = p_generic, shuffle_buffer
+        k, depth = ownership.k, ownership.depth
+        span = k ** (depth - ownership.level)  # a level-L subtree s holds the leaves [s*span, (s+1)*span)
+        self.owned_leaf = np.zeros(k**depth, dtype=bool)
+        for s in ownership.subtrees[rank]:
+            self.owned_leaf[s * span:(s + 1) * span] = True
+        self.row_groups = [rg for run, d in enumerate(self.run_dirs) for rg in self._scan(run, d)]
+        self.n_sequences = sum(rg.rows for rg in self.row_groups)
+        if self.n_sequences == 0:
+            raise ValueError(f"rank {rank} owns subtrees {ownership.subtrees[rank]} at level {ownership.level} but "
+                             f"the shards of {self.run_dirs} hold no sequence of them")
+        self.generic_ids = generic_block_ids(k, depth)
+        self.epoch, self.position = 0, 0
+        self._plan_epoch()
+
+    def _scan(self, run: int, run_dir: str) -> list[RowGroup]:
+        """This rank's row groups in one run: its level-1 partitions, then the row groups' ``leaf`` statistics."""
+        k = self.ownership.k
+        l1s = sorted({s // k ** (self.ownership.level - 1) for s in self.ownership.subtrees[self.rank]})
+        if not any(os.path.isdir(os.path.join(run_dir, "shards", f"l1={i}")) for i in range(k)):
+            raise FileNotFoundError(f"{run_dir}/shards has no l1=<i> directory; is the cluster_corpus run complete "
+                                    "(stages/pack.json)?")
+        out = []
         for i1 in l1s:
             d = os.path.join(run_dir, "shards", f"l1={i1}")
-            if os.path.isdir(d):  # an empty subtree has no shard directory
-                tables.append(pq.read_table(d, columns=["seq_id", "path", "tokens", "n_valid"]))
-        if not tables:
-            raise FileNotFoundError(f"{run_dir}/shards has no l1=<i> directory for rank {rank}'s subtrees {list(l1s)}; "
-                                    "is the cluster_corpus run complete (stages/pack.json)?")
-        seq_id = np.concatenate([t.column("seq_id").to_numpy() for t in tables])
-        paths = np.concatenate([np.stack(t.column("path").to_numpy(zero_copy_only=False)) for t in tables]).astype(np.int64)
-        n_valid = np.concatenate([t.column("n_valid").to_numpy() for t in tables]).astype(np.int64)
-        flat = np.concatenate([t.column("tokens").combine_chunks().flatten().to_numpy() for t in tables])
-        if flat.size % len(seq_id):
-            raise ValueError(f"{run_dir}/shards: sequences of unequal length; every row must hold seq_len + 1 tokens")
-        tokens = flat.reshape(len(seq_id), -1)
-        keep = ownership.owns(rank, paths)
-        order = np.argsort(seq_id[keep], kind="stable")  # file order is not part of the contract; seq_id is
-        self.seq_id, self.paths, self.n_valid, self.tokens = (a[keep][order] for a in (seq_id, paths, n_valid, tokens))
-        if len(self.seq_id) == 0:
-            raise ValueError(f"rank {rank} owns subtrees {ownership.subtrees[rank]} at level {ownership.level} but "
-                             f"{run_dir}/shards holds no sequence of them")
-        self.block_ids = path_block_ids(self.paths, k)
-        self.generic_ids = generic_block_ids(k, ownership.depth)
-        self.epoch, self.position = 0, 0
-        self._draw_epoch()
+            files = sorted(f for f in os.listdir(d) if f.endswith(".parquet")) if os.path.isdir(d) else []
+            for name in files:  # an empty subtree has no directory
+                path = os.path.join(d, name)
+                meta = pq.read_metadata(path)
+                if "leaf" not in meta.schema.names:
+                    raise ValueError(f"{path} has no 'leaf' column (docs/FORMATS.md, shards/)")
+                col = meta.schema.names.index("leaf")
+                for i in range(meta.num_row_groups):
+                    rg = meta.row_group(i)
+                    stats = rg.column(col).statistics
+                    if stats is not None and stats.has_min_max:
+                        inside = self.owned_leaf[int(stats.min):int(stats.max) + 1]
+                        if not inside.any():
+                            continue  # other ranks' leaves only: never read
+                        if inside.all():
+                            out.append(RowGroup(run, path, i, rg.num_rows, False))
+                            continue
+                    # mixed leaves, or no statistics: count this rank's rows from the leaf column alone
+                    leaf = pq.ParquetFile(path).read_row_group(i, columns=["leaf"]).column("leaf").to_numpy()
+                    if n := int(self.owned_leaf[leaf].sum()):
+                        out.append(RowGroup(run, path, i, n, True))
+        return out
 
     def __len__(self) -> int:
-        return len(self.seq_id)
+        return self.n_sequences
 
-    def _draw_epoch(self) -> None:
-        rng = np.random.default_rng([self.seed, self.rank, self.epoch])
-        self.order = rng.permutation(len(self.seq_id))
-        self.use_generic = rng.random(len(self.seq_id)) < self.p_generic
+    def _plan_epoch(self) -> None:
+        """Row-group order of this epoch, cut into windows of >= shuffle_buffer sequences."""
+        order = np.random.default_rng([self.seed, self.rank, self.epoch]).permutation(len(self.row_groups))
+        self.windows, size = [[]], 0
+        for i in order:
+            if size >= self.shuffle_buffer:
+                self.windows.append([])
+                size = 0
+            self.windows[-1].append(int(i))
+            size += self.row_groups[i].rows
+        sizes = [sum(self.row_groups[i].rows for i in w) for w in self.windows]
+        self.window_start = np.concatenate([[0], np.cumsum(sizes)])
+        self.window = None
+
+    def _load_window(self, w: int) -> None:
+        groups = [self.row_groups[i] for i in self.windows[w]]
+        win = Window(sum(g.rows for g in groups), self.ownership.depth)
+        columns = ["seq_id", "path", "leaf", "tokens", "n_valid"]
+        for g in groups:
+            table = pq.ParquetFile(g.file).read_row_group(g.index, columns=columns)
+            keep = self.owned_leaf[table.column("leaf").to_numpy()] if g.partial else None
+            win.append(table, g.run, keep, f"{g.file} row group {g.index}")
+            del table
+        rng = np.random.default_rng([self.seed, self.rank, self.epoch, w])
+        self.order = rng.permutation(win.n)
+        self.use_generic = rng.random(win.n) < self.p_generic
+        self.window, self.window_index = win, w
 
     def next_batch(self) -> Batch:
-        idx, generic = [], []
-        while len(idx) < self.batch_size:
-            if self.position == len(self.order):
+        names = ("tokens", "paths", "n_valid", "seq_id", "runs")
+        parts = []  # rows copied out of each window the batch spans (it may cross windows and epochs)
+        need = self.batch_size
+        while need:
+            if self.position == self.n_sequences:
                 self.epoch, self.position = self.epoch + 1, 0
-                self._draw_epoch()
-            take = min(self.batch_size - len(idx), len(self.order) - self.position)
-            idx.extend(self.order[self.position:self.position + take])
-            generic.extend(self.use_generic[self.position:self.position + take])
+                self._plan_epoch()
+            w = int(np.searchsorted(self.window_start, self.position, side="right")) - 1
+            if self.window is None or self.window_index != w:
+                self.window = None  # release the old window before the new one is read
+                self._load_window(w)
+            offset = self.position - int(self.window_start[w])
+            take = min(need, self.window.n - offset)
+            rows = self.order[offset:offset + take]
+            parts.append([getattr(self.window, n)[rows] for n in names] + [self.use_generic[offset:offset + take]])
             self.position += take
-        idx, generic = np.asarray(idx), np.asarray(generic)
-        tokens = self.tokens[idx].astype(np.int64)
-        mask = np.arange(1, tokens.shape[1])[None, :] < self.n_valid[idx, None]
-        block_ids = np.where(generic[:, None], self.generic_ids[None, :], self.block_ids[idx])
-        return Batch(tokens=torch.from_numpy(tokens), mask=torch.from_numpy(mask), paths=torch.from_numpy(self.paths[idx]),
+            need -= take
+        tokens, paths, n_valid, seq_id, runs, generic = (np.concatenate(c) for c in zip(*parts))
+        tokens = tokens.astype(np.int64)
+        mask = np.arange(1, tokens.shape[1])[None, :] < n_valid[:, None]
+        block_ids = np.where(generic[:, None], self.generic_ids[None, :], path_block_ids(paths, self.ownership.k))
+        return Batch(tokens=torch.from_numpy(tokens), mask=torch.from_numpy(mask), paths=torch.from_numpy(paths),
                      block_ids=torch.from_numpy(block_ids), generic=torch.from_numpy(generic),
-                     seq_ids=torch.from_numpy(self.seq_id[idx]))
+                     seq_ids=torch.from_numpy(seq_id), runs=torch.from_numpy(runs))
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "rank": self.rank,
-                "n_sequences": len(self.seq_id)}
+                "n_sequences": self.n_sequences, "shuffle_buffer": self.shuffle_buffer, "runs": len(self.run_dirs)}
 
     def load_state_dict(self, state: dict) -> None:
-        mine = {"seed": self.seed, "rank": self.rank, "n_sequences": len(self.seq_id)}
-        theirs = {key: state[key] for key in mine}
+        mine = {"seed": self.seed, "rank": self.rank, "n_sequences": self.n_sequences,
+                "shuffle_buffer": self.shuffle_buffer, "runs": len(self.run_dirs)}
+        theirs = {key: state.get(key) for key in mine}
         if theirs != mine:
-            raise ValueError(f"loader state {theirs} does not match this loader {mine}: same seed, ranks and run directory needed")
+            raise ValueError(f"loader state {theirs} does not match this loader {mine}: same seed, ranks, "
+                             "data.shuffle_buffer and run directories needed")
         self.epoch, self.position = state["epoch"], state["position"]
-        self._draw_epoch()
+        self._plan_epoch()

@@ -251,16 +251,27 @@ class Evaluator:
         return out
 
     def entity_documents(self, probes: list[Probe]) -> dict[str, list[str]]:
-        """entity -> its training doc ids: the probes' ``doc_ids``, else routed documents naming the entity."""
+        """entity -> its training doc ids: the probes' ``doc_ids``, else routed documents naming the entity.
+
+        ``documents/`` is streamed in Arrow batches and matched by Arrow's RE2 regex kernel, one pass
+        per batch and entity; only matching doc ids reach Python. "As a whole word" is Python's ``\b``
+        with Unicode word characters (letters, digits, underscore), case-insensitive.
+        """
         found = {p.entity: list(p.doc_ids) for p in probes if p.doc_ids}
         missing = sorted({p.entity for p in probes} - set(found))
         if missing:
-            import pyarrow.parquet as pq
+            import pyarrow.compute as pc
+            import pyarrow.dataset as ds
 
-            docs = pq.read_table(os.path.join(self.router.run_dir, "documents"), columns=["doc_id", "text"]).to_pydict()
-            for e in missing:
-                pattern = re.compile(r"\b" + re.escape(e) + r"\b", re.IGNORECASE)
-                found[e] = [d for d, t in zip(docs["doc_id"], docs["text"]) if pattern.search(t)]
+            word, before, after = r"[\pL\pN_]", r"(?:^|[^\pL\pN_])", r"(?:$|[^\pL\pN_])"
+            patterns = {e: (before if re.match(r"\w", e[:1]) else word) + "(?:" + re.escape(e) + ")"
+                        + (after if re.match(r"\w", e[-1:]) else word) for e in missing}
+            found.update({e: [] for e in missing})
+            documents = ds.dataset(os.path.join(self.router.run_dir, "documents"), format="parquet")
+            for batch in documents.to_batches(columns=["doc_id", "text"]):
+                for e, pattern in patterns.items():
+                    hit = pc.match_substring_regex(batch.column("text"), pattern, ignore_case=True)
+                    found[e] += pc.filter(batch.column("doc_id"), pc.fill_null(hit, False)).to_pylist()
         return found
 
     def doc_paths(self, doc_ids: set[str]) -> dict[str, list[int]]:

@@ -2,15 +2,25 @@
 
 EXPORT/
   anchor.safetensors           the anchor's weights (fp32, consolidated from the ZeRO partitions)
-  bank/level<l>.safetensors    every block of level l (tree nodes, then the generic block),
-                               train.memory.TensorBlockStore format; one file per level so shallow
-                               levels can sit in RAM and deep ones on disk
+  bank/rank<r>.safetensors     the blocks rank r exports: those of its subtrees, and a block several
+                               ranks hold (ancestors, generic) from the lowest of them only;
+                               train.memory.TensorBlockStore format, written by rank r itself
   tokenizer.json               the run's tokenizer
-  meta.json                    tree version, k, depth, model / memory / train configs, step, and the
-                               default routing of prompts (index.router.RoutingConfig)
+  meta.json                    tree version, k, depth, model / memory / train configs, step,
+                               ``bank_files``: file -> level -> [[first_id, last_id + 1], ...], and
+                               ``routing``: the default routing of prompts (index.router.RoutingConfig)
 
-Usage: python -m train.export --checkpoint OUT/checkpoints/stepN --data RUN_DIR --out EXPORT_DIR
-(the trainer calls ``export`` itself at the end of a run).
+No gather: each rank writes its own bank file from its own checkpoint shard, so no rank holds more
+than its shard and the ranks need no shared filesystem for these writes (OUT/export/bank/ may be a
+local disk on each node). Rank 0 writes the anchor, the tokenizer and meta.json; it derives the
+block -> file table from the ownership (deterministic from the manifest and the world size), without
+hearing from the other ranks. To load, every file listed in ``bank_files`` must sit in EXPORT/bank/
+on the loading machine (copy them there from each node); ``load_model`` names a missing one.
+``load_model`` opens the bank lazily (train/lazy_store.py): a query or an evaluation batch reads
+only the blocks it fetches.
+
+Usage: python -m train.export --checkpoint OUT/checkpoints/stepN --data RUN_DIR [RUN_DIR ...] --out EXPORT_DIR
+(the trainer calls ``write_bank_file`` on every rank and ``export`` on rank 0 at the end of a run).
 """
 from __future__ import annotations
 
@@ -20,82 +30,90 @@ import json
 import os
 import shutil
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from index.tree import block_level, generic_block_ids, level_offset
+from index.tree import block_level
 from train.model import Anchor, ModelConfig
 
-FORMAT = "hmem-model/1"
+FORMAT = "hmem-model/2"
 
 
-def _merge_bank(files: list[str], k: int, depth: int) -> dict[int, tuple[dict, torch.Tensor, dict[str, torch.Tensor]]]:
-    """Per level: (shapes, sorted ids, tensors) from the rank shards; shared blocks must agree across ranks."""
-    from train.memory import TensorBlockStore
+def export_blocks(ownership, rank: int) -> np.ndarray:
+    """Sorted ids rank ``rank`` exports: its blocks, less those a lower rank also holds."""
+    lower = {b for b, rs in ownership.holders().items() if min(rs) < rank}
+    return np.array([b for b in ownership.blocks(rank).tolist() if b not in lower], dtype=np.int64)
 
-    levels: dict[int, dict[int, dict[str, torch.Tensor]]] = {}
-    shapes: dict[int, dict] = {}
-    for f in files:
-        store = TensorBlockStore.load(f)
-        ids = store.owned_ids()
-        lv = torch.tensor([block_level(int(i), k, depth) for i in ids.tolist()])
-        for level, named in store.shapes.items():
-            shapes[level] = named
-            lids = ids[lv == level]
-            rows = store.read(level, lids)
-            for j, b in enumerate(lids.tolist()):
-                block = {n: t[j] for n, t in rows.items()}
-                seen = levels.setdefault(level, {}).get(b)
-                if seen is not None and any(not torch.equal(seen[n], block[n]) for n in block):
-                    raise ValueError(f"block {b} differs between rank shards ({f}); the replicas of a shared block diverged")
-                levels[level][b] = block
+
+def _levels(ids: np.ndarray, k: int, depth: int) -> np.ndarray:
+    return np.array([block_level(int(i), k, depth) for i in ids.tolist()], dtype=np.int64)
+
+
+def bank_files(ownership, levels: list[int]) -> dict[str, dict[str, list[list[int]]]]:
+    """meta.json ``bank_files``: per rank's file, per level (with memory), runs [first, last + 1) of its ids."""
     out = {}
-    for level, blocks in levels.items():
-        ids = torch.tensor(sorted(blocks), dtype=torch.long)
-        first = level_offset(level, k)
-        want = set(range(first, first + k**level)) | {int(generic_block_ids(k, depth)[level - 1])}
-        if set(ids.tolist()) != want:
-            raise ValueError(f"level {level}: the rank shards hold {len(ids)} of its {len(want)} blocks; "
-                             "export needs the checkpoint of every rank")
-        tensors = {n: torch.stack([blocks[b][n] for b in ids.tolist()]) for n in shapes[level]}
-        out[level] = (shapes[level], ids, tensors)
+    for r in range(ownership.world_size):
+        ids = export_blocks(ownership, r)
+        lv = _levels(ids, ownership.k, ownership.depth)
+        table = {}
+        for level in levels:
+            x = ids[lv == level]
+            if len(x):
+                cuts = np.flatnonzero(np.diff(x) != 1) + 1
+                table[str(level)] = [[int(run[0]), int(run[-1]) + 1] for run in np.split(x, cuts)]
+        if table:
+            out[f"bank/rank{r}.safetensors"] = table
     return out
 
 
-def export(checkpoint: str, run_dir: str, out_dir: str, cfg_dict: dict, anchor_state: dict[str, torch.Tensor],
-           manifest: dict) -> str:
-    """Write the export directory from a checkpoint (bank shards of all ranks) and the anchor's weights."""
+def write_bank_file(checkpoint: str, rank: int, out_dir: str, ownership) -> str:
+    """Rank ``rank``'s export file from its own checkpoint shard (read lazily: only the exported rows)."""
+    from train.lazy_store import LazyBlockStore
     from train.memory import TensorBlockStore
 
+    shard = LazyBlockStore([os.path.join(checkpoint, f"rank{rank}", "bank.safetensors")])
+    ids = export_blocks(ownership, rank)
+    lv = _levels(ids, ownership.k, ownership.depth)
+    mine = {l: torch.from_numpy(ids[lv == l]) for l in shard.shapes}
+    path = os.path.join(out_dir, "bank", f"rank{rank}.safetensors")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    TensorBlockStore(shard.shapes, mine, {l: shard.read(l, x) for l, x in mine.items()}).save(path)
+    return path
+
+
+def export(checkpoint: str, run_dir: str, out_dir: str, cfg_dict: dict, anchor_state: dict[str, torch.Tensor],
+           manifest: dict, ownership) -> str:
+    """Rank 0's part: anchor, tokenizer and meta.json (the ranks write their bank files themselves)."""
     os.makedirs(out_dir, exist_ok=True)
     save_file({n: t.detach().float().cpu().contiguous() for n, t in anchor_state.items()}, os.path.join(out_dir, "anchor.safetensors"))
-    k, depth = int(manifest["k"]), int(manifest["depth"])
-    shards = sorted(glob.glob(os.path.join(checkpoint, "rank*", "bank.safetensors")))
-    if shards:
-        os.makedirs(os.path.join(out_dir, "bank"), exist_ok=True)
-        for level, (shapes, ids, tensors) in _merge_bank(shards, k, depth).items():
-            TensorBlockStore({level: shapes}, {level: ids}, {level: tensors}).save(
-                os.path.join(out_dir, "bank", f"level{level}.safetensors"))
     tok = os.path.join(run_dir, "tokenizer.json")
     if os.path.exists(tok):
         shutil.copy(tok, os.path.join(out_dir, "tokenizer.json"))
     state = torch.load(os.path.join(checkpoint, "rank0", "state.pt"), weights_only=False)
-    meta = {"format": FORMAT, "tree_version": manifest["tree_version"], "k": k, "depth": depth,
+    memory = cfg_dict["memory"] if cfg_dict["recipe"]["name"] != "anchor_only" else None
+    levels = [l for l, r in enumerate(memory["ranks"], start=1) if r > 0] if memory else []
+    meta = {"format": FORMAT, "tree_version": manifest["tree_version"], "k": ownership.k, "depth": ownership.depth,
             "seq_len": manifest["seq_len"], "eot_id": manifest.get("eot_id", 0), "pad_id": manifest.get("pad_id", 1),
-            "model": cfg_dict["model"], "memory": cfg_dict["memory"] if shards else None,
-            "routing": cfg_dict.get("routing"), "train": cfg_dict, "step": state["step"],
-            "run_dir": os.path.abspath(run_dir)}
+            "model": cfg_dict["model"], "memory": memory, "routing": cfg_dict.get("routing"), "train": cfg_dict,
+            "step": state["step"], "run_dir": os.path.abspath(run_dir),
+            "runs": manifest.get("runs", [os.path.abspath(run_dir)]),
+            "bank_files": bank_files(ownership, levels) if memory else {}}
     with open(os.path.join(out_dir, "meta.json"), "w") as f:
         json.dump(meta, f, indent=2)
     return out_dir
 
 
 def anchor_weights(checkpoint: str, cfg_dict: dict) -> dict[str, torch.Tensor]:
-    """fp32 anchor weights: consolidated from the DeepSpeed checkpoint (any ZeRO stage), or, for a
-    frozen anchor (which has no ZeRO optimizer state), the exported anchor the run started from."""
+    """fp32 anchor weights: consolidated from the DeepSpeed checkpoint (ZeRO 1-3 partitions, or the module
+    states at stage 0), or, for a frozen anchor (no optimizer state), the exported anchor the run started from."""
     recipe = cfg_dict["recipe"]
     if recipe["name"] == "memory_only":
         return load_file(os.path.join(recipe["init_anchor"], "anchor.safetensors"))
+    if not glob.glob(os.path.join(checkpoint, "*optim_states.pt")):
+        # ZeRO stage 0 in fp32: no partitioned optimizer files; the module states hold the full weights
+        module = torch.load(os.path.join(checkpoint, "mp_rank_00_model_states.pt"), map_location="cpu", weights_only=False)["module"]
+        return {n: t.float() for n, t in module.items()}
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     root, tag = os.path.split(os.path.normpath(checkpoint))
@@ -104,7 +122,7 @@ def anchor_weights(checkpoint: str, cfg_dict: dict) -> dict[str, torch.Tensor]:
 
 def load_model(directory: str, device: str | torch.device = "cpu"):
     """(anchor, bank, meta) from an export directory; ``bank`` is None for an anchor-only model."""
-    from train.memory import MemoryBank, MemoryConfig, TensorBlockStore
+    from train.memory import MemoryBank, MemoryConfig
 
     path = os.path.join(directory, "meta.json")
     if not os.path.exists(path):
@@ -119,28 +137,43 @@ def load_model(directory: str, device: str | torch.device = "cpu"):
     anchor.to(device).eval()
     bank = None
     if meta["memory"] is not None:
+        from train.lazy_store import LazyBlockStore
+
+        files = [os.path.join(directory, f) for f in sorted(meta["bank_files"])]
+        missing = [f for f in files if not os.path.exists(f)]
+        if missing:
+            raise FileNotFoundError(f"{directory}: bank files {missing} are missing; each rank wrote its own at export "
+                                    "(on its node's disk): copy every file listed in meta.json bank_files into "
+                                    f"{os.path.join(directory, 'bank')}/")
         mem_cfg = MemoryConfig(**meta["memory"])
-        parts = [TensorBlockStore.load(f) for f in sorted(glob.glob(os.path.join(directory, "bank", "level*.safetensors")))]
-        shapes = {l: named for p in parts for l, named in p.shapes.items()}
-        ids = {l: p.owned_ids() for p in parts for l in p.shapes}
-        tensors = {l: p.read(l, ids[l]) for p in parts for l in p.shapes}
-        bank = MemoryBank(mem_cfg, anchor.cfg.n_layers, anchor.cfg.d_model,
-                          TensorBlockStore(shapes, ids, tensors, device=device))
+        store = LazyBlockStore(files, device=device)
+        for l, r in enumerate(mem_cfg.ranks, start=1):
+            if r and store.ids.get(l, torch.zeros(0)).numel() != mem_cfg.k**l + 1:
+                raise ValueError(f"{directory}/bank: level {l} has {store.ids.get(l, torch.zeros(0)).numel()} blocks, "
+                                 f"expected {mem_cfg.k**l} tree blocks + 1 generic")
+        bank = MemoryBank(mem_cfg, anchor.cfg.n_layers, anchor.cfg.d_model, store)
     return anchor, bank, meta
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description="Export a trainer checkpoint to a model directory.")
+    ap = argparse.ArgumentParser(description="Export a trainer checkpoint to a model directory (one process, "
+                                 "each rank's shard in turn; the trainer itself writes the bank files on each rank).")
     ap.add_argument("--checkpoint", required=True, help="OUT/checkpoints/step<N> (all ranks' shards)")
-    ap.add_argument("--data", required=True, help="the run directory the model was trained on")
+    ap.add_argument("--data", required=True, nargs="+", metavar="RUN", help="the run directories the model was trained on")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
-    from train.data import read_manifest
+    from train.data import assign_subtrees, read_manifests
 
     with open(os.path.join(os.path.dirname(os.path.normpath(args.checkpoint)), os.pardir, "config.json")) as f:
         cfg_dict = json.load(f)
-    print(export(args.checkpoint, args.data, args.out, cfg_dict, anchor_weights(args.checkpoint, cfg_dict),
-                 read_manifest(args.data)))
+    manifest = read_manifests(args.data)
+    world = torch.load(os.path.join(args.checkpoint, "rank0", "state.pt"), weights_only=False)["world_size"]
+    ownership = assign_subtrees(manifest, world)
+    if cfg_dict["recipe"]["name"] != "anchor_only":
+        for r in range(world):
+            write_bank_file(args.checkpoint, r, args.out, ownership)
+    print(export(args.checkpoint, args.data[0], args.out, cfg_dict, anchor_weights(args.checkpoint, cfg_dict),
+                 manifest, ownership))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Train the anchor and/or its hierarchical memory over a run directory's pre-routed shards.
 
     deepspeed --num_gpus 2 train/main.py --data runs/demo --out runs/demo/model [--config CONFIG] [--set a.b=v ...]
+    deepspeed --num_gpus 2 train/main.py --data RUN_A RUN_B --out OUT   (runs routed with one tree: --tree RUN_A)
     torchrun --nproc_per_node 2 train/main.py ...      python train/main.py ...   (one process, for debugging)
 
 One step on rank r: a batch from r's own subtrees (train/data.py) fetches only the blocks on its
@@ -27,9 +28,9 @@ from safetensors.torch import load_file
 
 from train import checkpoint
 from train.config import TrainConfig, load_config
-from train.data import ShardLoader, assign_subtrees, read_manifest
+from train.data import ShardLoader, assign_subtrees, read_manifests
 from train.distributed import BlockReducer, DistInfo, init, teardown
-from train.export import anchor_weights, export
+from train.export import anchor_weights, export, write_bank_file
 from train.model import Anchor
 from train.optim import BlockGrads, TouchedAdamW, lr_at
 
@@ -37,7 +38,8 @@ from train.optim import BlockGrads, TouchedAdamW, lr_at
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", help="configs/train/<name>.yaml or a name in it (default: demo)")
-    ap.add_argument("--data", required=True, help="run directory of jobs/cluster_corpus.py")
+    ap.add_argument("--data", required=True, nargs="+", metavar="RUN",
+                    help="run directories of jobs/cluster_corpus.py; several must share one tree_version and tokenizer")
     ap.add_argument("--out", required=True, help="output directory (checkpoints, logs, export)")
     ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="config override (repeatable)")
     ap.add_argument("--deepspeed_config", help="a ds_config JSON to use instead of the generated one")
@@ -69,7 +71,7 @@ def human(n: float) -> str:
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, run_dir: str, out_dir: str, dist_info: DistInfo, manifest: dict, resume: bool):
+    def __init__(self, cfg: TrainConfig, run_dirs: list[str], out_dir: str, dist_info: DistInfo, manifest: dict, resume: bool):
         import deepspeed
 
         self.cfg, self.out_dir = cfg, out_dir
@@ -77,8 +79,8 @@ class Trainer:
         self.k, self.depth = int(manifest["k"]), int(manifest["depth"])
         self.ownership = assign_subtrees(manifest, self.world)
         mem = cfg.memory if cfg.recipe.uses_memory else None
-        self.loader = ShardLoader(run_dir, self.ownership, self.rank, cfg.data.batch_size, cfg.data.seed,
-                                  mem.p_generic if mem else 0.0)
+        self.loader = ShardLoader(run_dirs, self.ownership, self.rank, cfg.data.batch_size, cfg.data.seed,
+                                  mem.p_generic if mem else 0.0, cfg.data.shuffle_buffer)
 
         torch.manual_seed(cfg.data.seed)  # the same anchor init on every rank
         anchor = Anchor(cfg.model)
@@ -159,7 +161,7 @@ class Trainer:
         cfg, step = self.cfg, self.step + 1
         batch = self.loader.next_batch()
         if self.batch_log:
-            self.batch_log.write(json.dumps({"step": step, "seq_ids": batch.seq_ids.tolist(),
+            self.batch_log.write(json.dumps({"step": step, "seq_ids": batch.seq_ids.tolist(), "runs": batch.runs.tolist(),
                                              "generic": batch.generic.tolist()}) + "\n")
             self.batch_log.flush()
         tokens = batch.tokens.to(self.device)
@@ -273,17 +275,23 @@ class Trainer:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    manifest = read_manifests(args.data)  # a mismatch between runs fails before any process group starts
     info = init()
-    manifest = read_manifest(args.data)
     cfg = load_config(args.config, args.set, manifest)
     if args.deepspeed_config:
         cfg.deepspeed.config = args.deepspeed_config
     trainer = Trainer(cfg, args.data, args.out, info, manifest, resume=not args.no_resume)
     trainer.fit()
-    last = checkpoint.latest(trainer.ckpt_root)
-    if cfg.schedule.save and info.rank == 0:  # every rank's shard is on disk: checkpoint.save ends with a barrier
-        out = export(last, args.data, os.path.join(args.out, "export"), cfg.to_dict(), anchor_weights(last, cfg.to_dict()), manifest)
-        print(f"exported {out}", flush=True)
+    # this step's checkpoint, not `latest`: rank 0 may not have moved `latest` yet when another rank reads it
+    last = os.path.join(trainer.ckpt_root, checkpoint.tag_for(trainer.step))
+    if cfg.schedule.save:  # each rank exports its own bank file from its own shard: no gather (train/export.py)
+        out = os.path.join(args.out, "export")
+        if trainer.bank:
+            write_bank_file(last, info.rank, out, trainer.ownership)
+        if info.rank == 0:
+            export(last, args.data[0], out, cfg.to_dict(), anchor_weights(last, cfg.to_dict()), manifest, trainer.ownership)
+        dist.barrier()  # the run ends when every rank's file is written
+        trainer.log(f"exported {out}")
     trainer.close()
     teardown()
 

@@ -1,0 +1,117 @@
+"""A read-only BlockStore over bank files on disk, for inference: a block is read when it is fetched.
+
+The files are ``TensorBlockStore.save`` files (safetensors: ``level<l>.ids`` + ``level<l>.<name>``),
+e.g. an export's ``bank/rank<r>.safetensors``. Opening one reads its header and id lists only;
+``read`` fetches the requested rows with positioned reads (``os.preadv``, one per run of consecutive
+rows) straight into the output tensors. Nothing is mapped, so the process holds the id tables
+(8 bytes per block) and the blocks of the current fetch, whatever the size of the bank and however
+many blocks earlier batches read (the OS page cache may keep them, outside the process).
+"""
+from __future__ import annotations
+
+import json
+import os
+import struct
+
+import numpy as np
+import torch
+
+from train.memory import BANK_FORMAT, BlockStore
+
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32}
+
+
+class SafetensorsFile:
+    """A safetensors file read by row ranges (positioned reads, no mapping)."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.fd = os.open(path, os.O_RDONLY)
+        (n,) = struct.unpack("<Q", os.pread(self.fd, 8, 0))
+        header = json.loads(os.pread(self.fd, n, 8))
+        self.metadata: dict = header.pop("__metadata__", {}) or {}
+        self.tensors: dict = header  # name -> {"dtype", "shape", "data_offsets"} (offsets after the header)
+        self.base = 8 + n
+
+    def rows(self, name: str, lo: int, hi: int) -> torch.Tensor:
+        """Rows [lo, hi) of tensor ``name`` (along its first axis)."""
+        info = self.tensors[name]
+        out = torch.empty((hi - lo, *info["shape"][1:]), dtype=_DTYPES[info["dtype"]])
+        buf = out.view(-1).view(torch.uint8).numpy() if out.numel() else np.empty(0, np.uint8)
+        offset = self.base + info["data_offsets"][0] + lo * (buf.size // max(hi - lo, 1))
+        done = 0
+        while done < buf.size:  # preadv may return fewer bytes than asked (large reads)
+            n = os.preadv(self.fd, [buf[done:]], offset + done)
+            if n == 0:
+                raise ValueError(f"{self.path}: truncated; {name} rows {lo}..{hi} end past the file's end")
+            done += n
+        return out
+
+    def __del__(self):
+        if getattr(self, "fd", None) is not None:
+            os.close(self.fd)
+
+
+class LazyBlockStore(BlockStore):
+    def __init__(self, files: list[str], device: torch.device | str | None = None):
+        self.files, self.device = list(files), device
+        self.handles = [SafetensorsFile(f) for f in self.files]
+        self.shapes: dict[int, dict[str, tuple[int, ...]]] = {}
+        where: dict[int, list[tuple[torch.Tensor, int]]] = {}  # level -> (ids, file index) per file
+        for i, f in enumerate(self.handles):
+            if f.metadata.get("format") != BANK_FORMAT:
+                raise ValueError(f"{f.path}: format {f.metadata.get('format')!r}, this code reads {BANK_FORMAT!r}")
+            for l, named in json.loads(f.metadata["shapes"]).items():
+                self.shapes[int(l)] = {n: tuple(s) for n, s in named.items()}
+                n_ids = f.tensors[f"level{l}.ids"]["shape"][0]
+                where.setdefault(int(l), []).append((f.rows(f"level{l}.ids", 0, n_ids), i))
+        # per level: sorted global ids, and for each the file and the row in it
+        self.ids, self.file_of, self.row_of = {}, {}, {}
+        for l, parts in where.items():
+            ids = torch.cat([p for p, _ in parts])
+            order = torch.argsort(ids)
+            self.ids[l] = ids[order]
+            if self.ids[l].numel() > 1 and bool((self.ids[l][1:] == self.ids[l][:-1]).any()):
+                dup = self.ids[l][1:][self.ids[l][1:] == self.ids[l][:-1]][:4].tolist()
+                raise ValueError(f"level {l}: blocks {dup} are in more than one of {self.files}")
+            self.file_of[l] = torch.cat([torch.full((len(p),), i) for p, i in parts])[order]
+            self.row_of[l] = torch.cat([torch.arange(len(p)) for p, _ in parts])[order]
+
+    def owned_ids(self) -> torch.Tensor:
+        parts = [self.ids[l] for l in sorted(self.ids)]
+        return torch.sort(torch.cat(parts))[0] if parts else torch.zeros(0, dtype=torch.long)
+
+    def read(self, level: int, ids) -> dict[str, torch.Tensor]:
+        if level not in self.ids:
+            raise KeyError(f"level {level} has no blocks in {self.files}")
+        ids = torch.as_tensor(ids, dtype=torch.long).flatten().cpu()
+        have = self.ids[level]
+        pos = torch.searchsorted(have, ids).clamp(max=max(have.numel() - 1, 0))
+        if have.numel() == 0 or not bool((have[pos] == ids).all()):
+            raise KeyError(f"level {level}: blocks {ids[have[pos] != ids][:8].tolist()} are not in {self.files}")
+        files, rows = self.file_of[level][pos].numpy(), self.row_of[level][pos].numpy()
+        out = {n: None for n in self.shapes[level]}
+        for fi in np.unique(files):
+            want = np.flatnonzero(files == fi)
+            want = want[np.argsort(rows[want], kind="stable")]
+            r = rows[want]
+            cuts = np.flatnonzero(np.diff(r) != 1) + 1  # runs of consecutive rows: one read each
+            for n, s in self.shapes[level].items():
+                for j, run in zip(np.split(want, cuts), np.split(r, cuts)):
+                    part = self.handles[fi].rows(f"level{level}.{n}", int(run[0]), int(run[-1]) + 1)
+                    if out[n] is None:
+                        out[n] = torch.empty((len(ids), *s), dtype=part.dtype)
+                    out[n][torch.from_numpy(j)] = part
+        return {n: (t if t is not None else torch.empty((0, *self.shapes[level][n]))).to(self.device)
+                for n, t in out.items()}
+
+    def write(self, level: int, ids, tensors: dict[str, torch.Tensor]) -> None:
+        raise TypeError(f"LazyBlockStore over {self.files} is read-only (an exported bank); train from a checkpoint")
+
+    def save(self, path: str, metadata: dict | None = None) -> None:
+        raise TypeError(f"LazyBlockStore over {self.files} is read-only; its files are the saved bank")
+
+    def nbytes(self) -> int:
+        """Resident bytes: the id tables (the blocks stay in the files)."""
+        return sum(t.numel() * t.element_size() for d in (self.ids, self.file_of, self.row_of) for t in d.values())
