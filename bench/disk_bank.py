@@ -16,8 +16,8 @@ printed). Sized so that the RAM run's bank, held in the same processes, fits a s
      store really read from and wrote to storage: on a machine whose page cache can hold the bank
      files, reads are served from it; ``--drop-cache`` evicts the bank files from the page cache
      before every disk step (posix_fadvise DONTNEED), as when the bank is bigger than the machine.
-     Before its steps, every record of the disk run is written to its file (as after a long run), so
-     its reads go to the files instead of materialising fresh blocks.
+     Blocks never trained yet are materialised, not read; ``--materialise`` writes every record of the
+     disk run to its file before its steps (as after a long run), so that all its reads go to the files.
   3. Rank 0 creates a lazy disk store for the paper's 160M configuration (ranks (256, 64, 16, 0),
      k=16, depth 4: 4.62B parameters, 55 GB with moments) and prints how long that takes.
 
@@ -25,7 +25,7 @@ Data: ``--data`` RUN_DIR, or a synthetic run directory (tests/fixtures.make_run_
 8 sequences per leaf, seq_len 512, the manifest's vocab_size set to the demo's 8192).
 Prints the figures; the last line is ``ratio X`` (disk tokens/s / RAM tokens/s, wall clock).
 
-    python bench/disk_bank.py [--data RUN] [--ranks 8,16,144] [--budget-mb 240] [--steps 20] [--drop-cache]
+    python bench/disk_bank.py [--data RUN] [--ranks 8,16,144] [--budget-mb 240] [--steps 20] [--materialise] [--drop-cache]
 """
 from __future__ import annotations
 
@@ -108,8 +108,8 @@ def worker(args) -> None:
     disk, t_disk = build("disk", "disk")
     store = disk.bank.store
     t0 = time.perf_counter()
-    for part in (store, *(store.state_store(n) for n in TouchedAdamW.STATE)):  # every record into its file,
-        for level, named in part.shapes.items():  # as after a long run: the timed steps then read the files
+    for part in (store, *(store.state_store(n) for n in TouchedAdamW.STATE)) if args.materialise else ():
+        for level, named in part.shapes.items():  # every record into its file, as after a long run
             for a, b in row_chunks(named, len(part.ids[level])):
                 part.write(level, part.ids[level][a:b], part.read(level, part.ids[level][a:b]))
     t_fill = time.perf_counter() - t0
@@ -162,8 +162,8 @@ def worker(args) -> None:
             f"{io['write_bytes'] / mib / args.steps:.1f} MiB/step written (syscalls: {io['rchar'] / mib / args.steps:.1f} / "
             f"{io['wchar'] / mib / args.steps:.1f} MiB/step); cache {json.dumps(store.bank.stats)}\n"
             f"  start: disk trainer built in {t_disk:.1f} s, its store alone created in {t_lazy:.3f} s (lazy); "
-            f"RAM trainer built in {t_ram:.1f} s (bank initialised eagerly); every record written to the files "
-            f"before the steps in {t_fill:.1f} s")
+            f"RAM trainer built in {t_ram:.1f} s (bank initialised eagerly)"
+            + (f"; every record written to the files before the steps in {t_fill:.1f} s" if args.materialise else ""))
     lines = [None] * info.world_size
     dist.all_gather_object(lines, line)
     if info.rank == 0:
@@ -221,6 +221,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--rss-steps", type=int, default=10, help="steps of the disk run alone, for RSS")
     ap.add_argument("--drop-cache", action="store_true", help="evict the bank files from the page cache before each disk step")
+    ap.add_argument("--materialise", action="store_true", help="write every disk record to its file before the steps")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
     ap.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # from the deepspeed launcher
@@ -237,8 +238,7 @@ def main() -> None:
                os.path.abspath(__file__), "--worker", "--data", data, "--config", args.config, "--ranks", args.ranks,
                "--budget-mb", str(args.budget_mb), "--prefetch", str(args.prefetch), "--steps", str(args.steps),
                "--warmup", str(args.warmup), "--rss-steps", str(args.rss_steps), "--out", tmp]
-        if args.drop_cache:
-            cmd.append("--drop-cache")
+        cmd += ["--drop-cache"] * args.drop_cache + ["--materialise"] * args.materialise
         p = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
         if p.returncode:
             sys.exit(f"benchmark failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
