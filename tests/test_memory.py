@@ -218,7 +218,7 @@ def test_partial_store_owns_any_ids_and_init_is_owner_independent():
     with pytest.raises(KeyError):
         bank.fetch(bank.block_ids(paths_of([0])))
     bank.fetch(bank.block_ids(paths_of([24]), generic=torch.tensor([True])))
-    moments = part.zeros_like()
+    moments = part.state_store("exp_avg")
     assert torch.equal(moments.owned_ids(), part.owned_ids()) and moments.tensors[1]["w_gate"].abs().sum() == 0
 
 

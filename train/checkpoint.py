@@ -56,6 +56,27 @@ def save(root: str, step: int, engine, rank: int, state: dict, store=None, mem_o
     return os.path.join(root, tag)
 
 
+def load_bank(path: str, store, k: int, depth: int) -> None:
+    """Overwrite every block of ``store`` from a bank file (``BlockStore.save``), a chunk of blocks at a time."""
+    from safetensors import safe_open
+
+    from train.memory import BANK_FORMAT
+    from train.store_disk import row_chunks
+
+    ids = store.owned_ids()
+    levels = torch.tensor([block_level(int(i), k, depth) for i in ids.tolist()])
+    with safe_open(path, framework="pt") as f:
+        if (f.metadata() or {}).get("format") != BANK_FORMAT:
+            raise ValueError(f"{path}: not a {BANK_FORMAT} file")
+        saved = [f.get_tensor(f"level{l}.ids") for l in store.shapes if f"level{l}.ids" in f.keys()]
+        if len(saved) != len(store.shapes) or not torch.equal(torch.sort(torch.cat(saved))[0], ids):
+            raise ValueError(f"{path} holds other blocks than this rank owns; same ranks and run directory needed")
+        for level, named in store.shapes.items():
+            lids = ids[levels == level]
+            for a, b in row_chunks(named, len(lids)):
+                store.write(level, lids[a:b], {n: f.get_slice(f"level{level}.{n}")[a:b] for n in named})
+
+
 def load(ckpt: str, engine, rank: int, world_size: int, trains_anchor: bool, store=None, mem_optim=None,
          k: int = 0, depth: int = 0) -> dict:
     """Restore the anchor (and its optimizer), this rank's bank shard and optimizer, and RNG; returns the state."""
@@ -73,15 +94,7 @@ def load(ckpt: str, engine, rank: int, world_size: int, trains_anchor: bool, sto
     if load_path is None:
         raise FileNotFoundError(f"DeepSpeed found no anchor checkpoint in {ckpt}")
     if store is not None:
-        from train.memory import TensorBlockStore
-
-        saved = TensorBlockStore.load(os.path.join(d, "bank.safetensors"))
-        ids = store.owned_ids()
-        if not torch.equal(saved.owned_ids(), ids):
-            raise ValueError(f"{d}/bank.safetensors holds other blocks than this rank owns; same ranks and run directory needed")
-        levels = torch.tensor([block_level(int(i), k, depth) for i in ids.tolist()])
-        for level in store.shapes:
-            store.write(level, ids[levels == level], saved.read(level, ids[levels == level]))
+        load_bank(os.path.join(d, "bank.safetensors"), store, k, depth)
         mem_optim.load(os.path.join(d, "bank_optim.safetensors"))
     torch.set_rng_state(state["rng"]["torch"])
     if state["rng"]["cuda"] is not None:

@@ -105,10 +105,19 @@ class Trainer:
             from train.memory import MemoryBank
 
             # the bank lives outside ZeRO: this rank's blocks only, updated by the touched-block AdamW
-            self.bank = MemoryBank.create(mem, cfg.model, torch.from_numpy(self.ownership.blocks(self.rank)), device=self.device)
+            owned = torch.from_numpy(self.ownership.blocks(self.rank))
+            if mem.store == "disk":  # blocks + moments in files under a RAM budget, read ahead of the steps
+                from train.prefetch import Prefetcher
+                from train.store_disk import DiskBlockStore
+
+                store = DiskBlockStore.create(mem, cfg.model, owned, os.path.join(out_dir, "bank_store", f"rank{self.rank}"),
+                                              int(mem.ram_budget_mb * 2**20), state=TouchedAdamW.STATE)
+                self.bank = MemoryBank(mem, cfg.model.n_layers, cfg.model.d_model, store)
+                self.loader = Prefetcher(self.loader, store, mem.prefetch_batches)
+            else:
+                self.bank = MemoryBank.create(mem, cfg.model, owned, device=self.device)
             m = cfg.optim.memory
-            self.mem_optim = TouchedAdamW(self.bank.store, self.k, self.depth, cfg.optim.betas, cfg.optim.eps,
-                                          m.weight_decay, device=self.device)
+            self.mem_optim = TouchedAdamW(self.bank.store, self.k, self.depth, cfg.optim.betas, cfg.optim.eps, m.weight_decay)
             self.reducer = BlockReducer(self.ownership, self.rank, self.device, self.bank.store.shapes)
 
         self.step, self.tokens_seen = 0, 0
@@ -267,6 +276,8 @@ class Trainer:
         return path
 
     def close(self) -> None:
+        if hasattr(self.loader, "close"):  # the disk store's prefetch thread
+            self.loader.close()
         if self.writer:
             self.writer.close()
         if self.batch_log:

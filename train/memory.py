@@ -51,6 +51,7 @@ from index.tree import block_level, generic_block_ids, n_tree_blocks, path_block
 from train.model import ModelConfig
 
 KINDS = ("ffn", "lora", "kv")
+STORES = ("ram", "disk")
 BANK_FORMAT = "hmem-bank/1"
 
 
@@ -63,6 +64,9 @@ class MemoryConfig:
     p_generic: float = 1 / 17
     init_std: float = 0.02
     seed: int = 0  # block init depends only on (seed, global id), not on which rank builds it
+    store: str = "ram"  # ram: TensorBlockStore; disk: train/store_disk.py (blocks + AdamW moments in files)
+    ram_budget_mb: float = 1024.0  # disk store: RAM for pinned shallow levels + cached deep blocks, per rank
+    prefetch_batches: int = 2  # disk store: batches whose blocks are read ahead (train/prefetch.py)
 
     def __post_init__(self):
         self.ranks = tuple(int(r) for r in self.ranks)
@@ -76,6 +80,10 @@ class MemoryConfig:
             raise ValueError(f"ranks must be >= 0, got {self.ranks}")
         if not 0.0 <= self.p_generic <= 1.0:
             raise ValueError(f"p_generic {self.p_generic} is not a probability")
+        if self.store not in STORES:
+            raise ValueError(f"memory store {self.store!r}; one of {STORES}")
+        if self.ram_budget_mb <= 0 or self.prefetch_batches < 0:
+            raise ValueError(f"ram_budget_mb {self.ram_budget_mb} must be > 0, prefetch_batches {self.prefetch_batches} >= 0")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -126,6 +134,21 @@ def param_counts(model_cfg: ModelConfig, mem_cfg: MemoryConfig) -> dict:
             "total": anchor + bank + fetched, "per_level": per_level}
 
 
+def init_block(mem_cfg: MemoryConfig, gid: int, shapes: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
+    """Block ``gid``'s initial tensors: input side N(0, init_std) from a generator seeded by (seed, gid),
+    output side zero (fresh = no-op). The same whichever rank or store builds it, and whenever."""
+    zero = _NAMES[mem_cfg.kind][1]
+    g = torch.Generator().manual_seed(mem_cfg.seed * 1_000_003 + gid)
+    return {n: torch.zeros(s) if n in zero else torch.randn(s, generator=g) * mem_cfg.init_std for n, s in shapes.items()}
+
+
+def bank_metadata(shapes: dict[int, dict[str, tuple[int, ...]]], metadata: dict | None) -> dict[str, str]:
+    """The safetensors metadata of a bank file (format, per-level shapes, the caller's entries as JSON)."""
+    meta = {"format": BANK_FORMAT, "shapes": json.dumps({str(l): s for l, s in shapes.items()})}
+    meta.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()})
+    return meta
+
+
 def all_block_ids(mem_cfg: MemoryConfig, include_generic: bool = True) -> torch.Tensor:
     """Every global block id of the bank (tree nodes of all levels, then the generic blocks)."""
     n = n_tree_blocks(mem_cfg.k, mem_cfg.depth) + (mem_cfg.depth if include_generic else 0)
@@ -161,7 +184,25 @@ class BlockStore(ABC):
 
     @abstractmethod
     def nbytes(self) -> int:
-        """Bytes the owned blocks take where they are held (RAM or device)."""
+        """Bytes the owned blocks take where they are held (RAM, device or disk)."""
+
+    def state_store(self, name: str) -> "BlockStore":
+        """A zero-initialised fp32 store with the same ids and shapes for per-block optimiser state
+        ``name`` (train/optim.py), held where this store holds its blocks."""
+        raise NotImplementedError(f"{type(self).__name__} holds no optimiser state")
+
+
+def store_rows(owned: dict[int, torch.Tensor], level: int, ids) -> torch.Tensor:
+    """Rows of global block ``ids`` of ``level`` in a store whose sorted ids per level are ``owned``."""
+    if level not in owned:
+        raise KeyError(f"level {level} has no blocks in this store (rank 0 or not a level)")
+    have = owned[level]
+    ids = torch.as_tensor(ids, dtype=torch.long).flatten().cpu()
+    rows = torch.searchsorted(have, ids).clamp(max=max(have.numel() - 1, 0))
+    if have.numel() == 0 or not bool((have[rows] == ids).all()):
+        missing = ids[(have.numel() == 0) | (have[rows] != ids)] if have.numel() else ids
+        raise KeyError(f"level {level}: blocks {missing[:8].tolist()} are not owned by this store")
+    return rows
 
 
 class TensorBlockStore(BlockStore):
@@ -222,48 +263,28 @@ class TensorBlockStore(BlockStore):
 
     @torch.no_grad()
     def initialise(self, mem_cfg: MemoryConfig) -> None:
-        zero = _NAMES[mem_cfg.kind][1]
-        g = torch.Generator()
         for l, named in self.shapes.items():
             for row, gid in enumerate(self.ids[l].tolist()):
-                g.manual_seed(mem_cfg.seed * 1_000_003 + gid)
-                for n, s in named.items():
-                    t = self.tensors[l][n]
-                    if n in zero:
-                        t[row].zero_()
-                    else:
-                        t[row].copy_(torch.randn(s, generator=g) * mem_cfg.init_std)
+                for n, t in init_block(mem_cfg, gid, named).items():
+                    self.tensors[l][n][row].copy_(t)
 
-    def zeros_like(self) -> "TensorBlockStore":
-        """Same ids and shapes, all zeros (e.g. optimiser moments for the owned blocks)."""
+    def state_store(self, name: str) -> "TensorBlockStore":
+        """Same ids and shapes, fp32 zeros on this store's device (``name`` does not matter in RAM)."""
         any_t = next((t for named in self.tensors.values() for t in named.values()), None)
-        return TensorBlockStore(self.shapes, self.ids,
-                                dtype=any_t.dtype if any_t is not None else torch.float32,
-                                device=any_t.device if any_t is not None else None)
+        return TensorBlockStore(self.shapes, self.ids, device=any_t.device if any_t is not None else None)
 
     # -- the interface
     def owned_ids(self) -> torch.Tensor:
         parts = [self.ids[l] for l in sorted(self.ids)]
         return torch.sort(torch.cat(parts))[0] if parts else torch.zeros(0, dtype=torch.long)
 
-    def _rows(self, level: int, ids) -> torch.Tensor:
-        if level not in self.ids:
-            raise KeyError(f"level {level} has no blocks in this store (rank 0 or not a level)")
-        have = self.ids[level]
-        ids = torch.as_tensor(ids, dtype=torch.long).flatten().cpu()
-        rows = torch.searchsorted(have, ids).clamp(max=max(have.numel() - 1, 0))
-        if have.numel() == 0 or not bool((have[rows] == ids).all()):
-            missing = ids[(have.numel() == 0) | (have[rows] != ids)] if have.numel() else ids
-            raise KeyError(f"level {level}: blocks {missing[:8].tolist()} are not owned by this store")
-        return rows
-
     def read(self, level: int, ids) -> dict[str, torch.Tensor]:
-        rows = self._rows(level, ids)
+        rows = store_rows(self.ids, level, ids)
         return {n: t.index_select(0, rows.to(t.device)) for n, t in self.tensors[level].items()}
 
     @torch.no_grad()
     def write(self, level: int, ids, tensors: dict[str, torch.Tensor]) -> None:
-        rows = self._rows(level, ids)
+        rows = store_rows(self.ids, level, ids)
         for n, t in self.tensors[level].items():
             if n not in tensors:
                 continue
@@ -277,9 +298,7 @@ class TensorBlockStore(BlockStore):
             out[f"level{l}.ids"] = self.ids[l].contiguous()
             for n, t in named.items():
                 out[f"level{l}.{n}"] = t.detach().cpu().contiguous()
-        meta = {"format": BANK_FORMAT, "shapes": json.dumps({str(l): s for l, s in self.shapes.items()})}
-        meta.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()})
-        save_file(out, path, metadata=meta)
+        save_file(out, path, metadata=bank_metadata(self.shapes, metadata))
 
     @classmethod
     def load(cls, path: str, owned_ids=None, device=None) -> "TensorBlockStore":

@@ -21,7 +21,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-from safetensors.torch import load_file, save_file
 
 from index.tree import block_level
 
@@ -52,28 +51,26 @@ class BlockGrads:
 class TouchedAdamW:
     """AdamW with one state per memory block; ``step`` updates only the blocks it is given.
 
-    ``store`` is a train.memory BlockStore holding this rank's blocks; the optimizer keeps
-    fp32 moments and step counts for exactly ``store.owned_ids()`` (levels with blocks).
+    ``store`` is a train.memory BlockStore holding this rank's blocks. The fp32 moments are two
+    more stores from ``store.state_store`` (``STATE``), so they live where the blocks live (RAM,
+    device, or disk for train/store_disk.py); the per-block step counts are small and stay here.
     """
 
+    STATE = ("exp_avg", "exp_avg_sq")
+
     def __init__(self, store, k: int, depth: int, betas: tuple[float, float] = (0.9, 0.95),
-                 eps: float = 1e-8, weight_decay: float = 0.0, device: torch.device | str = "cpu"):
+                 eps: float = 1e-8, weight_decay: float = 0.0):
         self.store, self.betas, self.eps, self.weight_decay = store, betas, eps, weight_decay
         by_level: dict[int, list[int]] = {}
         for i in store.owned_ids().tolist():
             by_level.setdefault(block_level(int(i), k, depth), []).append(int(i))
-        # level -> sorted owned global ids: the row order of the state
+        # level -> sorted owned global ids: the row order of the step counts
         self.ids = {l: torch.tensor(sorted(v), dtype=torch.long) for l, v in sorted(by_level.items()) if l in store.shapes}
-        self.steps: dict[int, torch.Tensor] = {}
-        self.exp_avg: dict[int, dict[str, torch.Tensor]] = {}
-        self.exp_avg_sq: dict[int, dict[str, torch.Tensor]] = {}
-        for l, ids in self.ids.items():
-            self.steps[l] = torch.zeros(len(ids), dtype=torch.long)
-            self.exp_avg[l] = {n: torch.zeros((len(ids), *s), dtype=torch.float32, device=device) for n, s in store.shapes[l].items()}
-            self.exp_avg_sq[l] = {n: torch.zeros_like(t) for n, t in self.exp_avg[l].items()}
+        self.steps = {l: torch.zeros(len(ids), dtype=torch.long) for l, ids in self.ids.items()}
+        self.exp_avg, self.exp_avg_sq = (store.state_store(name) for name in self.STATE)
 
     def rows(self, level: int, ids: torch.Tensor) -> torch.Tensor:
-        """State rows of global block ids; raises if a block is not held by this rank."""
+        """Step-count rows of global block ids; raises if a block is not held by this rank."""
         own = self.ids.get(level)
         ids = ids.to(torch.long)
         if own is None:
@@ -95,44 +92,58 @@ class TouchedAdamW:
             t = self.steps[u.level][rows] + 1
             self.steps[u.level][rows] = t
             params = self.store.read(u.level, u.ids)
+            exp_avg, exp_avg_sq = self.exp_avg.read(u.level, u.ids), self.exp_avg_sq.read(u.level, u.ids)
             for name, g in u.grads.items():
                 p = params[name]
                 shape = (-1,) + (1,) * (p.dim() - 1)
                 bc1 = (1 - b1 ** t.double()).float().view(shape).to(p.device)
                 bc2_sqrt = (1 - b2 ** t.double()).sqrt().float().view(shape).to(p.device)
                 g = g.to(device=p.device, dtype=torch.float32)
-                m = self.exp_avg[u.level][name][rows].lerp_(g, 1 - b1)
-                v = self.exp_avg_sq[u.level][name][rows].mul_(b2).addcmul_(g, g, value=1 - b2)
-                self.exp_avg[u.level][name][rows] = m
-                self.exp_avg_sq[u.level][name][rows] = v
+                m = exp_avg[name].lerp_(g, 1 - b1)
+                v = exp_avg_sq[name].mul_(b2).addcmul_(g, g, value=1 - b2)
                 p32 = p.to(torch.float32)
                 p32.mul_(1 - lr * self.weight_decay)
                 p32.addcdiv_(m / bc1, v.sqrt() / bc2_sqrt + self.eps, value=-lr)
                 params[name] = p32.to(p.dtype)
             self.store.write(u.level, u.ids, params)
+            self.exp_avg.write(u.level, u.ids, exp_avg)
+            self.exp_avg_sq.write(u.level, u.ids, exp_avg_sq)
 
     def state_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for s in (self.exp_avg, self.exp_avg_sq)
-                   for d in s.values() for t in d.values())
+        return self.exp_avg.nbytes() + self.exp_avg_sq.nbytes()
 
     def save(self, path: str) -> None:
-        tensors = {}
+        """One safetensors file (l<l>.ids, l<l>.steps, l<l>.<name>.<state>), written a chunk of blocks at a time."""
+        from train.store_disk import SafetensorsWriter, row_chunks
+
+        layout = {}
         for l, ids in self.ids.items():
-            tensors[f"l{l}.ids"] = ids
-            tensors[f"l{l}.steps"] = self.steps[l]
-            for n in self.exp_avg[l]:
-                tensors[f"l{l}.{n}.exp_avg"] = self.exp_avg[l][n]
-                tensors[f"l{l}.{n}.exp_avg_sq"] = self.exp_avg_sq[l][n]
-        save_file({k: v.cpu().contiguous() for k, v in tensors.items()}, path)
+            layout[f"l{l}.ids"] = (torch.int64, tuple(ids.shape))
+            layout[f"l{l}.steps"] = (torch.int64, tuple(ids.shape))
+            for n, s in self.store.shapes[l].items():
+                for state in self.STATE:
+                    layout[f"l{l}.{n}.{state}"] = (torch.float32, (len(ids), *s))
+        with SafetensorsWriter(path, layout) as w:
+            for l, ids in self.ids.items():
+                w.write(f"l{l}.ids", 0, ids)
+                w.write(f"l{l}.steps", 0, self.steps[l])
+                for a, b in row_chunks(self.store.shapes[l], len(ids)):
+                    for state, store in zip(self.STATE, (self.exp_avg, self.exp_avg_sq)):
+                        for n, t in store.read(l, ids[a:b]).items():
+                            w.write(f"l{l}.{n}.{state}", a, t)
 
     def load(self, path: str) -> None:
-        tensors = load_file(path)
-        for l, ids in self.ids.items():
-            saved = tensors.get(f"l{l}.ids")
-            if saved is None or not torch.equal(saved, ids):
-                raise ValueError(f"{path}: optimizer state is for other blocks than this rank holds at level {l}; "
-                                 "resume with the same number of ranks as the checkpoint")
-            self.steps[l] = tensors[f"l{l}.steps"]
-            for n, t in self.exp_avg[l].items():
-                self.exp_avg[l][n] = tensors[f"l{l}.{n}.exp_avg"].to(t.device)
-                self.exp_avg_sq[l][n] = tensors[f"l{l}.{n}.exp_avg_sq"].to(t.device)
+        from safetensors import safe_open
+
+        from train.store_disk import row_chunks
+
+        with safe_open(path, framework="pt") as f:
+            for l, ids in self.ids.items():
+                saved = f.get_tensor(f"l{l}.ids") if f"l{l}.ids" in f.keys() else None
+                if saved is None or not torch.equal(saved, ids):
+                    raise ValueError(f"{path}: optimizer state is for other blocks than this rank holds at level {l}; "
+                                     "resume with the same number of ranks as the checkpoint")
+                self.steps[l] = f.get_tensor(f"l{l}.steps")
+                for a, b in row_chunks(self.store.shapes[l], len(ids)):
+                    for state, store in zip(self.STATE, (self.exp_avg, self.exp_avg_sq)):
+                        store.write(l, ids[a:b], {n: f.get_slice(f"l{l}.{n}.{state}")[a:b] for n in self.store.shapes[l]})
