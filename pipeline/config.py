@@ -32,7 +32,7 @@ class JobConfig:
     encoder_threads: int = 0  # torch threads per Python worker; 0 = executor cores / concurrent tasks
     max_windows: int = 1  # 256-word-piece windows embedded per document (mean of the first max_windows)
     # tokenizer and packing
-    tokenizer: str = ""  # a tokenizer.json to use; empty: train a byte-level BPE on a sample
+    tokenizer: str = ""  # a tokenizer.json or a transformers tokenizer directory; empty: train a byte-level BPE
     vocab_size: int = 8192
     tokenizer_sample_docs: int = 20_000
     seq_len: int = 512

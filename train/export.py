@@ -1,7 +1,8 @@
 """Export a trained model to one directory, and load it back (what ``index.query --model`` loads).
 
 EXPORT/
-  anchor.safetensors           the anchor's weights (fp32, consolidated from the ZeRO partitions)
+  anchor.safetensors           the anchor's weights (fp32, consolidated from the ZeRO partitions); absent for
+                               a memory on a transformers base, which meta.json's model.hf / hf_sha256 reference
   bank/level<l>.safetensors    every block of level l (tree nodes, then the generic block),
                                train.memory.TensorBlockStore format; one file per level so shallow
                                levels can sit in RAM and deep ones on disk
@@ -67,7 +68,8 @@ def export(checkpoint: str, run_dir: str, out_dir: str, cfg_dict: dict, anchor_s
     from train.memory import TensorBlockStore
 
     os.makedirs(out_dir, exist_ok=True)
-    save_file({n: t.detach().float().cpu().contiguous() for n, t in anchor_state.items()}, os.path.join(out_dir, "anchor.safetensors"))
+    if anchor_state is not None:  # None: a transformers base, referenced by meta["model"] hf / hf_sha256
+        save_file({n: t.detach().float().cpu().contiguous() for n, t in anchor_state.items()}, os.path.join(out_dir, "anchor.safetensors"))
     k, depth = int(manifest["k"]), int(manifest["depth"])
     shards = sorted(glob.glob(os.path.join(checkpoint, "rank*", "bank.safetensors")))
     if shards:
@@ -88,10 +90,12 @@ def export(checkpoint: str, run_dir: str, out_dir: str, cfg_dict: dict, anchor_s
     return out_dir
 
 
-def anchor_weights(checkpoint: str, cfg_dict: dict) -> dict[str, torch.Tensor]:
+def anchor_weights(checkpoint: str, cfg_dict: dict) -> dict[str, torch.Tensor] | None:
     """fp32 anchor weights: consolidated from the DeepSpeed checkpoint (any ZeRO stage), or, for a
     frozen anchor (which has no ZeRO optimizer state), the exported anchor the run started from."""
     recipe = cfg_dict["recipe"]
+    if cfg_dict["model"].get("hf"):
+        return None  # the frozen transformers base stays where it is; the export references it
     if recipe["name"] == "memory_only":
         return load_file(os.path.join(recipe["init_anchor"], "anchor.safetensors"))
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
@@ -112,9 +116,15 @@ def load_model(directory: str, device: str | torch.device = "cpu"):
         meta = json.load(f)
     if meta.get("format") != FORMAT:
         raise ValueError(f"{path}: format {meta.get('format')!r}, this code reads {FORMAT!r}")
-    anchor = Anchor(ModelConfig(**meta["model"]))
-    anchor.load_state_dict(load_file(os.path.join(directory, "anchor.safetensors")))
-    anchor.to(device).eval()
+    model_cfg = ModelConfig(**meta["model"])
+    if model_cfg.hf:  # memory on a transformers base: load it, refusing one whose content hash differs
+        from train.hf import load_base
+
+        anchor = load_base(model_cfg, device)
+    else:
+        anchor = Anchor(model_cfg)
+        anchor.load_state_dict(load_file(os.path.join(directory, "anchor.safetensors")))
+        anchor.to(device).eval()
     bank = None
     if meta["memory"] is not None:
         mem_cfg = MemoryConfig(**meta["memory"])
