@@ -9,7 +9,7 @@ from fixtures import write_tokenizer
 from safetensors.torch import load_file, save_file
 
 from train.export import FORMAT, load_model
-from train.hf import export_anchor
+from train.hf import main as hf_main
 from train.model import Anchor, ModelConfig
 
 
@@ -38,7 +38,8 @@ def test_anchor_exports_as_llama_with_equal_logits(tmp_path, tied):
     from tokenizers import Tokenizer
 
     src = project_export(str(tmp_path / "export"), tied)
-    hf_dir = export_anchor(src, str(tmp_path / "hf"))
+    hf_dir = str(tmp_path / "hf")
+    hf_main(["export", "--model", src, "--out", hf_dir])  # python -m train.hf export
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(os.listdir(hf_dir))
     anchor, _, _ = load_model(src)
     model = AutoModelForCausalLM.from_pretrained(hf_dir, local_files_only=True).eval()
