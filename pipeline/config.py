@@ -35,7 +35,7 @@ class JobConfig:
     max_windows: int = 1  # 256-word-piece windows embedded per document (mean of the first max_windows)
     encoder_precision: str = "auto"  # fp32 | bf16 | int8; auto: bf16 where the CPU has native bf16, else fp32
     # tokenizer and packing
-    tokenizer: str = ""  # a tokenizer.json to use; empty: train a byte-level BPE on a sample
+    tokenizer: str = ""  # a tokenizer.json or a transformers tokenizer directory; empty: train a byte-level BPE
     vocab_size: int = 8192
     tokenizer_sample_docs: int = 20_000
     seq_len: int = 512

@@ -54,7 +54,7 @@ def build(cfg: JobConfig, read: dict, fit: dict, pack: dict, seconds: dict) -> d
         "empty_files": read["empty_files"],
         "tree_version": fit["tree_version"],
         "k": cfg.k, "depth": cfg.depth, "seq_len": cfg.seq_len,
-        "vocab_size": pack["vocab_size"], "eot_id": 0, "pad_id": 1,
+        "vocab_size": pack["vocab_size"], "eot_id": pack.get("eot_id", 0), "pad_id": pack.get("pad_id", 1),
         "sequences": pack["sequences"], "tokens": pack["tokens"], "valid_tokens": pack["valid_tokens"],
         "levels": levels,
         "stages": seconds,

@@ -2,7 +2,9 @@
 
 Tokenizer: a byte-level BPE trained with `tokenizers` on a bounded, seeded
 sample of documents (``tokenizer_sample_docs`` reach the driver, no more), or a
-user's tokenizer.json. Ids 0 and 1 are ``<|endoftext|>`` and ``<|pad|>``.
+user's tokenizer.json: ids 0 and 1 are ``<|endoftext|>`` and ``<|pad|>``. Or a
+transformers tokenizer directory (a pretrained model's, train/hf.py): its own eos
+and pad ids (pad = eos when it has none) end and pad the sequences.
 
 Packing (format in docs/FORMATS.md): a leaf's documents, in a seeded order, are
 concatenated with an end-of-text token after each and cut into sequences of
@@ -52,18 +54,22 @@ def train_tokenizer(texts, vocab_size: int):
 
 
 def load_or_train_tokenizer(spark: SparkSession, docs: DataFrame, cfg: JobConfig, n_docs: int):
+    """(tokenizer, eot id, pad id)."""
     from tokenizers import Tokenizer
+    if cfg.tokenizer and os.path.isdir(cfg.tokenizer):
+        from train.hf import load_tokenizer
+        return load_tokenizer(cfg.tokenizer)
     if cfg.tokenizer:
         tok = Tokenizer.from_file(cfg.tokenizer)
         for name, want in ((EOT, EOT_ID), (PAD, PAD_ID)):
             if tok.token_to_id(name) != want:
                 raise SystemExit(f"{cfg.tokenizer}: token {name!r} must have id {want} (has {tok.token_to_id(name)}); "
                                  "add it as a special token or let the job train one")
-        return tok
+        return tok, EOT_ID, PAD_ID
     frac = min(1.0, 1.2 * cfg.tokenizer_sample_docs / max(n_docs, 1))
     sample = (docs.select("text").sample(fraction=frac, seed=cfg.seed)
               .orderBy(F.xxhash64("text")).limit(cfg.tokenizer_sample_docs))
-    return train_tokenizer((r["text"] for r in sample.toLocalIterator()), cfg.vocab_size)
+    return train_tokenizer((r["text"] for r in sample.toLocalIterator()), cfg.vocab_size), EOT_ID, PAD_ID
 
 
 def make_tokenize_udf(tok_json: str):
@@ -75,16 +81,17 @@ def make_tokenize_udf(tok_json: str):
     return tokenize
 
 
-def pack_group(doc_ids: list[str], token_lists: list[np.ndarray], seq_len: int) -> list[tuple[list[int], int, list[str]]]:
+def pack_group(doc_ids: list[str], token_lists: list[np.ndarray], seq_len: int, eot_id: int = EOT_ID,
+               pad_id: int = PAD_ID) -> list[tuple[list[int], int, list[str]]]:
     """Pack documents (already in order) into (tokens[seq_len+1], n_valid, first-token doc ids) sequences."""
     width = seq_len + 1
     lengths = np.array([len(t) + 1 for t in token_lists], dtype=np.int64)
-    stream = np.full(int(lengths.sum()), EOT_ID, dtype=np.int32)
+    stream = np.full(int(lengths.sum()), eot_id, dtype=np.int32)
     starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
     for s, t in zip(starts, token_lists):
         stream[s:s + len(t)] = t
     n_seq = -(-len(stream) // width)
-    padded = np.full(n_seq * width, PAD_ID, dtype=np.int32)
+    padded = np.full(n_seq * width, pad_id, dtype=np.int32)
     padded[:len(stream)] = stream
     owner = starts // width
     out = []
@@ -99,7 +106,7 @@ def pack_stage(spark: SparkSession, cfg: JobConfig, run_dir: str) -> dict:
     docs = spark.read.parquet(os.path.join(run_dir, "documents"))
     routed = spark.read.parquet(os.path.join(run_dir, "work", f"level_{cfg.depth}"))
     n_docs = routed.count()
-    tok = load_or_train_tokenizer(spark, docs, cfg, n_docs)
+    tok, eot_id, pad_id = load_or_train_tokenizer(spark, docs, cfg, n_docs)
     tok.save(os.path.join(run_dir, "tokenizer.json"))
     tokenize = make_tokenize_udf(tok.to_str())
 
@@ -127,7 +134,8 @@ def pack_stage(spark: SparkSession, cfg: JobConfig, run_dir: str) -> dict:
     def pack(pdf: pd.DataFrame) -> pd.DataFrame:
         pdf = pdf.sort_values(["order", "doc_id"])
         leaf, group = int(pdf["leaf"].iloc[0]), int(pdf["group"].iloc[0])
-        seqs = pack_group(pdf["doc_id"].tolist(), [np.asarray(t, dtype=np.int32) for t in pdf["ids"]], seq_len)
+        seqs = pack_group(pdf["doc_id"].tolist(), [np.asarray(t, dtype=np.int32) for t in pdf["ids"]], seq_len,
+                          eot_id, pad_id)
         if len(seqs) >= 1 << 20 or group >= 1 << 11:
             raise ValueError(f"leaf {leaf}: packing group too large for seq_id numbering; lower pack_group_tokens")
         path = list(pdf["path"].iloc[0])
@@ -150,7 +158,7 @@ def pack_stage(spark: SparkSession, cfg: JobConfig, run_dir: str) -> dict:
     if seq_stats["docs"] != n_docs:
         raise RuntimeError(f"pack: {n_docs} routed documents but {seq_stats['docs']} listed in shards")
     leaf_seq = {r["leaf"]: r["count"] for r in written.groupBy("leaf").count().collect()}
-    return {"vocab_size": tok.get_vocab_size(), "documents": n_docs, "sequences": seq_stats["sequences"],
+    return {"vocab_size": tok.get_vocab_size(), "eot_id": eot_id, "pad_id": pad_id, "documents": n_docs, "sequences": seq_stats["sequences"],
             "tokens": int(toks.agg(F.sum("n_tokens")).first()[0]), "valid_tokens": int(seq_stats["valid"]),
             "leaf_tokens": {str(k): v for k, v in leaf_tokens.items()},
             "leaf_sequences": {str(k): v for k, v in leaf_seq.items()}}

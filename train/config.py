@@ -67,8 +67,6 @@ class RecipeConfig:
     def __post_init__(self):
         if self.name not in RECIPES:
             raise ValueError(f"recipe.name {self.name!r}; one of {RECIPES}")
-        if self.name == "memory_only" and not self.init_anchor:
-            raise ValueError("recipe memory_only freezes the anchor: set recipe.init_anchor to an exported model directory")
 
     @property
     def trains_anchor(self) -> bool:
@@ -97,6 +95,16 @@ class TrainConfig:
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     routing: RoutingConfig = field(default_factory=RoutingConfig)  # what a prompt fetches; exported as the default
     model_preset: str = "demo"
+
+    def __post_init__(self):
+        if self.model.hf:  # a transformers base (train/hf.py): frozen, FFN units hooked onto its MLPs
+            if self.recipe.name != "memory_only" or self.recipe.init_anchor or self.memory.kind != "ffn":
+                raise ValueError(f"model.hf ({self.model.hf}) trains FFN memory on the frozen base: set recipe.name="
+                                 f"memory_only (not {self.recipe.name}), no recipe.init_anchor, memory.kind=ffn "
+                                 f"(not {self.memory.kind})")
+        elif self.recipe.name == "memory_only" and not self.recipe.init_anchor:
+            raise ValueError("recipe memory_only freezes the anchor: set recipe.init_anchor to an exported model "
+                             "directory, or model.hf to a transformers checkpoint")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -167,8 +175,16 @@ def load_config(path: str | None, overrides: list[str], manifest: dict) -> Train
         raw = apply_overrides(yaml.safe_load(f) or {}, overrides)
     model_raw = dict(raw.pop("model", {}) or {})
     preset = model_raw.pop("preset", "demo")
-    model_raw["vocab_size"] = int(manifest["vocab_size"])  # the run's tokenizer decides
-    model = load_model_config(preset, **model_raw)
+    if model_raw.get("hf"):  # a transformers checkpoint decides the architecture
+        from train.hf import model_config
+
+        preset, model = "hf", model_config(model_raw.pop("hf"), model_raw)
+        if model.vocab_size < int(manifest["vocab_size"]):
+            raise ValueError(f"model.hf {model.hf}: vocabulary {model.vocab_size} < the run's {manifest['vocab_size']}; "
+                             "pack the run with the model's tokenizer (jobs/cluster_corpus.py --tokenizer DIR)")
+    else:
+        model_raw["vocab_size"] = int(manifest["vocab_size"])  # the run's tokenizer decides
+        model = load_model_config(preset, **model_raw)
     if model.max_seq_len < int(manifest["seq_len"]):
         raise ValueError(f"{path}: model max_seq_len {model.max_seq_len} < the run's seq_len {manifest['seq_len']}; "
                          f"--set model.max_seq_len={manifest['seq_len']}")

@@ -1,7 +1,8 @@
 """Export a trained model to one directory, and load it back (what ``index.query --model`` loads).
 
 EXPORT/
-  anchor.safetensors           the anchor's weights (fp32, consolidated from the ZeRO partitions)
+  anchor.safetensors           the anchor's weights (fp32, consolidated from the ZeRO partitions); absent for
+                               a memory on a transformers base, which meta.json's model.hf / hf_sha256 reference
   bank/rank<r>.safetensors     the blocks rank r exports: those of its subtrees, and a block several
                                ranks hold (ancestors, generic) from the lowest of them only;
                                train.memory.TensorBlockStore format, written by rank r itself
@@ -86,7 +87,8 @@ def export(checkpoint: str, run_dir: str, out_dir: str, cfg_dict: dict, anchor_s
            manifest: dict, ownership) -> str:
     """Rank 0's part: anchor, tokenizer and meta.json (the ranks write their bank files themselves)."""
     os.makedirs(out_dir, exist_ok=True)
-    save_file({n: t.detach().float().cpu().contiguous() for n, t in anchor_state.items()}, os.path.join(out_dir, "anchor.safetensors"))
+    if anchor_state is not None:  # None: a transformers base, referenced by meta["model"] hf / hf_sha256
+        save_file({n: t.detach().float().cpu().contiguous() for n, t in anchor_state.items()}, os.path.join(out_dir, "anchor.safetensors"))
     tok = os.path.join(run_dir, "tokenizer.json")
     if os.path.exists(tok):
         shutil.copy(tok, os.path.join(out_dir, "tokenizer.json"))
@@ -104,10 +106,13 @@ def export(checkpoint: str, run_dir: str, out_dir: str, cfg_dict: dict, anchor_s
     return out_dir
 
 
-def anchor_weights(checkpoint: str, cfg_dict: dict) -> dict[str, torch.Tensor]:
+def anchor_weights(checkpoint: str, cfg_dict: dict) -> dict[str, torch.Tensor] | None:
     """fp32 anchor weights: consolidated from the DeepSpeed checkpoint (ZeRO 1-3 partitions, or the module
-    states at stage 0), or, for a frozen anchor (no optimizer state), the exported anchor the run started from."""
+    states at stage 0), or, for a frozen anchor (no optimizer state), the exported anchor the run started from;
+    None for a frozen transformers base (the export references it)."""
     recipe = cfg_dict["recipe"]
+    if cfg_dict["model"].get("hf"):
+        return None  # the frozen transformers base stays where it is; the export references it
     if recipe["name"] == "memory_only":
         return load_file(os.path.join(recipe["init_anchor"], "anchor.safetensors"))
     if not glob.glob(os.path.join(checkpoint, "*optim_states.pt")):
@@ -132,9 +137,15 @@ def load_model(directory: str, device: str | torch.device = "cpu"):
         meta = json.load(f)
     if meta.get("format") != FORMAT:
         raise ValueError(f"{path}: format {meta.get('format')!r}, this code reads {FORMAT!r}")
-    anchor = Anchor(ModelConfig(**meta["model"]))
-    anchor.load_state_dict(load_file(os.path.join(directory, "anchor.safetensors")))
-    anchor.to(device).eval()
+    model_cfg = ModelConfig(**meta["model"])
+    if model_cfg.hf:  # memory on a transformers base: load it, refusing one whose content hash differs
+        from train.hf import load_base
+
+        anchor = load_base(model_cfg, device)
+    else:
+        anchor = Anchor(model_cfg)
+        anchor.load_state_dict(load_file(os.path.join(directory, "anchor.safetensors")))
+        anchor.to(device).eval()
     bank = None
     if meta["memory"] is not None:
         from train.lazy_store import LazyBlockStore

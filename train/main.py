@@ -83,7 +83,12 @@ class Trainer:
                                   mem.p_generic if mem else 0.0, cfg.data.shuffle_buffer)
 
         torch.manual_seed(cfg.data.seed)  # the same anchor init on every rank
-        anchor = Anchor(cfg.model)
+        if cfg.model.hf:  # a pretrained transformers model behind the anchor's interface (train/hf.py)
+            from train.hf import load_base
+
+            anchor = load_base(cfg.model)
+        else:
+            anchor = Anchor(cfg.model)
         if cfg.recipe.init_anchor:
             anchor.load_state_dict(load_file(os.path.join(cfg.recipe.init_anchor, "anchor.safetensors")))
         optimizer = None

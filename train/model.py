@@ -44,6 +44,10 @@ class ModelConfig:
     norm_eps: float = 1e-5
     head_dim: int | None = None  # None: d_model // n_heads. The paper's 160M uses 12 heads of 32 (inner 384 != 512).
     init_std: float = 0.02
+    # a local transformers checkpoint used as the (frozen) anchor instead of ``Anchor`` (train/hf.py),
+    # and its content hash; the fields above then mirror its config
+    hf: str | None = None
+    hf_sha256: str | None = None
 
     def __post_init__(self):
         if self.head_dim is None:
@@ -92,9 +96,11 @@ def load_model_config(name_or_path: str, **overrides) -> ModelConfig:
 
 
 def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    inv = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
-    ang = torch.outer(torch.arange(max_len, dtype=torch.float64), inv)  # [T, hd/2]
-    return ang.cos().float(), ang.sin().float()
+    # fp32 angles, in the order transformers' Llama computes them, so an export (train/hf.py) gives
+    # bit-identical logits (fp64 tables differ from them by ~2e-5 at position 512)
+    inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    ang = torch.arange(max_len, dtype=torch.float32)[:, None] * inv  # [T, hd/2]
+    return ang.cos(), ang.sin()
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

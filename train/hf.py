@@ -1,0 +1,225 @@
+"""transformers interop: project anchors as Llama checkpoints, and FFN memory on a pretrained Llama / Qwen2.
+
+The only module that imports transformers; the trainer, the export and the job's packer call it.
+
+1. ``export_anchor(EXPORT, HF_DIR)``: a project export (train/export.py) as a transformers
+   ``LlamaForCausalLM`` checkpoint (config.json, model.safetensors, tokenizer files) that
+   ``AutoModelForCausalLM.from_pretrained`` loads offline. The anchor IS a Llama (RMSNorm, rotate-half
+   RoPE with fp32 angles, SwiGLU, no biases, optional tied embeddings), so the weights are only renamed
+   and the logits are bit-identical.
+2. ``HFAnchor``: a frozen transformers model behind the anchor's call signature
+   ``forward(tokens, memory: Fetched | None) -> logits``. A forward hook on every decoder layer's MLP
+   adds the path's FFN-memory units (``FFNLayerMemory.post_ffn``, the project's math), so the trainer,
+   ``train.evaluate`` and ``index.query --model`` use it unchanged. ``model_config`` mirrors the
+   checkpoint's shape in a ``ModelConfig`` whose ``hf`` / ``hf_sha256`` name the checkpoint; the
+   content hash is checked on every load.
+
+    python -m train.hf export --model EXPORT --out HF_DIR
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from train.model import Anchor, ModelConfig
+
+# model types whose MLP is down(silu(gate(x)) * up(x)): the FFN-memory units use the same activation
+SUPPORTED = ("llama", "qwen2")
+
+# project anchor name -> LlamaForCausalLM name (the layer index sits between prefix and suffix)
+_LAYER_NAMES = {"attn_norm.weight": "input_layernorm.weight", "attn.wq.weight": "self_attn.q_proj.weight",
+                "attn.wk.weight": "self_attn.k_proj.weight", "attn.wv.weight": "self_attn.v_proj.weight",
+                "attn.wo.weight": "self_attn.o_proj.weight", "ffn_norm.weight": "post_attention_layernorm.weight",
+                "ffn.w_gate.weight": "mlp.gate_proj.weight", "ffn.w_up.weight": "mlp.up_proj.weight",
+                "ffn.w_down.weight": "mlp.down_proj.weight"}
+_TOP_NAMES = {"embed.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
+              "lm_head.weight": "lm_head.weight"}
+
+
+# ---------------------------------------------------------------- 1. anchor -> transformers checkpoint
+
+def llama_config(cfg: ModelConfig, eos_id: int, pad_id: int):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.ffn_hidden,
+                       num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_heads,
+                       head_dim=cfg.head_dim, max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps,
+                       rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
+                       tie_word_embeddings=cfg.tied_embeddings, hidden_act="silu", attention_bias=False, mlp_bias=False,
+                       bos_token_id=eos_id, eos_token_id=eos_id, pad_token_id=pad_id, dtype="float32")
+
+
+def llama_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Anchor weight names -> LlamaForCausalLM names (tensors shared, not copied)."""
+    out = {}
+    for name, t in state.items():
+        if name in _TOP_NAMES:
+            out[_TOP_NAMES[name]] = t
+            continue
+        _, i, rest = name.split(".", 2)  # layers.<i>.<rest>
+        out[f"model.layers.{i}.{_LAYER_NAMES[rest]}"] = t
+    return out
+
+
+def save_tokenizer(tokenizer_file: str, out_dir: str, eos_id: int, pad_id: int) -> None:
+    """The run's tokenizer.json as a transformers fast tokenizer with its eos / pad tokens named."""
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer.from_file(tokenizer_file)
+    eos, pad = tok.id_to_token(eos_id), tok.id_to_token(pad_id)
+    if eos is None or pad is None:
+        raise ValueError(f"{tokenizer_file}: eos id {eos_id} / pad id {pad_id} are not in its vocabulary")
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=eos, bos_token=eos, pad_token=pad).save_pretrained(out_dir)
+
+
+def export_anchor(export_dir: str, out_dir: str) -> str:
+    """Write a project export's anchor as a transformers Llama checkpoint (a bank, if any, is not part of it)."""
+    from transformers import LlamaForCausalLM
+
+    with open(os.path.join(export_dir, "meta.json")) as f:
+        meta = json.load(f)
+    if meta["model"].get("hf"):
+        raise ValueError(f"{export_dir} is a memory on the transformers model {meta['model']['hf']}: that base is "
+                         "already a transformers checkpoint")
+    cfg = ModelConfig(**meta["model"])
+    anchor = Anchor(cfg)
+    anchor.load_state_dict(load_file(os.path.join(export_dir, "anchor.safetensors")))
+    eos_id, pad_id = int(meta["eot_id"]), int(meta["pad_id"])
+    model = LlamaForCausalLM(llama_config(cfg, eos_id, pad_id))
+    missing, unexpected = model.load_state_dict(llama_state_dict(anchor.state_dict()), strict=False)
+    if unexpected or set(missing) - ({"lm_head.weight"} if cfg.tied_embeddings else set()):
+        raise RuntimeError(f"weight names do not map onto LlamaForCausalLM: missing {missing}, unexpected {unexpected}")
+    if cfg.tied_embeddings:
+        model.tie_weights()
+    model.save_pretrained(out_dir)
+    save_tokenizer(os.path.join(export_dir, "tokenizer.json"), out_dir, eos_id, pad_id)
+    return out_dir
+
+
+# ---------------------------------------------------------------- 2. a pretrained model as the frozen anchor
+
+def content_hash(directory: str) -> str:
+    """sha256 over config.json and the weight files (names and bytes, streamed): what the base IS."""
+    names = sorted(n for n in os.listdir(directory) if n == "config.json" or n.endswith(".safetensors"))
+    if not any(n.endswith(".safetensors") for n in names):
+        raise FileNotFoundError(f"{directory}: no *.safetensors weights (save the model with save_pretrained)")
+    h = hashlib.sha256()
+    for n in names:
+        h.update(n.encode() + b"\0")
+        with open(os.path.join(directory, n), "rb") as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def _check_supported(config, directory: str) -> None:
+    if config.model_type not in SUPPORTED or getattr(config, "hidden_act", None) != "silu":
+        raise ValueError(f"{directory}: model type {config.model_type!r} (activation {getattr(config, 'hidden_act', None)!r}) "
+                         f"is not supported for FFN memory; supported: {list(SUPPORTED)} with SwiGLU (silu) MLPs")
+
+
+def model_config(directory: str, overrides: dict | None = None) -> ModelConfig:
+    """The checkpoint's shape as a ModelConfig (``hf`` = its absolute path, ``hf_sha256`` = content hash)."""
+    from transformers import AutoConfig
+
+    if overrides:
+        raise ValueError(f"model.hf fixes the architecture; remove the other model keys {sorted(overrides)}")
+    if not os.path.isfile(os.path.join(directory, "config.json")):
+        raise FileNotFoundError(f"model.hf: {directory}/config.json is missing; give a local transformers checkpoint directory")
+    c = AutoConfig.from_pretrained(directory, local_files_only=True)
+    _check_supported(c, directory)
+    theta = (getattr(c, "rope_parameters", None) or {}).get("rope_theta", getattr(c, "rope_theta", 10000.0))
+    return ModelConfig(vocab_size=c.vocab_size, d_model=c.hidden_size, n_layers=c.num_hidden_layers,
+                       n_heads=c.num_attention_heads, ffn_hidden=c.intermediate_size,
+                       max_seq_len=c.max_position_embeddings, tied_embeddings=bool(c.tie_word_embeddings),
+                       rope_theta=float(theta), norm_eps=c.rms_norm_eps,
+                       head_dim=getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads,
+                       hf=os.path.abspath(directory), hf_sha256=content_hash(directory))
+
+
+class HFAnchor(nn.Module):
+    """A transformers causal LM with the anchor's contract: ``forward(tokens, memory) -> logits``.
+
+    ``memory.layers(dtype)`` is built once per forward; the hook on layer i's MLP adds its units
+    (out + silu(x Wg) * (x Wu) Wd), exactly the project anchor's FFN memory. Only FFN memory: LoRA /
+    KV memory would need hooks inside the MLP / attention.
+    """
+
+    def __init__(self, model, cfg: ModelConfig):
+        super().__init__()
+        _check_supported(model.config, cfg.hf)
+        self.model, self.cfg = model, cfg
+        self._mems = None
+        for i, layer in enumerate(model.model.layers):
+            if not all(hasattr(layer.mlp, n) for n in ("gate_proj", "up_proj", "down_proj")):
+                raise ValueError(f"{cfg.hf}: layer {i}'s MLP {type(layer.mlp).__name__} has no gate/up/down projections")
+            layer.mlp.register_forward_hook(self._ffn_hook(i))
+
+    def _ffn_hook(self, i: int):
+        def hook(module, args, out):
+            return None if self._mems is None else self._mems[i].post_ffn(args[0], None, out)
+        return hook
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def forward(self, tokens: torch.Tensor, memory=None) -> torch.Tensor:
+        if memory is not None:
+            if memory.kind != "ffn":
+                raise ValueError(f"a transformers base takes FFN memory only, not {memory.kind!r}")
+            if memory.batch_size != tokens.shape[0]:
+                raise ValueError(f"memory fetched for {memory.batch_size} sequences, tokens hold {tokens.shape[0]}")
+            if memory.n_layers != self.cfg.n_layers:
+                raise ValueError(f"memory has {memory.n_layers} layers, the model {self.cfg.n_layers}")
+            self._mems = memory.layers(dtype=self.model.get_input_embeddings().weight.dtype)
+        try:
+            return self.model(input_ids=tokens, use_cache=False).logits
+        finally:
+            self._mems = None
+
+
+def load_base(cfg: ModelConfig, device: str | torch.device = "cpu") -> HFAnchor:
+    """The frozen base named by ``cfg.hf``, in fp32, offline; refuses a checkpoint whose hash differs."""
+    from transformers import AutoModelForCausalLM
+
+    have = content_hash(cfg.hf)
+    if cfg.hf_sha256 and have != cfg.hf_sha256:
+        raise ValueError(f"{cfg.hf}: content hash {have[:16]}... differs from the {cfg.hf_sha256[:16]}... this memory "
+                         "was trained on; a bank only fits the exact base it was trained with")
+    model = AutoModelForCausalLM.from_pretrained(cfg.hf, local_files_only=True, dtype=torch.float32)
+    model.requires_grad_(False)
+    return HFAnchor(model, cfg).to(device).eval()
+
+
+def load_tokenizer(directory: str):
+    """(tokenizers.Tokenizer, eos_id, pad_id) of a transformers tokenizer directory; pad falls back to eos."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(directory, local_files_only=True)
+    backend = getattr(tok, "backend_tokenizer", None)
+    if backend is None:
+        raise ValueError(f"{directory}: {type(tok).__name__} is not a fast (tokenizers) tokenizer; save one with tokenizer.json")
+    if tok.eos_token_id is None:
+        raise ValueError(f"{directory}: the tokenizer names no eos token; set eos_token in tokenizer_config.json")
+    return backend, int(tok.eos_token_id), int(tok.eos_token_id if tok.pad_token_id is None else tok.pad_token_id)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description="transformers interop (see train/hf.py)")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    ex = sub.add_parser("export", help="a project export's anchor as a transformers Llama checkpoint")
+    ex.add_argument("--model", required=True, help="export directory of train/main.py (OUT/export)")
+    ex.add_argument("--out", required=True, help="directory for config.json, model.safetensors and the tokenizer")
+    args = ap.parse_args(argv)
+    print(export_anchor(args.model, args.out))
+
+
+if __name__ == "__main__":
+    main()
