@@ -126,7 +126,7 @@ def main() -> None:
     p.add_argument("--queries", type=int, default=200, help="synthetic questions for the agreement")
     p.add_argument("--latency-queries", type=int, default=50)
     p.add_argument("--real", nargs="*", default=[], metavar="RUN PROBES", help="real runs and their probe files")
-    p.add_argument("--work", help="directory for the synthetic run (default: a temporary one)")
+    p.add_argument("--keep", help="build the synthetic run here and keep it; an index already there is reused")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
@@ -153,18 +153,21 @@ def main() -> None:
                     f"{router.documents.meta['list_bytes_per_document']:.1f} bytes/document)")
         print(rows[-1], flush=True)
 
-    with tempfile.TemporaryDirectory(dir=args.work) as tmp:
-        run = os.path.join(tmp, "run")
+    with tempfile.TemporaryDirectory() as tmp:
+        run = args.keep or os.path.join(tmp, "run")
+        reuse = os.path.exists(os.path.join(run, "index", "index.json"))
         t = time.time()
-        synthetic_run(run, args.n, args.k, args.depth, 384, args.seed)
+        if not reuse:
+            synthetic_run(run, args.n, args.k, args.depth, 384, args.seed)
         gen_s = time.time() - t
         rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         t = time.time()
-        meta = build_document_index(run, log=lambda m: None)
+        meta = (json.load(open(os.path.join(run, "index", "index.json"))) if reuse
+                else build_document_index(run, log=lambda m: None))
         build_s = time.time() - t
         rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         rows.append(f"synthetic: {args.n:,} documents, k={args.k} p={args.depth} ({args.k ** args.depth:,} lists), "
-                    f"generated in {gen_s:.0f}s; index built in {build_s:.0f}s; lists "
+                    f"generated in {gen_s:.0f}s; index built in {build_s:.0f}s{' (reused)' if reuse else ''}; lists "
                     f"{meta['list_bytes_per_document']:.1f} bytes/document, whole index "
                     f"{meta['index_bytes'] / args.n:.1f} bytes/document (quantizer included), display table "
                     f"{meta['table_bytes_per_document']:.1f} bytes/document; process peak RSS {rss0 / 1024:.0f} MB "

@@ -279,5 +279,6 @@ class DocumentIndex:
 
     def documents(self, rows: np.ndarray) -> dict[str, list]:
         """doc_id, leaf and preview of the given rows (display)."""
-        part = self.table.take(pa.array(np.asarray(rows, dtype=np.int64)))
-        return {c: part.column(c).to_pylist() for c in ("doc_id", "leaf", "preview")}
+        # row by row: a few slices of the memory-mapped table, where take() would walk every chunk
+        parts = [self.table.slice(int(r), 1) for r in rows]
+        return {c: [p.column(c)[0].as_py() for p in parts] for c in ("doc_id", "leaf", "preview")}

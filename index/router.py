@@ -103,6 +103,7 @@ class Router:
             raise ValueError(f"routing mode {self.routing.mode!r} votes over the document index; load the router "
                              f"with documents=True (python jobs/build_index.py --run {run_dir} builds it)")
         self.descender = Descender(tree)
+        self.tree_version = tree.version  # a hash over every centroid: once, not per query
         self._encoder = None
 
     @classmethod
@@ -117,15 +118,11 @@ class Router:
                                    f"but tree/ is {tree.version!r}; the run directory mixes two runs")
         return cls(run_dir, tree, manifest, DocumentIndex.load(run_dir, tree) if documents else None, routing)
 
-    @property
-    def tree_version(self) -> str:
-        return self.tree.version
-
     def check_tree_version(self, version: str) -> None:
         """Refuse a model trained on another tree: its block ids would name other nodes."""
-        if version != self.tree.version:
+        if version != self.tree_version:
             raise TreeVersionError(f"the model was trained on tree {version!r} but {self.run_dir} holds tree "
-                                   f"{self.tree.version!r}; query it with the run directory it was trained on")
+                                   f"{self.tree_version!r}; query it with the run directory it was trained on")
 
     def embed(self, texts: list[str], precision: str | None = None) -> np.ndarray:
         """Embed as the job did (windows, encoder precision); another ``precision`` is refused."""
