@@ -49,11 +49,12 @@ def main():
     print(f"plain SentenceTransformer.encode, {cores} torch threads: {plain:.1f} docs/s", flush=True)
 
     spark = spark_session("bench-embed")
+    spark.conf.set("spark.sql.shuffle.partitions", str(spark.sparkContext.defaultParallelism))
     with tempfile.TemporaryDirectory(prefix="hmem-embed-") as run_dir:
         (spark.createDataFrame(pd.DataFrame({"doc_id": [r["id"] for r in recs], "source": "bbc", "row": range(len(recs)),
                                              "text": texts}))
          .write.parquet(os.path.join(run_dir, "documents")))
-        cfg = JobConfig(encoder_batch_size=args.batch_size, partitions=spark.sparkContext.defaultParallelism)
+        cfg = JobConfig(encoder_batch_size=args.batch_size)
         t0 = time.time()
         embed_stage(spark, cfg, run_dir)
         job = len(texts) / (time.time() - t0)

@@ -14,6 +14,7 @@ from pyspark.sql import SparkSession
 from pyspark.sql.functions import pandas_udf
 
 from pipeline.config import JobConfig
+from pipeline.spark import shuffle_partitions
 
 
 def encoder_device(requested: str) -> str:
@@ -51,7 +52,7 @@ def worker_threads(spark: SparkSession, cfg: JobConfig) -> int:
 def embed_stage(spark: SparkSession, cfg: JobConfig, run_dir: str) -> dict:
     docs = spark.read.parquet(os.path.join(run_dir, "documents"))
     n = docs.count()
-    parts = cfg.partitions or spark.sparkContext.defaultParallelism * 2
+    parts = shuffle_partitions(spark)
     udf = make_embed_udf(cfg, worker_threads(spark, cfg))
     out = (docs.select("doc_id", "text").repartition(parts, "doc_id")
            .select("doc_id", udf("text").alias("embedding")))
