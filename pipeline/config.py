@@ -97,7 +97,7 @@ def coerce(name: str, value, kind, where: str):
         return float(value)
     elif isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
         return value
-    raise SystemExit(f"{where}: {name}: {value!r} is not {getattr(kind, '__name__', 'a list of strings')}")
+    raise SystemExit(f"{where}: {name}: {value!r} is not {'a list of strings' if kind == list[str] else kind.__name__}")
 
 
 def parse_args(argv: list[str] | None = None) -> JobConfig:
