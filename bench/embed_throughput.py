@@ -80,8 +80,8 @@ def embed_settings(spark, base: str, recs: list[dict], batch_size: int, seed: in
         run_dir = os.path.join(base, name.replace(" ", "_").replace(",", ""))
         os.makedirs(run_dir)
         os.symlink(docs_dir, os.path.join(run_dir, "documents"))
-        cfg = JobConfig(encoder_batch_size=batch_size, encoder_precision=precision, encoder_threads=threads,
-                        partitions=tasks, seed=seed)
+        cfg = JobConfig(encoder_batch_size=batch_size, encoder_precision=precision, encoder_threads=threads, seed=seed)
+        spark.conf.set("spark.sql.shuffle.partitions", str(tasks))  # the embed stage runs this many tasks
         t0 = time.time()
         try:
             stats = embed_stage(spark, cfg, run_dir)

@@ -129,6 +129,17 @@ int hm_set_isa(const char *name) {
     return -1;
 }
 
+/* out[i] = -0.5f * (sum_d c[i][d]^2 + b[i]) for centroids c [n, dim]: the sum is a chain of fmaf in d
+ * order from 0.0f, so the offsets are the same bits on every machine (numpy's reductions pick their
+ * own order). */
+void hm_offsets(const float *c, const float *b, int64_t n, int64_t dim, float *out) {
+    for (int64_t i = 0; i < n; i++) {
+        float acc = 0.0f;
+        for (int64_t d = 0; d < dim; d++) acc = fmaf(c[i * dim + d], c[i * dim + d], acc);
+        out[i] = -0.5f * (acc + b[i]);
+    }
+}
+
 /* best child (first maximum, as numpy.argmax) of each of the m rows ids[] under one node */
 static void best_children(dots_fn dots, const float *x, int64_t dim, const int64_t *ids, int64_t m,
                           const float *C, const float *off, int64_t kp, int32_t *best) {

@@ -35,6 +35,8 @@ def _load_kernel() -> ctypes.CDLL:
                           "run `pip install -e .` (or `make install`) from the repository root")
     lib.hm_descend.restype = ctypes.c_int
     lib.hm_descend.argtypes = [ctypes.c_void_p] + [ctypes.c_int64] * 6 + [ctypes.c_void_p] * 4
+    lib.hm_offsets.restype = None
+    lib.hm_offsets.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
     lib.hm_isa.restype = ctypes.c_char_p
     lib.hm_set_isa.argtypes = [ctypes.c_char_p]
     lib.hm_isa_name.restype = ctypes.c_char_p
@@ -61,6 +63,18 @@ def kernel_isa(use: str | None = None) -> str:
     return _KERNEL.hm_isa().decode()
 
 
+def offsets(centroids: np.ndarray, biases: np.ndarray) -> np.ndarray:
+    """-(||c||^2 + bias)/2 per centroid [n]: the kernel's fixed-order fmaf chain (hm_offsets), the only place
+    these numbers are computed, so the job, the router and the trainer get the same bits."""
+    c = np.ascontiguousarray(centroids, dtype=np.float32)
+    b = np.ascontiguousarray(biases, dtype=np.float32)
+    if c.ndim != 2 or b.shape != (c.shape[0],):
+        raise ValueError(f"centroids {c.shape} and biases {b.shape} do not match")
+    out = np.empty(c.shape[0], dtype=np.float32)
+    _KERNEL.hm_offsets(c.ctypes.data, b.ctypes.data, c.shape[0], c.shape[1], out.ctypes.data)
+    return out
+
+
 class Descender:
     """One tree's centroids laid out for the kernel: per node, its k children as a [dim, kp] block."""
 
@@ -74,7 +88,7 @@ class Descender:
             block = np.zeros((parents, self.dim, self.kp), dtype=np.float32)
             block[:, :, :self.k] = c.reshape(parents, self.k, self.dim).transpose(0, 2, 1)
             off = np.full((parents, self.kp), -np.inf, dtype=np.float32)  # padding lanes never win
-            off[:, :self.k] = (-0.5 * (np.einsum("nd,nd->n", c, c) + b.astype(np.float32))).reshape(parents, self.k)
+            off[:, :self.k] = offsets(c, b).reshape(parents, self.k)
             self.blocks.append(block)
             self.offsets.append(off)
         pointers = ctypes.c_void_p * self.depth

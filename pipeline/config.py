@@ -1,4 +1,8 @@
-"""The clustering job's config: one dataclass, filled from defaults < YAML file < command line."""
+"""The clustering job's config: one dataclass, filled from defaults < YAML file < command line.
+
+A wrong value (a YAML key that is no field, a value of the wrong type, a value out of range)
+is a one-line error naming the field, not a traceback.
+"""
 from __future__ import annotations
 
 import argparse
@@ -12,37 +16,55 @@ import yaml
 
 from index.encoder import PRECISIONS
 
+DESCRIPTION = """Embed a corpus (JSONL/Parquet, any URL Spark reads), fit a balanced hierarchical k-means tree
+over the embeddings level by level (or route into an existing run's tree with --tree), route every
+document to a leaf, tokenize and pack one-leaf sequences, and write RUN/: tree/, routed/, shards/,
+tokenizer.json, quarantine/, manifest.json (counts and checksums proving every row was routed or
+quarantined exactly once). Run it with spark-submit; parallelism comes from the cluster and
+--conf spark.sql.shuffle.partitions=N (default: from the input size). Each stage resumes."""
+
+
+def opt(default, doc: str):
+    """A config field with its --help text."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": doc})
+    return field(default=default, metadata={"help": doc})
+
 
 @dataclass
 class JobConfig:
-    # inputs: JSONL or Parquet files/dirs/globs, local or any URL Spark reads; empty = the BBC demo corpus
-    input: list[str] = field(default_factory=list)
-    text_column: str = "text"
-    id_column: str = ""  # empty: ids derived from (source file name, row)
-    max_doc_chars: int = 1_000_000  # longer documents are quarantined as too_large
-    output: str = "runs/demo"
+    # inputs
+    input: list[str] = opt([], "JSONL or Parquet files, directories or globs, local or any URL Spark reads; "
+                               "empty: the BBC demo corpus")
+    text_column: str = opt("text", "field/column holding the document text")
+    id_column: str = opt("auto", "field/column holding the document id; auto: 'id' when the input has it, else ids "
+                                 "derived from (path relative to its --input, row); '': always derived")
+    max_doc_chars: int = opt(1_000_000, "longer documents are quarantined as too_large")
+    output: str = opt("runs/demo", "run directory to write (local or any URL Spark writes)")
+    tree: str = opt("", "route into this finished run's tree (its directory or its tree/) instead of fitting one; "
+                        "its tokenizer is used unless --tokenizer is given")
     # tree (paper: k=16, depth=4, 128k-point samples, 6,400-point batches, 20 steps, balance 1.5)
-    k: int = 8
-    depth: int = 3
-    sample_per_node: int = 128_000
-    em_batch_size: int = 6400
-    em_steps: int = 20
-    balance_factor: float = 1.5
+    k: int = opt(8, "children per node")
+    depth: int = opt(3, "levels of the tree (the root is level 0)")
+    sample_per_node: int = opt(128_000, "most points of one node its children are fitted on (a seeded sample)")
+    em_batch_size: int = opt(6400, "points per mini-batch EM step")
+    em_steps: int = opt(20, "mini-batch EM steps per node")
+    balance_factor: float = opt(1.5, "a child holds at most balance_factor/k of its parent's documents")
     # encoder
-    encoder_batch_size: int = 64
-    encoder_device: str = "auto"  # auto: cuda when the executor has a GPU, else cpu
-    encoder_threads: int = 0  # torch threads per Python worker; 0 = executor cores / concurrent tasks
-    max_windows: int = 1  # 256-word-piece windows embedded per document (mean of the first max_windows)
-    encoder_precision: str = "auto"  # fp32 | bf16 | int8; auto: bf16 where the CPU has native bf16, else fp32
+    encoder_batch_size: int = opt(64, "texts per encoder forward pass")
+    encoder_device: str = opt("auto", "auto: cuda when the executor has a GPU, else cpu")
+    encoder_threads: int = opt(0, "torch threads per Python worker; 0: spark.task.cpus")
+    max_windows: int = opt(1, "256-word-piece windows embedded per document (mean of the first max_windows)")
+    encoder_precision: str = opt("auto", "fp32 | bf16 | int8; auto: bf16 where the CPU has native bf16, else fp32 "
+                                         "(recorded in the run; the router embeds with the same)")
     # tokenizer and packing
-    tokenizer: str = ""  # a tokenizer.json or a transformers tokenizer directory; empty: train a byte-level BPE
-    vocab_size: int = 8192
-    tokenizer_sample_docs: int = 20_000
-    seq_len: int = 512
-    pack_group_tokens: int = 20_000_000  # bounds the tokens one packing task holds in memory
-    # execution
-    partitions: int = 0  # 0: Spark's default parallelism x 2
-    seed: int = 0
+    tokenizer: str = opt("", "a tokenizer.json or a transformers tokenizer directory; empty: train a "
+                                   "byte-level BPE on a sample")
+    vocab_size: int = opt(8192, "vocabulary of the trained tokenizer")
+    tokenizer_sample_docs: int = opt(20_000, "documents the tokenizer is trained on (they reach the driver)")
+    seq_len: int = opt(512, "tokens per packed sequence (each row holds seq_len + 1)")
+    pack_group_tokens: int = opt(20_000_000, "most tokens one packing task holds in memory")
+    seed: int = opt(0, "fixes the tree, routing, tokenizer sample and packing order")
 
     def validate(self) -> None:
         problems = []
@@ -53,13 +75,17 @@ class JobConfig:
         if not (1.0 <= self.balance_factor <= self.k):
             problems.append(f"balance_factor={self.balance_factor}: must be in [1, k]")
         if self.seq_len < 8:
-            problems.append(f"seq_len={self.seq_len} is too short")
-        if self.max_windows < 1:
-            problems.append("max_windows must be >= 1")
+            problems.append(f"seq_len={self.seq_len} is too short (at least 8)")
+        for name in ("max_windows", "max_doc_chars", "sample_per_node", "em_batch_size", "em_steps",
+                     "encoder_batch_size", "vocab_size", "tokenizer_sample_docs", "pack_group_tokens"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name}={getattr(self, name)}: must be >= 1")
+        if self.encoder_threads < 0:
+            problems.append(f"encoder_threads={self.encoder_threads}: must be >= 0")
         if self.encoder_precision not in ("auto",) + PRECISIONS:
             problems.append(f"encoder_precision={self.encoder_precision!r}: choose auto, {', '.join(PRECISIONS)}")
         if problems:
-            raise ValueError("invalid job config: " + "; ".join(problems))
+            raise SystemExit("invalid job config: " + "; ".join(problems))
 
     def fingerprint(self) -> str:
         """Hash of everything that changes outputs (not the output path), to refuse mixing runs."""
@@ -68,25 +94,50 @@ class JobConfig:
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def coerce(name: str, value, kind, where: str):
+    """A YAML value as the field's type, or a one-line error naming the field."""
+    if kind == list[str]:
+        value = [value] if isinstance(value, str) else value
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return value
+    elif kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    elif isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
+        return value
+    raise SystemExit(f"{where}: {name}: {value!r} is not {'a list of strings' if kind == list[str] else kind.__name__}")
+
+
 def parse_args(argv: list[str] | None = None) -> JobConfig:
     """``--config FILE.yaml`` then ``--<field> value`` overrides for every JobConfig field."""
     hints = get_type_hints(JobConfig)
-    ap = argparse.ArgumentParser(prog="cluster_corpus.py", description=__doc__)
-    ap.add_argument("--config", help="YAML file with JobConfig fields")
+    ap = argparse.ArgumentParser(prog="spark-submit jobs/cluster_corpus.py", description=DESCRIPTION,
+                                 usage="spark-submit [--master URL --conf K=V ...] jobs/cluster_corpus.py "
+                                       "[--config FILE] [--FIELD VALUE ...]")
+    ap.add_argument("--config", help="YAML file with JobConfig fields (the command line overrides it)")
     for f in dataclasses.fields(JobConfig):
         name = "--" + f.name.replace("_", "-")
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        # None in the namespace tells "not given" apart from the default, which --help shows
+        help_text = f"{f.metadata['help']} (default: {default!r})"
         if hints[f.name] == list[str]:
-            ap.add_argument(name, dest=f.name, nargs="+", default=None)
+            ap.add_argument(name, dest=f.name, nargs="+", default=None, help=help_text, metavar="PATH")
         else:
-            ap.add_argument(name, dest=f.name, type=hints[f.name], default=None)
+            ap.add_argument(name, dest=f.name, type=hints[f.name], default=None, help=help_text,
+                            metavar=hints[f.name].__name__.upper())
     args = ap.parse_args(argv)
     values = {}
     if args.config:
-        with open(args.config) as fh:
-            values = yaml.safe_load(fh) or {}
-        unknown = set(values) - {f.name for f in dataclasses.fields(JobConfig)}
+        try:
+            with open(args.config) as fh:
+                values = yaml.safe_load(fh) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise SystemExit(f"--config {args.config}: {str(e).splitlines()[0]}") from None
+        if not isinstance(values, dict):
+            raise SystemExit(f"--config {args.config}: expected a mapping of JobConfig fields")
+        unknown = set(values) - set(hints)
         if unknown:
-            raise SystemExit(f"{args.config}: unknown keys {sorted(unknown)}")
+            raise SystemExit(f"{args.config}: unknown keys {sorted(unknown)} (see --help)")
+        values = {k: coerce(k, v, hints[k], args.config) for k, v in values.items()}
     values.update({k: v for k, v in vars(args).items() if k != "config" and v is not None})
     cfg = JobConfig(**values)
     cfg.validate()

@@ -22,6 +22,7 @@ from pyspark.sql import functions as F
 from pyspark.sql.functions import pandas_udf
 
 from pipeline.config import JobConfig
+from pipeline.spark import shuffle_partitions
 
 _last: dict = {}  # per worker process: the previous batch's last (task attempt, text, vector)
 
@@ -82,7 +83,7 @@ def embed_stage(spark: SparkSession, cfg: JobConfig, run_dir: str, counter: tupl
     precision = resolve_precision(cfg.encoder_precision)  # on the driver: every executor uses the same
     docs = spark.read.parquet(os.path.join(run_dir, "documents"))
     n = docs.count()
-    parts = cfg.partitions or spark.sparkContext.defaultParallelism * 2
+    parts = shuffle_partitions(spark)
     udf = make_embed_udf(cfg, precision, worker_threads(spark, cfg), counter)
     h = F.xxhash64("text")
     out = (docs.select("doc_id", "text").repartition(parts, h).sortWithinPartitions(h)

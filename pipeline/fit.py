@@ -10,6 +10,9 @@ For level l, each node of level l-1 (its *parent*) gets k children:
      router runs), on executors;
   5. the assignment is written to ``work/level_<l>`` (a resume point) and the
      per-child counts give the level's balance figure.
+With ``--tree RUN_A`` (``route_stage``) nothing is fitted: every document
+descends all levels of RUN_A's tree in one pass and the counts per node are
+summed up from the leaves.
 The driver holds only centroids, biases and per-node counts: never documents
 or the embedding matrix. Per executor task the memory bound is one parent's
 sample (sample_per_node x dim x 4 bytes, 197 MB at the paper's 128k x 384).
@@ -90,24 +93,75 @@ def descend(df: DataFrame, spark: SparkSession, tree: Tree) -> DataFrame:
         for pdf in batches:
             x = np.stack(pdf["embedding"].to_numpy()).astype(np.float32)
             child = descender.step(x, pdf["node"].to_numpy(np.int64), level)
-            pdf["path"] = [list(p) + [int(c)] for p, c in zip(pdf["path"], child)]
+            parents = np.stack(pdf["path"].to_numpy()).reshape(len(pdf), level - 1)
+            pdf["path"] = list(np.column_stack([parents, child]).astype(np.int32))
             pdf["node"] = pdf["node"].to_numpy(np.int64) * k + child
             yield pdf
 
     return df.mapInPandas(step, df.schema)
 
 
-def level_balance(df: DataFrame, k: int) -> tuple[list[int], float, float]:
-    """Documents per node of this level, and the largest child's share of its parent (worst and mean over parents)."""
-    rows = df.groupBy("node").count().collect()
-    n_nodes = k ** len(df.select("path").first()["path"])
+def node_counts(df: DataFrame, n_nodes: int) -> np.ndarray:
+    """Documents per node (column ``node``) of one level."""
     counts = np.zeros(n_nodes, dtype=np.int64)
-    for r in rows:
+    for r in df.groupBy("node").count().collect():
         counts[r["node"]] = r["count"]
+    return counts
+
+
+def balance(counts: np.ndarray, k: int) -> tuple[float, float]:
+    """The largest child's share of its parent, worst and mean over non-empty parents."""
     per_parent = counts.reshape(-1, k)
     totals = per_parent.sum(1)
     frac = per_parent.max(1)[totals > 0] / totals[totals > 0]
-    return counts.tolist(), float(frac.max()), float(frac.mean())
+    return float(frac.max()), float(frac.mean())
+
+
+def sum_up(leaves: np.ndarray, k: int, depth: int) -> list[np.ndarray]:
+    """Per-node totals of every level (1..depth), summed up from the leaves' values."""
+    levels = [np.asarray(leaves, dtype=np.int64)]
+    for _ in range(depth - 1):
+        levels.insert(0, levels[0].reshape(-1, k).sum(1))
+    return levels
+
+
+def level_summary(level: int, counts: np.ndarray, sample: int, cfg: JobConfig) -> dict:
+    worst, mean = balance(counts, cfg.k)
+    return {"level": level, "nodes": cfg.k ** level, "sample_points": sample, "max_child_fraction": worst,
+            "mean_max_child_fraction": mean, "cap": cfg.balance_factor / cfg.k, "node_documents": counts.tolist()}
+
+
+def load_frozen_tree(cfg: JobConfig) -> tuple[Tree, str]:
+    """``--tree``: a run directory or its tree/; returns the tree and the run's tokenizer.json path."""
+    tree_dir = cfg.tree if os.path.exists(os.path.join(cfg.tree, "tree.json")) else os.path.join(cfg.tree, "tree")
+    try:
+        tree = Tree.load(tree_dir)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"--tree {cfg.tree}: {e}") from None
+    return tree, os.path.join(os.path.dirname(os.path.abspath(tree_dir)), "tokenizer.json")
+
+
+def route_stage(spark: SparkSession, cfg: JobConfig, run_dir: str, tree: Tree) -> dict:
+    """Route every document down a frozen tree (no fitting); writes work/level_<depth> and tree/."""
+    bc = spark.sparkContext.broadcast(tree)
+
+    def step(batches):
+        descender = Descender(bc.value)
+        for pdf in batches:
+            x = np.stack(pdf["embedding"].to_numpy()).astype(np.float32)
+            node = np.zeros(len(pdf), dtype=np.int64)
+            pdf["path"] = list(descender.descend(x, node, 0, tree.depth))
+            pdf["node"] = node
+            yield pdf
+
+    df = (spark.read.parquet(os.path.join(run_dir, "embeddings"))
+          .select("doc_id", "embedding", F.array().cast("array<int>").alias("path"), F.lit(0).cast("long").alias("node")))
+    out = os.path.join(run_dir, "work", f"level_{tree.depth}")
+    df.mapInPandas(step, df.schema).write.mode("overwrite").parquet(out)
+    counts = sum_up(node_counts(spark.read.parquet(out), tree.k ** tree.depth), tree.k, tree.depth)
+    tree.save(os.path.join(run_dir, "tree"))
+    return {"tree_version": tree.version, "tree_from": cfg.tree,
+            "levels": [level_summary(l + 1, c, 0, cfg) for l, c in enumerate(counts)]}
 
 
 def fit_stage(spark: SparkSession, cfg: JobConfig, run_dir: str, stages) -> dict:
@@ -126,11 +180,7 @@ def fit_stage(spark: SparkSession, cfg: JobConfig, run_dir: str, stages) -> dict
             partial = Tree(k=cfg.k, depth=level, dim=dim, centroids=centroids + [c], biases=biases + [b])
             descend(df, spark, partial).write.mode("overwrite").parquet(out)
             np.savez(os.path.join(work, f"level_{level}.npz"), centroids=c, biases=b)
-            routed = spark.read.parquet(out)
-            node_docs, worst, mean = level_balance(routed, cfg.k)
-            return {"level": level, "nodes": cfg.k ** level, "sample_points": sample,
-                    "max_child_fraction": worst, "mean_max_child_fraction": mean,
-                    "cap": cfg.balance_factor / cfg.k, "node_documents": node_docs}
+            return level_summary(level, node_counts(spark.read.parquet(out), cfg.k ** level), sample, cfg)
 
         stats = stages.run(spark, f"fit_level_{level}", run_level, total_items=sum(parent_counts.values()))
         z = np.load(os.path.join(work, f"level_{level}.npz"))

@@ -17,6 +17,7 @@ only the files and row groups of its subtrees.
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import numpy as np
@@ -27,7 +28,7 @@ from pyspark.sql import types as T
 from pyspark.sql.functions import pandas_udf
 
 from pipeline.config import JobConfig
-from pipeline.spark import with_lookup
+from pipeline.spark import shuffle_partitions, with_lookup
 
 EOT, PAD = "<|endoftext|>", "<|pad|>"
 EOT_ID, PAD_ID = 0, 1
@@ -72,11 +73,17 @@ def load_or_train_tokenizer(spark: SparkSession, docs: DataFrame, cfg: JobConfig
     return train_tokenizer((r["text"] for r in sample.toLocalIterator()), cfg.vocab_size), EOT_ID, PAD_ID
 
 
+@functools.lru_cache(maxsize=2)
+def cached_tokenizer(tok_json: str):
+    """Parsed once per Python worker, not once per Arrow batch."""
+    from tokenizers import Tokenizer
+    return Tokenizer.from_str(tok_json)
+
+
 def make_tokenize_udf(tok_json: str):
     @pandas_udf("array<int>")
     def tokenize(texts: pd.Series) -> pd.Series:
-        from tokenizers import Tokenizer
-        tok = Tokenizer.from_str(tok_json)
+        tok = cached_tokenizer(tok_json)
         return pd.Series([np.asarray(e.ids, dtype=np.int32) for e in tok.encode_batch(texts.tolist())])
     return tokenize
 
@@ -93,12 +100,12 @@ def pack_group(doc_ids: list[str], token_lists: list[np.ndarray], seq_len: int, 
     n_seq = -(-len(stream) // width)
     padded = np.full(n_seq * width, pad_id, dtype=np.int32)
     padded[:len(stream)] = stream
-    owner = starts // width
+    # documents are in stream order, so sequence i lists a contiguous run of them: bounds[i]..bounds[i+1]
+    bounds = np.searchsorted(starts // width, np.arange(n_seq + 1))
     out = []
     for i in range(n_seq):
         n_valid = min(width, len(stream) - i * width)
-        ids = [doc_ids[j] for j in np.flatnonzero(owner == i)]
-        out.append((padded[i * width:(i + 1) * width].tolist(), n_valid, ids))
+        out.append((padded[i * width:(i + 1) * width].tolist(), n_valid, doc_ids[bounds[i]:bounds[i + 1]]))
     return out
 
 
@@ -110,7 +117,7 @@ def pack_stage(spark: SparkSession, cfg: JobConfig, run_dir: str) -> dict:
     tok.save(os.path.join(run_dir, "tokenizer.json"))
     tokenize = make_tokenize_udf(tok.to_str())
 
-    parts = cfg.partitions or spark.sparkContext.defaultParallelism * 2
+    parts = shuffle_partitions(spark)
     joined = (routed.select("doc_id", "path", F.col("node").alias("leaf"), "embedding")
               .join(docs.select("doc_id", "text"), "doc_id")
               .repartition(parts, "doc_id")

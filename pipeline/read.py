@@ -8,20 +8,36 @@ missing_id, duplicate_id (the later (source, row) occurrence of an id).
 Row numbers are computed without a shuffle or a pass through Python: Spark's
 ``_metadata`` gives each row its file and split, ``monotonically_increasing_id``
 its position inside the task, and a small per-split count table turns that into
-the row number inside the file. Derived ids are ``sha1("<file name>:<row>")[:16]``.
+the row number inside the file.
+
+Ids: ``--id-column NAME`` uses that field; the default ``auto`` uses an ``id``
+field when the input has one (the log says so) and derives ids otherwise;
+``--id-column ''`` always derives. A derived id is ``sha1("<relative path>:<row>")[:16]``
+with the file's path relative to the ``--input`` it was found under (the input
+itself for a directory, the part before the first wildcard for a glob, the parent
+for a file), so ids survive moving the bucket and ``2023/part-0.jsonl`` and
+``2024/part-0.jsonl`` do not collide.
+
+The duplicate-id check shuffles (doc_id, file index, row) only, never the text:
+the later occurrences it finds are joined back by broadcast while they are few
+(``BROADCAST_DUPLICATES``), by a shuffle join otherwise.
 """
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 
 from pyspark.sql import DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 
 from pipeline.config import JobConfig
+from pipeline.spark import add_checksums, checksum_aggs, checksum_of
 
 TEXT_EXT = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".ndjson")
 PARQUET_EXT = (".parquet",)
+AUTO_ID = "id"  # the field --id-column auto uses when present
+BROADCAST_DUPLICATES = 1_000_000  # duplicate rows (12 bytes each) joined back by broadcast; more: a shuffle join
 
 
 class InputError(SystemExit):
@@ -30,9 +46,21 @@ class InputError(SystemExit):
 
 @dataclass(frozen=True)
 class InputFile:
-    path: str
+    path: str  # as Hadoop lists it (what spark.read takes)
+    uri: str  # as Spark's _metadata.file_path names it (URL-escaped)
+    rel: str  # path relative to the --input it was found under: derived ids hash this
     kind: str  # "jsonl" | "parquet"
     size: int
+
+
+def input_root(fs, path, status) -> str:
+    """The directory relative paths start from: the input itself (a directory), the part of a glob before
+    its first wildcard, or a file's parent."""
+    pattern = path.toString()
+    cut = min((i for i in map(pattern.find, "*?[{") if i >= 0), default=-1)
+    if cut >= 0:
+        return fs.makeQualified(type(path)(pattern[:cut].rsplit("/", 1)[0] or "/")).toString()
+    return status.getPath().toString() if status.isDirectory() else status.getPath().getParent().toString()
 
 
 def list_inputs(spark: SparkSession, patterns: list[str]) -> list[InputFile]:
@@ -41,11 +69,11 @@ def list_inputs(spark: SparkSession, patterns: list[str]) -> list[InputFile]:
     conf = spark.sparkContext._jsc.hadoopConfiguration()
     found: list[InputFile] = []
 
-    def visit(status):
+    def visit(status, root: str):
         p = status.getPath().toString()
         if status.isDirectory():
             for child in status.getPath().getFileSystem(conf).listStatus(status.getPath()):
-                visit(child)
+                visit(child, root)
             return
         name = os.path.basename(p)
         if name.startswith(("_", ".")):
@@ -53,60 +81,72 @@ def list_inputs(spark: SparkSession, patterns: list[str]) -> list[InputFile]:
         kind = "jsonl" if name.endswith(TEXT_EXT) else "parquet" if name.endswith(PARQUET_EXT) else None
         if kind is None:
             raise InputError(f"{p}: unknown input type; expected one of {TEXT_EXT + PARQUET_EXT}")
-        found.append(InputFile(p, kind, status.getLen()))
+        # as _metadata.file_path names it (re-parsed: a listed local path has an empty authority, file:///)
+        uri = jvm.org.apache.spark.paths.SparkPath.fromPath(jvm.org.apache.hadoop.fs.Path(p)).urlEncoded()
+        found.append(InputFile(p, uri, p[len(root):].lstrip("/"), kind, status.getLen()))
 
     for pattern in patterns:
         path = jvm.org.apache.hadoop.fs.Path(pattern)
-        statuses = path.getFileSystem(conf).globStatus(path)
+        fs = path.getFileSystem(conf)
+        statuses = fs.globStatus(path)
         if not statuses:
             raise InputError(f"--input {pattern}: no such file or directory")
         for s in statuses:
-            visit(s)
+            visit(s, input_root(fs, path, s))
     return sorted(set(found), key=lambda f: f.path)
 
 
-def with_row_numbers(df: DataFrame) -> DataFrame:
-    """Add ``source`` (file path) and ``row`` (0-based line/row inside that file)."""
+def with_row_numbers(df: DataFrame, files: DataFrame) -> DataFrame:
+    """Add ``source`` (file URI), ``row`` (0-based line/row inside that file) and the columns of ``files``
+    (keyed by ``source``: the file's index and relative path)."""
     df = df.select("*", F.col("_metadata.file_path").alias("source"),
                    F.col("_metadata.file_block_start").alias("_split"),
                    F.monotonically_increasing_id().alias("_mid"))
     splits = df.groupBy("source", "_split").agg(F.count("*").alias("_n"), F.min("_mid").alias("_first"))
     before = Window.partitionBy("source").orderBy("_split").rowsBetween(Window.unboundedPreceding, -1)
-    splits = splits.withColumn("_offset", F.coalesce(F.sum("_n").over(before), F.lit(0)))
-    df = df.join(F.broadcast(splits.select("source", "_split", "_first", "_offset")), ["source", "_split"])
+    splits = splits.withColumn("_offset", F.coalesce(F.sum("_n").over(before), F.lit(0))).join(files, "source", "left")
+    df = df.join(F.broadcast(splits.drop("_n")), ["source", "_split"])
     return df.withColumn("row", F.col("_mid") - F.col("_first") + F.col("_offset")).drop("_split", "_mid", "_first", "_offset")
 
 
 def read_raw(spark: SparkSession, files: list[InputFile], cfg: JobConfig) -> DataFrame:
-    """All input rows as (source, row, text, given_id, reason-so-far)."""
+    """All input rows as (source, _file, rel, row, text, given_id, reason-so-far). ``given_id`` reads the
+    --id-column, or with ``auto`` the ``id`` field where a row has one."""
+    table = spark.createDataFrame([(f.uri, i, f.rel) for i, f in enumerate(files)], "source string, _file int, rel string")
+    id_field = AUTO_ID if cfg.id_column == "auto" else cfg.id_column
     parts = []
     jsonl = [f.path for f in files if f.kind == "jsonl"]
     if jsonl:
-        schema = f"`{cfg.text_column}` string" + (f", `{cfg.id_column}` string" if cfg.id_column else "") + ", _corrupt string"
-        df = with_row_numbers(spark.read.text(jsonl))
+        schema = f"`{cfg.text_column}` string" + (f", `{id_field}` string" if id_field else "") + ", _corrupt string"
+        df = with_row_numbers(spark.read.text(jsonl), table)
         df = df.withColumn("j", F.from_json("value", schema, {"columnNameOfCorruptRecord": "_corrupt", "mode": "PERMISSIVE"}))
         parts.append(df.select(
-            "source", "row",
+            "source", "_file", "rel", "row",
             F.col("j")[cfg.text_column].alias("text"),
-            (F.col("j")[cfg.id_column] if cfg.id_column else F.lit(None).cast("string")).alias("given_id"),
+            (F.col("j")[id_field] if id_field else F.lit(None).cast("string")).alias("given_id"),
             F.when(~F.is_valid_utf8("value"), "invalid_utf8")
              .when(F.col("j").isNull() | F.col("j._corrupt").isNotNull(), "invalid_json")
              .alias("reason"),
             F.col("j").isNull().alias("_unparsed")))
-    for f in files:
-        if f.kind != "parquet":
-            continue
+    parquet = [f for f in files if f.kind == "parquet"]
+    with_id = []
+    for f in parquet:  # one schema read per file, on the driver
         cols = spark.read.parquet(f.path).columns
-        for c in filter(None, [cfg.text_column, cfg.id_column]):
-            if c not in cols:
-                raise InputError(f"{f.path}: no column {c!r} (columns: {cols}); set --text-column / --id-column")
-    parquet = [f.path for f in files if f.kind == "parquet"]
+        if cfg.text_column not in cols:
+            raise InputError(f"{f.path}: no column {cfg.text_column!r} (columns: {cols}); set --text-column")
+        if id_field in cols:
+            with_id.append(f.path)
+        elif cfg.id_column != "auto" and cfg.id_column:
+            raise InputError(f"{f.path}: no column {cfg.id_column!r} (columns: {cols}); set --id-column")
+    if 0 < len(with_id) < len(parquet):
+        raise InputError(f"{len(with_id)} of {len(parquet)} parquet files have an {AUTO_ID!r} column (e.g. {with_id[0]}), "
+                         "the others not; give all of them one, or pass --id-column '' to derive every id from file paths")
     if parquet:
-        df = with_row_numbers(spark.read.parquet(*parquet))
+        df = with_row_numbers(spark.read.parquet(*[f.path for f in parquet]), table)
         text = F.col(cfg.text_column).cast("string")
         parts.append(df.select(
-            "source", "row", text.alias("text"),
-            (F.col(cfg.id_column).cast("string") if cfg.id_column else F.lit(None).cast("string")).alias("given_id"),
+            "source", "_file", "rel", "row", text.alias("text"),
+            (F.col(id_field).cast("string") if with_id else F.lit(None).cast("string")).alias("given_id"),
             F.when(text.isNotNull() & ~F.is_valid_utf8(text), "invalid_utf8").otherwise(F.lit(None).cast("string")).alias("reason"),
             F.lit(False).alias("_unparsed")))
     out = parts[0]
@@ -115,44 +155,73 @@ def read_raw(spark: SparkSession, files: list[InputFile], cfg: JobConfig) -> Dat
     return out
 
 
-def check_text_column(raw: DataFrame, cfg: JobConfig) -> list[dict]:
-    """Per-file row counts; a file whose parsed rows all lack the text column is a user error, not data."""
+def file_stats(raw: DataFrame, cfg: JobConfig) -> list[dict]:
+    """Per-file rows, ids and the checksum of its (source, row) keys; a file whose parsed rows all lack the
+    text column is a user error, not data."""
     stats = (raw.groupBy("source")
              .agg(F.count("*").alias("rows"),
                   F.sum(F.when(~F.col("_unparsed"), 1).otherwise(0)).alias("parsed"),
-                  F.sum(F.when(F.col("text").isNotNull(), 1).otherwise(0)).alias("with_text"))
+                  F.sum(F.when(F.col("text").isNotNull(), 1).otherwise(0)).alias("with_text"),
+                  F.count("given_id").alias("with_id"),
+                  F.max("rel").alias("rel"),
+                  *checksum_aggs("source", "row"))
              .collect())
     for s in stats:
+        if s["rel"] is None:
+            raise RuntimeError(f"read: Spark read {s['source']}, which is not among the listed input files")
         if s["parsed"] > 0 and s["with_text"] == 0:
             raise InputError(f"{s['source']}: none of its {s['rows']} rows has the text column {cfg.text_column!r}; "
                              "set --text-column to the field that holds the document text")
-    return [s.asDict() for s in stats]
+    return [dict(s.asDict(), checksum=checksum_of(s)) for s in stats]
 
 
-def validate(raw: DataFrame, cfg: JobConfig) -> DataFrame:
-    """Assign ids and the first failing reason; duplicates keep their first (source, row) occurrence."""
-    name = F.element_at(F.split("source", "/"), -1)
-    derived = F.substring(F.sha1(F.concat_ws(":", name, F.col("row").cast("string"))), 1, 16)
-    doc_id = F.col("given_id") if cfg.id_column else derived
+def resolve_ids(cfg: JobConfig, files: list[InputFile], per_file: list[dict]) -> bool:
+    """Whether ids come from the input (True) or are derived from (relative path, row); says which."""
+    n_rows, n_ids = sum(s["rows"] for s in per_file), sum(s["with_id"] for s in per_file)
+    given = bool(cfg.id_column) and (cfg.id_column != "auto" or n_ids > 0)
+    if cfg.id_column == "auto" and given:
+        print(f"[read] ids: the input's {AUTO_ID!r} field ({n_ids:,} of {n_rows:,} rows have one; rows without are "
+              "quarantined as missing_id); --id-column '' derives ids from file paths instead", file=sys.stderr, flush=True)
+    if not given:
+        print("[read] ids: derived, sha1(path relative to its --input : row)", file=sys.stderr, flush=True)
+        seen: dict[str, str] = {}
+        for f in files:
+            if f.rel in seen:
+                raise InputError(f"{seen[f.rel]} and {f.path} have the same path {f.rel!r} relative to their --input, "
+                                 "so their derived ids would collide; give inputs that differ below their roots, "
+                                 "or ids (--id-column)")
+            seen[f.rel] = f.path
+    return given
+
+
+def validate(raw: DataFrame, cfg: JobConfig, given_ids: bool) -> DataFrame:
+    """Assign ids and the first failing reason; duplicates keep their first (file, row) occurrence."""
+    derived = F.substring(F.sha1(F.concat_ws(":", "rel", F.col("row").cast("string"))), 1, 16)
+    doc_id = F.col("given_id") if given_ids else derived
     reason = (F.when(F.col("reason").isNotNull(), F.col("reason"))
               .when(F.col("text").isNull(), "missing_text")
               .when(F.col("text").rlike(r"(?U)^\s*$"), "empty_text")
               .when(F.length("text") > cfg.max_doc_chars, "too_large")
               .when(doc_id.isNull() | (F.trim(doc_id) == ""), "missing_id"))
     df = raw.withColumn("doc_id", doc_id).withColumn("reason", reason)
-    first = Window.partitionBy("doc_id").orderBy("source", "row")
-    dup = F.when(F.col("reason").isNull() & (F.row_number().over(first) > 1), "duplicate_id")
-    # only valid rows compete for an id; a quarantined row never shadows a good one
-    valid = df.filter(F.col("reason").isNull()).withColumn("reason", dup)
-    return valid.unionByName(df.filter(F.col("reason").isNotNull()))
+    # only valid rows compete for an id (a quarantined row never shadows a good one); the shuffle carries
+    # (doc_id, _file, row), not the text
+    first = Window.partitionBy("doc_id").orderBy("_file", "row")
+    later = (df.filter(F.col("reason").isNull()).select("doc_id", "_file", "row")
+             .withColumn("_n", F.row_number().over(first)).filter(F.col("_n") > 1)
+             .select("_file", "row", F.lit(True).alias("_dup")).persist())
+    if later.count() <= BROADCAST_DUPLICATES:
+        later = F.broadcast(later)
+    df = df.join(later, ["_file", "row"], "left")
+    return df.withColumn("reason", F.when(F.col("reason").isNull() & F.col("_dup"), "duplicate_id").otherwise(F.col("reason")))
 
 
-def read_stage(spark: SparkSession, cfg: JobConfig, run_dir: str) -> dict:
-    files = list_inputs(spark, cfg.input)
+def read_stage(spark: SparkSession, cfg: JobConfig, run_dir: str, files: list[InputFile]) -> dict:
     raw = read_raw(spark, files, cfg)
-    per_file = check_text_column(raw, cfg)
+    per_file = file_stats(raw, cfg)
     rows = {s["source"]: s["rows"] for s in per_file}
-    df = validate(raw, cfg).persist()
+    given_ids = resolve_ids(cfg, files, per_file)
+    df = validate(raw, cfg, given_ids).persist()
     docs = df.filter(F.col("reason").isNull()).select("doc_id", "source", "row", "text")
     docs.write.mode("overwrite").parquet(os.path.join(run_dir, "documents"))
     quarantine = df.filter(F.col("reason").isNotNull()).select(
@@ -161,10 +230,16 @@ def read_stage(spark: SparkSession, cfg: JobConfig, run_dir: str) -> dict:
     reasons = {r["reason"]: r["count"] for r in quarantine.groupBy("reason").count().collect()}
     df.unpersist()
     n_docs = spark.read.parquet(os.path.join(run_dir, "documents")).count()
-    inputs = [{"path": f.path, "format": f.kind, "bytes": f.size, "rows": rows.get(f.path, 0)} for f in files]
+    inputs = [{"path": f.path, "relative": f.rel, "format": f.kind, "bytes": f.size, "rows": rows.get(f.uri, 0)}
+              for f in files]
     empty = [f["path"] for f in inputs if f["rows"] == 0]
+    unread = [f["path"] for f in inputs if f["rows"] == 0 and f["format"] == "jsonl" and f["bytes"] > 0]
+    if unread:
+        raise RuntimeError(f"read: Spark read no rows from {unread[0]} ({len(unread)} such non-empty files)")
     n_in = sum(f["rows"] for f in inputs)
     if n_docs + sum(reasons.values()) != n_in:
         raise RuntimeError(f"read: {n_in} rows in but {n_docs} documents + {sum(reasons.values())} quarantined out")
     return {"inputs": inputs, "empty_files": empty, "documents_in": n_in, "documents_valid": n_docs,
-            "documents_quarantined": sum(reasons.values()), "quarantine_reasons": reasons}
+            "documents_quarantined": sum(reasons.values()), "quarantine_reasons": reasons,
+            "ids": cfg.id_column if cfg.id_column != "auto" else AUTO_ID if given_ids else "",
+            "input_rows_checksum": add_checksums(*[s["checksum"] for s in per_file])}

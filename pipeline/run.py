@@ -1,4 +1,5 @@
-"""The job: read -> embed -> fit (level by level) -> tokenize and pack -> manifest. Each stage resumes."""
+"""The job: read -> embed -> fit (level by level) or route (--tree) -> tokenize and pack -> verify -> manifest.
+Each stage resumes."""
 from __future__ import annotations
 
 import json
@@ -14,10 +15,10 @@ from pipeline.config import JobConfig
 from corpora.bbc import write_bbc
 from pipeline.counter import ItemCounter
 from pipeline.embed import embed_stage
-from pipeline.fit import fit_stage
+from pipeline.fit import fit_stage, load_frozen_tree, route_stage
 from pipeline.pack import pack_stage
-from pipeline.read import read_stage
-from pipeline.spark import spark_session
+from pipeline.read import list_inputs, read_stage
+from pipeline.spark import size_partitions, spark_session
 from pipeline.stages import Stages, fmt_duration
 
 DEMO_INPUT = "data/bbcnews.jsonl"
@@ -31,9 +32,29 @@ def resolve_demo(cfg: JobConfig) -> JobConfig:
     return cfg
 
 
+def resolve_tree(cfg: JobConfig):
+    """--tree RUN_A: the tree, and from it k, depth, windowing and balance; RUN_A's tokenizer unless --tokenizer."""
+    if not cfg.tree:
+        return None
+    tree, tokenizer = load_frozen_tree(cfg)
+    cfg.k, cfg.depth = tree.k, tree.depth
+    cfg.max_windows = int(tree.config.get("max_windows", cfg.max_windows))  # embed as the tree's run did
+    cfg.balance_factor = float(tree.config.get("balance_factor", cfg.balance_factor))
+    if not cfg.tokenizer:
+        if not os.path.exists(tokenizer):
+            raise SystemExit(f"--tree {cfg.tree}: no {tokenizer} next to the tree; give --tokenizer")
+        cfg.tokenizer = tokenizer
+    print(f"frozen tree {tree.version} from {cfg.tree}: k={tree.k} depth={tree.depth} max_windows={cfg.max_windows}, "
+          f"tokenizer {cfg.tokenizer}; nothing is fitted", file=sys.stderr, flush=True)
+    return tree
+
+
 def run(cfg: JobConfig, spark: SparkSession | None = None) -> dict:
     cfg = resolve_demo(cfg)
-    cfg.encoder_precision = resolve_precision(cfg.encoder_precision)  # recorded resolved: the router reads it
+    tree = resolve_tree(cfg)
+    # recorded resolved, the router reads it; a frozen tree fixes it too: its documents were embedded so
+    cfg.encoder_precision = (tree.config.get("encoder_precision", "fp32") if tree is not None
+                             else resolve_precision(cfg.encoder_precision))
     spark = spark or spark_session()
     run_dir = cfg.output
     os.makedirs(run_dir, exist_ok=True)
@@ -41,16 +62,26 @@ def run(cfg: JobConfig, spark: SparkSession | None = None) -> dict:
         json.dump(cfg.__dict__, f, indent=2)
     t0 = time.time()
     stages = Stages(run_dir, cfg.fingerprint())
-    read = stages.run(spark, "read", lambda: read_stage(spark, cfg, run_dir))
+    files = list_inputs(spark, cfg.input)
+    parallelism = size_partitions(spark, sum(f.size for f in files))
+    print(f"shuffle partitions: {parallelism['shuffle_partitions']} ({parallelism['from']}); adaptive execution "
+          f"{spark.conf.get('spark.sql.adaptive.enabled')}", file=sys.stderr, flush=True)
+    read = stages.run(spark, "read", lambda: dict(read_stage(spark, cfg, run_dir, files), **parallelism))
     n = read["documents_valid"]
     with ItemCounter(spark.sparkContext.getConf().get("spark.driver.host", "127.0.0.1")) as counter:
         embed = stages.run(spark, "embed", lambda: embed_stage(spark, cfg, run_dir, counter.address),
                            total_items=n, done_items=lambda: counter.done)
-    fit = fit_stage(spark, cfg, run_dir, stages)
+    if tree is None:
+        fit = fit_stage(spark, cfg, run_dir, stages)
+        routing = [f"fit_level_{l}" for l in range(1, cfg.depth + 1)]
+    else:
+        fit = stages.run(spark, "route", lambda: route_stage(spark, cfg, run_dir, tree), total_items=n)
+        routing = ["route"]
     pack = stages.run(spark, "pack", lambda: pack_stage(spark, cfg, run_dir), total_items=n)
-    names = ["read", "embed"] + [f"fit_level_{l}" for l in range(1, cfg.depth + 1)] + ["pack"]
+    names = ["read", "embed", *routing, "pack"]
     seconds = {name: round(stages.seconds(name), 2) for name in names}
-    m = manifest.build(cfg, read, fit, pack, seconds)
+    checksums = manifest.verify(spark, run_dir, read["input_rows_checksum"])
+    m = manifest.build(cfg, read, fit, pack, seconds, checksums)
     m["embeddings_reused"] = embed.get("embeddings_reused", 0)  # identical texts embedded once (pipeline/embed.py)
     manifest.write(run_dir, m)
     print(summary(m) + f"\ntotal {fmt_duration(time.time() - t0)} (this invocation)", file=sys.stderr, flush=True)

@@ -1,6 +1,8 @@
 """Stage bookkeeping: completion markers (resume), timing, and a progress line with rate and ETA.
 
 A stage writes its outputs first and its marker ``RUN/stages/<name>.json`` last,
+with the stage's stats and the Spark stages it ran (tasks each, from the status
+tracker: the stage's Spark jobs carry its name as their job group),
 so a run killed mid-stage redoes that stage only; Spark's overwrite mode makes
 the redo idempotent. The marker records the config fingerprint: a rerun with a
 different config into the same directory is refused instead of mixing outputs.
@@ -86,6 +88,19 @@ class Progress(threading.Thread):
         self.stop_event.set()
 
 
+def spark_stages(spark, group: str) -> list[dict]:
+    """Every Spark stage the jobs of ``group`` ran, with its task count (skipped stages, whose shuffle
+    output was reused, are left out: they ran no tasks)."""
+    tracker = spark.sparkContext.statusTracker()
+    ids = {sid for job in tracker.getJobIdsForGroup(group) if (info := tracker.getJobInfo(job)) for sid in info.stageIds}
+    out = []
+    for sid in sorted(ids):
+        stage = tracker.getStageInfo(sid)
+        if stage and stage.numCompletedTasks:
+            out.append({"stage": sid, "name": stage.name, "tasks": stage.numTasks})
+    return out
+
+
 @dataclass
 class Stages:
     run_dir: str
@@ -106,11 +121,12 @@ class Stages:
                              "use a fresh --output or delete the directory")
         return m["stats"]
 
-    def finish(self, name: str, stats: dict, seconds: float) -> None:
+    def finish(self, name: str, stats: dict, seconds: float, spark_stages: list[dict]) -> None:
         os.makedirs(os.path.dirname(self.marker(name)), exist_ok=True)
         tmp = self.marker(name) + ".tmp"
         with open(tmp, "w") as f:
-            json.dump({"fingerprint": self.fingerprint, "seconds": seconds, "stats": stats}, f, indent=2)
+            json.dump({"fingerprint": self.fingerprint, "seconds": seconds, "stats": stats,
+                       "tasks": sum(s["tasks"] for s in spark_stages), "spark_stages": spark_stages}, f, indent=2)
         os.replace(tmp, self.marker(name))
 
     def seconds(self, name: str) -> float:
@@ -128,12 +144,15 @@ class Stages:
         print(f"[{name}] start", file=sys.stderr, flush=True)
         progress = Progress(spark, name, total_items, unit, done_items=done_items)
         progress.start()
+        sc = spark.sparkContext
+        sc.setJobGroup(f"{self.fingerprint}:{name}", name)
         try:
             stats = fn()
         finally:
             progress.stop()
+            sc.setLocalProperty("spark.jobGroup.id", None)
         dt = time.time() - t0
-        self.finish(name, stats, dt)
+        self.finish(name, stats, dt, spark_stages(spark, f"{self.fingerprint}:{name}"))
         rate = f", {total_items / dt:,.1f} {unit}/s" if total_items else ""
         print(f"[{name}] finished in {fmt_duration(dt)}{rate}", file=sys.stderr, flush=True)
         return stats

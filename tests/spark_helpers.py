@@ -12,7 +12,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)
 
 SMALL = ["--k", "3", "--depth", "2", "--seq-len", "64", "--vocab-size", "400", "--encoder-batch-size", "16",
-         "--partitions", "2", "--seed", "7"]
+         "--seed", "7"]
 
 
 def spark_env() -> dict:
@@ -22,8 +22,10 @@ def spark_env() -> dict:
     return env
 
 
-def submit(args: list[str], master: str = "local[2]", timeout: int = 600, cwd: str = ROOT) -> subprocess.CompletedProcess:
-    cmd = [os.path.join(BIN, "spark-submit"), "--master", master, "--conf", "spark.driver.memory=2g",
+def submit(args: list[str], master: str = "local[2]", timeout: int = 600, cwd: str = ROOT,
+           conf: dict | None = None) -> subprocess.CompletedProcess:
+    confs = [a for k, v in {"spark.driver.memory": "2g", **(conf or {})}.items() for a in ("--conf", f"{k}={v}")]
+    cmd = [os.path.join(BIN, "spark-submit"), "--master", master, *confs,
            os.path.join(ROOT, "jobs", "cluster_corpus.py"), *args]
     # spark-submit merges the Python driver's stderr into its stdout; keep both in one stream
     return subprocess.run(cmd, env=spark_env(), cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

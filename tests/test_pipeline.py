@@ -2,6 +2,7 @@
 import os
 
 import numpy as np
+import pyarrow as pa
 import pytest
 
 from index.route import route
@@ -122,3 +123,48 @@ def test_missing_text_column_is_a_clear_error(tmp_path):
     p = submit(["--input", str(f), "--output", str(tmp_path / "out"), *SMALL])
     assert p.returncode != 0
     assert "notext.jsonl" in p.stdout and "'text'" in p.stdout and "--text-column" in p.stdout
+
+
+def test_router_reembeds_texts_to_the_same_paths(run):
+    """The job embedded in batches of 16 on Spark workers; the router re-embeds the TEXTS alone, in batches of
+    64, and must land every document on its stored path (README: "Routing that cannot disagree")."""
+    from index.router import Router
+    out, _, _ = run
+    routed = read_table(out / "routed").sort_values("doc_id")
+    text = dict(read_table(out / "documents")[["doc_id", "text"]].values)
+    router = Router.load(str(out), documents=False)
+    assert manifest(out)["config"]["encoder_batch_size"] != 64  # Router.embed's batch size
+    paths = router.route_texts([text[i] for i in routed.doc_id])
+    same = (paths == np.stack(routed.path.to_numpy())).all(1)
+    print(f"text-level agreement: {same.sum()}/{len(same)} documents")
+    assert same.all()
+
+
+def test_checksums_catch_a_corrupted_shard(run, tmp_path):
+    """One document listed twice and another dropped keeps every count; the exactly-once check still fails."""
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    from pipeline.manifest import ChecksumError, verify
+    from pipeline.spark import spark_session
+    out, _, _ = run
+    m = manifest(out)
+    bad = tmp_path / "bad"
+    shutil.copytree(out, bad)
+    # a shard file with two sequences that list documents
+    f, t = next((f, t) for f in sorted((bad / "shards").rglob("*.parquet")) if (t := pq.read_table(f))
+                and sum(map(bool, t.column("doc_ids").to_pylist())) >= 2)
+    doc_ids = t.column("doc_ids").to_pylist()
+    row, other = [i for i, ids in enumerate(doc_ids) if ids][:2]
+    doc_ids[other] = doc_ids[other][:-1] + [doc_ids[row][0]]  # a duplicate replaces a document: same counts
+    pq.write_table(t.set_column(t.schema.get_field_index("doc_ids"), "doc_ids",
+                                pa.array(doc_ids, t.schema.field("doc_ids").type)), f)
+    (f.parent / f".{f.name}.crc").unlink(missing_ok=True)  # Hadoop's sidecar checksum would refuse the rewrite
+    spark = spark_session("test-checksums", **{"spark.master": "local[1]"})
+    try:
+        assert verify(spark, str(out), m["checksums"]["input_rows"]) == m["checksums"]
+        with pytest.raises(ChecksumError, match="exactly-once check failed: the shards' doc_ids hold other doc ids"):
+            verify(spark, str(bad), m["checksums"]["input_rows"])
+    finally:
+        spark.stop()

@@ -14,8 +14,8 @@ import pytest
 from index import docindex
 from index.encoder import embed_texts, load_encoder
 from index.kmeans import KMeansParams, fit_children
-from index.route import ISAS, Descender, kernel_isa, route
 from index.docindex import build_document_index
+from index.route import ISAS, Descender, kernel_isa, offsets, route
 from index.router import MODES, Router, RoutingConfig, TreeVersionError, leaf_paths, vote
 from index.tree import Tree, local_index, path_block_ids
 
@@ -255,7 +255,10 @@ def fmaf_scores(x: np.ndarray, c: np.ndarray, bias: np.ndarray) -> np.ndarray:
     acc = np.zeros((len(x), len(c)), dtype=np.float32)
     for d in range(x.shape[1]):
         acc = (x[:, d:d + 1].astype(np.float64) * c[:, d].astype(np.float64) + acc).astype(np.float32)
-    offset = (np.float32(-0.5) * (np.einsum("nd,nd->n", c, c) + bias)).astype(np.float32)
+    sq = np.zeros(len(c), dtype=np.float32)  # ||c||^2 by the same fmaf chain (index/route.py:offsets)
+    for d in range(c.shape[1]):
+        sq = (c[:, d].astype(np.float64) ** 2 + sq).astype(np.float32)
+    offset = np.float32(-0.5) * (sq + bias.astype(np.float32))
     return acc + offset
 
 
@@ -313,3 +316,16 @@ def test_bad_inputs(run_dir, tmp_path):
         f.write(b"not a zip")
     with pytest.raises(ValueError, match="corrupt"):
         Router.load(broken)
+
+
+def test_offsets_are_one_fixed_fmaf_chain():
+    """-(||c||^2 + b)/2 comes from the kernel's fixed-order chain (index/route.py:offsets), bit for bit."""
+    rng = np.random.default_rng(3)
+    c = rng.standard_normal((500, 384)).astype(np.float32)
+    b = rng.standard_normal(500).astype(np.float32)
+    sq = np.zeros(len(c), dtype=np.float32)
+    for d in range(c.shape[1]):
+        sq = (c[:, d].astype(np.float64) ** 2 + sq).astype(np.float32)
+    assert np.array_equal(offsets(c, b), np.float32(-0.5) * (sq + b))
+    # the order matters: numpy's pairwise/SIMD reduction gives other bits on some rows
+    assert not np.array_equal(offsets(c, b), np.float32(-0.5) * (np.einsum("nd,nd->n", c, c) + b))

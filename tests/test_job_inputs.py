@@ -1,0 +1,154 @@
+"""The real Spark job on input layouts a corpus has: nested directories without ids, Parquet, an ``id``
+field found automatically, several embedding windows, a user's shuffle partitions; and a second corpus
+routed into the first run's frozen tree."""
+import hashlib
+import json
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from tests.spark_helpers import SMALL, manifest, read_table, submit, write_bbc_subset
+
+pytestmark = pytest.mark.slow
+
+PARTITIONS = 3  # local[2] alone would give 2 x 2 = 4
+
+
+def bbc(n: int, start: int) -> list[dict]:
+    from corpora.bbc import bbc_records
+    return [r for i, r in enumerate(bbc_records()) if i >= start][:n]
+
+
+def stage(out, name: str) -> dict:
+    with open(out / "stages" / f"{name}.json") as f:
+        return json.load(f)
+
+
+@pytest.fixture(scope="module")
+def layout_run(tmp_path_factory):
+    """2023/part-0.jsonl and 2024/part-0.jsonl (same base name, no ids) and 2025/part-0.parquet."""
+    d = tmp_path_factory.mktemp("layout")
+    recs = bbc(50, start=100)
+    for year, part in (("2023", recs[:20]), ("2024", recs[20:40])):
+        os.makedirs(d / year)
+        with open(d / year / "part-0.jsonl", "w") as f:
+            f.writelines(json.dumps({"text": r["text"], "title": "t"}) + "\n" for r in part)
+    os.makedirs(d / "2025")
+    pq.write_table(pa.table({"text": [r["text"] for r in recs[40:]]}), d / "2025" / "part-0.parquet")
+    out = tmp_path_factory.mktemp("run") / "layout"
+    p = submit(["--input", str(d), "--output", str(out), *SMALL], conf={"spark.sql.shuffle.partitions": str(PARTITIONS)})
+    assert p.returncode == 0, p.stdout[-4000:]
+    return out, recs, p
+
+
+def test_derived_ids_use_the_path_below_the_input(layout_run):
+    out, recs, p = layout_run
+    m = manifest(out)
+    assert m["documents_in"] == len(recs) == m["documents_routed"] and m["documents_quarantined"] == 0
+    assert m["ids"] == "" and "ids: derived" in p.stdout
+    docs = read_table(out / "documents")
+    want = {hashlib.sha1(f"{rel}:{row}".encode()).hexdigest()[:16]
+            for rel, n in (("2023/part-0.jsonl", 20), ("2024/part-0.jsonl", 20), ("2025/part-0.parquet", 10))
+            for row in range(n)}
+    assert set(docs.doc_id) == want
+    # the Parquet file went all the way: its documents are routed and packed
+    parquet_ids = set(docs[docs.source.str.endswith("part-0.parquet")].doc_id)
+    assert len(parquet_ids) == 10
+    assert parquet_ids <= set(read_table(out / "routed").doc_id)
+    assert parquet_ids <= {d for ids in read_table(out / "shards").doc_ids for d in ids}
+
+
+def test_conf_shuffle_partitions_is_honoured(layout_run):
+    out, _, p = layout_run
+    read = stage(out, "read")
+    assert read["stats"]["shuffle_partitions"] == PARTITIONS and read["stats"]["from"] == "--conf"
+    assert f"shuffle partitions: {PARTITIONS} (--conf); adaptive execution true" in p.stdout
+    # embed and tokenize repartition to exactly that many tasks (an explicit count, which AQE keeps)
+    for name in ("embed", "pack"):
+        tasks = [s["tasks"] for s in stage(out, name)["spark_stages"]]
+        assert PARTITIONS in tasks, (name, tasks)
+    for name in ("read", "embed", "fit_level_1", "fit_level_2", "pack"):
+        s = stage(out, name)
+        assert s["tasks"] == sum(x["tasks"] for x in s["spark_stages"]) > 0
+
+
+def test_manifest_checksums_agree(layout_run):
+    out, _, _ = layout_run
+    c = manifest(out)["checksums"]
+    assert c["validated_ids"] == c["routed_ids"] == c["shard_ids"]
+    assert len(c["validated_ids"]) == 32 and c["quarantined_rows"] == "0" * 32
+
+
+@pytest.fixture(scope="module")
+def id_run(tmp_path_factory):
+    """An ``id`` field in JSONL and Parquet, found without --id-column; two rows without one; 2 windows."""
+    d = tmp_path_factory.mktemp("ids")
+    recs = bbc(24, start=300)
+    rows = [{"id": f"doc-{i}", "text": r["text"]} for i, r in enumerate(recs)]
+    del rows[3]["id"]
+    with open(d / "a.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows[:12])
+    ids = [r["id"] for r in rows[12:]]
+    ids[5] = None  # doc-17
+    pq.write_table(pa.table({"id": ids, "text": [r["text"] for r in rows[12:]]}), d / "b.parquet")
+    out = tmp_path_factory.mktemp("run") / "ids"
+    p = submit(["--input", str(d), "--output", str(out), *SMALL, "--max-windows", "2"])
+    assert p.returncode == 0, p.stdout[-4000:]
+    return out, recs, p
+
+
+def test_id_field_is_used_when_present(id_run):
+    out, recs, p = id_run
+    m = manifest(out)
+    assert m["ids"] == "id" and "ids: the input's 'id' field (22 of 24 rows have one" in p.stdout
+    assert m["quarantine_reasons"] == {"missing_id": 2}
+    q = read_table(out / "quarantine")
+    assert sorted(zip(q.source.str.rsplit("/", n=1).str[-1], q.row)) == [("a.jsonl", 3), ("b.parquet", 5)]
+    assert set(read_table(out / "routed").doc_id) == {f"doc-{i}" for i in range(24)} - {"doc-3", "doc-17"}
+
+
+def test_max_windows_embeds_the_mean_of_windows(id_run):
+    from index.encoder import embed_texts, load_encoder
+    out, recs, _ = id_run
+    assert manifest(out)["config"]["max_windows"] == 2
+    routed = read_table(out / "routed").sort_values("doc_id")
+    text = dict(read_table(out / "documents")[["doc_id", "text"]].values)
+    texts = [text[i] for i in routed.doc_id]
+    model = load_encoder()
+    two, one = embed_texts(model, texts, max_windows=2), embed_texts(model, texts, max_windows=1)
+    stored = np.stack(routed.embedding.to_numpy())
+    assert np.abs(stored - two).max() < 1e-4
+    # BBC articles run past one 256-piece window: the second window changed most embeddings
+    assert (np.abs(stored - one).max(1) > 1e-3).mean() > 0.5
+
+
+@pytest.fixture(scope="module")
+def frozen_run(layout_run, tmp_path_factory):
+    """Corpus B routed into corpus A's (layout_run's) tree."""
+    a, _, _ = layout_run
+    inp = tmp_path_factory.mktemp("corpus_b") / "b.jsonl"
+    recs = write_bbc_subset(str(inp), 30, start=7)
+    out = tmp_path_factory.mktemp("run") / "b"
+    p = submit(["--input", str(inp), "--output", str(out), "--tree", str(a), *SMALL])
+    assert p.returncode == 0, p.stdout[-4000:]
+    return a, out, recs, p
+
+
+def test_frozen_tree_routes_like_the_router(frozen_run):
+    from index.router import Router
+    a, b, recs, p = frozen_run
+    ma, mb = manifest(a), manifest(b)
+    assert mb["tree_version"] == ma["tree_version"] and mb["tree_from"] == str(a)
+    assert "nothing is fitted" in p.stdout and "[fit_level_1]" not in p.stdout
+    assert open(b / "tokenizer.json").read() == open(a / "tokenizer.json").read()
+    assert mb["documents_routed"] == len(recs) and mb["checksums"]["shard_ids"] == mb["checksums"]["validated_ids"]
+    assert sum(mb["levels"][-1]["node_documents"]) == len(recs)
+    routed = read_table(b / "routed").sort_values("doc_id")
+    text = {r["id"]: r["text"] for r in recs}
+    want = Router.load(str(a), documents=False).route_texts([text[i] for i in routed.doc_id])
+    same = (np.stack(routed.path.to_numpy()) == want).all(1)
+    print(f"frozen tree: {same.sum()}/{len(same)} documents of B on the path the router gives on RUN_A")
+    assert same.all()
