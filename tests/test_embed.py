@@ -124,9 +124,10 @@ def test_embed_stage_embeds_identical_texts_once_and_counts_live(tmp_path):
     spark.createDataFrame(docs).write.parquet(str(tmp_path / "documents"))
     old = spark.conf.get("spark.sql.execution.arrow.maxRecordsPerBatch")
     spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", "4")
+    spark.conf.set("spark.sql.shuffle.partitions", "2")
     try:
         with ItemCounter() as counter:
-            stats = embed_stage(spark, JobConfig(encoder_batch_size=4, partitions=2, encoder_precision="fp32"),
+            stats = embed_stage(spark, JobConfig(encoder_batch_size=4, encoder_precision="fp32"),
                                 str(tmp_path), counter.address)
             deadline = time.time() + 10
             while counter.done < len(texts) and time.time() < deadline:
