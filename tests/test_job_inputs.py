@@ -117,7 +117,7 @@ def test_max_windows_embeds_the_mean_of_windows(id_run):
     routed = read_table(out / "routed").sort_values("doc_id")
     text = dict(read_table(out / "documents")[["doc_id", "text"]].values)
     texts = [text[i] for i in routed.doc_id]
-    model = load_encoder()
+    model = load_encoder(precision=manifest(out)["config"]["encoder_precision"])  # the run's own (bf16 where native)
     two, one = embed_texts(model, texts, max_windows=2), embed_texts(model, texts, max_windows=1)
     stored = np.stack(routed.embedding.to_numpy())
     assert np.abs(stored - two).max() < 1e-4
