@@ -232,8 +232,9 @@ class DocumentIndex:
         self.leaf_centroids = np.ascontiguousarray(tree.centroids[-1], dtype=np.float32)
 
     @classmethod
-    def load(cls, run_dir: str, tree: Tree) -> "DocumentIndex":
-        index_dir, tree_version = os.path.join(run_dir, "index"), tree.version
+    def load(cls, run_dir: str, tree: Tree, tree_version: str) -> "DocumentIndex":
+        """``tree_version``: ``tree.version``, which the caller has already computed."""
+        index_dir = os.path.join(run_dir, "index")
         fix = f"build it with: python jobs/build_index.py --run {run_dir}"
         meta = read_json(os.path.join(index_dir, "index.json"), f"the run has no document index; {fix}")
         if meta.get("format") != FORMAT or meta.get("tree_version") != tree_version:

@@ -95,15 +95,15 @@ def vote(keys: np.ndarray, weights: np.ndarray, top: int = 1) -> tuple[np.ndarra
 class Router:
     """Load with ``Router.load(run_dir)``; all methods are batched over queries."""
 
-    def __init__(self, run_dir: str, tree: Tree, manifest: dict, documents: DocumentIndex | None,
+    def __init__(self, run_dir: str, tree: Tree, tree_version: str, manifest: dict, documents: DocumentIndex | None,
                  routing: RoutingConfig | None = None):
         self.run_dir, self.tree, self.manifest, self.documents = run_dir, tree, manifest, documents
+        self.tree_version = tree_version  # tree.version hashes every centroid: once per load, not per query
         self.routing = routing or RoutingConfig(mode="neighbours" if documents is not None else "descent")
         if self.routing.needs_index and documents is None:
             raise ValueError(f"routing mode {self.routing.mode!r} votes over the document index; load the router "
                              f"with documents=True (python jobs/build_index.py --run {run_dir} builds it)")
         self.descender = Descender(tree)
-        self.tree_version = tree.version  # a hash over every centroid: once, not per query
         self._encoder = None
 
     @classmethod
@@ -113,10 +113,12 @@ class Router:
             raise FileNotFoundError(f"run directory {run_dir} does not exist")
         tree = Tree.load(os.path.join(run_dir, "tree"))
         manifest = read_json(os.path.join(run_dir, "manifest.json"), "is the cluster_corpus run finished?")
-        if manifest.get("tree_version") != tree.version:
+        version = tree.version
+        if manifest.get("tree_version") != version:
             raise TreeVersionError(f"{run_dir}: manifest.json has tree_version {manifest.get('tree_version')!r} "
-                                   f"but tree/ is {tree.version!r}; the run directory mixes two runs")
-        return cls(run_dir, tree, manifest, DocumentIndex.load(run_dir, tree) if documents else None, routing)
+                                   f"but tree/ is {version!r}; the run directory mixes two runs")
+        index = DocumentIndex.load(run_dir, tree, version) if documents else None
+        return cls(run_dir, tree, version, manifest, index, routing)
 
     def check_tree_version(self, version: str) -> None:
         """Refuse a model trained on another tree: its block ids would name other nodes."""
