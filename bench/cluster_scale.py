@@ -106,7 +106,7 @@ def one(n: int, k: int, depth: int, out: str) -> dict:
     t0 = time.time()
     fit = fit_stage(spark, cfg, out, stages)
     total = time.time() - t0
-    per_level = {f"fit_level_{l}": round(stages.seconds(f"fit_level_{l}"), 1) for l in range(1, depth + 1)}
+    per_level = {name: round(stages.seconds(name), 1) for name in fit["stages"]}
     res = {"n": n, "generate_s": round(t_gen, 1), "fit_total_s": round(total, 1), **per_level,
            "max_child_fraction": max(lv["max_child_fraction"] for lv in fit["levels"]),
            "py_driver_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),

@@ -14,7 +14,8 @@ Per seed, via the real CLIs (bench/longtail.py's corpus and configs):
 
     python bench/posthoc.py [--out runs/posthoc] [--seeds 0] [--epochs 1] [--pretrain-epochs 3] [--cores 2]
 
-Writes OUT/results.md and OUT/results.json; a stage whose output exists is skipped. The last line is
+Writes OUT/results.md and OUT/results.json. Stages are fingerprinted as in bench/longtail.py: an interrupted
+run resumes, a changed config or corpus reruns what depends on it. The last line is
 the headline: rarest-bucket accuracy (base, base + memory, dense fine-tune) and held-out BBC perplexity.
 """
 from __future__ import annotations
@@ -26,90 +27,88 @@ import os
 import sys
 import time
 
-from longtail import BIN, CONFIGS, mean, pct, step
+from longtail import BIN, CONFIGS, Stages, mean, pct
 
 # table rows: (label, model, memory setting of train.evaluate)
 ROWS = [("base (frozen, no memory)", "memory", "none"), ("base + memory, routed", "memory", "fetched"),
-        ("base + memory, oracle leaf", "memory", "oracle"), ("base + memory, blocked", "memory", "blocked"),
+        ("base + memory, routed by descent", "memory", "fetched[descent]"), ("base + memory, oracle leaf", "memory", "oracle"), ("base + memory, blocked", "memory", "blocked"),
         ("base + memory, generic", "memory", "generic"), ("dense fine-tune", "finetune", "none")]
 PPL_ROWS = [("base (frozen)", "memory", "none"), ("base + memory, routed", "memory", "fetched"),
             ("base + memory, generic", "memory", "generic"), ("dense fine-tune", "finetune", "none")]
 
 
-def cluster(name: str, data: str, run: str, seed: int, logs: str, cores: int, timings: dict, *extra: str) -> dict:
-    step(name, [f"{BIN}/spark-submit", "--master", f"local[{cores}]", "--conf", "spark.driver.memory=2g",
-                "jobs/cluster_corpus.py", "--config", f"{CONFIGS}/job.yaml", "--input", data, "--id-column", "id",
-                "--seed", str(seed), "--output", run, *extra],
-         os.path.join(run, "manifest.json"), f"{logs}/{name.replace(' ', '_')}.log", cores, timings)
-    with open(os.path.join(run, "manifest.json")) as f:
-        return json.load(f)
-
-
-def train(name: str, config: str, run: str, out: str, steps: int, seed: int, logs: str, cores: int, timings: dict,
-          *sets: str) -> dict:
-    cmd = [sys.executable, "train/main.py", "--config", config, "--data", run, "--out", out, "--no-resume",
-           "--set", f"schedule.max_steps={steps}", "--set", f"data.seed={seed}", "--set", f"memory.seed={seed}"]
-    for s in sets:
-        cmd += ["--set", s]
-    step(name, cmd, os.path.join(out, "export", "meta.json"), f"{logs}/{name.replace(' ', '_')}.log", cores, timings)
-    with open(os.path.join(out, "metrics.jsonl")) as f:
-        last = [json.loads(line) for line in f][-1]
-    return {"final_loss": last["loss"], "steps": steps}
-
-
-def evaluate(name: str, model: str, run: str, data: str, out: str, logs: str, cores: int, timings: dict,
-             probes: bool = True) -> dict:
-    cmd = [sys.executable, "-m", "train.evaluate", "--model", model, "--run", run, "--heldout", f"{data}/heldout.jsonl",
-           "--out", out] + (["--probes", f"{data}/probes.jsonl"] if probes else [])
-    step(name, cmd, out, f"{logs}/{name.replace(' ', '_')}.log", cores, timings)
-    with open(out) as f:
-        return json.load(f)
-
-
-def corpus(data: str, seed: int, logs: str, cores: int, timings: dict) -> str:
-    """The long-tail corpus (bench/longtail.py's) and its BBC articles alone, the base's pretraining corpus."""
-    step("corpus", [sys.executable, "jobs/build_longtail.py", "--out", data, "--config", f"{CONFIGS}/corpus.yaml",
-                    "--seed", str(seed)], os.path.join(data, "summary.json"), f"{logs}/corpus.log", cores, timings)
-    bbc = os.path.join(data, "bbc_train.jsonl")
-    if not os.path.exists(bbc):
-        with open(os.path.join(data, "train.jsonl")) as f, open(bbc + ".tmp", "w") as g:
-            g.writelines(line for line in f if json.loads(line)["source"] == "bbc")
-        os.replace(bbc + ".tmp", bbc)
-    return bbc
-
-
-def run_seed(out: str, seed: int, epochs: float, pretrain_epochs: float, cores: int) -> dict:
+def run_seed(out: str, seed: int, epochs: float, pretrain_epochs: float, cores: int, force: bool) -> dict:
     d = os.path.join(out, f"seed{seed}")
-    data, logs, models = os.path.join(d, "data"), os.path.join(d, "logs"), os.path.join(d, "models")
-    os.makedirs(logs, exist_ok=True)
-    timings: dict[str, float] = {}
-    bbc = corpus(data, seed, logs, cores, timings)
+    data, logs, models, ev = (os.path.join(d, x) for x in ("data", "logs", "models", "eval"))
+    for x in (logs, ev):
+        os.makedirs(x, exist_ok=True)
+    st = Stages(d, cores, force)
+    st.run("corpus", [sys.executable, "jobs/build_longtail.py", "--out", data, "--config", f"{CONFIGS}/corpus.yaml",
+                      "--seed", str(seed)], os.path.join(data, "summary.json"), f"{logs}/corpus.log",
+           files=[f"{CONFIGS}/corpus.yaml"])
+    bbc = os.path.join(data, "bbc_train.jsonl")  # the base's pretraining corpus: the BBC articles alone
+    with open(os.path.join(data, "train.jsonl")) as f, open(bbc + ".tmp", "w") as g:
+        g.writelines(line for line in f if json.loads(line)["source"] == "bbc")
+    os.replace(bbc + ".tmp", bbc)
+
+    def cluster(name: str, src: str, run: str, files: list[str], *extra: str) -> dict:
+        st.run(name, [f"{BIN}/spark-submit", "--master", f"local[{cores}]", "--conf", "spark.driver.memory=2g",
+                      "jobs/cluster_corpus.py", "--config", f"{CONFIGS}/job.yaml", "--input", src, "--id-column", "id",
+                      "--seed", str(seed), "--output", run, *extra],
+               os.path.join(run, "manifest.json"), f"{logs}/{name.replace(' ', '_')}.log",
+               files=[src, f"{CONFIGS}/job.yaml", *files], clear=run)
+        with open(os.path.join(run, "manifest.json")) as f:
+            return json.load(f)
+
+    def train(name: str, config: str, run: str, mdir: str, steps: int, after: list[str], *sets: str) -> dict:
+        cmd = [sys.executable, "train/main.py", "--config", config, "--data", run, "--out", mdir, "--no-resume",
+               "--set", f"schedule.max_steps={steps}", "--set", f"data.seed={seed}", "--set", f"memory.seed={seed}"]
+        for s in sets:
+            cmd += ["--set", s]
+        st.run(name, cmd, os.path.join(mdir, "export", "meta.json"), f"{logs}/{name.replace(' ', '_')}.log",
+               files=[config], after=after, clear=mdir)
+        with open(os.path.join(mdir, "metrics.jsonl")) as f:
+            last = [json.loads(line) for line in f][-1]
+        return {"final_loss": last["loss"], "steps": steps}
+
+    def evaluate(name: str, model: str, run: str, after: list[str], *extra: str) -> dict:
+        out = f"{ev}/{name}.json"
+        st.run(f"evaluate {name}", [sys.executable, "-m", "train.evaluate", "--model", model, "--run", run,
+                                    "--heldout", f"{data}/heldout.jsonl", "--out", out, *extra],
+               out, f"{logs}/evaluate_{name}.log", files=[f"{data}/heldout.jsonl", f"{data}/probes.jsonl"],
+               after=after)
+        with open(out) as f:
+            return json.load(f)
+
     batch = 16  # configs/longtail/*.yaml: 16 sequences per step
     bbc_run = os.path.join(d, "run_bbc")
-    m_bbc = cluster("cluster bbc", bbc, bbc_run, seed, logs, cores, timings)
+    m_bbc = cluster("cluster bbc", bbc, bbc_run, [])
     pre_steps = math.ceil(pretrain_epochs * m_bbc["sequences"] / batch)
-    base_model = os.path.join(models, "base")
-    result = {"seed": seed, "train": {"base": train("pretrain base", f"{CONFIGS}/anchor.yaml", bbc_run, base_model,
-                                                    pre_steps, seed, logs, cores, timings)}}
+    base = os.path.join(models, "base")
+    result = {"seed": seed, "train": {"base": train("pretrain base", f"{CONFIGS}/anchor.yaml", bbc_run, base,
+                                                    pre_steps, ["cluster bbc"])}}
     hf_dir = os.path.join(models, "base_hf")
-    step("export base", [sys.executable, "-m", "train.hf", "export", "--model", f"{base_model}/export", "--out", hf_dir],
-         os.path.join(hf_dir, "model.safetensors"), f"{logs}/export_base.log", cores, timings)
+    st.run("export base", [sys.executable, "-m", "train.hf", "export", "--model", f"{base}/export", "--out", hf_dir],
+           os.path.join(hf_dir, "model.safetensors"), f"{logs}/export_base.log", after=["pretrain base"], clear=hf_dir)
 
     lt_run = os.path.join(d, "run")
-    m = cluster("cluster longtail", f"{data}/train.jsonl", lt_run, seed, logs, cores, timings, "--tokenizer", hf_dir)
+    m = cluster("cluster longtail", f"{data}/train.jsonl", lt_run, [os.path.join(hf_dir, "tokenizer.json")],
+                "--tokenizer", hf_dir)
+    # the document index the memory model's neighbour vote searches (its recorded routing)
+    st.run("index", [sys.executable, "jobs/build_index.py", "--run", lt_run], os.path.join(lt_run, "index", "index.json"),
+           f"{logs}/index.log", after=["cluster longtail"], clear=os.path.join(lt_run, "index"))
     steps = math.ceil(epochs * m["sequences"] / batch)
     result["train"]["memory"] = train("train memory", f"{CONFIGS}/posthoc.yaml", lt_run, f"{models}/memory", steps,
-                                      seed, logs, cores, timings, f"model.hf={hf_dir}")
-    result["train"]["finetune"] = train("train finetune", f"{CONFIGS}/anchor.yaml", lt_run, f"{models}/finetune", steps,
-                                        seed, logs, cores, timings, f"recipe.init_anchor={base_model}/export")
-    ev = os.path.join(d, "eval")
-    os.makedirs(ev, exist_ok=True)
-    for name in ("memory", "finetune"):
-        result[name] = evaluate(f"evaluate {name}", f"{models}/{name}/export", lt_run, data, f"{ev}/{name}.json",
-                                logs, cores, timings)
-    result["base_on_bbc_run"] = evaluate("evaluate base", f"{base_model}/export", bbc_run, data, f"{ev}/base.json",
-                                         logs, cores, timings, probes=False)
-    result.update(timings=timings, pretrain_tokens=pre_steps * batch * m_bbc["seq_len"],
+                                      ["cluster longtail", "export base"], f"model.hf={hf_dir}")
+    result["train"]["finetune"] = train("train finetune", f"{CONFIGS}/anchor.yaml", lt_run, f"{models}/finetune",
+                                        steps, ["cluster longtail", "pretrain base"],
+                                        f"recipe.init_anchor={base}/export")
+    probes = ["--probes", f"{data}/probes.jsonl"]
+    result["memory"] = evaluate("memory", f"{models}/memory/export", lt_run, ["train memory", "index"], *probes,
+                                "--routing", "neighbours", "descent")
+    result["finetune"] = evaluate("finetune", f"{models}/finetune/export", lt_run, ["train finetune"], *probes)
+    result["base_on_bbc_run"] = evaluate("base", f"{base}/export", bbc_run, ["pretrain base"])
+    result.update(timings=st.timings, pretrain_tokens=pre_steps * batch * m_bbc["seq_len"],
                   tokens=steps * batch * m["seq_len"], corpus_tokens=m["tokens"], bbc_tokens=m_bbc["tokens"])
     return result
 
@@ -166,10 +165,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--epochs", type=float, default=1.0, help="passes over the long-tail run (memory and fine-tune)")
     ap.add_argument("--pretrain-epochs", type=float, default=3.0, help="passes over the BBC run (the base)")
     ap.add_argument("--cores", type=int, default=2)
+    ap.add_argument("--force", action="store_true", help="rerun every stage (code is not fingerprinted)")
     args = ap.parse_args(argv)
     out = os.path.abspath(args.out)
     t = time.time()
-    r = aggregate([run_seed(out, s, args.epochs, args.pretrain_epochs, args.cores) for s in args.seeds])
+    r = aggregate([run_seed(out, s, args.epochs, args.pretrain_epochs, args.cores, args.force) for s in args.seeds])
     r.update(wall_seconds=round(time.time() - t, 1), load_average=os.getloadavg())
     md = markdown(r)
     for name, text in (("results.json", json.dumps(r, indent=1)), ("results.md", md + "\n")):

@@ -50,6 +50,18 @@ def sq_dists(x: np.ndarray, c: np.ndarray) -> np.ndarray:
     return np.maximum(d, 0.0)
 
 
+def child_sums(x: np.ndarray, assign: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Per-child float64 sums of the rows of x, each child's members added in row order (the bits of
+    np.add.at, which is 5-10x slower: it was 3/4 of a whole tree fit)."""
+    order = np.argsort(assign, kind="stable")
+    starts = np.concatenate([[0], np.cumsum(counts[:-1])]).astype(np.int64)
+    sums = np.zeros((len(counts), x.shape[1]), dtype=np.float64)
+    used = np.flatnonzero(counts)
+    if used.size:
+        sums[used] = np.add.reduceat(x[order].astype(np.float64), starts[used], axis=0)
+    return sums
+
+
 def kmeans_pp(x: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
     n = x.shape[0]
     centres = [x[rng.integers(n)]]
@@ -143,8 +155,7 @@ def fit_children(points: np.ndarray, params: KMeansParams, seed: int, node_size:
         assign = sq_dists(batch, c).argmin(1)
         assign = rebalance(assign, k, child_cap(len(batch), k, params.balance_factor), rng)
         m = np.bincount(assign, minlength=k).astype(np.float64)
-        sums = np.zeros_like(c, dtype=np.float64)
-        np.add.at(sums, assign, batch)
+        sums = child_sums(batch, assign, m)
         empty = np.flatnonzero(m == 0)
         members = np.flatnonzero(assign == m.argmax())
         n_reseed = min(empty.size, members.size - 1)

@@ -50,6 +50,8 @@ class JobConfig:
     em_batch_size: int = opt(6400, "points per mini-batch EM step")
     em_steps: int = opt(20, "mini-batch EM steps per node")
     balance_factor: float = opt(1.5, "a child holds at most balance_factor/k of its parent's documents")
+    local_fit_rows: int = opt(1 << 18, "a node of at most this many documents has its whole subtree fitted in one "
+                                       "task (about 4.6 KB of task memory per document); the tree is the same")
     # encoder
     encoder_batch_size: int = opt(64, "texts per encoder forward pass")
     encoder_device: str = opt("auto", "auto: cuda when the executor has a GPU, else cpu")
@@ -72,6 +74,8 @@ class JobConfig:
             problems.append(f"k={self.k}: need at least 2 children per node")
         if self.depth < 1:
             problems.append(f"depth={self.depth}: need at least one level")
+        if self.local_fit_rows < 0:
+            problems.append(f"local_fit_rows={self.local_fit_rows}: must be >= 0 (0: fit every level as a Spark pass)")
         if not (1.0 <= self.balance_factor <= self.k):
             problems.append(f"balance_factor={self.balance_factor}: must be in [1, k]")
         if self.seq_len < 8:
@@ -91,6 +95,7 @@ class JobConfig:
         """Hash of everything that changes outputs (not the output path), to refuse mixing runs."""
         d = dataclasses.asdict(self)
         d.pop("output")
+        d.pop("local_fit_rows")  # where the fit switches to per-subtree tasks does not change the tree
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -1,111 +1,253 @@
-"""Fit the tree level by level over Spark, and route every document down it.
+"""Fit the tree top-down over Spark, then route every document down it.
 
-For level l, each node of level l-1 (its *parent*) gets k children:
-  1. count documents per parent (k^(l-1) numbers reach the driver);
-  2. keep a seeded hash sample of at most ``sample_per_node`` points per parent;
-  3. ``groupBy(parent).applyInPandas``: index/kmeans.fit_children on each
-     sample, all parents of the level in parallel on executors;
-  4. the k^l centroids and biases come back to the driver, are broadcast, and
-     every document descends one level with index/route.py (the same code the
-     router runs), on executors;
-  5. the assignment is written to ``work/level_<l>`` (a resume point) and the
-     per-child counts give the level's balance figure.
-With ``--tree RUN_A`` (``route_stage``) nothing is fitted: every document
-descends all levels of RUN_A's tree in one pass and the counts per node are
-summed up from the leaves.
-The driver holds only centroids, biases and per-node counts: never documents
-or the embedding matrix. Per executor task the memory bound is one parent's
-sample (sample_per_node x dim x 4 bytes, 197 MB at the paper's 128k x 384).
+The embeddings (``RUN/embeddings``) are written once, by the embed stage, and only
+read here: a document's node at any level is recomputed by descending the levels
+fitted so far (index/route.py, the router's own code: p*k dot products per point,
+far cheaper than writing the embedding again), and paths travel in a narrow table.
+
+Level by level while nodes are large (``fit_level_<l>``, l = 1, 2, ...):
+  1. one pass over the embeddings descends every document to its level l-1 node
+     (its *parent*) and keeps a seeded hash sample of at most ``sample_per_node``
+     points per parent (the parents' sizes come from step 3 of level l-1);
+  2. ``groupBy(parent).applyInArrow``: index/kmeans.fit_children on each sample,
+     all parents of the level in parallel on executors; the k^l centroids and
+     biases come back to the driver;
+  3. one pass counts the documents per level-l node (k^l numbers reach the driver).
+Then, once every node of the level reached holds at most ``local_fit_rows``
+documents and there are at least as many nodes as task slots
+(``fit_subtrees``): one shuffle groups the documents by node and each task fits
+the rest of its node's subtree in one process, as a single-process FAISS loop
+would, with the same sampling, seeds and fitting as steps 1-3: the tree does not
+depend on where this switch happens (tests/test_cluster.py checks it).
+Finally ``route`` descends every document through the whole tree and writes
+``work/routed`` (doc_id, path, leaf). With ``--tree RUN_A`` only ``route`` runs.
+
+Memory: the driver holds centroids, biases and per-node counts, never documents
+or the embedding matrix. An executor task holds one parent's sample
+(sample_per_node x dim x 4 bytes, 197 MB at the paper's 128k x 384) or one
+subtree of at most ``local_fit_rows`` documents (about 4.6 KB each with its
+copies: 1.2 GB at the default 2^18).
 """
 from __future__ import annotations
 
 import os
 
 import numpy as np
-import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
-from pyspark.sql import types as T
 
+from index.docindex import embedding_matrix
 from index.kmeans import KMeansParams, fit_children
 from index.route import Descender
 from index.tree import Tree
 from pipeline.config import JobConfig
-from pipeline.spark import with_lookup
 
-FIT_SCHEMA = T.StructType([
-    T.StructField("parent", T.LongType()),
-    T.StructField("centroids", T.ArrayType(T.ArrayType(T.FloatType()))),
-    T.StructField("biases", T.ArrayType(T.FloatType())),
-    T.StructField("sample", T.LongType()),
-])
+FIT_SCHEMA = "level int, parent long, centroids array<float>, biases array<float>, sample long, child_counts array<long>"
+SAMPLE_SCHEMA = "node long, doc_id string, h long, embedding array<float>"
+FIT_ARROW = pa.schema([("level", pa.int32()), ("parent", pa.int64()), ("centroids", pa.list_(pa.float32())),
+                       ("biases", pa.list_(pa.float32())), ("sample", pa.int64()), ("child_counts", pa.list_(pa.int64()))])
 
 
 def node_seed(seed: int, level: int, parent: int) -> int:
     return int(np.random.SeedSequence([seed, level, parent]).generate_state(1)[0])
 
 
-def hash_uniform(seed: int, level: int):
-    """A uniform [0,1) number per document that depends only on (doc_id, seed, level)."""
-    h = F.xxhash64("doc_id", F.lit(seed), F.lit(level))
-    return (F.abs(h % F.lit(1 << 30)).cast("double") / float(1 << 30))
+def level_uniform(h: np.ndarray, level: int) -> np.ndarray:
+    """A uniform [0,1) number per document from its hash ``h`` = xxhash64(doc_id, seed), one per level
+    (splitmix64 finaliser): the sampling decision is the same in a Spark pass and in a subtree task."""
+    with np.errstate(over="ignore"):
+        z = h.astype(np.uint64) + np.uint64(level) * np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z ^= z >> np.uint64(31)
+    return (z >> np.uint64(11)).astype(np.float64) / float(1 << 53)
 
 
-def fit_level(df: DataFrame, level: int, counts: dict[int, int], cfg: JobConfig) -> tuple[np.ndarray, np.ndarray, int]:
-    """Fit the children of every parent of ``level``; returns centroids [k^l, d], biases [k^l], sample size."""
-    k = cfg.k
-    params = KMeansParams(k=k, balance_factor=cfg.balance_factor, batch_size=cfg.em_batch_size, steps=cfg.em_steps)
-    seed = cfg.seed
-
-    def fit_group(pdf: pd.DataFrame) -> pd.DataFrame:
-        pdf = pdf.sort_values("doc_id")  # Spark does not order a group: sort for determinism
-        parent = int(pdf["node"].iloc[0])
-        x = np.stack(pdf["embedding"].to_numpy()).astype(np.float32)
-        ch = fit_children(x, params, seed=node_seed(seed, level, parent), node_size=counts[parent])
-        return pd.DataFrame({"parent": [parent], "centroids": [[c.tolist() for c in ch.centroids]],
-                             "biases": [ch.biases.tolist()], "sample": [len(x)]})
-
-    fractions = {parent: min(1.0, cfg.sample_per_node / n) for parent, n in counts.items()}
-    sampled = with_lookup(df, "node", fractions, "keep_p", "double").filter(hash_uniform(cfg.seed, level) < F.col("keep_p"))
-    fitted = sampled.select("doc_id", "node", "embedding").groupBy("node").applyInPandas(fit_group, FIT_SCHEMA)
-    centroids = biases = None
-    sample = 0
-    for row in fitted.toLocalIterator():  # k^(l-1) rows of k centroids each
-        c = np.asarray(row["centroids"], dtype=np.float32)
-        if centroids is None:
-            centroids = np.zeros((k ** level, c.shape[1]), dtype=np.float32)
-            biases = np.zeros(k ** level, dtype=np.float32)
-        p = row["parent"]
-        centroids[p * k:(p + 1) * k] = c
-        biases[p * k:(p + 1) * k] = row["biases"]
-        sample += row["sample"]
-    # a parent with no documents keeps zero centroids: descent through it is still defined (child 0)
-    return centroids, biases, sample
+def read_embeddings(spark: SparkSession, run_dir: str, seed: int) -> DataFrame:
+    return (spark.read.parquet(os.path.join(run_dir, "embeddings"))
+            .select("doc_id", F.xxhash64("doc_id", F.lit(seed)).alias("h"), "embedding"))
 
 
-def descend(df: DataFrame, spark: SparkSession, tree: Tree) -> DataFrame:
-    """Append the child index at level ``tree.depth`` to every document's path; update ``node``."""
-    level, k = tree.depth, tree.k
+def params_of(cfg: JobConfig) -> KMeansParams:
+    return KMeansParams(k=cfg.k, balance_factor=cfg.balance_factor, batch_size=cfg.em_batch_size, steps=cfg.em_steps)
+
+
+def nodes_at(descender: Descender | None, x: np.ndarray, level: int) -> np.ndarray:
+    """Index of every point's node within ``level`` (0 at the root)."""
+    node = np.zeros(len(x), dtype=np.int64)
+    if level:
+        descender.descend(x, node, 0, level)
+    return node
+
+
+def in_sample(h: np.ndarray, level: int, node_size, cfg: JobConfig) -> np.ndarray:
+    """The seeded sample of a node's points its children are fitted on: at most about sample_per_node."""
+    return level_uniform(h, level) < np.minimum(1.0, cfg.sample_per_node / np.maximum(node_size, 1))
+
+
+def fit_row(sample: np.ndarray, level: int, parent: int, node_size: int, cfg: JobConfig) -> dict:
+    """Fit one parent's children on its sample (rows in doc-id order); a FIT_SCHEMA row without child counts."""
+    if not len(sample):  # no point drawn (vanishingly rare): zero centroids, as a parent no group reaches
+        c, b = np.zeros((cfg.k, sample.shape[1]), np.float32), np.zeros(cfg.k, np.float32)
+    else:
+        ch = fit_children(sample, params_of(cfg), seed=node_seed(cfg.seed, level, parent), node_size=node_size)
+        c, b = ch.centroids, ch.biases
+    return {"level": level, "parent": parent, "centroids": c.ravel().tolist(), "biases": b.tolist(),
+            "sample": len(sample), "child_counts": None}
+
+
+def sorted_group(table: pa.Table, dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """A group's (embeddings, hashes) in doc-id order: Spark does not order a group, the fit must not depend on it."""
+    table = table.take(pc.sort_indices(table, [("doc_id", "ascending")]))
+    return embedding_matrix(table.column("embedding"), dim, "embeddings"), table.column("h").to_numpy()
+
+
+class Levels:
+    """The fitted levels so far: centroids, biases, per-node counts and sample sizes, level by level."""
+
+    def __init__(self, cfg: JobConfig, dim: int, n: int):
+        self.cfg, self.dim = cfg, dim
+        self.centroids, self.biases, self.counts, self.samples = [], [], [np.array([n], dtype=np.int64)], []
+
+    def add(self, rows) -> None:
+        """Install one level from its FIT_SCHEMA rows (one per fitted parent; a parent without documents keeps
+        zero centroids: descent through it is still defined)."""
+        k, n = self.cfg.k, self.cfg.k ** (len(self.centroids) + 1)
+        c, b, counts = np.zeros((n, self.dim), np.float32), np.zeros(n, np.float32), np.zeros(n, np.int64)
+        sample = 0
+        for r in rows:
+            p = r["parent"]
+            c[p * k:(p + 1) * k] = np.asarray(r["centroids"], np.float32).reshape(k, self.dim)
+            b[p * k:(p + 1) * k] = r["biases"]
+            if r["child_counts"] is not None:  # a subtree task counted them; else count_level does
+                counts[p * k:(p + 1) * k] = r["child_counts"]
+            sample += r["sample"]
+        self.centroids.append(c)
+        self.biases.append(b)
+        self.counts.append(counts)
+        self.samples.append(sample)
+
+    def tree(self) -> Tree:
+        return Tree(k=self.cfg.k, depth=len(self.centroids), dim=self.dim, centroids=list(self.centroids),
+                    biases=list(self.biases))
+
+    def save(self, work: str, level: int) -> None:
+        np.savez(os.path.join(work, f"level_{level}.npz"), centroids=self.centroids[level - 1],
+                 biases=self.biases[level - 1], counts=self.counts[level], sample=self.samples[level - 1])
+
+    def load(self, work: str, level: int) -> None:
+        z = np.load(os.path.join(work, f"level_{level}.npz"))
+        self.centroids.append(z["centroids"])
+        self.biases.append(z["biases"])
+        self.counts.append(z["counts"])
+        self.samples.append(int(z["sample"]))
+
+    def summary(self, level: int) -> dict:
+        return level_summary(level, self.counts[level], self.samples[level - 1], self.cfg)
+
+
+def fit_level(spark: SparkSession, emb: DataFrame, levels: Levels, level: int) -> list:
+    """Steps 1-2 of the module doc for one level: its FIT_SCHEMA rows (k^(level-1) at most reach the driver)."""
+    cfg, dim = levels.cfg, levels.dim
+    bc = spark.sparkContext.broadcast((levels.tree() if level > 1 else None, levels.counts[level - 1]))
+
+    def sample(batches):
+        tree, counts = bc.value
+        descender = Descender(tree) if tree else None
+        for b in batches:
+            x, h = embedding_matrix(b.column("embedding"), dim, "embeddings"), b.column("h").to_numpy()
+            node = nodes_at(descender, x, level - 1)
+            keep = in_sample(h, level, counts[node], cfg)
+            yield pa.RecordBatch.from_arrays([pa.array(node[keep]), *(b.column(c).filter(keep) for c in
+                                              ("doc_id", "h", "embedding"))], names=["node", "doc_id", "h", "embedding"])
+
+    def fit(table: pa.Table) -> pa.Table:
+        parent = table.column("node")[0].as_py()
+        x, _ = sorted_group(table, dim)
+        return pa.Table.from_pylist([fit_row(x, level, parent, int(bc.value[1][parent]), cfg)], schema=FIT_ARROW)
+
+    return emb.mapInArrow(sample, SAMPLE_SCHEMA).groupBy("node").applyInArrow(fit, FIT_SCHEMA).collect()
+
+
+def count_level(spark: SparkSession, emb: DataFrame, tree: Tree) -> np.ndarray:
+    """Step 3: documents per node of the tree's last level (one pass; k^depth numbers reach the driver)."""
     bc = spark.sparkContext.broadcast(tree)
+    depth, dim, n = tree.depth, tree.dim, tree.k ** tree.depth
+
+    def count(batches):
+        descender = Descender(bc.value)
+        for b in batches:
+            c = np.bincount(nodes_at(descender, embedding_matrix(b.column("embedding"), dim, "embeddings"), depth),
+                            minlength=n)
+            nz = np.flatnonzero(c)
+            yield pa.RecordBatch.from_arrays([pa.array(nz), pa.array(c[nz])], names=["node", "n"])
+
+    counts = np.zeros(n, dtype=np.int64)
+    for r in emb.mapInArrow(count, "node long, n long").groupBy("node").agg(F.sum("n").alias("n")).collect():
+        counts[r["node"]] = r["n"]
+    return counts
+
+
+def fit_subtrees(spark: SparkSession, emb: DataFrame, levels: Levels, top: int) -> list:
+    """Levels top+1..depth: one task per level-``top`` node fits its whole subtree (see the module doc).
+    Returns FIT_SCHEMA rows with child counts for every parent it fitted."""
+    cfg, dim, k = levels.cfg, levels.dim, levels.cfg.k
+    bc = spark.sparkContext.broadcast(levels.tree() if top else None)
+
+    def tag(batches):
+        descender = Descender(bc.value) if bc.value else None
+        for b in batches:
+            node = nodes_at(descender, embedding_matrix(b.column("embedding"), dim, "embeddings"), top)
+            yield pa.RecordBatch.from_arrays([pa.array(node), *(b.column(c) for c in ("doc_id", "h", "embedding"))],
+                                             names=["node", "doc_id", "h", "embedding"])
+
+    def fit(table: pa.Table) -> pa.Table:
+        root = table.column("node")[0].as_py()
+        x, h = sorted_group(table, dim)
+        local = np.zeros(len(x), dtype=np.int64)  # each point's node within the subtree, at the current level
+        rows = []
+        for level in range(top + 1, cfg.depth + 1):
+            first = root * k ** (level - 1 - top)  # the subtree's first node at level-1
+            order = np.argsort(local, kind="stable")  # members of each node stay in doc-id order
+            bounds = np.searchsorted(local[order], np.arange(k ** (level - 1 - top) + 1))
+            child = np.zeros(len(x), dtype=np.int64)
+            for j in np.flatnonzero(np.diff(bounds)):
+                idx = order[bounds[j]:bounds[j + 1]]
+                row = fit_row(x[idx][in_sample(h[idx], level, len(idx), cfg)], level, first + j, len(idx), cfg)
+                one = Tree(k=k, depth=1, dim=dim, centroids=[np.asarray(row["centroids"], np.float32).reshape(k, dim)],
+                           biases=[np.asarray(row["biases"], np.float32)])
+                child[idx] = Descender(one).route(x[idx])[:, 0]
+                rows.append(dict(row, child_counts=np.bincount(child[idx], minlength=k).tolist()))
+            local = local * k + child
+        return pa.Table.from_pylist(rows, schema=FIT_ARROW)
+
+    return emb.mapInArrow(tag, SAMPLE_SCHEMA).groupBy("node").applyInArrow(fit, FIT_SCHEMA).collect()
+
+
+def route(spark: SparkSession, run_dir: str, tree: Tree, seed: int) -> np.ndarray:
+    """Every document's path through the whole tree -> ``work/routed`` (doc_id, path, leaf); returns the
+    documents per leaf."""
+    bc = spark.sparkContext.broadcast(tree)
+    depth, dim = tree.depth, tree.dim
 
     def step(batches):
         descender = Descender(bc.value)
-        for pdf in batches:
-            x = np.stack(pdf["embedding"].to_numpy()).astype(np.float32)
-            child = descender.step(x, pdf["node"].to_numpy(np.int64), level)
-            parents = np.stack(pdf["path"].to_numpy()).reshape(len(pdf), level - 1)
-            pdf["path"] = list(np.column_stack([parents, child]).astype(np.int32))
-            pdf["node"] = pdf["node"].to_numpy(np.int64) * k + child
-            yield pdf
+        for b in batches:
+            x = embedding_matrix(b.column("embedding"), dim, "embeddings")
+            leaf = np.zeros(len(x), dtype=np.int64)
+            paths = descender.descend(x, leaf, 0, depth)
+            flat = pa.array(paths.ravel())
+            path = pa.ListArray.from_arrays(pa.array(np.arange(0, paths.size + 1, depth, dtype=np.int32)), flat)
+            yield pa.RecordBatch.from_arrays([b.column("doc_id"), path, pa.array(leaf)], names=["doc_id", "path", "leaf"])
 
-    return df.mapInPandas(step, df.schema)
-
-
-def node_counts(df: DataFrame, n_nodes: int) -> np.ndarray:
-    """Documents per node (column ``node``) of one level."""
-    counts = np.zeros(n_nodes, dtype=np.int64)
-    for r in df.groupBy("node").count().collect():
-        counts[r["node"]] = r["count"]
+    out = os.path.join(run_dir, "work", "routed")
+    read_embeddings(spark, run_dir, seed).mapInArrow(step, "doc_id string, path array<int>, leaf long") \
+        .write.mode("overwrite").parquet(out)
+    counts = np.zeros(tree.k ** depth, dtype=np.int64)
+    for r in spark.read.parquet(out).groupBy("leaf").count().collect():
+        counts[r["leaf"]] = r["count"]
     return counts
 
 
@@ -142,57 +284,66 @@ def load_frozen_tree(cfg: JobConfig) -> tuple[Tree, str]:
 
 
 def route_stage(spark: SparkSession, cfg: JobConfig, run_dir: str, tree: Tree) -> dict:
-    """Route every document down a frozen tree (no fitting); writes work/level_<depth> and tree/."""
-    bc = spark.sparkContext.broadcast(tree)
-
-    def step(batches):
-        descender = Descender(bc.value)
-        for pdf in batches:
-            x = np.stack(pdf["embedding"].to_numpy()).astype(np.float32)
-            node = np.zeros(len(pdf), dtype=np.int64)
-            pdf["path"] = list(descender.descend(x, node, 0, tree.depth))
-            pdf["node"] = node
-            yield pdf
-
-    df = (spark.read.parquet(os.path.join(run_dir, "embeddings"))
-          .select("doc_id", "embedding", F.array().cast("array<int>").alias("path"), F.lit(0).cast("long").alias("node")))
-    out = os.path.join(run_dir, "work", f"level_{tree.depth}")
-    df.mapInPandas(step, df.schema).write.mode("overwrite").parquet(out)
-    counts = sum_up(node_counts(spark.read.parquet(out), tree.k ** tree.depth), tree.k, tree.depth)
+    """Route every document down a frozen tree (no fitting); writes work/routed and tree/."""
+    counts = sum_up(route(spark, run_dir, tree, cfg.seed), tree.k, tree.depth)
     tree.save(os.path.join(run_dir, "tree"))
     return {"tree_version": tree.version, "tree_from": cfg.tree,
             "levels": [level_summary(l + 1, c, 0, cfg) for l, c in enumerate(counts)]}
 
 
+def go_local(counts: np.ndarray, cfg: JobConfig, slots: int) -> bool:
+    """Fit the rest of the tree per subtree once every node fits one task and the nodes fill the task slots."""
+    return counts.max() <= cfg.local_fit_rows and np.count_nonzero(counts) >= slots
+
+
 def fit_stage(spark: SparkSession, cfg: JobConfig, run_dir: str, stages) -> dict:
-    """Fit all levels (each its own resumable stage) and write tree/."""
+    """Fit the tree (stages fit_level_<l>..., then fit_subtrees), write tree/, then the ``route`` stage."""
     work = os.path.join(run_dir, "work")
-    df = (spark.read.parquet(os.path.join(run_dir, "embeddings"))
-          .select("doc_id", "embedding", F.array().cast("array<int>").alias("path"), F.lit(0).cast("long").alias("node")))
-    dim = len(df.first()["embedding"])
-    centroids, biases, level_stats = [], [], []
-    parent_counts = {0: df.count()}
-    for level in range(1, cfg.depth + 1):
-        out = os.path.join(work, f"level_{level}")
+    os.makedirs(work, exist_ok=True)
+    emb = read_embeddings(spark, run_dir, cfg.seed)
+    n = {"documents": emb.count(), "dim": len(emb.select("embedding").first()[0])}  # parquet metadata, one row
+    levels = Levels(cfg, n["dim"], n["documents"])
+    slots = spark.sparkContext.defaultParallelism
+    level = 0
+    while level < cfg.depth and not go_local(levels.counts[level], cfg, slots):
+        level += 1
 
-        def run_level():
-            c, b, sample = fit_level(df, level, parent_counts, cfg)
-            partial = Tree(k=cfg.k, depth=level, dim=dim, centroids=centroids + [c], biases=biases + [b])
-            descend(df, spark, partial).write.mode("overwrite").parquet(out)
-            np.savez(os.path.join(work, f"level_{level}.npz"), centroids=c, biases=b)
-            return level_summary(level, node_counts(spark.read.parquet(out), cfg.k ** level), sample, cfg)
+        def run_level(level=level):
+            levels.add(fit_level(spark, emb, levels, level))
+            levels.counts[level] = count_level(spark, emb, levels.tree())
+            levels.save(work, level)
+            return levels.summary(level)
 
-        stats = stages.run(spark, f"fit_level_{level}", run_level, total_items=sum(parent_counts.values()))
-        z = np.load(os.path.join(work, f"level_{level}.npz"))
-        centroids.append(z["centroids"])
-        biases.append(z["biases"])
-        level_stats.append(stats)
-        df = spark.read.parquet(out)
-        parent_counts = {i: n for i, n in enumerate(stats["node_documents"]) if n > 0}
-    tree = Tree(k=cfg.k, depth=cfg.depth, dim=dim, centroids=centroids, biases=biases,
-                counts=[np.asarray(s["node_documents"]) for s in level_stats],
-                config={"seed": cfg.seed, "sample_per_node": cfg.sample_per_node, "balance_factor": cfg.balance_factor,
-                        "em_batch_size": cfg.em_batch_size, "em_steps": cfg.em_steps, "max_windows": cfg.max_windows,
-                        "encoder": "all-MiniLM-L6-v2", "encoder_precision": cfg.encoder_precision})
-    tree.save(os.path.join(run_dir, "tree"))
-    return {"tree_version": tree.version, "levels": level_stats}
+        stages.run(spark, f"fit_level_{level}", run_level, total_items=n["documents"])
+        if len(levels.centroids) < level:  # resumed: the stage was done before
+            levels.load(work, level)
+    top = level
+    if top < cfg.depth:
+        def run_subtrees():
+            rows = fit_subtrees(spark, emb, levels, top)
+            for l in range(top + 1, cfg.depth + 1):
+                levels.add(r for r in rows if r["level"] == l)
+                levels.save(work, l)
+            return {"levels": [levels.summary(l) for l in range(top + 1, cfg.depth + 1)], "from_level": top}
+
+        stages.run(spark, "fit_subtrees", run_subtrees, total_items=n["documents"])
+        for l in range(len(levels.centroids) + 1, cfg.depth + 1):
+            levels.load(work, l)
+    tree = levels.tree()
+    tree.counts = levels.counts[1:]
+    tree.config = {"seed": cfg.seed, "sample_per_node": cfg.sample_per_node, "balance_factor": cfg.balance_factor,
+                   "em_batch_size": cfg.em_batch_size, "em_steps": cfg.em_steps, "max_windows": cfg.max_windows,
+                   "encoder": "all-MiniLM-L6-v2", "encoder_precision": cfg.encoder_precision}
+
+    def run_route():
+        leaves = route(spark, run_dir, tree, cfg.seed)
+        if not np.array_equal(leaves, tree.counts[-1]):  # the fit's own counts: the same descent, the same bits
+            raise RuntimeError(f"route: documents per leaf differ from the fit's ({np.abs(leaves - tree.counts[-1]).sum()}"
+                               " moved); the embeddings changed during the job. Delete RUN/work and rerun")
+        tree.save(os.path.join(run_dir, "tree"))
+        return {"tree_version": tree.version}
+
+    stages.run(spark, "route", run_route, total_items=n["documents"])
+    names = [f"fit_level_{l}" for l in range(1, top + 1)] + ["fit_subtrees"] * (top < cfg.depth) + ["route"]
+    return {"tree_version": tree.version, "levels": [levels.summary(l) for l in range(1, cfg.depth + 1)],
+            "fitted_in_subtrees_from_level": top, "stages": names}

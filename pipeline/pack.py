@@ -111,15 +111,14 @@ def pack_group(doc_ids: list[str], token_lists: list[np.ndarray], seq_len: int, 
 
 def pack_stage(spark: SparkSession, cfg: JobConfig, run_dir: str) -> dict:
     docs = spark.read.parquet(os.path.join(run_dir, "documents"))
-    routed = spark.read.parquet(os.path.join(run_dir, "work", f"level_{cfg.depth}"))
+    routed = spark.read.parquet(os.path.join(run_dir, "work", "routed"))  # pipeline/fit.py: doc_id, path, leaf
     n_docs = routed.count()
     tok, eot_id, pad_id = load_or_train_tokenizer(spark, docs, cfg, n_docs)
     tok.save(os.path.join(run_dir, "tokenizer.json"))
     tokenize = make_tokenize_udf(tok.to_str())
 
     parts = shuffle_partitions(spark)
-    joined = (routed.select("doc_id", "path", F.col("node").alias("leaf"), "embedding")
-              .join(docs.select("doc_id", "text"), "doc_id")
+    joined = (routed.join(docs.select("doc_id", "text"), "doc_id")
               .repartition(parts, "doc_id")
               .withColumn("ids", tokenize("text"))
               .withColumn("n_tokens", F.size("ids").cast("long"))
@@ -128,8 +127,10 @@ def pack_stage(spark: SparkSession, cfg: JobConfig, run_dir: str) -> dict:
     joined.drop("text").write.mode("overwrite").parquet(work)
     toks = spark.read.parquet(work)
 
-    # routed/: the doc -> path table the router and the evaluation read
-    (toks.join(docs.select("doc_id", F.substring("text", 1, 200).alias("preview")), "doc_id")
+    # routed/: the doc -> path table the router, the document index and the evaluation read (the one place
+    # after the embed stage that writes the embeddings again: the index needs them beside the leaf)
+    embeddings = spark.read.parquet(os.path.join(run_dir, "embeddings")).select("doc_id", "embedding")
+    (toks.join(docs.select("doc_id", F.substring("text", 1, 200).alias("preview")), "doc_id").join(embeddings, "doc_id")
      .select("doc_id", "path", "leaf", "embedding", "n_tokens", "preview", "l1")
      .write.mode("overwrite").partitionBy("l1").parquet(os.path.join(run_dir, "routed")))
 

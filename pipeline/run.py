@@ -73,7 +73,7 @@ def run(cfg: JobConfig, spark: SparkSession | None = None) -> dict:
                            total_items=n, done_items=lambda: counter.done)
     if tree is None:
         fit = fit_stage(spark, cfg, run_dir, stages)
-        routing = [f"fit_level_{l}" for l in range(1, cfg.depth + 1)]
+        routing = fit.pop("stages")
     else:
         fit = stages.run(spark, "route", lambda: route_stage(spark, cfg, run_dir, tree), total_items=n)
         routing = ["route"]

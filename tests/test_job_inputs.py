@@ -70,7 +70,7 @@ def test_conf_shuffle_partitions_is_honoured(layout_run):
     for name in ("embed", "pack"):
         tasks = [s["tasks"] for s in stage(out, name)["spark_stages"]]
         assert PARTITIONS in tasks, (name, tasks)
-    for name in ("read", "embed", "fit_level_1", "fit_level_2", "pack"):
+    for name in ("read", "embed", "fit_level_1", "fit_subtrees", "route", "pack"):
         s = stage(out, name)
         assert s["tasks"] == sum(x["tasks"] for x in s["spark_stages"]) > 0
 

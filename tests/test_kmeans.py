@@ -108,3 +108,16 @@ def test_tree_save_load_roundtrip_and_corruption(tmp_path):
     (tmp_path / "tree.npz").write_bytes(b"not a zip")
     with pytest.raises(ValueError, match="corrupt"):
         Tree.load(tmp_path)
+
+
+def test_child_sums_are_the_bits_of_add_at():
+    from index.kmeans import child_sums
+    rng = np.random.default_rng(3)
+    for n in (1, 7, 500):
+        x = rng.normal(size=(n, 24)).astype(np.float32)
+        assign = rng.integers(0, 5, n)
+        assign[assign == 2] = 3  # an empty child
+        want = np.zeros((6, 24))
+        np.add.at(want, assign, x)
+        got = child_sums(x, assign, np.bincount(assign, minlength=6).astype(np.float64))
+        assert np.array_equal(got, want)

@@ -96,11 +96,11 @@ def test_rerun_resumes_and_reproduces(run, bad_inputs):
     before = manifest(out)
     shards_before = read_table(out / "shards").sort_values("seq_id").reset_index(drop=True)
     routed_before = read_table(out / "routed").sort_values("doc_id").reset_index(drop=True)
-    for redo in ("fit_level_2", "pack"):
+    for redo in ("fit_subtrees", "route", "pack"):
         os.remove(out / "stages" / f"{redo}.json")
     p = submit(["--input", str(d), "--id-column", "id", "--output", str(out), *SMALL])
     assert p.returncode == 0, p.stdout[-3000:]
-    assert p.stdout.count("skipped") == 3 and "[fit_level_2] start" in p.stdout and "[pack] start" in p.stdout
+    assert p.stdout.count("skipped") == 3 and all(f"[{s}] start" in p.stdout for s in ("fit_subtrees", "route", "pack"))
     after = manifest(out)
     assert after["tree_version"] == before["tree_version"] and after["levels"] == before["levels"]
     shards_after = read_table(out / "shards").sort_values("seq_id").reset_index(drop=True)
