@@ -386,7 +386,10 @@ def model_routing(model_dir: str, modes: list[str] | None = None, neighbours: in
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} is missing: --model must be an export directory written by train/main.py")
     with open(path) as f:
-        recorded = json.load(f).get("routing") or {}
+        meta = json.load(f)
+    recorded = meta.get("routing") or {}
+    if meta.get("memory") is None:  # a dense model fetches nothing: routing decides nothing, needs no document index
+        recorded = dict(recorded, mode="descent")
     given = {"mode": modes[0] if modes else None, "neighbours": neighbours, "nprobe": nprobe}
     return RoutingConfig(**dict(recorded, **{k: v for k, v in given.items() if v is not None}))
 
