@@ -18,7 +18,7 @@ documents and there are at least as many nodes as task slots
 (``fit_subtrees``): one shuffle groups the documents by node and each task fits
 the rest of its node's subtree in one process, as a single-process FAISS loop
 would, with the same sampling, seeds and fitting as steps 1-3: the tree does not
-depend on where this switch happens (tests/test_cluster.py checks it).
+depend on where this switch happens (tests/test_fit.py checks it).
 Finally ``route`` descends every document through the whole tree and writes
 ``work/routed`` (doc_id, path, leaf). With ``--tree RUN_A`` only ``route`` runs.
 
