@@ -66,21 +66,27 @@ def level_uniform(h: np.ndarray, level: int) -> np.ndarray:
     return (z >> np.uint64(11)).astype(np.float64) / float(1 << 53)
 
 
-def read_embeddings(spark: SparkSession, run_dir: str, seed: int) -> DataFrame:
-    return (spark.read.parquet(os.path.join(run_dir, "embeddings"))
-            .select("doc_id", F.xxhash64("doc_id", F.lit(seed)).alias("h"), "embedding"))
+def read_embeddings(spark: SparkSession, run_dir: str, seed: int | None = None) -> DataFrame:
+    """(doc_id, embedding), plus ``h`` = xxhash64(doc_id, seed) for sampling when a seed is given."""
+    df = spark.read.parquet(os.path.join(run_dir, "embeddings"))
+    if seed is None:
+        return df.select("doc_id", "embedding")
+    return df.select("doc_id", F.xxhash64("doc_id", F.lit(seed)).alias("h"), "embedding")
 
 
 def params_of(cfg: JobConfig) -> KMeansParams:
     return KMeansParams(k=cfg.k, balance_factor=cfg.balance_factor, batch_size=cfg.em_batch_size, steps=cfg.em_steps)
 
 
-def nodes_at(descender: Descender | None, x: np.ndarray, level: int) -> np.ndarray:
-    """Index of every point's node within ``level`` (0 at the root)."""
-    node = np.zeros(len(x), dtype=np.int64)
-    if level:
-        descender.descend(x, node, 0, level)
-    return node
+def descended(batches, tree: Tree | None, dim: int, level: int):
+    """Per Arrow batch of embeddings: (batch, each point's node index within ``level`` (0 at the root), paths
+    [N, level]), descended by the router's kernel through the first ``level`` levels of ``tree``."""
+    descender = Descender(tree) if level else None
+    for b in batches:
+        x = embedding_matrix(b.column("embedding"), dim, "embeddings")
+        node = np.zeros(len(x), dtype=np.int64)
+        paths = descender.descend(x, node, 0, level) if level else None
+        yield b, node, paths
 
 
 def in_sample(h: np.ndarray, level: int, node_size, cfg: JobConfig) -> np.ndarray:
@@ -160,11 +166,8 @@ def fit_level(spark: SparkSession, emb: DataFrame, levels: Levels, level: int) -
 
     def sample(batches):
         tree, counts = bc.value
-        descender = Descender(tree) if tree else None
-        for b in batches:
-            x, h = embedding_matrix(b.column("embedding"), dim, "embeddings"), b.column("h").to_numpy()
-            node = nodes_at(descender, x, level - 1)
-            keep = in_sample(h, level, counts[node], cfg)
+        for b, node, _ in descended(batches, tree, dim, level - 1):
+            keep = in_sample(b.column("h").to_numpy(), level, counts[node], cfg)
             yield pa.RecordBatch.from_arrays([pa.array(node[keep]), *(b.column(c).filter(keep) for c in
                                               ("doc_id", "h", "embedding"))], names=["node", "doc_id", "h", "embedding"])
 
@@ -182,15 +185,14 @@ def count_level(spark: SparkSession, emb: DataFrame, tree: Tree) -> np.ndarray:
     depth, dim, n = tree.depth, tree.dim, tree.k ** tree.depth
 
     def count(batches):
-        descender = Descender(bc.value)
-        for b in batches:
-            c = np.bincount(nodes_at(descender, embedding_matrix(b.column("embedding"), dim, "embeddings"), depth),
-                            minlength=n)
+        for _, node, _ in descended(batches, bc.value, dim, depth):
+            c = np.bincount(node, minlength=n)
             nz = np.flatnonzero(c)
             yield pa.RecordBatch.from_arrays([pa.array(nz), pa.array(c[nz])], names=["node", "n"])
 
     counts = np.zeros(n, dtype=np.int64)
-    for r in emb.mapInArrow(count, "node long, n long").groupBy("node").agg(F.sum("n").alias("n")).collect():
+    per_batch = emb.select("embedding").mapInArrow(count, "node long, n long")
+    for r in per_batch.groupBy("node").agg(F.sum("n").alias("n")).collect():
         counts[r["node"]] = r["n"]
     return counts
 
@@ -202,9 +204,7 @@ def fit_subtrees(spark: SparkSession, emb: DataFrame, levels: Levels, top: int) 
     bc = spark.sparkContext.broadcast(levels.tree() if top else None)
 
     def tag(batches):
-        descender = Descender(bc.value) if bc.value else None
-        for b in batches:
-            node = nodes_at(descender, embedding_matrix(b.column("embedding"), dim, "embeddings"), top)
+        for b, node, _ in descended(batches, bc.value, dim, top):
             yield pa.RecordBatch.from_arrays([pa.array(node), *(b.column(c) for c in ("doc_id", "h", "embedding"))],
                                              names=["node", "doc_id", "h", "embedding"])
 
@@ -220,10 +220,11 @@ def fit_subtrees(spark: SparkSession, emb: DataFrame, levels: Levels, top: int) 
             child = np.zeros(len(x), dtype=np.int64)
             for j in np.flatnonzero(np.diff(bounds)):
                 idx = order[bounds[j]:bounds[j + 1]]
-                row = fit_row(x[idx][in_sample(h[idx], level, len(idx), cfg)], level, first + j, len(idx), cfg)
+                xi = x[idx]
+                row = fit_row(xi[in_sample(h[idx], level, len(idx), cfg)], level, first + j, len(idx), cfg)
                 c, b = children_of(row, k, dim)
                 one = Tree(k=k, depth=1, dim=dim, centroids=[c], biases=[b])
-                child[idx] = Descender(one).route(x[idx])[:, 0]
+                child[idx] = Descender(one).route(xi)[:, 0]
                 rows.append(dict(row, child_counts=np.bincount(child[idx], minlength=k).tolist()))
             local = local * k + child
         return pa.Table.from_pylist(rows, schema=FIT_ARROW)
@@ -231,24 +232,20 @@ def fit_subtrees(spark: SparkSession, emb: DataFrame, levels: Levels, top: int) 
     return emb.mapInArrow(tag, SAMPLE_SCHEMA).groupBy("node").applyInArrow(fit, FIT_SCHEMA).collect()
 
 
-def route(spark: SparkSession, run_dir: str, tree: Tree, seed: int) -> np.ndarray:
+def route(spark: SparkSession, run_dir: str, tree: Tree) -> np.ndarray:
     """Every document's path through the whole tree -> ``work/routed`` (doc_id, path, leaf); returns the
     documents per leaf."""
     bc = spark.sparkContext.broadcast(tree)
     depth, dim = tree.depth, tree.dim
 
     def step(batches):
-        descender = Descender(bc.value)
-        for b in batches:
-            x = embedding_matrix(b.column("embedding"), dim, "embeddings")
-            leaf = np.zeros(len(x), dtype=np.int64)
-            paths = descender.descend(x, leaf, 0, depth)
+        for b, leaf, paths in descended(batches, bc.value, dim, depth):
             flat = pa.array(paths.ravel())
             path = pa.ListArray.from_arrays(pa.array(np.arange(0, paths.size + 1, depth, dtype=np.int32)), flat)
             yield pa.RecordBatch.from_arrays([b.column("doc_id"), path, pa.array(leaf)], names=["doc_id", "path", "leaf"])
 
     out = os.path.join(run_dir, "work", "routed")
-    read_embeddings(spark, run_dir, seed).mapInArrow(step, "doc_id string, path array<int>, leaf long") \
+    read_embeddings(spark, run_dir).mapInArrow(step, "doc_id string, path array<int>, leaf long") \
         .write.mode("overwrite").parquet(out)
     counts = np.zeros(tree.k ** depth, dtype=np.int64)
     for r in spark.read.parquet(out).groupBy("leaf").count().collect():
@@ -290,7 +287,7 @@ def load_frozen_tree(cfg: JobConfig) -> tuple[Tree, str]:
 
 def route_stage(spark: SparkSession, cfg: JobConfig, run_dir: str, tree: Tree) -> dict:
     """Route every document down a frozen tree (no fitting); writes work/routed and tree/."""
-    counts = sum_up(route(spark, run_dir, tree, cfg.seed), tree.k, tree.depth)
+    counts = sum_up(route(spark, run_dir, tree), tree.k, tree.depth)
     tree.save(os.path.join(run_dir, "tree"))
     return {"tree_version": tree.version, "tree_from": cfg.tree,
             "levels": [level_summary(l + 1, c, 0, cfg) for l, c in enumerate(counts)]}
@@ -306,8 +303,8 @@ def fit_stage(spark: SparkSession, cfg: JobConfig, run_dir: str, stages) -> dict
     work = os.path.join(run_dir, "work")
     os.makedirs(work, exist_ok=True)
     emb = read_embeddings(spark, run_dir, cfg.seed)
-    n = {"documents": emb.count(), "dim": len(emb.select("embedding").first()[0])}  # parquet metadata, one row
-    levels = Levels(cfg, n["dim"], n["documents"])
+    n, dim = emb.count(), len(emb.select("embedding").first()[0])  # parquet metadata, one row
+    levels = Levels(cfg, dim, n)
     slots = spark.sparkContext.defaultParallelism
     level = 0
     while level < cfg.depth and not go_local(levels.counts[level], cfg, slots):
@@ -319,7 +316,7 @@ def fit_stage(spark: SparkSession, cfg: JobConfig, run_dir: str, stages) -> dict
             levels.save(work, level)
             return levels.summary(level)
 
-        stages.run(spark, f"fit_level_{level}", run_level, total_items=n["documents"])
+        stages.run(spark, f"fit_level_{level}", run_level, total_items=n)
         if len(levels.centroids) < level:  # resumed: the stage was done before
             levels.load(work, level)
     top = level
@@ -331,7 +328,7 @@ def fit_stage(spark: SparkSession, cfg: JobConfig, run_dir: str, stages) -> dict
                 levels.save(work, l)
             return {"levels": [levels.summary(l) for l in range(top + 1, cfg.depth + 1)], "from_level": top}
 
-        stages.run(spark, "fit_subtrees", run_subtrees, total_items=n["documents"])
+        stages.run(spark, "fit_subtrees", run_subtrees, total_items=n)
         for l in range(len(levels.centroids) + 1, cfg.depth + 1):
             levels.load(work, l)
     tree = levels.tree()
@@ -341,14 +338,14 @@ def fit_stage(spark: SparkSession, cfg: JobConfig, run_dir: str, stages) -> dict
                    "encoder": "all-MiniLM-L6-v2", "encoder_precision": cfg.encoder_precision}
 
     def run_route():
-        leaves = route(spark, run_dir, tree, cfg.seed)
+        leaves = route(spark, run_dir, tree)
         if not np.array_equal(leaves, tree.counts[-1]):  # the fit's own counts: the same descent, the same bits
             raise RuntimeError(f"route: documents per leaf differ from the fit's ({np.abs(leaves - tree.counts[-1]).sum()}"
                                " moved); the embeddings changed during the job. Delete RUN/work and rerun")
         tree.save(os.path.join(run_dir, "tree"))
         return {"tree_version": tree.version}
 
-    stages.run(spark, "route", run_route, total_items=n["documents"])
+    stages.run(spark, "route", run_route, total_items=n)
     names = [f"fit_level_{l}" for l in range(1, top + 1)] + ["fit_subtrees"] * (top < cfg.depth) + ["route"]
     return {"tree_version": tree.version, "levels": [levels.summary(l) for l in range(1, cfg.depth + 1)],
             "fitted_in_subtrees_from_level": top, "stages": names}
