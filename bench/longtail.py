@@ -47,6 +47,22 @@ def rows() -> list[tuple[str, str, str]]:
                ("anchor + memory, no memory", "memory", "none"), (BLOCKED, "memory", "blocked"),
                ("dense 2x", "dense2x", "none")])
 
+def cluster_cmd(src: str, run: str, seed: int, cores: int, *extra: str) -> list[str]:
+    """The clustering job on a long-tail corpus file (configs/longtail/job.yaml), as every long-tail bench runs it."""
+    return [f"{BIN}/spark-submit", "--master", f"local[{cores}]", "--conf", "spark.driver.memory=2g",
+            "jobs/cluster_corpus.py", "--config", f"{CONFIGS}/job.yaml", "--input", src, "--id-column", "id",
+            "--seed", str(seed), "--output", run, *extra]
+
+
+def train_cmd(config: str, run: str, mdir: str, steps: int, seed: int, *sets: str) -> list[str]:
+    """train/main.py for ``steps`` steps, data order and memory init seeded by ``seed``; ``sets``: more --set."""
+    cmd = [sys.executable, "train/main.py", "--config", config, "--data", run, "--out", mdir, "--no-resume",
+           "--set", f"schedule.max_steps={steps}", "--set", f"data.seed={seed}", "--set", f"memory.seed={seed}"]
+    for s in sets:
+        cmd += ["--set", s]
+    return cmd
+
+
 def env(cores: int) -> dict:
     e = dict(os.environ)
     e.update(PYSPARK_PYTHON=sys.executable, PYSPARK_DRIVER_PYTHON=sys.executable, SPARK_LOCAL_IP="127.0.0.1",
@@ -118,11 +134,8 @@ def run_seed(out: str, seed: int, epochs: float, cores: int, force: bool = False
                       "--seed", str(seed)], os.path.join(data, "summary.json"), f"{logs}/corpus.log",
            files=[f"{CONFIGS}/corpus.yaml"])
     # the job's input is the corpus's content, not the corpus stage: new probes alone do not re-cluster
-    st.run("cluster", [f"{BIN}/spark-submit", "--master", f"local[{cores}]", "--conf", "spark.driver.memory=2g",
-                       "jobs/cluster_corpus.py", "--config", f"{CONFIGS}/job.yaml", "--input", f"{data}/train.jsonl",
-                       "--id-column", "id", "--seed", str(seed), "--output", run],
-           os.path.join(run, "manifest.json"), f"{logs}/cluster.log", files=[f"{data}/train.jsonl", f"{CONFIGS}/job.yaml"],
-           clear=run)
+    st.run("cluster", cluster_cmd(f"{data}/train.jsonl", run, seed, cores), os.path.join(run, "manifest.json"),
+           f"{logs}/cluster.log", files=[f"{data}/train.jsonl", f"{CONFIGS}/job.yaml"], clear=run)
     with open(os.path.join(run, "manifest.json")) as f:
         manifest = json.load(f)
     batch = 16  # every configs/longtail/*.yaml trains on batches of 16 sequences: equal tokens per step
@@ -135,9 +148,7 @@ def run_seed(out: str, seed: int, epochs: float, cores: int, force: bool = False
                "timings": st.timings, "train": {}}
     for m in MODELS:
         mdir = os.path.join(d, "models", m)
-        st.run(f"train {m}", [sys.executable, "train/main.py", "--config", f"{CONFIGS}/{m}.yaml", "--data", run,
-                              "--out", mdir, "--no-resume", "--set", f"schedule.max_steps={steps}",
-                              "--set", f"data.seed={seed}", "--set", f"memory.seed={seed}"],
+        st.run(f"train {m}", train_cmd(f"{CONFIGS}/{m}.yaml", run, mdir, steps, seed),
                os.path.join(mdir, "export", "meta.json"), f"{logs}/train_{m}.log", files=[f"{CONFIGS}/{m}.yaml"],
                after=["cluster"], clear=mdir)
         with open(os.path.join(mdir, "metrics.jsonl")) as f:

@@ -27,11 +27,12 @@ import os
 import sys
 import time
 
-from longtail import BIN, CONFIGS, Stages, mean, pct
+from longtail import CONFIGS, Stages, cluster_cmd, mean, pct, train_cmd
 
 # table rows: (label, model, memory setting of train.evaluate)
 ROWS = [("base (frozen, no memory)", "memory", "none"), ("base + memory, routed", "memory", "fetched"),
-        ("base + memory, routed by descent", "memory", "fetched[descent]"), ("base + memory, oracle leaf", "memory", "oracle"), ("base + memory, blocked", "memory", "blocked"),
+        ("base + memory, routed by descent", "memory", "fetched[descent]"),
+        ("base + memory, oracle leaf", "memory", "oracle"), ("base + memory, blocked", "memory", "blocked"),
         ("base + memory, generic", "memory", "generic"), ("dense fine-tune", "finetune", "none")]
 PPL_ROWS = [("base (frozen)", "memory", "none"), ("base + memory, routed", "memory", "fetched"),
             ("base + memory, generic", "memory", "generic"), ("dense fine-tune", "finetune", "none")]
@@ -52,21 +53,14 @@ def run_seed(out: str, seed: int, epochs: float, pretrain_epochs: float, cores: 
     os.replace(bbc + ".tmp", bbc)
 
     def cluster(name: str, src: str, run: str, files: list[str], *extra: str) -> dict:
-        st.run(name, [f"{BIN}/spark-submit", "--master", f"local[{cores}]", "--conf", "spark.driver.memory=2g",
-                      "jobs/cluster_corpus.py", "--config", f"{CONFIGS}/job.yaml", "--input", src, "--id-column", "id",
-                      "--seed", str(seed), "--output", run, *extra],
-               os.path.join(run, "manifest.json"), f"{logs}/{name.replace(' ', '_')}.log",
-               files=[src, f"{CONFIGS}/job.yaml", *files], clear=run)
+        st.run(name, cluster_cmd(src, run, seed, cores, *extra), os.path.join(run, "manifest.json"),
+               f"{logs}/{name.replace(' ', '_')}.log", files=[src, f"{CONFIGS}/job.yaml", *files], clear=run)
         with open(os.path.join(run, "manifest.json")) as f:
             return json.load(f)
 
     def train(name: str, config: str, run: str, mdir: str, steps: int, after: list[str], *sets: str) -> dict:
-        cmd = [sys.executable, "train/main.py", "--config", config, "--data", run, "--out", mdir, "--no-resume",
-               "--set", f"schedule.max_steps={steps}", "--set", f"data.seed={seed}", "--set", f"memory.seed={seed}"]
-        for s in sets:
-            cmd += ["--set", s]
-        st.run(name, cmd, os.path.join(mdir, "export", "meta.json"), f"{logs}/{name.replace(' ', '_')}.log",
-               files=[config], after=after, clear=mdir)
+        st.run(name, train_cmd(config, run, mdir, steps, seed, *sets), os.path.join(mdir, "export", "meta.json"),
+               f"{logs}/{name.replace(' ', '_')}.log", files=[config], after=after, clear=mdir)
         with open(os.path.join(mdir, "metrics.jsonl")) as f:
             last = [json.loads(line) for line in f][-1]
         return {"final_loss": last["loss"], "steps": steps}
