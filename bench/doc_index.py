@@ -10,7 +10,12 @@
 2. Vote agreement. The leaf the neighbour vote picks from the compressed index (bounded nprobe)
    against the leaf it picks from an exact search over the raw embeddings (streamed, flat inner
    product), for the same questions: the synthetic run's (documents' noisy copies) and, with
-   --real, each real run's probe prompts embedded by the real encoder.
+   --real, each real run's probe prompts embedded by the real encoder. Where the probes name their
+   entity's training documents (bench/longtail.py's probes.jsonl: doc_ids, frequency), the routing
+   quality each vote gives is printed too, on all probes and the rarest frequency bucket
+   (train/evaluate.py's buckets): the share of the entity's documents in the chosen leaf
+   (agreement) and how often the chosen leaf is the one holding most of them (oracle leaf). A
+   compressed vote can differ from the exact one and still route as well: this says whether it does.
 3. Latency. ``index.query``'s answer (embed + vote + neighbours in the leaf and over the corpus),
    warm, one query at a time, real sentences as queries, 1 thread.
 Last line: ``bytes_per_document B vote_agreement_real A vote_agreement_synthetic S p50_ms P``.
@@ -102,6 +107,30 @@ def exact_vote(run: str, q: np.ndarray, m: int, router) -> np.ndarray:
     return best[:, 0]
 
 
+def routing_quality(run: str, probes: list[dict], leaves: dict[str, np.ndarray]) -> str:
+    """Per vote (name -> chosen leaf per probe): agreement and oracle-leaf share, all probes and the rarest bucket."""
+    import pyarrow.dataset as ds
+
+    from train.evaluate import bucket_edges, bucket_of
+
+    routed = ds.dataset(os.path.join(run, "routed"), format="parquet", partitioning="hive").to_table(
+        columns=["doc_id", "leaf"])
+    leaf_of = dict(zip(routed.column("doc_id").to_pylist(), routed.column("leaf").to_pylist()))
+    doc_leaves = [np.array([leaf_of[d] for d in p["doc_ids"] if d in leaf_of], dtype=np.int64) for p in probes]
+    freqs = np.array([p["frequency"] for p in probes])
+    edges = bucket_edges(freqs)
+    rare = bucket_of(freqs, edges) == 0
+    has = np.array([len(d) > 0 for d in doc_leaves])
+    out = []
+    for name, chosen in leaves.items():
+        agree = np.array([np.mean(d == c) if len(d) else np.nan for d, c in zip(doc_leaves, chosen)])
+        oracle = np.array([len(d) > 0 and np.bincount(d).argmax() == c for d, c in zip(doc_leaves, chosen)])
+        out.append(f"{name} vote: agreement {np.nanmean(agree):.1%} (rarest {np.nanmean(agree[rare]):.1%}), oracle "
+                   f"leaf {oracle[has].mean():.1%} (rarest {oracle[has & rare].mean():.1%})")
+    return (f"routing quality, {int(rare.sum())} rarest-bucket probes (frequency {freqs[rare].min()}-{freqs[rare].max()}): "
+            + "; ".join(out))
+
+
 def index_vote(router, q: np.ndarray) -> np.ndarray:
     return router.leaves(router.route_embeddings(q, "neighbours"))
 
@@ -144,14 +173,18 @@ def main() -> None:
     for run, probes in zip(args.real[::2], args.real[1::2]):
         router = Router.load(run)
         with open(probes) as f:
-            prompts = [json.loads(line)["prompt"] for line in f if line.strip()]
-        q = router.embed(prompts)
-        same = index_vote(router, q) == exact_vote(run, q, router.routing.neighbours, router)
+            records = [json.loads(line) for line in f if line.strip()]
+        q = router.embed([r["prompt"] for r in records])
+        votes = {"exact": exact_vote(run, q, router.routing.neighbours, router), "index": index_vote(router, q)}
+        same = votes["index"] == votes["exact"]
         real_agree.append(same)
-        rows.append(f"real {run}: {len(prompts)} questions, vote leaf = exact-search vote leaf for {same.mean():.1%} "
+        rows.append(f"real {run}: {len(records)} questions, vote leaf = exact-search vote leaf for {same.mean():.1%} "
                     f"(nprobe {router.routing.nprobe} of {router.documents.n_lists} lists, "
                     f"{router.documents.meta['list_bytes_per_document']:.1f} bytes/document)")
         print(rows[-1], flush=True)
+        if all("doc_ids" in r and "frequency" in r for r in records):
+            rows.append(f"real {run}: {routing_quality(run, records, votes)}")
+            print(rows[-1], flush=True)
 
     with tempfile.TemporaryDirectory() as tmp:
         run = args.keep or os.path.join(tmp, "run")

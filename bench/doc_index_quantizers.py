@@ -19,6 +19,9 @@ and two ways of training the codebooks:
             corpus, which no 100k-of-billions training sample can do.
   held-out  on the residuals of the other runs given (their own trees), without any vector that occurs
             in this run: codebooks that never saw these documents, as at scale.
+            With --extra VECTORS.npy (other real embeddings, e.g. BBC sentences), the first --extra-rows of
+            them are added, as residuals to their leaf in this run's tree: a held-out training sample
+            nearer the size a build takes at scale (a few thousand vectors under-train 2^bits centroids).
 
 Variants: pq:M:BITS (IndexIVFPQ's product quantizer), opq:M:BITS, rq:M:BITS[:BEAM] (residual
 quantizer), prq:SPLITS:M:BITS. Code bytes are what an IVF list would store per document; +8 for the id.
@@ -89,7 +92,7 @@ def load_run(run: str, probes: list[str]) -> dict:
         leaves.append(batch.column("leaf").to_numpy(zero_copy_only=False).astype(np.int64))
     x, leaf = np.concatenate(xs), np.concatenate(leaves)
     out = {"x": x, "leaf": leaf, "res": x - np.asarray(router.tree.centroids[-1], dtype=np.float32)[leaf],
-           "keys": set(map(bytes, x.round(5))), "q": {}}
+           "keys": set(map(bytes, x.round(5))), "q": {}, "router": router}
     for path in probes:
         with open(path) as f:
             out["q"][os.path.basename(path)] = router.embed([json.loads(line)["prompt"] for line in f if line.strip()])
@@ -104,6 +107,8 @@ def main() -> None:
     p.add_argument("--variants", nargs="+", default=["pq:48:8", "pq:64:7", "pq:48:9"])
     p.add_argument("--protocols", nargs="+", default=["build", "held-out"], choices=["build", "held-out"])
     p.add_argument("--neighbours", type=int, default=32)
+    p.add_argument("--extra", help="float32 [N, dim] .npy of further real embeddings for the held-out training set")
+    p.add_argument("--extra-rows", type=int, nargs="+", default=[0], help="how many of them (one pass per value)")
     args = p.parse_args()
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[var] = "1"
@@ -120,32 +125,41 @@ def main() -> None:
     for r in runs:
         r["exact"] = {name: vote_leaf(q @ r["x"].T, r["leaf"], args.neighbours) for name, q in r["q"].items()}
     headline = []
-    for variant in args.variants:
-        for protocol in args.protocols:
-            figures, mse, secs, code = {}, [], [], 0
-            for i, r in enumerate(runs):
-                if protocol == "build":
-                    train = r["res"]
-                else:
-                    others = [o for j, o in enumerate(runs) if j != i]
-                    train = np.concatenate([o["res"][[bytes(v) not in r["keys"] for v in o["x"].round(5)]]
-                                            for o in others])
-                res_hat, code, s = decoded(variant, train, r["res"])
-                x_hat = r["x"] - r["res"] + res_hat
-                mse.append(float(((x_hat - r["x"]) ** 2).sum(1).mean()))
-                secs.append(s)
-                n2 = (x_hat ** 2).sum(1)
-                for name, q in r["q"].items():
-                    ip = q @ x_hat.T
-                    for est, sims in (("index", ip - n2 / 2 + 0.5), ("unit", ip / np.sqrt(n2))):
-                        same = vote_leaf(sims, r["leaf"], args.neighbours) == r["exact"][name]
-                        figures.setdefault(f"{name.removesuffix('.jsonl')} {est}", []).append(same.mean())
-            print(f"{variant} {protocol}: {code} code bytes + 8 id = {code + 8} B/document; train+encode "
-                  f"{' / '.join(f'{s:.0f}' for s in secs)} s; error ||x^ - x||^2 "
-                  f"{' / '.join(f'{v:.4f}' for v in mse)}", flush=True)
-            for key, vals in figures.items():
-                print(f"    vote = exact vote, {key:24s} {' / '.join(f'{v:.1%}' for v in vals)}", flush=True)
-            headline.append(f"{variant} {protocol} {min(next(iter(figures.values()))):.3f}")
+    extra = np.load(args.extra, mmap_mode="r") if args.extra else np.zeros((0, runs[0]["x"].shape[1]), np.float32)
+    for r in runs:
+        from index.tree import local_index
+
+        tree = r["router"].tree
+        leaf = local_index(r["router"].descend(np.asarray(extra, dtype=np.float32)), tree.k, tree.depth)
+        r["extra_res"] = extra - np.asarray(tree.centroids[-1], dtype=np.float32)[leaf]
+    plans = [(v, "build", 0) for v in args.variants if "build" in args.protocols]
+    plans += [(v, "held-out", n) for v in args.variants for n in args.extra_rows if "held-out" in args.protocols]
+    for variant, protocol, n_extra in sorted(plans, key=lambda t: args.variants.index(t[0])):
+        figures, mse, secs, code = {}, [], [], 0
+        for i, r in enumerate(runs):
+            if protocol == "build":
+                train = r["res"]
+            else:
+                others = [o for j, o in enumerate(runs) if j != i]
+                train = np.concatenate([o["res"][[bytes(v) not in r["keys"] for v in o["x"].round(5)]]
+                                        for o in others] + [r["extra_res"][:n_extra]])
+            res_hat, code, s = decoded(variant, train, r["res"])
+            x_hat = r["x"] - r["res"] + res_hat
+            mse.append(float(((x_hat - r["x"]) ** 2).sum(1).mean()))
+            secs.append(s)
+            n2 = (x_hat ** 2).sum(1)
+            for name, q in r["q"].items():
+                ip = q @ x_hat.T
+                for est, sims in (("index", ip - n2 / 2 + 0.5), ("unit", ip / np.sqrt(n2))):
+                    same = vote_leaf(sims, r["leaf"], args.neighbours) == r["exact"][name]
+                    figures.setdefault(f"{name.removesuffix('.jsonl')} {est}", []).append(same.mean())
+        label = f"{protocol}+{n_extra} extra" if n_extra else protocol
+        print(f"{variant} {label}: {code} code bytes + 8 id = {code + 8} B/document; train+encode "
+              f"{' / '.join(f'{s:.0f}' for s in secs)} s; error ||x^ - x||^2 "
+              f"{' / '.join(f'{v:.4f}' for v in mse)}", flush=True)
+        for key, vals in figures.items():
+            print(f"    vote = exact vote, {key:24s} {' / '.join(f'{v:.1%}' for v in vals)}", flush=True)
+        headline.append(f"{variant} {label} {min(next(iter(figures.values()))):.3f}")
     print("min_vote_agreement " + "; ".join(headline))
 
 
