@@ -85,8 +85,8 @@ def exact_vote(run: str, q: np.ndarray, m: int, router) -> np.ndarray:
     """The vote's leaf from an exact inner-product search over the raw routed embeddings (streamed)."""
     import faiss
 
-    from index.docindex import _batches, embedding_matrix
-    from index.router import vote
+    from index.docindex import Hits, _batches, embedding_matrix
+    from index.router import vote, vote_weights
 
     heap = faiss.ResultHeap(len(q), m, keep_max=True)
     leaves = []
@@ -103,28 +103,30 @@ def exact_vote(run: str, q: np.ndarray, m: int, router) -> np.ndarray:
     leaf_of = np.concatenate(leaves)
     ids = heap.I
     keys = np.where(ids >= 0, leaf_of[np.maximum(ids, 0)], -1)
-    best, _ = vote(keys, np.clip(np.nan_to_num(heap.D), 0, None) + (ids >= 0) * 1e-9)
+    best, _ = vote(keys, vote_weights(Hits(heap.D, ids, keys)))
     return best[:, 0]
 
 
 def routing_quality(run: str, probes: list[dict], leaves: dict[str, np.ndarray]) -> str:
     """Per vote (name -> chosen leaf per probe): agreement and oracle-leaf share, all probes and the rarest bucket."""
+    import pyarrow.compute as pc
     import pyarrow.dataset as ds
 
-    from train.evaluate import bucket_edges, bucket_of
+    from train.evaluate import bucket_edges, bucket_of, oracle_leaf
 
+    wanted = sorted({d for p in probes for d in p["doc_ids"]})
     routed = ds.dataset(os.path.join(run, "routed"), format="parquet", partitioning="hive").to_table(
-        columns=["doc_id", "leaf"])
+        columns=["doc_id", "leaf"], filter=pc.field("doc_id").isin(wanted))
     leaf_of = dict(zip(routed.column("doc_id").to_pylist(), routed.column("leaf").to_pylist()))
     doc_leaves = [np.array([leaf_of[d] for d in p["doc_ids"] if d in leaf_of], dtype=np.int64) for p in probes]
-    freqs = np.array([p["frequency"] for p in probes])
-    edges = bucket_edges(freqs)
-    rare = bucket_of(freqs, edges) == 0
     has = np.array([len(d) > 0 for d in doc_leaves])
+    best = np.array([oracle_leaf(d) if len(d) else -1 for d in doc_leaves])
+    freqs = np.array([p["frequency"] for p in probes])
+    rare = bucket_of(freqs, bucket_edges(freqs)) == 0
     out = []
     for name, chosen in leaves.items():
         agree = np.array([np.mean(d == c) if len(d) else np.nan for d, c in zip(doc_leaves, chosen)])
-        oracle = np.array([len(d) > 0 and np.bincount(d).argmax() == c for d, c in zip(doc_leaves, chosen)])
+        oracle = best == chosen
         out.append(f"{name} vote: agreement {np.nanmean(agree):.1%} (rarest {np.nanmean(agree[rare]):.1%}), oracle "
                    f"leaf {oracle[has].mean():.1%} (rarest {oracle[has & rare].mean():.1%})")
     return (f"routing quality, {int(rare.sum())} rarest-bucket probes (frequency {freqs[rare].min()}-{freqs[rare].max()}): "

@@ -75,10 +75,11 @@ def decoded(variant: str, train: np.ndarray, res: np.ndarray) -> tuple[np.ndarra
 
 
 def vote_leaf(sims: np.ndarray, leaf: np.ndarray, m: int) -> np.ndarray:
-    from index.router import vote
+    from index.docindex import Hits
+    from index.router import vote, vote_weights
 
     top = np.argsort(-sims, axis=1, kind="stable")[:, :m]
-    return vote(leaf[top], np.clip(np.take_along_axis(sims, top, 1), 0, None) + 1e-9)[0][:, 0]
+    return vote(leaf[top], vote_weights(Hits(np.take_along_axis(sims, top, 1), top, leaf[top])))[0][:, 0]
 
 
 def load_run(run: str, probes: list[str]) -> dict:

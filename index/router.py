@@ -69,7 +69,7 @@ def leaf_paths(leaves: np.ndarray, k: int, depth: int) -> np.ndarray:
     return np.stack([(leaves // k ** (depth - 1 - l)) % k for l in range(depth)], axis=-1).astype(np.int32)
 
 
-def _weights(hits: Hits) -> np.ndarray:
+def vote_weights(hits: Hits) -> np.ndarray:
     """Vote weight of each hit: its similarity, never negative; 0 for a missing hit."""
     return np.nan_to_num(np.clip(hits.sims, 0.0, None), nan=0.0).astype(np.float64) + (hits.rows >= 0) * 1e-9
 
@@ -161,7 +161,7 @@ class Router:
             raise ValueError(f"routing mode {mode!r} needs the document index: load the router with documents=True")
         cfg, k, depth = self.routing, self.tree.k, self.tree.depth
         hits = self.documents.search(x, cfg.neighbours, cfg.nprobe)
-        weights = _weights(hits)
+        weights = vote_weights(hits)
         if mode == "levels":
             chosen = np.zeros(len(x), dtype=np.int64)
             alive = hits.leaves >= 0

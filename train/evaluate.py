@@ -103,6 +103,12 @@ def bucket_of(frequencies, edges: np.ndarray) -> np.ndarray:
     return np.clip(np.searchsorted(edges, np.asarray(frequencies, dtype=np.float64), side="right") - 1, 0, len(edges) - 2)
 
 
+def oracle_leaf(doc_leaves: np.ndarray) -> int:
+    """The leaf holding most of an entity's documents (ties: the smallest leaf, deterministically)."""
+    top = Counter(np.asarray(doc_leaves).tolist()).most_common()
+    return min(l for l, c in top if c == top[0][1])
+
+
 def is_exact_match(completion: str, answer: str) -> bool:
     c, a = completion.strip(), answer.strip()
     return c.startswith(a) and (len(c) == len(a) or not c[len(a)].isalnum())
@@ -306,9 +312,7 @@ class Evaluator:
             agreement[i] = float(np.mean(doc_leaves == leaves[i]))
             for m in modes:
                 mode_agreement[m][i] = float(np.mean(doc_leaves == mode_leaves[m][i]))
-            top = Counter(doc_leaves.tolist()).most_common()
-            best = min(l for l, c in top if c == top[0][1])  # ties: the smallest leaf, deterministically
-            oracle[i] = doc_paths[int(np.flatnonzero(doc_leaves == best)[0])]
+            oracle[i] = doc_paths[int(np.flatnonzero(doc_leaves == oracle_leaf(doc_leaves))[0])]
             blocked.append(set(path_block_ids(np.asarray(doc_paths), self.k).ravel().tolist()))
         max_new = [len(self.tokenizer.encode(" " + p.answer).ids) + 1 for p in probes]
         runs = {"none": None} if self.bank is None else {
