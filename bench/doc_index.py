@@ -2,6 +2,7 @@
 
     python bench/doc_index.py                                   # 1M synthetic documents, k=16, p=4
     python bench/doc_index.py --real RUN PROBES.jsonl [RUN PROBES.jsonl ...]   # + agreement on real runs
+    python bench/doc_index.py --pq-m 96 --real ...              # another code size (jobs/build_index.py --pq-m)
 
 1. Size. A synthetic run of N documents (a seeded hierarchy of topics, k children per node, p
    levels; the tree's centroids are the topics, every document routed by the real descent) is
@@ -18,6 +19,8 @@
    compressed vote can differ from the exact one and still route as well: this says whether it does.
 3. Latency. ``index.query``'s answer (embed + vote + neighbours in the leaf and over the corpus),
    warm, one query at a time, real sentences as queries, 1 thread.
+With --pq-m, the synthetic index and, for each real run whose index has another code size, an index
+built into a temporary view of the run (links to its files; the run is not modified) use that size.
 Last line: ``bytes_per_document B vote_agreement_real A vote_agreement_synthetic S p50_ms P``.
 """
 from __future__ import annotations
@@ -133,6 +136,22 @@ def routing_quality(run: str, probes: list[dict], leaves: dict[str, np.ndarray])
             + "; ".join(out))
 
 
+def run_with_index(run: str, pq_m: int | None, tmp: str) -> str:
+    """``run`` if its index has ``pq_m`` bytes of code (or pq_m is None), else a view of it in ``tmp`` indexed so."""
+    from index.docindex import build_document_index
+
+    with open(os.path.join(run, "index", "index.json")) as f:
+        if pq_m is None or json.load(f)["pq_m"] == pq_m:
+            return run
+    view = os.path.join(tmp, f"view-{len(os.listdir(tmp))}")
+    os.makedirs(view)
+    for name in os.listdir(run):
+        if name != "index":
+            os.symlink(os.path.abspath(os.path.join(run, name)), os.path.join(view, name))
+    build_document_index(view, pq_m, log=lambda m: None)
+    return view
+
+
 def index_vote(router, q: np.ndarray) -> np.ndarray:
     return router.leaves(router.route_embeddings(q, "neighbours"))
 
@@ -159,20 +178,26 @@ def main() -> None:
     p.add_argument("--real", nargs="*", default=[], metavar="RUN PROBES", help="real runs and their probe files")
     p.add_argument("--keep", help="build the synthetic run here and keep it; an index already there is reused")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--pq-m", type=int, help="bytes of PQ code per document (default: the build's, 48; a real run's own)")
     args = p.parse_args()
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[var] = "1"
     import faiss
     import torch
 
-    from index.docindex import build_document_index
-    from index.router import Router
-
     torch.set_num_threads(1)
     faiss.omp_set_num_threads(1)
-    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        bench(args, tmp)
+
+
+def bench(args, tmp: str) -> None:
+    from index.docindex import PQ_M, build_document_index
+    from index.router import Router
+
     real_agree = []
-    for run, probes in zip(args.real[::2], args.real[1::2]):
+    for given, probes in zip(args.real[::2], args.real[1::2]):
+        run = run_with_index(given, args.pq_m, tmp)
         router = Router.load(run)
         with open(probes) as f:
             records = [json.loads(line) for line in f if line.strip()]
@@ -180,53 +205,49 @@ def main() -> None:
         votes = {"exact": exact_vote(run, q, router.routing.neighbours, router), "index": index_vote(router, q)}
         same = votes["index"] == votes["exact"]
         real_agree.append(same)
-        rows.append(f"real {run}: {len(records)} questions, vote leaf = exact-search vote leaf for {same.mean():.1%} "
+        print(f"real {given}: {len(records)} questions, vote leaf = exact-search vote leaf for {same.mean():.1%} "
                     f"(nprobe {router.routing.nprobe} of {router.documents.n_lists} lists, "
-                    f"{router.documents.meta['list_bytes_per_document']:.1f} bytes/document)")
-        print(rows[-1], flush=True)
+                    f"{router.documents.meta['list_bytes_per_document']:.1f} bytes/document)", flush=True)
         if all("doc_ids" in r and "frequency" in r for r in records):
-            rows.append(f"real {run}: {routing_quality(run, records, votes)}")
-            print(rows[-1], flush=True)
+            print(f"real {given}: {routing_quality(run, records, votes)}", flush=True)
 
-    with tempfile.TemporaryDirectory() as tmp:
-        run = args.keep or os.path.join(tmp, "run")
-        reuse = os.path.exists(os.path.join(run, "index", "index.json"))
-        t = time.time()
-        if not reuse:
-            synthetic_run(run, args.n, args.k, args.depth, 384, args.seed)
-        gen_s = time.time() - t
-        rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        t = time.time()
-        meta = (json.load(open(os.path.join(run, "index", "index.json"))) if reuse
-                else build_document_index(run, log=lambda m: None))
-        build_s = time.time() - t
-        rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        rows.append(f"synthetic: {args.n:,} documents, k={args.k} p={args.depth} ({args.k ** args.depth:,} lists), "
-                    f"generated in {gen_s:.0f}s; index built in {build_s:.0f}s{' (reused)' if reuse else ''}; lists "
-                    f"{meta['list_bytes_per_document']:.1f} bytes/document, whole index "
-                    f"{meta['index_bytes'] / args.n:.1f} bytes/document (quantizer included), display table "
-                    f"{meta['table_bytes_per_document']:.1f} bytes/document; process peak RSS {rss0 / 1024:.0f} MB "
-                    f"before the build, {rss1 / 1024:.0f} MB after")
-        print(rows[-1], flush=True)
-        router = Router.load(run)
-        rng = np.random.default_rng(args.seed + 1)
-        import pyarrow.dataset as ds
+    run = args.keep or os.path.join(tmp, "synthetic")
+    reuse = os.path.exists(os.path.join(run, "index", "index.json"))
+    t = time.time()
+    if not reuse:
+        synthetic_run(run, args.n, args.k, args.depth, 384, args.seed)
+    gen_s = time.time() - t
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    t = time.time()
+    meta = (json.load(open(os.path.join(run, "index", "index.json"))) if reuse
+            else build_document_index(run, args.pq_m or PQ_M, log=lambda m: None))
+    if args.pq_m and meta["pq_m"] != args.pq_m:
+        raise SystemExit(f"--keep {run}: its index has pq_m {meta['pq_m']}, not --pq-m {args.pq_m}; give another --keep")
+    build_s = time.time() - t
+    rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(f"synthetic: {args.n:,} documents, k={args.k} p={args.depth} ({args.k ** args.depth:,} lists), "
+                f"generated in {gen_s:.0f}s; index built in {build_s:.0f}s{' (reused)' if reuse else ''}; lists "
+                f"{meta['list_bytes_per_document']:.1f} bytes/document, whole index "
+                f"{meta['index_bytes'] / args.n:.1f} bytes/document (quantizer included), display table "
+                f"{meta['table_bytes_per_document']:.1f} bytes/document; process peak RSS {rss0 / 1024:.0f} MB "
+                f"before the build, {rss1 / 1024:.0f} MB after", flush=True)
+    router = Router.load(run)
+    rng = np.random.default_rng(args.seed + 1)
+    import pyarrow.dataset as ds
 
-        table = ds.dataset(os.path.join(run, "routed"), format="parquet").head(50_000, columns=["embedding"])
-        x = np.array(table.column("embedding").to_pylist(), dtype=np.float32)
-        x = x[rng.choice(len(x), min(args.queries, len(x)), replace=False)]
-        q = x + 0.2 * rng.normal(size=x.shape).astype(np.float32) / np.sqrt(x.shape[1])  # near a document, not on it
-        q /= np.linalg.norm(q, axis=1, keepdims=True)
-        syn_same = index_vote(router, q) == exact_vote(run, q, router.routing.neighbours, router)
-        rows.append(f"synthetic: vote leaf = exact-search vote leaf for {syn_same.mean():.1%} of {args.queries} "
-                    f"questions (nprobe {router.routing.nprobe}, {router.routing.neighbours} neighbours)")
-        print(rows[-1], flush=True)
-        previews = router.documents.table.column("preview").to_pylist()[:5000]
-        texts = list(dict.fromkeys(previews))[:args.latency_queries]
-        ms = latency(router, texts)
-        rows.append(f"index.query answer, warm, 1 thread, {len(ms)} queries on the {args.n:,}-document index: "
-                    f"p50 {np.percentile(ms, 50):.1f} ms, p95 {np.percentile(ms, 95):.1f} ms; load {os.getloadavg()}")
-        print(rows[-1], flush=True)
+    table = ds.dataset(os.path.join(run, "routed"), format="parquet").head(50_000, columns=["embedding"])
+    x = np.array(table.column("embedding").to_pylist(), dtype=np.float32)
+    x = x[rng.choice(len(x), min(args.queries, len(x)), replace=False)]
+    q = x + 0.2 * rng.normal(size=x.shape).astype(np.float32) / np.sqrt(x.shape[1])  # near a document, not on it
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    syn_same = index_vote(router, q) == exact_vote(run, q, router.routing.neighbours, router)
+    print(f"synthetic: vote leaf = exact-search vote leaf for {syn_same.mean():.1%} of {args.queries} "
+                f"questions (nprobe {router.routing.nprobe}, {router.routing.neighbours} neighbours)", flush=True)
+    previews = router.documents.table.column("preview").to_pylist()[:5000]
+    texts = list(dict.fromkeys(previews))[:args.latency_queries]
+    ms = latency(router, texts)
+    print(f"index.query answer, warm, 1 thread, {len(ms)} queries on the {args.n:,}-document index: "
+                f"p50 {np.percentile(ms, 50):.1f} ms, p95 {np.percentile(ms, 95):.1f} ms; load {os.getloadavg()}", flush=True)
     real = float(np.concatenate(real_agree).mean()) if real_agree else float("nan")
     print(f"bytes_per_document {meta['list_bytes_per_document']:.1f} vote_agreement_real {real:.3f} "
           f"vote_agreement_synthetic {syn_same.mean():.3f} p50_ms {np.percentile(ms, 50):.1f}")

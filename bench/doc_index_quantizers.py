@@ -23,6 +23,10 @@ and two ways of training the codebooks:
             them are added, as residuals to their leaf in this run's tree: a held-out training sample
             nearer the size a build takes at scale (a few thousand vectors under-train 2^bits centroids).
 
+--noise SIGMA ... asks how precise the similarities must be: the agreement when each distinct document's
+exact similarity to a question is off by a normal error of std SIGMA (copies of a document share it),
+mean of 3 draws. Each variant's line gives its own error's std over the exact m nearest, to compare.
+
 Variants: pq:M:BITS (IndexIVFPQ's product quantizer), opq:M:BITS, rq:M:BITS[:BEAM] (residual
 quantizer), prq:SPLITS:M:BITS. Code bytes are what an IVF list would store per document; +8 for the id.
 Last line: per variant and protocol, the lowest agreement over the runs (first probe file, ``index`` estimate).
@@ -110,6 +114,8 @@ def main() -> None:
     p.add_argument("--neighbours", type=int, default=32)
     p.add_argument("--extra", help="float32 [N, dim] .npy of further real embeddings for the held-out training set")
     p.add_argument("--extra-rows", type=int, nargs="+", default=[0], help="how many of them (one pass per value)")
+    p.add_argument("--noise", type=float, nargs="*", default=[], metavar="SIGMA",
+                   help="also the agreement under a per-document similarity error of this std")
     args = p.parse_args()
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[var] = "1"
@@ -125,6 +131,18 @@ def main() -> None:
             for run, probes in pairs]
     for r in runs:
         r["exact"] = {name: vote_leaf(q @ r["x"].T, r["leaf"], args.neighbours) for name, q in r["q"].items()}
+        r["top"] = {name: np.argsort(-(q @ r["x"].T), axis=1, kind="stable")[:, :args.neighbours]
+                    for name, q in r["q"].items()}
+    for sigma in args.noise:
+        figures = []
+        for r in runs:
+            name, q = next(iter(r["q"].items()))
+            copy = np.unique(r["x"].round(5), axis=0, return_inverse=True)[1].ravel()
+            rng = np.random.default_rng(0)
+            figures.append(np.mean([(vote_leaf(q @ r["x"].T + rng.normal(0, sigma, (len(q), copy.max() + 1))[:, copy],
+                                               r["leaf"], args.neighbours) == r["exact"][name]).mean()
+                                    for _ in range(3)]))
+        print(f"similarity error std {sigma}: vote = exact vote {' / '.join(f'{v:.1%}' for v in figures)}", flush=True)
     headline = []
     extra = np.load(args.extra, mmap_mode="r") if args.extra else np.zeros((0, runs[0]["x"].shape[1]), np.float32)
     for r in runs:
@@ -136,7 +154,7 @@ def main() -> None:
     plans = [(v, "build", 0) for v in args.variants if "build" in args.protocols]
     plans += [(v, "held-out", n) for v in args.variants for n in args.extra_rows if "held-out" in args.protocols]
     for variant, protocol, n_extra in sorted(plans, key=lambda t: args.variants.index(t[0])):
-        figures, mse, secs, code = {}, [], [], 0
+        figures, mse, secs, err, code = {}, [], [], [], 0
         for i, r in enumerate(runs):
             if protocol == "build":
                 train = r["res"]
@@ -151,13 +169,16 @@ def main() -> None:
             n2 = (x_hat ** 2).sum(1)
             for name, q in r["q"].items():
                 ip = q @ x_hat.T
+                if name == next(iter(r["q"])):
+                    err.append(float(np.std(np.take_along_axis(ip - n2 / 2 + 0.5 - q @ r["x"].T, r["top"][name], 1))))
                 for est, sims in (("index", ip - n2 / 2 + 0.5), ("unit", ip / np.sqrt(n2))):
                     same = vote_leaf(sims, r["leaf"], args.neighbours) == r["exact"][name]
                     figures.setdefault(f"{name.removesuffix('.jsonl')} {est}", []).append(same.mean())
         label = f"{protocol}+{n_extra} extra" if n_extra else protocol
         print(f"{variant} {label}: {code} code bytes + 8 id = {code + 8} B/document; train+encode "
               f"{' / '.join(f'{s:.0f}' for s in secs)} s; error ||x^ - x||^2 "
-              f"{' / '.join(f'{v:.4f}' for v in mse)}", flush=True)
+              f"{' / '.join(f'{v:.4f}' for v in mse)}; similarity error std over the exact {args.neighbours} "
+              f"nearest {' / '.join(f'{v:.4f}' for v in err)}", flush=True)
         for key, vals in figures.items():
             print(f"    vote = exact vote, {key:24s} {' / '.join(f'{v:.1%}' for v in vals)}", flush=True)
         headline.append(f"{variant} {label} {min(next(iter(figures.values()))):.3f}")

@@ -22,7 +22,9 @@ Build (``build_document_index``) never holds all vectors, or all codes, in one p
   3. the shards' lists are merged into ``lists.ivfdata`` (faiss.contrib.ondisk.merge_ondisk, which
      reads the shards memory-mapped) and the shards are removed.
 Memory at 3 billion documents with pq_m=48: 168 GB of lists on disk, of which a query touches
-``nprobe`` lists; the quantizer holds the leaf centroids (65,536 x 384 x 4 B = 100 MB at k=16, p=4).
+``nprobe`` lists (pq_m=128: 408 GB, for a vote that matches the exact search's on near-ties too;
+README, "The document index"); the quantizer holds the leaf centroids (65,536 x 384 x 4 B = 100 MB
+at k=16, p=4).
 """
 from __future__ import annotations
 
