@@ -206,8 +206,8 @@ def bench(args, tmp: str) -> None:
         same = votes["index"] == votes["exact"]
         real_agree.append(same)
         print(f"real {given}: {len(records)} questions, vote leaf = exact-search vote leaf for {same.mean():.1%} "
-                    f"(nprobe {router.routing.nprobe} of {router.documents.n_lists} lists, "
-                    f"{router.documents.meta['list_bytes_per_document']:.1f} bytes/document)", flush=True)
+              f"(nprobe {router.routing.nprobe} of {router.documents.n_lists} lists, "
+              f"{router.documents.meta['list_bytes_per_document']:.1f} bytes/document)", flush=True)
         if all("doc_ids" in r and "frequency" in r for r in records):
             print(f"real {given}: {routing_quality(run, records, votes)}", flush=True)
 
@@ -226,11 +226,11 @@ def bench(args, tmp: str) -> None:
     build_s = time.time() - t
     rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     print(f"synthetic: {args.n:,} documents, k={args.k} p={args.depth} ({args.k ** args.depth:,} lists), "
-                f"generated in {gen_s:.0f}s; index built in {build_s:.0f}s{' (reused)' if reuse else ''}; lists "
-                f"{meta['list_bytes_per_document']:.1f} bytes/document, whole index "
-                f"{meta['index_bytes'] / args.n:.1f} bytes/document (quantizer included), display table "
-                f"{meta['table_bytes_per_document']:.1f} bytes/document; process peak RSS {rss0 / 1024:.0f} MB "
-                f"before the build, {rss1 / 1024:.0f} MB after", flush=True)
+          f"generated in {gen_s:.0f}s; index built in {build_s:.0f}s{' (reused)' if reuse else ''}; lists "
+          f"{meta['list_bytes_per_document']:.1f} bytes/document, whole index "
+          f"{meta['index_bytes'] / args.n:.1f} bytes/document (quantizer included), display table "
+          f"{meta['table_bytes_per_document']:.1f} bytes/document; process peak RSS {rss0 / 1024:.0f} MB "
+          f"before the build, {rss1 / 1024:.0f} MB after", flush=True)
     router = Router.load(run)
     rng = np.random.default_rng(args.seed + 1)
     import pyarrow.dataset as ds
@@ -242,12 +242,12 @@ def bench(args, tmp: str) -> None:
     q /= np.linalg.norm(q, axis=1, keepdims=True)
     syn_same = index_vote(router, q) == exact_vote(run, q, router.routing.neighbours, router)
     print(f"synthetic: vote leaf = exact-search vote leaf for {syn_same.mean():.1%} of {args.queries} "
-                f"questions (nprobe {router.routing.nprobe}, {router.routing.neighbours} neighbours)", flush=True)
+          f"questions (nprobe {router.routing.nprobe}, {router.routing.neighbours} neighbours)", flush=True)
     previews = router.documents.table.column("preview").to_pylist()[:5000]
     texts = list(dict.fromkeys(previews))[:args.latency_queries]
     ms = latency(router, texts)
     print(f"index.query answer, warm, 1 thread, {len(ms)} queries on the {args.n:,}-document index: "
-                f"p50 {np.percentile(ms, 50):.1f} ms, p95 {np.percentile(ms, 95):.1f} ms; load {os.getloadavg()}", flush=True)
+          f"p50 {np.percentile(ms, 50):.1f} ms, p95 {np.percentile(ms, 95):.1f} ms; load {os.getloadavg()}", flush=True)
     real = float(np.concatenate(real_agree).mean()) if real_agree else float("nan")
     print(f"bytes_per_document {meta['list_bytes_per_document']:.1f} vote_agreement_real {real:.3f} "
           f"vote_agreement_synthetic {syn_same.mean():.3f} p50_ms {np.percentile(ms, 50):.1f}")

@@ -130,24 +130,26 @@ def main() -> None:
     runs = [load_run(run, [probes] + [os.path.join(os.path.dirname(probes), a) for a in args.also])
             for run, probes in pairs]
     for r in runs:
-        r["exact"] = {name: vote_leaf(q @ r["x"].T, r["leaf"], args.neighbours) for name, q in r["q"].items()}
-        r["top"] = {name: np.argsort(-(q @ r["x"].T), axis=1, kind="stable")[:, :args.neighbours]
-                    for name, q in r["q"].items()}
+        r["sims"] = {name: q @ r["x"].T for name, q in r["q"].items()}  # exact similarities, once per probe file
+        r["exact"] = {name: vote_leaf(sims, r["leaf"], args.neighbours) for name, sims in r["sims"].items()}
+        r["top"] = {name: np.argsort(-sims, axis=1, kind="stable")[:, :args.neighbours]
+                    for name, sims in r["sims"].items()}
+        if args.noise:
+            r["copy"] = np.unique(r["x"].round(5), axis=0, return_inverse=True)[1].ravel()  # copies share an error
     for sigma in args.noise:
         figures = []
         for r in runs:
-            name, q = next(iter(r["q"].items()))
-            copy = np.unique(r["x"].round(5), axis=0, return_inverse=True)[1].ravel()
+            name, sims = next(iter(r["sims"].items()))
             rng = np.random.default_rng(0)
-            figures.append(np.mean([(vote_leaf(q @ r["x"].T + rng.normal(0, sigma, (len(q), copy.max() + 1))[:, copy],
+            figures.append(np.mean([(vote_leaf(sims + rng.normal(0, sigma, (len(sims), r["copy"].max() + 1))[:, r["copy"]],
                                                r["leaf"], args.neighbours) == r["exact"][name]).mean()
                                     for _ in range(3)]))
         print(f"similarity error std {sigma}: vote = exact vote {' / '.join(f'{v:.1%}' for v in figures)}", flush=True)
     headline = []
     extra = np.load(args.extra, mmap_mode="r") if args.extra else np.zeros((0, runs[0]["x"].shape[1]), np.float32)
-    for r in runs:
-        from index.tree import local_index
+    from index.tree import local_index
 
+    for r in runs:
         tree = r["router"].tree
         leaf = local_index(r["router"].descend(np.asarray(extra, dtype=np.float32)), tree.k, tree.depth)
         r["extra_res"] = extra - np.asarray(tree.centroids[-1], dtype=np.float32)[leaf]
@@ -169,9 +171,10 @@ def main() -> None:
             n2 = (x_hat ** 2).sum(1)
             for name, q in r["q"].items():
                 ip = q @ x_hat.T
+                l2 = ip - n2 / 2 + 0.5
                 if name == next(iter(r["q"])):
-                    err.append(float(np.std(np.take_along_axis(ip - n2 / 2 + 0.5 - q @ r["x"].T, r["top"][name], 1))))
-                for est, sims in (("index", ip - n2 / 2 + 0.5), ("unit", ip / np.sqrt(n2))):
+                    err.append(float(np.std(np.take_along_axis(l2 - r["sims"][name], r["top"][name], 1))))
+                for est, sims in (("index", l2), ("unit", ip / np.sqrt(n2))):
                     same = vote_leaf(sims, r["leaf"], args.neighbours) == r["exact"][name]
                     figures.setdefault(f"{name.removesuffix('.jsonl')} {est}", []).append(same.mean())
         label = f"{protocol}+{n_extra} extra" if n_extra else protocol
