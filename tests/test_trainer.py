@@ -1,4 +1,5 @@
 """End-to-end trainer tests: real launchers (deepspeed, torchrun, plain python) on gloo, tiny config."""
+import glob
 import json
 import os
 import signal
@@ -47,9 +48,19 @@ def train_cmd(kind: str, run: str, out: str, *sets: str, nproc: int = 2) -> list
     return cmd
 
 
+def shm_buffers(cmd: list[str]) -> list[str]:
+    """DeepSpeed's CPU all-reduce buffers left in /dev/shm by a launch of ``cmd`` (named by its port)."""
+    if "--master_port" not in cmd:
+        return []
+    port = cmd[cmd.index("--master_port") + 1]
+    return glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_*")
+
+
 def train(kind: str, run: str, out: str, *sets: str, nproc: int = 2) -> str:
-    p = subprocess.run(train_cmd(kind, run, out, *sets, nproc=nproc), env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    cmd = train_cmd(kind, run, out, *sets, nproc=nproc)
+    p = subprocess.run(cmd, env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert not shm_buffers(cmd), "a finished run must not leave its shared memory behind (RAM until reboot)"
     return p.stdout
 
 
@@ -133,7 +144,8 @@ def test_kill_and_resume_matches_uninterrupted_run(run, tmp_path, store):
     ref, out = str(tmp_path / "ref"), str(tmp_path / "out")
     train("torchrun", run, ref, *sets)
     sets += store
-    p = subprocess.Popen(train_cmd("deepspeed", run, out, *sets), env=ENV, cwd=ROOT, start_new_session=True,
+    cmd = train_cmd("deepspeed", run, out, *sets)
+    p = subprocess.Popen(cmd, env=ENV, cwd=ROOT, start_new_session=True,
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     latest = os.path.join(out, "checkpoints", "latest")
     deadline = time.time() + 240
@@ -143,6 +155,7 @@ def test_kill_and_resume_matches_uninterrupted_run(run, tmp_path, store):
         time.sleep(0.02)
     os.killpg(p.pid, signal.SIGKILL)
     p.wait()
+    assert not shm_buffers(cmd), "a killed run must not leave its shared memory behind"
     assert not os.path.exists(os.path.join(out, "export")), "the run finished before it was killed"
     log = train("deepspeed", run, out, *sets)
     assert "resumed from" in log
