@@ -33,13 +33,13 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
 import time
+
+from ds_launch import add_worker_args, run_worker, timed_step
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -130,15 +130,11 @@ def worker(args) -> None:
             if name == "disk" and args.drop_cache:
                 for fd in store.bank.fds.values():
                     os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            dist.barrier()
             io0 = proc_kb("/proc/self/io", io_keys)
-            t0, c0 = time.perf_counter(), time.process_time()
-            trainer.train_step()
-            slowest = torch.tensor([time.process_time() - c0], dtype=torch.float64)
-            dist.all_reduce(slowest, op=dist.ReduceOp.MAX)  # also ends the step when the slowest rank is done
+            w, c = timed_step(trainer)
             if step >= args.warmup:
-                wall[name].append(time.perf_counter() - t0)
-                cpu[name].append(float(slowest))
+                wall[name].append(w)
+                cpu[name].append(c)
                 if name == "disk":
                     io1 = proc_kb("/proc/self/io", io_keys)
                     io = {k: io[k] + io1[k] - io0[k] for k in io_keys}
@@ -222,28 +218,16 @@ def main() -> None:
     ap.add_argument("--rss-steps", type=int, default=10, help="steps of the disk run alone, for RSS")
     ap.add_argument("--drop-cache", action="store_true", help="evict the bank files from the page cache before each disk step")
     ap.add_argument("--materialise", action="store_true", help="write every disk record to its file before the steps")
-    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--out", help=argparse.SUPPRESS)
-    ap.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # from the deepspeed launcher
+    add_worker_args(ap)
     args = ap.parse_args()
     if args.worker:
         return worker(args)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "TORCH_EXTENSIONS_DIR": os.path.join(ROOT, ".cache", "torch_extensions"), "OMP_NUM_THREADS": "1"}
     with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR", "/tmp")) as tmp:
         data = os.path.abspath(args.data) if args.data else synthetic_run(os.path.join(tmp, "run"))
-        cmd = [os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_gpus", "2", "--master_port", str(port),
-               os.path.abspath(__file__), "--worker", "--data", data, "--config", args.config, "--ranks", args.ranks,
-               "--budget-mb", str(args.budget_mb), "--prefetch", str(args.prefetch), "--steps", str(args.steps),
-               "--warmup", str(args.warmup), "--rss-steps", str(args.rss_steps), "--out", tmp]
-        cmd += ["--drop-cache"] * args.drop_cache + ["--materialise"] * args.materialise
-        p = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
-        if p.returncode:
-            sys.exit(f"benchmark failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
-        with open(os.path.join(tmp, "result.txt")) as f:
-            print(f.read(), end="")
+        run_worker(__file__, ["--data", data, "--config", args.config, "--ranks", args.ranks,
+                              "--budget-mb", str(args.budget_mb), "--prefetch", str(args.prefetch),
+                              "--steps", str(args.steps), "--warmup", str(args.warmup), "--rss-steps", str(args.rss_steps)]
+                   + ["--drop-cache"] * args.drop_cache + ["--materialise"] * args.materialise, tmp)
 
 
 if __name__ == "__main__":

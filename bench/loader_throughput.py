@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -35,7 +34,8 @@ def write_run(root: str, n_seq: int, row_group: int, seed: int = 0) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from tests.fixtures import write_tokenizer
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    from fixtures import write_tokenizer
 
     rng = np.random.default_rng(seed)
     n_leaves = K**DEPTH
@@ -102,21 +102,13 @@ def child(run: str, buffer: int, epochs: int) -> None:
                       "peak_rss_mb": rss_mb("VmHWM"), "rank_sequences": len(loader)}))
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def training_consumption(run: str, out: str, steps: int) -> float:
     """Sequences/s the demo training consumes over both ranks (deepspeed launcher, 2 CPU ranks)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
-    cmd = [os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
-           os.path.join(ROOT, "train", "main.py"), "--config", "demo", "--data", run, "--out", out,
-           "--set", f"schedule.max_steps={steps}", "--set", "schedule.save=false", "--set", "schedule.log_every=5"]
-    p = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
-    if p.returncode:
-        raise SystemExit(p.stdout[-3000:] + p.stderr[-3000:])
+    import ds_launch  # not at the top: the --child process measures its RSS with the loader's imports only
+
+    ds_launch.run(ds_launch.deepspeed_cmd() + [
+        os.path.join(ROOT, "train", "main.py"), "--config", "demo", "--data", run, "--out", out,
+        "--set", f"schedule.max_steps={steps}", "--set", "schedule.save=false", "--set", "schedule.log_every=5"])
     with open(os.path.join(out, "metrics.jsonl")) as f:
         rates = [m["tokens_per_s"] for m in map(json.loads, f)][1:]  # the first window holds start-up
     return float(np.mean(rates)) / SEQ_LEN
@@ -131,6 +123,8 @@ def main() -> None:
     ap.add_argument("--train-steps", type=int, default=20)
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.train_steps < 10:
+        ap.error("--train-steps must be >= 10: the training logs every 5 steps and the first window (start-up) is dropped")
     if args.child:
         return child(args.child, args.buffer, args.epochs)
     with tempfile.TemporaryDirectory() as tmp:

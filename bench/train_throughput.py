@@ -20,12 +20,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
+
+from ds_launch import add_worker_args, run_worker, timed_step
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUNS = {
@@ -38,9 +37,6 @@ RUNS = {
 def worker(args) -> None:
     """Runs in each rank: build the three trainers, interleave their steps, report medians on rank 0."""
     sys.path.insert(0, ROOT)
-    import torch
-    import torch.distributed as dist
-
     from train.config import load_config
     from train.data import read_manifest
     from train.distributed import init, teardown
@@ -56,14 +52,10 @@ def worker(args) -> None:
     cpu = {name: [] for name in trainers}
     for step in range(args.warmup + args.steps):
         for name, trainer in trainers.items():
-            dist.barrier()
-            t0, c0 = time.perf_counter(), time.process_time()
-            trainer.train_step()
-            slowest = torch.tensor([time.process_time() - c0], dtype=torch.float64)
-            dist.all_reduce(slowest, op=dist.ReduceOp.MAX)  # also ends the step when the slowest rank is done
+            w, c = timed_step(trainer)
             if step >= args.warmup:
-                wall[name].append(time.perf_counter() - t0)
-                cpu[name].append(float(slowest))
+                wall[name].append(w)
+                cpu[name].append(c)
     if info.rank == 0:
         med = {name: statistics.median(t) for name, t in cpu.items()}
         lines = []
@@ -88,25 +80,13 @@ def main() -> None:
     ap.add_argument("--config", default="demo", help="train config the three runs start from")
     ap.add_argument("--steps", type=int, default=30, help="timed steps per configuration")
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps per configuration first")
-    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--out", help=argparse.SUPPRESS)
-    ap.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # from the deepspeed launcher
+    add_worker_args(ap)
     args = ap.parse_args()
     if args.worker:
         return worker(args)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "TORCH_EXTENSIONS_DIR": os.path.join(ROOT, ".cache", "torch_extensions"), "OMP_NUM_THREADS": "1"}
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_gpus", "2", "--master_port", str(port),
-               os.path.abspath(__file__), "--worker", "--data", os.path.abspath(args.data), "--config", args.config,
-               "--steps", str(args.steps), "--warmup", str(args.warmup), "--out", tmp]
-        p = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
-        if p.returncode:
-            sys.exit(f"benchmark failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
-        with open(os.path.join(tmp, "result.txt")) as f:
-            print(f.read(), end="")
+        run_worker(__file__, ["--data", os.path.abspath(args.data), "--config", args.config,
+                              "--steps", str(args.steps), "--warmup", str(args.warmup)], tmp)
 
 
 if __name__ == "__main__":

@@ -8,14 +8,9 @@ import numpy as np
 import pytest
 
 from tests.spark_helpers import BIN, SMALL, manifest, read_table, spark_env, submit, write_bbc_subset
+from train.distributed import free_port
 
 pytestmark = pytest.mark.slow
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for_port(port: int, timeout: float = 90) -> None:

@@ -3,7 +3,6 @@ import glob
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ from safetensors.torch import load_file
 from index.tree import generic_block_ids, n_tree_blocks, path_block_ids
 from train.config import load_config
 from train.data import read_manifest
+from train.distributed import free_port
 from train.export import load_model
 from train.memory import TensorBlockStore
 
@@ -25,12 +25,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)
 ENV = {**os.environ, "TORCH_EXTENSIONS_DIR": os.path.join(ROOT, ".cache", "torch_extensions"),
        "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launcher(kind: str, nproc: int) -> list[str]:
