@@ -9,7 +9,7 @@ BIN=.venv/bin; OUT=$(mktemp -d)
 export PYTHONPATH=$PWD TORCH_EXTENSIONS_DIR=$PWD/.cache/torch_extensions HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1
 failed=0; aborted=0; left=0
 for i in $(seq 1 "$N"); do
-  port=$($BIN/python -c "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")
+  port=$($BIN/python -c "from train.distributed import free_port; print(free_port())")
   $BIN/deepspeed --num_gpus 2 --master_port "$port" train/main.py --data "$RUN" --out "$OUT/run$i" \
     --set schedule.max_steps=3 > "$OUT/log$i" 2>&1 || failed=$((failed + 1))
   grep -q "terminate called" "$OUT/log$i" && aborted=$((aborted + 1))

@@ -68,8 +68,7 @@ def _unlink_shm_buffer() -> None:
     """
     name = (f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
             f"{os.environ.get('MASTER_PORT', '')}_{dist.get_rank()}")
-    if dist.get_world_size() > 1:
-        dist.barrier()
+    dist.barrier()
     try:
         os.unlink(name)
     except FileNotFoundError:  # no shm op (not all ranks local, or a world of one)
