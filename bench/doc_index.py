@@ -38,6 +38,10 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from index.router import RoutingConfig  # noqa: E402
+
+SIMILARITY = RoutingConfig(vote="linear")  # the vote on similarities alone: what PQ codes approximate
+
 
 def synthetic_run(root: str, n: int, k: int, depth: int, dim: int, seed: int, part_rows: int = 100_000) -> None:
     """A run directory (tree/, routed/, manifest.json) of n generated documents; never all vectors at once."""
@@ -46,6 +50,7 @@ def synthetic_run(root: str, n: int, k: int, depth: int, dim: int, seed: int, pa
 
     from corpora.bbc import bbc_records
     from index.route import Descender
+    from index.terms import term_hashes
     from index.tree import Tree, local_index
 
     rng = np.random.default_rng(seed)
@@ -60,6 +65,7 @@ def synthetic_run(root: str, n: int, k: int, depth: int, dim: int, seed: int, pa
                 biases=[np.zeros(len(c), dtype=np.float32) for c in centroids], config={"max_windows": 1})
     tree.save(os.path.join(root, "tree"))
     sentences = [r["text"].split(". ")[0][:200] for r in bbc_records()]
+    terms = [term_hashes(t).view(np.int32) for t in sentences]
     descender, counts = Descender(tree), [np.zeros(k ** (l + 1), dtype=np.int64) for l in range(depth)]
     os.makedirs(os.path.join(root, "routed"))
     for start in range(0, n, part_rows):
@@ -75,12 +81,16 @@ def synthetic_run(root: str, n: int, k: int, depth: int, dim: int, seed: int, pa
                           "leaf": local_index(paths, k, depth),
                           "embedding": pa.FixedSizeListArray.from_arrays(pa.array(x.ravel()), dim).cast(
                               pa.list_(pa.float32())),
-                          "preview": [sentences[i % len(sentences)] for i in range(start, start + m)]})
+                          "preview": [sentences[i % len(sentences)] for i in range(start, start + m)],
+                          "copies": np.ones(m, dtype=np.int64), "first_copy": np.ones(m, dtype=bool),  # distinct vectors
+                          "terms": pa.array([terms[i % len(sentences)] for i in range(start, start + m)],
+                                            pa.list_(pa.int32()))})
         pq.write_table(table, os.path.join(root, "routed", f"part-{start // part_rows:05d}.parquet"))
     levels = [{"level": l + 1, "nodes": k ** (l + 1), "node_documents": c.tolist(), "node_tokens": (c * 500).tolist()}
               for l, c in enumerate(counts)]
     with open(os.path.join(root, "manifest.json"), "w") as f:
-        json.dump({"documents_in": n, "documents_routed": n, "documents_quarantined": 0, "tree_version": tree.version,
+        json.dump({"documents_in": n, "documents_routed": n, "documents_distinct": n, "documents_quarantined": 0,
+                   "tree_version": tree.version,
                    "k": k, "depth": depth, "levels": levels, "config": {"max_windows": 1}}, f)
 
 
@@ -94,7 +104,8 @@ def exact_vote(run: str, q: np.ndarray, m: int, router) -> np.ndarray:
     heap = faiss.ResultHeap(len(q), m, keep_max=True)
     leaves = []
     offset = 0
-    for batch in _batches(os.path.join(run, "routed"), ["leaf", "embedding"]):
+    for batch in _batches(os.path.join(run, "routed"), ["leaf", "embedding", "first_copy"]):
+        batch = batch.filter(batch.column("first_copy"))  # the index holds one entry per distinct text
         x = embedding_matrix(batch.column("embedding"), q.shape[1], run)
         flat = faiss.IndexFlatIP(q.shape[1])
         flat.add(x)
@@ -106,7 +117,7 @@ def exact_vote(run: str, q: np.ndarray, m: int, router) -> np.ndarray:
     leaf_of = np.concatenate(leaves)
     ids = heap.I
     keys = np.where(ids >= 0, leaf_of[np.maximum(ids, 0)], -1)
-    best, _ = vote(keys, vote_weights(Hits(heap.D, ids, keys)))
+    best, _ = vote(keys, vote_weights(Hits(heap.D, ids, keys), SIMILARITY))
     return best[:, 0]
 
 
@@ -153,7 +164,11 @@ def run_with_index(run: str, pq_m: int | None, tmp: str) -> str:
 
 
 def index_vote(router, q: np.ndarray) -> np.ndarray:
-    return router.leaves(router.route_embeddings(q, "neighbours"))
+    """The similarity vote's leaf from the compressed index (the exact vote's counterpart)."""
+    from index.router import vote, vote_weights
+
+    hits = router.documents.search(q, router.routing.neighbours, router.routing.nprobe)
+    return vote(hits.leaves, vote_weights(hits, SIMILARITY))[0][:, 0]
 
 
 def latency(router, texts: list[str], n: int = 5) -> list[float]:

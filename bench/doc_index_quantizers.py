@@ -44,6 +44,10 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from index.router import RoutingConfig  # noqa: E402
+
+SIMILARITY = RoutingConfig(vote="linear")  # the vote on similarities alone: what PQ codes approximate
+
 
 def quantizer(variant: str, dim: int):
     import faiss
@@ -83,7 +87,7 @@ def vote_leaf(sims: np.ndarray, leaf: np.ndarray, m: int) -> np.ndarray:
     from index.router import vote, vote_weights
 
     top = np.argsort(-sims, axis=1, kind="stable")[:, :m]
-    return vote(leaf[top], vote_weights(Hits(np.take_along_axis(sims, top, 1), top, leaf[top])))[0][:, 0]
+    return vote(leaf[top], vote_weights(Hits(np.take_along_axis(sims, top, 1), top, leaf[top]), SIMILARITY))[0][:, 0]
 
 
 def load_run(run: str, probes: list[str]) -> dict:
@@ -92,7 +96,8 @@ def load_run(run: str, probes: list[str]) -> dict:
 
     router = Router.load(run, documents=False)
     xs, leaves = [], []
-    for batch in _batches(os.path.join(run, "routed"), ["leaf", "embedding"]):
+    for batch in _batches(os.path.join(run, "routed"), ["leaf", "embedding", "first_copy"]):
+        batch = batch.filter(batch.column("first_copy"))  # the index holds one entry per distinct text
         xs.append(embedding_matrix(batch.column("embedding"), router.tree.dim, run))
         leaves.append(batch.column("leaf").to_numpy(zero_copy_only=False).astype(np.int64))
     x, leaf = np.concatenate(xs), np.concatenate(leaves)

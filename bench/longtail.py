@@ -18,6 +18,7 @@ the headline: the rarest bucket's accuracy.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import math
@@ -29,6 +30,8 @@ import time
 
 import numpy as np
 
+from index.router import RoutingConfig
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)
 CONFIGS = os.path.join(ROOT, "configs", "longtail")
@@ -38,10 +41,12 @@ ROUTING = ("neighbours", "descent", "hybrid", "levels", "two_paths")
 # table rows: (label, model, memory setting of train.evaluate); the memory model's routing modes follow
 BLOCKED = "anchor + memory, facts' blocks blocked"
 ROUTED = f"anchor + memory, routed ({ROUTING[0]})"
+LINEAR = f"anchor + memory, routed ({ROUTING[0]}, linear vote)"  # the vote before rerank, same models
 
 
-def rows() -> list[tuple[str, str, str]]:
+def rows(bare: bool = True) -> list[tuple[str, str, str]]:
     return ([("dense anchor", "anchor", "none"), (ROUTED, "memory", "fetched")]
+            + ([(LINEAR, "memory_linear", "fetched")] if bare else [])
             + [(f"anchor + memory, routed ({m})", "memory", f"fetched[{m}]") for m in ROUTING[1:]]
             + [("anchor + memory, oracle leaf", "memory", "oracle"), ("anchor + memory, generic", "memory", "generic"),
                ("anchor + memory, no memory", "memory", "none"), (BLOCKED, "memory", "blocked"),
@@ -124,15 +129,15 @@ def step(name: str, cmd: list[str], done: str, log: str, cores: int, timings: di
     print(f"[{name}] {timings[name]:.0f}s", flush=True)
 
 
-def run_seed(out: str, seed: int, epochs: float, cores: int, force: bool = False, until: str = "evaluate") -> dict:
+def run_seed(out: str, seed: int, epochs: float, cores: int, force: bool = False, until: str = "evaluate",
+             corpus_cfg: str = f"{CONFIGS}/corpus.yaml") -> dict:
     """The chain for one seed; returns {model: evaluation JSON} plus timings and training figures."""
     d = os.path.join(out, f"seed{seed}")
     data, run, logs = os.path.join(d, "data"), os.path.join(d, "run"), os.path.join(d, "logs")
     os.makedirs(logs, exist_ok=True)
     st = Stages(d, cores, force)
-    st.run("corpus", [sys.executable, "jobs/build_longtail.py", "--out", data, "--config", f"{CONFIGS}/corpus.yaml",
-                      "--seed", str(seed)], os.path.join(data, "summary.json"), f"{logs}/corpus.log",
-           files=[f"{CONFIGS}/corpus.yaml"])
+    st.run("corpus", [sys.executable, "jobs/build_longtail.py", "--out", data, "--config", corpus_cfg,
+                      "--seed", str(seed)], os.path.join(data, "summary.json"), f"{logs}/corpus.log", files=[corpus_cfg])
     # the job's input is the corpus's content, not the corpus stage: new probes alone do not re-cluster
     st.run("cluster", cluster_cmd(f"{data}/train.jsonl", run, seed, cores), os.path.join(run, "manifest.json"),
            f"{logs}/cluster.log", files=[f"{data}/train.jsonl", f"{CONFIGS}/job.yaml"], clear=run)
@@ -145,6 +150,7 @@ def run_seed(out: str, seed: int, epochs: float, cores: int, force: bool = False
     results = {"seed": seed, "steps": steps, "tokens": steps * batch * manifest["seq_len"],
                "corpus_tokens": manifest["tokens"], "sequences": manifest["sequences"],
                "fact_passes": corpus["config"]["fact_passes"], "bbc_train": corpus["config"]["bbc_train"],
+               "fresh_passes": corpus["config"].get("fresh_passes", False),
                "timings": st.timings, "train": {}}
     for m in MODELS:
         mdir = os.path.join(d, "models", m)
@@ -159,23 +165,31 @@ def run_seed(out: str, seed: int, epochs: float, cores: int, force: bool = False
         return results
     # the document index the neighbour vote searches; its code is part of its fingerprint
     st.run("index", [sys.executable, "jobs/build_index.py", "--run", run], os.path.join(run, "index", "index.json"),
-           f"{logs}/index.log", files=[os.path.join(ROOT, f) for f in ("jobs/build_index.py", "index/docindex.py")],
+           f"{logs}/index.log", files=[os.path.join(ROOT, f) for f in ("jobs/build_index.py", "index/docindex.py",
+                                                                        "index/terms.py")],
            after=["cluster"], clear=os.path.join(run, "index"))
-    for m in MODELS:
+    # every model is evaluated with this code's routing (index.router.RoutingConfig), whatever its export
+    # recorded; the memory model's bare questions also with the linear vote, the rule before rerank
+    vote = RoutingConfig()
+    rule = ["--vote", vote.vote, "--words", str(vote.words), "--temperature", str(vote.temperature)]
+    runs = [(m, "probes", "", ["--heldout", f"{data}/heldout.jsonl"]) for m in MODELS]
+    runs += [(m, "probes_context", "_context", []) for m in MODELS]
+    runs.append(("memory", "probes", "_linear", []))
+    for m, probes, suffix, extra in runs:
         mdir = os.path.join(d, "models", m)
-        for probes, suffix, extra in (("probes", "", ["--heldout", f"{data}/heldout.jsonl"]),
-                                      ("probes_context", "_context", [])):
-            ev = os.path.join(d, "eval", f"{m}{suffix}.json")
-            os.makedirs(os.path.dirname(ev), exist_ok=True)
-            routing = ["--routing", *ROUTING] if m == "memory" else []
-            st.run(f"evaluate {m}{suffix}", [sys.executable, "-m", "train.evaluate", "--model", f"{mdir}/export",
-                                             "--run", run, "--probes", f"{data}/{probes}.jsonl", *extra, *routing,
-                                             "--out", ev],
-                   ev, f"{logs}/evaluate_{m}{suffix}.log", files=[f"{data}/{probes}.jsonl", f"{data}/heldout.jsonl",
-                          *(os.path.join(ROOT, f) for f in ("train/evaluate.py", "index/router.py"))],
-                   after=[f"train {m}", "index"])
-            with open(ev) as f:
-                results[m + suffix] = json.load(f)
+        ev = os.path.join(d, "eval", f"{m}{suffix}.json")
+        os.makedirs(os.path.dirname(ev), exist_ok=True)
+        routing = (["--routing", *ROUTING] if m == "memory" else []) + rule
+        if suffix == "_linear":
+            routing = ["--routing", "neighbours", "--vote", "linear"]
+        st.run(f"evaluate {m}{suffix}", [sys.executable, "-m", "train.evaluate", "--model", f"{mdir}/export",
+                                         "--run", run, "--probes", f"{data}/{probes}.jsonl", *extra, *routing,
+                                         "--out", ev],
+               ev, f"{logs}/evaluate_{m}{suffix}.log", files=[f"{data}/{probes}.jsonl", f"{data}/heldout.jsonl",
+                      *(os.path.join(ROOT, f) for f in ("train/evaluate.py", "index/router.py", "index/terms.py"))],
+               after=[f"train {m}", "index"])
+        with open(ev) as f:
+            results[m + suffix] = json.load(f)
     return results
 
 
@@ -189,7 +203,7 @@ def probe_table(per_seed: list[dict], suffix: str) -> dict:
     mem = [s["memory" + suffix]["probes"] for s in per_seed]
     n_buckets = len(mem[0]["buckets"])
     acc = {}
-    for label, model, setting in rows():
+    for label, model, setting in rows(bare=not suffix):
         per = [[s[model + suffix]["probes"]["buckets"][b]["accuracy"].get(setting) for b in range(n_buckets)]
                for s in per_seed]
         acc[label] = {"buckets": [mean(p[b] for p in per) for b in range(n_buckets)], "per_seed": per,
@@ -203,7 +217,13 @@ def probe_table(per_seed: list[dict], suffix: str) -> dict:
                             "per_seed": [[m["buckets"][b][key + "_by_mode"][mode] for b in range(n_buckets)]
                                          for m in mem]}
                       for key in ("routing_agreement", "oracle_leaf")} for mode in ROUTING}
-    cost = {mode: mean(m["fetch_cost"][mode] for m in mem) for mode in ROUTING}
+    if not suffix:  # the linear vote's routes, from its own evaluation of the same model
+        lin = [s["memory_linear"]["probes"] for s in per_seed]
+        routing["neighbours, linear vote"] = {
+            key: {"buckets": [mean(m["buckets"][b][key + "_by_mode"]["neighbours"] for m in lin) for b in range(n_buckets)],
+                  "per_seed": [[m["buckets"][b][key + "_by_mode"]["neighbours"] for b in range(n_buckets)] for m in lin]}
+            for key in ("routing_agreement", "oracle_leaf")}
+    cost = {mode: mean(m["fetch_cost"][mode] for m in mem) for mode in ROUTING}  # the rerank vote's
     return {"buckets": buckets, "accuracy": acc, "routing": routing, "fetch_cost": cost,
             "blocked_bank_share": mean(m["blocked_bank_share"] for m in mem)}
 
@@ -220,7 +240,9 @@ def aggregate(per_seed: list[dict]) -> dict:
     train = {m: {k: mean(s["train"][m][k] for s in per_seed) for k in ("final_loss", "tokens_per_s")} for m in MODELS}
     return {"seeds": [s["seed"] for s in per_seed], "steps": per_seed[0]["steps"], "tokens": per_seed[0]["tokens"],
             "fact_passes": per_seed[0]["fact_passes"], "bbc_train": per_seed[0]["bbc_train"],
+            "fresh_passes": per_seed[0]["fresh_passes"],
             "corpus_tokens": mean(s["corpus_tokens"] for s in per_seed), "routing_modes": list(ROUTING),
+            "vote": dataclasses.asdict(RoutingConfig()),
             "bare": probe_table(per_seed, ""), "context": probe_table(per_seed, "_context"),
             "perplexity": ppl, "models": models, "train": train, "timings": [s["timings"] for s in per_seed]}
 
@@ -253,11 +275,15 @@ def accuracy_md(t: dict, seeds: list[int], title: str) -> list[str]:
 def markdown(r: dict) -> str:
     lines = [f"Long-tail benchmark: seeds {r['seeds']}, {r['steps']} steps = {r['tokens']:,} training tokens per model "
              f"({r['tokens'] / r['corpus_tokens']:.1f} epochs of {r['corpus_tokens']:.0f} tokens: {r['bbc_train']} BBC "
-             f"articles once, the facts part {r['fact_passes']}x).", "",
+             f"articles once, the facts part {r['fact_passes']}x, "
+             + ("each pass a fresh rendering: no identical documents)." if r["fresh_passes"] else "as identical copies)."),
+             "",
              "Models: " + "; ".join(f"{m} {v['anchor_params'] / 1e6:.2f}M" + (
                  f" + {v['fetched_params'] / 1e6:.3f}M fetched of a {v['bank_params'] / 1e6:.2f}M bank" if "bank_params" in v else "")
                  for m, v in r["models"].items()), "",
-             f"Routing modes (index/router.py): {', '.join(r['routing_modes'])}; the first is the headline. Routing "
+             f"Routing modes (index/router.py): {', '.join(r['routing_modes'])}; the first is the headline; every "
+             f"mode with the {r['vote']['vote']} vote (words {r['vote']['words']}, temperature "
+             f"{r['vote']['temperature']}) unless marked linear. Routing "
              "agreement = share of the entity's training documents in the probe's leaf; route = oracle leaf = share "
              "of probes routed to the leaf holding most of the entity's documents.", ""]
     lines += accuracy_md(r["bare"], r["seeds"], "**Bare questions** (the primary table: \"The atomic number of iron is\"), "
@@ -317,6 +343,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--epochs", type=float, default=1.0,
                     help="passes over the run's sequences (equal for all models); the corpus already repeats the "
                          "facts (configs/longtail/corpus.yaml fact_passes)")
+    ap.add_argument("--corpus", default=f"{CONFIGS}/corpus.yaml",
+                    help="corpus config (corpora/longtail.py LongtailConfig); configs/longtail/corpus_fresh.yaml: "
+                         "no identical documents")
     ap.add_argument("--cores", type=int, default=2)
     ap.add_argument("--force", action="store_true", help="rerun every stage, fingerprints or not")
     ap.add_argument("--until", choices=("train", "evaluate"), default="evaluate",
@@ -324,7 +353,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     out = os.path.abspath(args.out)
     t = time.time()
-    per_seed = [run_seed(out, s, args.epochs, args.cores, args.force, args.until) for s in args.seeds]
+    per_seed = [run_seed(out, s, args.epochs, args.cores, args.force, args.until, os.path.abspath(args.corpus))
+                for s in args.seeds]
     if args.until == "train":
         print(f"trained seeds {args.seeds} in {(time.time() - t) / 60:.1f} min")
         return 0

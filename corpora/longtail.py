@@ -26,6 +26,12 @@ news is not: ``bbc_train`` distinct articles, each read once in one epoch. An
 entity's ``frequency`` stays its number of distinct documents; ``exposures``
 (= frequency x fact_passes) is how often training reads its facts.
 
+Copies are what a neighbour vote that sums similarities can be passed by: 16 identical documents
+outvote everything else. ``fresh_passes`` writes each pass as new renderings of the entity's
+documents instead (another opening, other phrasings, other optional facts, another order): the
+facts are read as often, and no two documents of the corpus share a text. ``frequency`` stays the
+documents per pass, so the buckets of the two variants match.
+
 Probes come in two files. ``probes.jsonl`` holds the bare question a user asks ("The atomic
 number of iron is"), as in the paper's probe: the primary benchmark. ``probes_context.jsonl``
 prefixes each question with the entity's context sentence (one of its documents' openings: "Iron
@@ -62,7 +68,8 @@ class LongtailConfig:
     bbc_heldout: int = 40  # BBC articles held out for perplexity
     heldout_entities: int = 80  # entities that get one extra, held-out document
     optional_facts: tuple[int, int] = (1, 3)  # non-probed facts per document (min, max)
-    fact_passes: int = 1  # identical copies of the facts part in train.jsonl (see the module doc)
+    fact_passes: int = 1  # times the facts part is written into train.jsonl (see the module doc)
+    fresh_passes: bool = False  # each pass after the first renders the entity's documents anew: no identical text
     seed: int = 0
 
     def __post_init__(self):
@@ -230,10 +237,13 @@ def build(cfg: LongtailConfig, bbc: list[dict]) -> Corpus:
     for e, f in zip(ranked, zipf_frequencies(len(ranked), cfg.max_frequency, cfg.zipf_exponent)):
         e.frequency = f
     corpus = Corpus(entities=entities)
+    # fresh renderings draw from their own stream: the rest of the corpus is the same as with copies
+    fresh = random.Random(f"{cfg.seed}-passes") if cfg.fresh_passes else None
     for e in entities:
         docs = [{"id": f"fact-{e.domain}-{_slug(e.name)}-{i:03d}", "text": render(e, rng, cfg.optional_facts),
                  "source": e.domain, "entity": e.name} for i in range(e.frequency)]
-        docs += [dict(d, id=f"{d['id']}-r{r:02d}") for r in range(1, cfg.fact_passes) for d in docs[:e.frequency]]
+        docs += [dict(d, id=f"{d['id']}-r{r:02d}", text=render(e, fresh, cfg.optional_facts) if fresh else d["text"])
+                 for r in range(1, cfg.fact_passes) for d in docs[:e.frequency]]
         corpus.train += docs
         for fact, (q, a) in e.probes.items():
             probe = {"answer": a, "entity": e.name, "frequency": e.frequency, "exposures": len(docs), "fact": fact,

@@ -1,27 +1,36 @@
 """The document index: every routed training document as a short code in the list of its leaf.
 
-Owns the ``RUN/index/`` format (``hmem-index/2``):
+Owns the ``RUN/index/`` format (``hmem-index/3``). One entry per *distinct* routed document: copies
+(routed/ ``first_copy`` false: the same embedding as a document with a smaller id, pipeline/pack.py)
+are one piece of evidence, so the index holds the first and counts the others (``copies``). A vote
+over it gives the same leaf whether a text is in the corpus once or a thousand times.
+
 
     index/documents.faiss   IndexIVFPQ, L2. Inverted list j = the documents the job routed to leaf j
                             (its descent, not the nearest centroid); a code is the product quantisation
                             (``pq_m`` bytes) of the document's residual to leaf j's centroid.
     index/lists.ivfdata     the inverted lists (faiss OnDiskInvertedLists), memory-mapped: pq_m bytes of
                             code + 8 bytes of id per document, read only where a query probes
-    index/documents.arrow   Arrow IPC, row r = the document with FAISS row r: doc_id, leaf, preview.
+    index/documents.arrow   Arrow IPC, row r = the document with FAISS row r: doc_id, leaf, preview, copies.
                             For display only; the neighbour vote never reads it.
-    index/index.json        format, tree_version, n_documents, dim, n_leaves, pq_m, sizes; written last
+    index/terms.bin         row r's Bloom filter of its words (index/terms.py, BLOOM_BYTES each),
+                            memory-mapped: the vote reads the rows of its neighbours only
+    index/df.npy            document frequency per term bucket (uint32 [DF_BUCKETS]), for the IDF weights
+    index/index.json        format, tree_version, n_documents (distinct), n_routed, dim, n_leaves, pq_m,
+                            sizes; written last
 
 A FAISS id carries its document's leaf, ``id = leaf << 40 | row``, so a neighbour vote needs nothing
 but the codes it scans.
 
 Build (``build_document_index``) never holds all vectors, or all codes, in one process:
-  1. PQ codebooks are trained on a deterministic sample of ``routed/`` (every s-th row, at most
-     ``train_sample`` rows): residuals to their leaf's centroid;
+  1. PQ codebooks are trained on a sample of the distinct documents chosen by their content (a hash
+     of the embedding, at most about ``train_sample`` rows), sorted by it: the same codebooks
+     whatever the copies or the file order of routed/;
   2. ``routed/`` is streamed in batches; each ``shard_rows`` documents are encoded into a shard
      index written to ``index/shards/`` (RAM: one shard's codes, shard_rows x (pq_m + 8) bytes);
   3. the shards' lists are merged into ``lists.ivfdata`` (faiss.contrib.ondisk.merge_ondisk, which
      reads the shards memory-mapped) and the shards are removed.
-Memory at 3 billion documents with pq_m=48: 168 GB of lists on disk, of which a query touches
+Memory at 3 billion documents with pq_m=48: 168 GB of lists on disk (and 1.5 TB of Bloom filters), of which a query touches
 ``nprobe`` lists (pq_m=128: 408 GB, for a vote that matches the exact search's on near-ties too;
 README, "The document index"); the quantizer holds the leaf centroids (65,536 x 384 x 4 B = 100 MB
 at k=16, p=4).
@@ -41,9 +50,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as ds
 
+from index import terms as lexical
 from index.tree import Tree
 
-FORMAT = "hmem-index/2"
+FORMAT = "hmem-index/3"
 LEAF_SHIFT = 40  # id = leaf << 40 | row: 2^40 documents, 2^23 leaves
 ROW_MASK = (1 << LEAF_SHIFT) - 1
 BATCH_ROWS = 65536  # routed rows per streamed batch
@@ -128,6 +138,27 @@ def _leaves(batch: pa.RecordBatch, n_leaves: int, where: str) -> np.ndarray:
     return leaf
 
 
+ROUTED_COLUMNS = ["doc_id", "leaf", "embedding", "preview", "copies", "first_copy", "terms"]
+
+
+def content_key(x: np.ndarray) -> np.ndarray:
+    """A 64-bit hash of each embedding's bits (uint64 [n]): equal vectors, equal keys, in any file order."""
+    bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32).astype(np.uint64)
+    mult = (np.arange(bits.shape[1], dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)) | np.uint64(1)
+    with np.errstate(over="ignore"):
+        h = (bits * mult).sum(axis=1, dtype=np.uint64)
+        return (h ^ (h >> np.uint64(29))) * np.uint64(0xBF58476D1CE4E5B9)
+
+
+def _check_columns(routed_dir: str, run_dir: str) -> None:
+    names = set(ds.dataset(routed_dir, format="parquet", partitioning="hive").schema.names)
+    missing = [c for c in ROUTED_COLUMNS if c not in names]
+    if missing:
+        raise ValueError(f"{routed_dir} has no column {', '.join(missing)}: it was written by an older job; rerun "
+                         f"spark-submit jobs/cluster_corpus.py --output {run_dir} into a new directory (with --tree "
+                         f"{run_dir} to keep the tree) and build the index there")
+
+
 def build_document_index(run_dir: str, pq_m: int = PQ_M, train_sample: int = 100_000,
                          shard_rows: int = 4_000_000, log=print) -> dict:
     """Write RUN/index/ from RUN/tree/ and RUN/routed/ (see the module doc). Returns index.json."""
@@ -138,26 +169,28 @@ def build_document_index(run_dir: str, pq_m: int = PQ_M, train_sample: int = 100
         raise FileNotFoundError(f"{routed_dir} is missing: run jobs/cluster_corpus.py to its routing stage first")
     if tree.dim % pq_m:
         raise ValueError(f"pq_m {pq_m} must divide the embedding dimension {tree.dim}")
+    _check_columns(routed_dir, run_dir)
     n_leaves = tree.k ** tree.depth
     manifest = read_json(os.path.join(run_dir, "manifest.json"), "is the cluster_corpus run finished?")
-    n_routed = int(manifest["documents_routed"])
+    n_routed, n_distinct = int(manifest["documents_routed"]), int(manifest["documents_distinct"])
     leaf_centroids = np.ascontiguousarray(tree.centroids[-1], dtype=np.float32)
 
-    # 1. codebooks from a deterministic sample of residuals
-    every = max(1, -(-n_routed // train_sample))
-    sample, seen = [], 0
-    for batch in _batches(routed_dir, ["leaf", "embedding"]):
-        take = np.flatnonzero((np.arange(seen, seen + batch.num_rows) % every) == 0)
+    # 1. codebooks from a content-chosen sample of the distinct documents' residuals
+    every = np.uint64(max(1, -(-n_distinct // train_sample)))
+    sample, keys, seen = [], [], 0
+    for batch in _batches(routed_dir, ["leaf", "embedding", "first_copy"]):
         seen += batch.num_rows
+        x = embedding_matrix(batch.column("embedding"), tree.dim, routed_dir)
+        key = content_key(x)
+        take = np.flatnonzero(batch.column("first_copy").to_numpy(zero_copy_only=False) & (key % every == 0))
         if len(take):
-            part = batch.take(pa.array(take))
-            x = embedding_matrix(part.column("embedding"), tree.dim, routed_dir)
-            sample.append(x - leaf_centroids[_leaves(part, n_leaves, routed_dir)])
+            sample.append(x[take] - leaf_centroids[_leaves(batch, n_leaves, routed_dir)[take]])
+            keys.append(key[take])
     if not seen:
         raise ValueError(f"{routed_dir} holds no routed documents")
     if seen != n_routed:
         raise ValueError(f"{routed_dir} holds {seen} documents, manifest.json says {n_routed}: the run is incomplete")
-    residuals = np.concatenate(sample)
+    residuals = np.concatenate(sample)[np.argsort(np.concatenate(keys), kind="stable")]
     index = _empty_index(tree, pq_m)
     if len(residuals) < 256:  # fewer points than centroids: FAISS would refuse; repeat them (small corpora only)
         residuals = np.tile(residuals, (-(-256 // len(residuals)), 1))
@@ -165,39 +198,52 @@ def build_document_index(run_dir: str, pq_m: int = PQ_M, train_sample: int = 100
     index.is_trained = True  # the coarse lists are the tree's leaves: nothing else to train
     log(f"index: PQ {pq_m}x8 bits trained on {len(residuals)} residuals ({time.time() - t0:.1f}s)")
 
-    # 2. shards of codes, streamed
+    # 2. shards of codes, the display table and the Bloom filters, streamed
     out_dir = os.path.join(run_dir, "index")
     shard_dir = os.path.join(out_dir, "shards")
     shutil.rmtree(shard_dir, ignore_errors=True)
     os.makedirs(shard_dir)
-    schema = pa.schema([("doc_id", pa.string()), ("leaf", pa.int64()), ("preview", pa.string())])
-    arrow_tmp = os.path.join(out_dir, "documents.arrow.tmp")
-    shards, shard, n, t1 = [], None, 0, time.time()
+    schema = pa.schema([("doc_id", pa.string()), ("leaf", pa.int64()), ("preview", pa.string()), ("copies", pa.int64())])
+    arrow_tmp, terms_tmp = os.path.join(out_dir, "documents.arrow.tmp"), os.path.join(out_dir, "terms.bin.tmp")
+    df = np.zeros(lexical.DF_BUCKETS, dtype=np.uint32)
+    shards, shard, n, done, t1 = [], None, 0, 0, time.time()
 
     def flush():
         path = os.path.join(shard_dir, f"shard-{len(shards):05d}.faiss")
         faiss.write_index(shard, path)
         shards.append(path)
 
-    with pa.OSFile(arrow_tmp, "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
-        for batch in _batches(routed_dir, ["doc_id", "leaf", "embedding", "preview"]):
-            where = f"{routed_dir} (rows {n}..{n + batch.num_rows - 1})"
+    with pa.OSFile(arrow_tmp, "wb") as sink, pa.ipc.new_file(sink, schema) as writer, open(terms_tmp, "wb") as bloom:
+        for batch in _batches(routed_dir, ROUTED_COLUMNS):
+            where = f"{routed_dir} (rows {done}..{done + batch.num_rows - 1})"
+            done += batch.num_rows
+            batch = batch.filter(batch.column("first_copy"))
+            if not batch.num_rows:
+                continue
             x = embedding_matrix(batch.column("embedding"), tree.dim, where)
             leaf = _leaves(batch, n_leaves, where)
             if shard is None:
                 shard = faiss.clone_index(index)
             ids = (leaf << LEAF_SHIFT) | np.arange(n, n + len(leaf), dtype=np.int64)
             shard.add_core(len(leaf), faiss.swig_ptr(x), faiss.swig_ptr(ids), faiss.swig_ptr(leaf))
-            writer.write_batch(pa.record_batch([batch.column("doc_id"), pa.array(leaf), batch.column("preview")],
-                                               schema=schema))
+            writer.write_batch(pa.record_batch([batch.column(c) for c in ("doc_id",)] + [pa.array(leaf)]
+                                               + [batch.column(c) for c in ("preview", "copies")], schema=schema))
+            words = batch.column("terms")  # uint32 bits stored as int32 (pipeline/pack.py)
+            hashes = words.flatten().to_numpy(zero_copy_only=False).astype(np.int32).view(np.uint32)
+            bloom.write(lexical.blooms(hashes, words.value_lengths().to_numpy(zero_copy_only=False)).tobytes())
+            bucket, count = np.unique(lexical.df_buckets(hashes), return_counts=True)
+            df[bucket] += count.astype(np.uint32)
             n += len(leaf)
             if shard.ntotal >= shard_rows:
                 flush()
                 shard = None
-            rate = n / max(time.time() - t1, 1e-9)
-            log(f"index: encoded {n:,}/{n_routed:,} documents, {rate:,.0f} docs/s, ETA {(n_routed - n) / rate:.0f}s")
+            rate = done / max(time.time() - t1, 1e-9)
+            log(f"index: {done:,}/{n_routed:,} routed documents read, {n:,} distinct encoded, {rate:,.0f} docs/s, "
+                f"ETA {(n_routed - done) / rate:.0f}s")
     if shard is not None:
         flush()
+    if n != n_distinct:
+        raise ValueError(f"{routed_dir} holds {n} first copies, manifest.json says {n_distinct} distinct documents")
 
     # 3. one on-disk lists file, merged from the memory-mapped shards
     from faiss.contrib.ondisk import merge_ondisk
@@ -211,27 +257,31 @@ def build_document_index(run_dir: str, pq_m: int = PQ_M, train_sample: int = 100
     faiss.write_index(index, faiss_tmp)
     del index
     shutil.rmtree(shard_dir)
+    np.save(os.path.join(out_dir, "df.npy"), df)
     os.replace(faiss_tmp, os.path.join(out_dir, "documents.faiss"))
     os.replace(arrow_tmp, os.path.join(out_dir, "documents.arrow"))
+    os.replace(terms_tmp, os.path.join(out_dir, "terms.bin"))
     sizes = {name: os.path.getsize(os.path.join(out_dir, name)) for name in ("documents.faiss", "lists.ivfdata")}
-    meta = {"format": FORMAT, "tree_version": tree.version, "n_documents": n, "dim": tree.dim, "n_leaves": n_leaves,
-            "pq_m": pq_m, "index_bytes": sum(sizes.values()),
-            "list_bytes_per_document": sizes["lists.ivfdata"] / n,
+    meta = {"format": FORMAT, "tree_version": tree.version, "n_documents": n, "n_routed": n_routed, "dim": tree.dim,
+            "n_leaves": n_leaves, "pq_m": pq_m, "bloom_bytes": lexical.BLOOM_BYTES, "df_buckets": lexical.DF_BUCKETS,
+            "index_bytes": sum(sizes.values()), "list_bytes_per_document": sizes["lists.ivfdata"] / n,
             "table_bytes_per_document": os.path.getsize(os.path.join(out_dir, "documents.arrow")) / n}
     # index.json last: its presence marks a complete index
     with open(os.path.join(out_dir, "index.json"), "w") as f:
         json.dump(meta, f, indent=2)
-    log(f"index: {n:,} documents, {meta['list_bytes_per_document']:.1f} bytes each in the lists "
-        f"({time.time() - t0:.1f}s)")
+    log(f"index: {n:,} distinct of {n_routed:,} routed documents, {meta['list_bytes_per_document']:.1f} bytes each "
+        f"in the lists + {lexical.BLOOM_BYTES} of Bloom filter ({time.time() - t0:.1f}s)")
     return meta
 
 
 class DocumentIndex:
     """A loaded RUN/index/ (memory-mapped); ``search`` over bounded probes, ``search_leaves`` in given lists."""
 
-    def __init__(self, index_dir: str, index: faiss.IndexIVFPQ, table: pa.Table, meta: dict, tree: Tree):
+    def __init__(self, index_dir: str, index: faiss.IndexIVFPQ, table: pa.Table, meta: dict, tree: Tree,
+                 filters: np.ndarray, df: np.ndarray):
         self.dir, self.index, self.table, self.meta = index_dir, index, table, meta
         self.leaf_centroids = np.ascontiguousarray(tree.centroids[-1], dtype=np.float32)
+        self.filters, self.df = filters, df  # memory-mapped: [n, BLOOM_BYTES] uint8, [DF_BUCKETS] uint32
 
     @classmethod
     def load(cls, run_dir: str, tree: Tree, tree_version: str) -> "DocumentIndex":
@@ -248,12 +298,33 @@ class DocumentIndex:
                 index = faiss.read_index(os.path.join(index_dir, "documents.faiss"),
                                          faiss.IO_FLAG_ONDISK_SAME_DIR | faiss.IO_FLAG_READ_ONLY)
             table = pa.ipc.open_file(pa.memory_map(os.path.join(index_dir, "documents.arrow"))).read_all()
-        except (RuntimeError, OSError, pa.ArrowInvalid) as e:
+            filters = np.memmap(os.path.join(index_dir, "terms.bin"), dtype=np.uint8, mode="r",
+                                shape=(meta["n_documents"], meta["bloom_bytes"]))
+            df = np.load(os.path.join(index_dir, "df.npy"), mmap_mode="r")
+        except (RuntimeError, OSError, ValueError, pa.ArrowInvalid) as e:
             raise ValueError(f"{index_dir} is corrupt or incomplete ({e}); {fix}") from e
         if index.ntotal != meta["n_documents"] or table.num_rows != meta["n_documents"]:
             raise ValueError(f"{index_dir}: index.json says {meta['n_documents']} documents, documents.faiss has "
                              f"{index.ntotal}, documents.arrow {table.num_rows}; {fix}")
-        return cls(index_dir, index, table, meta, tree)
+        if meta["bloom_bytes"] != lexical.BLOOM_BYTES or df.shape != (lexical.DF_BUCKETS,):
+            raise ValueError(f"{index_dir}: word filters of {meta['bloom_bytes']} bytes / {df.shape[0]} frequency "
+                             f"buckets, this code reads {lexical.BLOOM_BYTES} / {lexical.DF_BUCKETS}; {fix}")
+        return cls(index_dir, index, table, meta, tree, filters, df)
+
+    def word_share(self, queries: list[list[int]] | list[np.ndarray], rows: np.ndarray) -> np.ndarray:
+        """Per query i and hit j: the IDF-weighted share of query i's terms (index.terms.term_hashes) that
+        document ``rows[i, j]`` holds (Bloom filter: a false positive adds a word at ~3%); 0 where rows < 0."""
+        out = np.zeros(rows.shape, dtype=np.float64)
+        n = self.meta["n_documents"]
+        for i, hashes in enumerate(queries):
+            hashes = np.asarray(hashes, dtype=np.uint32)
+            weight = lexical.idf(hashes, self.df, n)
+            ok = rows[i] >= 0
+            if not len(hashes) or weight.sum() <= 0 or not ok.any():
+                continue
+            held = lexical.contains(np.asarray(self.filters[rows[i][ok]]), hashes)  # [hits, terms]
+            out[i, ok] = held @ weight / weight.sum()
+        return out
 
     @property
     def n_lists(self) -> int:
@@ -281,7 +352,7 @@ class DocumentIndex:
         return self._hits(dist, ids)
 
     def documents(self, rows: np.ndarray) -> dict[str, list]:
-        """doc_id, leaf and preview of the given rows (display)."""
+        """doc_id, leaf, preview and copies of the given rows (display)."""
         # row by row: a few slices of the memory-mapped table, where take() would walk every chunk
         parts = [self.table.slice(int(r), 1) for r in rows]
-        return {c: [p.column(c)[0].as_py() for p in parts] for c in ("doc_id", "leaf", "preview")}
+        return {c: [p.column(c)[0].as_py() for p in parts] for c in ("doc_id", "leaf", "preview", "copies")}

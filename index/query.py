@@ -6,11 +6,12 @@
     python -m index.query --run RUN --routing descent "some text"  # another routing mode (index/router.py)
 
 For each query: the path (i1..ip) under the routing mode (default: the model's recorded mode with
---model, else ``neighbours``, the vote of the nearest training documents), the greedy-descent path
-for comparison, per level the node's global block id and its document/token counts, the nearest
-training documents inside the query's leaf and over the corpus, and the share of the corpus-wide
-ones that sit in the query's leaf. A low share means the documents carrying this fact were routed
-elsewhere, so the blocks this query fetches were not trained on them.
+--model, else ``neighbours`` with the ``rerank`` vote: the nearest training documents, re-scored by
+the query's words), the greedy-descent path for comparison, per level the node's global block id
+and its document/token counts, the nearest training documents inside the query's leaf, and the
+documents the vote weighed with their weight, similarity and share of the query's words. The share
+of the vote's weight in the chosen leaf says how clear the route is: a low share means no training
+document clearly matches the query, so its blocks may not hold what it asks about.
 """
 from __future__ import annotations
 
@@ -19,29 +20,30 @@ import json
 import sys
 from dataclasses import asdict
 
-from index.router import MODES, Router, RoutingConfig
+from index.router import MODES, VOTES, Router, RoutingConfig
 
 
 def answer(router: Router, texts: list[str], n: int) -> list[dict]:
     """One JSON-able object per query."""
     x = router.embed(texts)
-    routed = router.route_embeddings(x)
+    routed = router.route_embeddings(x, texts=texts)
     two = routed.ndim == 3
     paths = routed[:, 0] if two else routed  # two_paths: the first path leads the report
     descent = router.descend(x)
     leaves = router.leaves(paths)
     stats = router.node_stats(paths)
-    in_leaf = router.neighbours(x, n, leaves=leaves)
-    corpus = router.neighbours(x, n)
+    in_leaf = router.neighbours(x, n, leaves=leaves, texts=texts)
+    voters = router.neighbours(x, max(n, router.routing.neighbours), texts=texts)  # what the vote weighed
     out = []
     for q, text in enumerate(texts):
         leaf = int(leaves[q])
-        wide = [dict(asdict(nb), in_leaf=nb.leaf == leaf) for nb in corpus[q]]
-        out.append({"text": text, "routing": router.routing.mode, "path": paths[q].tolist(), "leaf": leaf,
+        wide = [dict(asdict(nb), in_leaf=nb.leaf == leaf) for nb in voters[q]]
+        out.append({"text": text, "routing": router.routing.mode, "vote": router.routing.vote,
+                    "path": paths[q].tolist(), "leaf": leaf,
                     "second_path": routed[q, 1].tolist() if two else None, "descent_path": descent[q].tolist(),
                     "blocks": [lv["block"] for lv in stats[q]], "levels": stats[q],
-                    "leaf_neighbours": [asdict(nb) for nb in in_leaf[q]], "neighbours": wide,
-                    "leaf_share": sum(nb["in_leaf"] for nb in wide) / max(1, len(wide)),
+                    "leaf_neighbours": [asdict(nb) for nb in in_leaf[q]], "neighbours": wide[:n],
+                    "vote_share": sum(nb["weight"] for nb in wide if nb["in_leaf"]),
                     "tree_version": router.tree_version})
     return out
 
@@ -67,21 +69,26 @@ def _snippet(text: str, words: int = 12) -> str:
 
 def format_answer(a: dict) -> str:
     lines = [f"query: {_snippet(a['text'], 20)!r}",
-             f"path: {a['path']}   leaf {a['leaf']}   routing {a['routing']}   tree {a['tree_version']}"
+             f"path: {a['path']}   leaf {a['leaf']}   routing {a['routing']}"
+             + ("" if a["routing"] == "descent" else f" ({a['vote']} vote)") + f"   tree {a['tree_version']}"
              + (f"   second path {a['second_path']}" if a.get("second_path") else "")
              + ("" if a["descent_path"] == a["path"] else f"   (descent: {a['descent_path']})"),
              f"  {'level':>5} {'node':>8} {'block':>8} {'documents':>10} {'tokens':>12}"]
     lines += [f"  {lv['level']:>5} {lv['local']:>8} {lv['block']:>8} {lv['documents']:>10} {lv['tokens']:>12}"
               for lv in a["levels"]]
-    lines.append(f"nearest training documents in leaf {a['leaf']}:")
-    lines += [f"  {nb['score']:.3f}  {nb['doc_id']}  {_snippet(nb['preview'])}" for nb in a["leaf_neighbours"]]
-    lines.append("nearest training documents in the whole corpus:")
-    lines += [f"  {nb['score']:.3f}  {nb['doc_id']}  leaf {nb['leaf']}{' (this leaf)' if nb['in_leaf'] else ''}"
-              f"  {_snippet(nb['preview'])}" for nb in a["neighbours"]]
-    share = a["leaf_share"]
-    lines.append(f"share of corpus-wide neighbours in this leaf: {share:.0%}"
-                 + ("" if share >= 0.5 else "  -- most related documents were routed elsewhere: "
-                    "the blocks this query fetches were not trained on them"))
+    def doc(nb: dict) -> str:
+        copies = f" (x{nb['copies']})" if nb["copies"] > 1 else ""
+        return f"{nb['doc_id']}{copies}  {_snippet(nb['preview'])}"
+
+    lines.append(f"training documents in leaf {a['leaf']} (similarity, share of the query's words):")
+    lines += [f"  {nb['score']:.3f} {nb['words']:4.0%}  {doc(nb)}" for nb in a["leaf_neighbours"]]
+    lines.append("the vote: the corpus's nearest training documents, by vote weight (weight, similarity, words):")
+    lines += [f"  {nb['weight']:4.0%} {nb['score']:.3f} {nb['words']:4.0%}  leaf {nb['leaf']}"
+              f"{' (this leaf)' if nb['in_leaf'] else ''}  {doc(nb)}" for nb in a["neighbours"]]
+    share = a["vote_share"]
+    lines.append(f"this leaf holds {share:.0%} of the vote's weight"
+                 + ("" if share >= 0.5 else "  -- no document clearly matches: the blocks this query fetches "
+                    "may not hold what it asks about"))
     if a.get("model"):
         lines.append(f"model: mean loss of the query text {a['model'][0]['nll_fetched']:.3f} nats/token with its path; per level:")
         lines += [f"  level {lv['level']} block {lv['block']}: {lv['nll_without']:.3f} without it ({lv['delta']:+.3f}), "
@@ -110,14 +117,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", help="trainer export: also report per level how much the block carries the fact")
     p.add_argument("--routing", choices=MODES, help="routing mode (default: the model's recorded mode with --model, "
                                                     "else neighbours)")
+    p.add_argument("--vote", choices=VOTES, help="how the neighbours weigh (default: the model's recorded vote with "
+                                                 "--model, else rerank)")
     args = p.parse_args(argv)
     try:
         texts = read_queries(args)
-        routing = RoutingConfig(mode=args.routing) if args.routing else RoutingConfig()
+        given = {k: v for k, v in (("mode", args.routing), ("vote", args.vote)) if v}
+        routing = RoutingConfig(**given)
         if args.model:  # the mode the model records (train.evaluate reads the export; index never imports train)
             from train.evaluate import model_routing
 
-            routing = model_routing(args.model, [args.routing] if args.routing else None)
+            routing = model_routing(args.model, [args.routing] if args.routing else None, vote=args.vote)
         router = Router.load(args.run, routing=routing)
         answers = answer(router, texts, args.n)
         if args.model:

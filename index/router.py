@@ -7,9 +7,9 @@ What a *prompt* fetches is a routing mode, chosen at inference (``RoutingConfig`
   descent     the greedy descent, as for training documents. A bare question ("The atomic number of
               iron is") is short and far from any document; descent sent it to its documents' leaf
               for ~15% of rare entities on a held-out corpus.
-  neighbours  the leaf holding most of the prompt's ``neighbours`` nearest training documents, each
-              weighted by its similarity (document index, index/docindex.py, ``nprobe`` lists).
-              The documents that state a fact are the prompt's nearest, wherever descent goes.
+  neighbours  the leaf with the most vote weight among the prompt's ``neighbours`` nearest distinct
+              training documents (document index, index/docindex.py, ``nprobe`` lists). The
+              documents that state a fact are the prompt's nearest, wherever descent goes.
   hybrid      the neighbours' leaf when it holds at least ``hybrid_share`` of the vote's weight,
               else descent.
   levels      the vote taken level by level: the level-1 node with the most weight, then among
@@ -18,6 +18,21 @@ What a *prompt* fetches is a routing mode, chosen at inference (``RoutingConfig`
               twice the fetched memory, see ``fetch_cost``.
 
 A query with no neighbour found (an empty index region) falls back to descent.
+
+The vote's weights (``RoutingConfig.vote``):
+
+  rerank      (default) each neighbour's score is its cosine similarity plus ``words`` times the
+              IDF-weighted share of the query's words it contains (index/terms.py), and its weight
+              is exp((score - best score) / ``temperature``): the clearly nearest document wins, a
+              crowd of weaker ones does not outvote it. The words separate what the encoder puts
+              side by side: an article's own sentence from another article on its subject, iron's
+              documents from cobalt's for "The atomic number of iron is".
+  linear      the similarity itself (the rule before rerank; exports that record no ``vote``
+              used it). Ten documents at 0.4 outweigh one at 0.7, so on a corpus without copies it
+              often picks the leaf of a crowd rather than of the document that matches.
+
+Copies of a text are one entry of the document index, so neither rule counts them: the route is
+the same whether a document is in the corpus once or many times.
 Scores are cosine similarities of L2-normalised embeddings (approximate: PQ codes).
 """
 from __future__ import annotations
@@ -29,9 +44,11 @@ import numpy as np
 
 from index.docindex import DocumentIndex, Hits, TreeVersionError, read_json
 from index.route import Descender
+from index.terms import term_hashes
 from index.tree import Tree, local_index, path_block_ids
 
 MODES = ("descent", "neighbours", "hybrid", "levels", "two_paths")
+VOTES = ("rerank", "linear")
 
 
 @dataclass
@@ -42,12 +59,21 @@ class RoutingConfig:
     neighbours: int = 32  # training documents in the vote
     nprobe: int = 64  # leaf lists the vote searches (bounded: the cost does not grow with the corpus)
     hybrid_share: float = 0.5  # hybrid: the vote wins when its leaf holds this share of the weight
+    vote: str = "rerank"  # how neighbours weigh (module doc)
+    # rerank's constants, chosen with bench/routing_check.py --grid on a validation corpus that no figure is
+    # reported on (configs/longtail/corpus_once.yaml, seed 7; docs/RESULTS.md, "Routing")
+    words: float = 0.5  # score = similarity + words x the share of the query's words the document holds
+    temperature: float = 0.01  # weight = exp((score - best) / temperature)
 
     def __post_init__(self):
         if self.mode not in MODES:
             raise ValueError(f"routing mode {self.mode!r}: one of {MODES}")
+        if self.vote not in VOTES:
+            raise ValueError(f"routing vote {self.vote!r}: one of {VOTES}")
         if self.neighbours < 1 or self.nprobe < 1 or not 0 < self.hybrid_share <= 1:
             raise ValueError(f"routing: neighbours and nprobe must be >= 1 and 0 < hybrid_share <= 1 ({self})")
+        if self.words < 0 or self.temperature <= 0:
+            raise ValueError(f"routing: words must be >= 0 and temperature > 0 ({self})")
 
     @property
     def needs_index(self) -> bool:
@@ -57,9 +83,12 @@ class RoutingConfig:
 @dataclass
 class Neighbour:
     doc_id: str
-    score: float
+    score: float  # cosine similarity (PQ-approximate)
     leaf: int
     preview: str
+    copies: int  # routed documents with this text (one index entry)
+    words: float | None = None  # share of the query's words it holds (IDF-weighted), when the texts are given
+    weight: float | None = None  # its share of the vote's weight among the listed neighbours
 
 
 
@@ -69,9 +98,18 @@ def leaf_paths(leaves: np.ndarray, k: int, depth: int) -> np.ndarray:
     return np.stack([(leaves // k ** (depth - 1 - l)) % k for l in range(depth)], axis=-1).astype(np.int32)
 
 
-def vote_weights(hits: Hits) -> np.ndarray:
-    """Vote weight of each hit: its similarity, never negative; 0 for a missing hit."""
-    return np.nan_to_num(np.clip(hits.sims, 0.0, None), nan=0.0).astype(np.float64) + (hits.rows >= 0) * 1e-9
+def vote_weights(hits: Hits, cfg: RoutingConfig, word_share: np.ndarray | None = None) -> np.ndarray:
+    """Vote weight of each hit under ``cfg.vote`` (module doc); 0 for a missing hit. ``word_share``
+    [N, m]: DocumentIndex.word_share of the queries' terms, needed by ``rerank``."""
+    found = hits.rows >= 0
+    sims = np.nan_to_num(hits.sims, nan=0.0).astype(np.float64)
+    if cfg.vote == "linear":
+        return np.clip(sims, 0.0, None) * found + found * 1e-9
+    if word_share is None:
+        raise ValueError("the rerank vote weighs the query's words: pass the query texts")
+    score = np.where(found, sims + cfg.words * word_share, -np.inf)
+    best = score.max(axis=1, keepdims=True)
+    return np.where(found, np.exp((score - np.where(np.isfinite(best), best, 0.0)) / cfg.temperature), 0.0)
 
 
 def vote(keys: np.ndarray, weights: np.ndarray, top: int = 1) -> tuple[np.ndarray, np.ndarray]:
@@ -147,9 +185,10 @@ class Router:
         """Greedy-descent paths [N, p] (int32) of L2-normalised embeddings [N, dim]: a training document's path."""
         return self.descender.route(np.atleast_2d(x))
 
-    def route_embeddings(self, x: np.ndarray, mode: str | None = None) -> np.ndarray:
-        """Paths of embeddings [N, dim] under ``mode`` (default: this router's): [N, p] (int32), or
-        [N, 2, p] for ``two_paths`` (the second path repeats the first where the vote found one leaf)."""
+    def route_embeddings(self, x: np.ndarray, mode: str | None = None, texts: list[str] | None = None) -> np.ndarray:
+        """Paths of embeddings [N, dim] of ``texts`` under ``mode`` (default: this router's): [N, p] (int32), or
+        [N, 2, p] for ``two_paths`` (the second path repeats the first where the vote found one leaf).
+        ``texts``: the texts embedded, whose words the ``rerank`` vote reads (not needed for descent)."""
         mode = mode or self.routing.mode
         if mode not in MODES:
             raise ValueError(f"routing mode {mode!r}: one of {MODES}")
@@ -161,7 +200,7 @@ class Router:
             raise ValueError(f"routing mode {mode!r} needs the document index: load the router with documents=True")
         cfg, k, depth = self.routing, self.tree.k, self.tree.depth
         hits = self.documents.search(x, cfg.neighbours, cfg.nprobe)
-        weights = vote_weights(hits)
+        weights = vote_weights(hits, cfg, self.word_share(texts, hits) if cfg.vote == "rerank" else None)
         if mode == "levels":
             chosen = np.zeros(len(x), dtype=np.int64)
             alive = hits.leaves >= 0
@@ -183,7 +222,14 @@ class Router:
         return np.stack([first, second], axis=1)
 
     def route_texts(self, texts: list[str], mode: str | None = None) -> np.ndarray:
-        return self.route_embeddings(self.embed(texts), mode)
+        return self.route_embeddings(self.embed(texts), mode, texts)
+
+    def word_share(self, texts: list[str] | None, hits: Hits) -> np.ndarray:
+        """[N, m]: the share of each query's words (IDF-weighted) that each hit holds (rerank's evidence)."""
+        if texts is None or len(texts) != hits.rows.shape[0]:
+            raise ValueError("the rerank vote weighs the query's words: route_embeddings needs the texts embedded "
+                             "(texts=...), one per embedding")
+        return self.documents.word_share([term_hashes(t) for t in texts], hits.rows)
 
     def blocks(self, paths: np.ndarray) -> np.ndarray:
         """Global block ids [N, p] of each path's nodes (index/tree.py numbering)."""
@@ -208,18 +254,29 @@ class Router:
             out.append(rows)
         return out
 
-    def neighbours(self, x: np.ndarray, n: int, leaves: np.ndarray | None = None) -> list[list[Neighbour]]:
-        """The n nearest routed documents of each embedding: within its leaf ``leaves[i]`` when given,
-        else over the corpus (the ``nprobe`` nearest lists, as the vote searches)."""
+    def neighbours(self, x: np.ndarray, n: int, leaves: np.ndarray | None = None,
+                   texts: list[str] | None = None) -> list[list[Neighbour]]:
+        """The n nearest distinct routed documents of each embedding: within its leaf ``leaves[i]`` when
+        given, else over the corpus (the ``nprobe`` nearest lists, as the vote searches). With ``texts``,
+        each carries its word share and vote weight, and they are listed by the vote's score."""
         if self.documents is None:
             raise ValueError(f"{self.run_dir}: router loaded without the document index")
         x = np.atleast_2d(x)
         hits = (self.documents.search(x, n, self.routing.nprobe) if leaves is None
                 else self.documents.search_leaves(x, np.asarray(leaves).reshape(-1, 1), n))
+        words = weights = None
+        if texts is not None:
+            words = self.word_share(texts, hits)
+            weights = vote_weights(hits, self.routing, words)
+            weights = weights / np.maximum(weights.sum(axis=1, keepdims=True), 1e-300)
         out = []
-        for sims, rows in zip(hits.sims, hits.rows):
-            ok = rows >= 0
+        for q, (sims, rows) in enumerate(zip(hits.sims, hits.rows)):
+            ok = np.flatnonzero(rows >= 0)
+            if weights is not None:
+                ok = ok[np.argsort(-weights[q, ok], kind="stable")]
             docs = self.documents.documents(rows[ok])
-            out.append([Neighbour(d, float(s), int(lf), pv) for d, s, lf, pv in
-                        zip(docs["doc_id"], sims[ok], docs["leaf"], docs["preview"])])
+            out.append([Neighbour(d, float(sims[j]), int(lf), pv, int(c),
+                                  None if words is None else float(words[q, j]),
+                                  None if weights is None else float(weights[q, j]))
+                        for j, d, lf, pv, c in zip(ok, docs["doc_id"], docs["leaf"], docs["preview"], docs["copies"])])
         return out

@@ -83,6 +83,7 @@ def build(cfg: JobConfig, read: dict, fit: dict, pack: dict, seconds: dict, chec
         "format": "hmem-run/1",
         "documents_in": read["documents_in"],
         "documents_routed": pack["documents"],
+        "documents_distinct": pack["documents_distinct"],
         "documents_quarantined": read["documents_quarantined"],
         "quarantine_reasons": read["quarantine_reasons"],
         "inputs": read["inputs"],

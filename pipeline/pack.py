@@ -88,6 +88,15 @@ def make_tokenize_udf(tok_json: str):
     return tokenize
 
 
+def make_terms_udf():
+    @pandas_udf("array<int>")
+    def terms(texts: pd.Series) -> pd.Series:
+        """routed/ ``terms``: index/terms.py's term hashes of each document (uint32 bits stored as int32)."""
+        from index.terms import term_hashes
+        return pd.Series([term_hashes(t).view(np.int32) for t in texts])
+    return terms
+
+
 def pack_group(doc_ids: list[str], token_lists: list[np.ndarray], seq_len: int, eot_id: int = EOT_ID,
                pad_id: int = PAD_ID) -> list[tuple[list[int], int, list[str]]]:
     """Pack documents (already in order) into (tokens[seq_len+1], n_valid, first-token doc ids) sequences."""
@@ -109,6 +118,20 @@ def pack_group(doc_ids: list[str], token_lists: list[np.ndarray], seq_len: int, 
     return out
 
 
+def copy_groups(leaves: DataFrame, embeddings: DataFrame) -> DataFrame:
+    """doc_id -> ``copies`` (routed documents with this document's embedding, itself included) and
+    ``first_copy`` (the smallest doc_id of them). Identical texts share one embedding (pipeline/embed.py) and
+    so one leaf: to the router's vote they are one piece of evidence, and the document index keeps only the
+    first copy (index/docindex.py). Narrow rows (doc_id, leaf, a 64-bit hash of the embedding) are shuffled,
+    not the embeddings."""
+    from pyspark.sql import Window
+
+    w = Window.partitionBy("leaf", "h")
+    return (leaves.join(embeddings.select("doc_id", F.xxhash64("embedding").alias("h")), "doc_id")
+            .select("doc_id", F.count("*").over(w).alias("copies"),
+                    (F.col("doc_id") == F.min("doc_id").over(w)).alias("first_copy")))
+
+
 def pack_stage(spark: SparkSession, cfg: JobConfig, run_dir: str) -> dict:
     docs = spark.read.parquet(os.path.join(run_dir, "documents"))
     routed = spark.read.parquet(os.path.join(run_dir, "work", "routed"))  # pipeline/fit.py: doc_id, path, leaf
@@ -121,6 +144,7 @@ def pack_stage(spark: SparkSession, cfg: JobConfig, run_dir: str) -> dict:
     joined = (routed.join(docs.select("doc_id", "text"), "doc_id")
               .repartition(parts, "doc_id")
               .withColumn("ids", tokenize("text"))
+              .withColumn("terms", make_terms_udf()("text"))
               .withColumn("n_tokens", F.size("ids").cast("long"))
               .withColumn("l1", F.col("path")[0]))
     work = os.path.join(run_dir, "work", "tokens")
@@ -130,9 +154,12 @@ def pack_stage(spark: SparkSession, cfg: JobConfig, run_dir: str) -> dict:
     # routed/: the doc -> path table the router, the document index and the evaluation read (the one place
     # after the embed stage that writes the embeddings again: the index needs them beside the leaf)
     embeddings = spark.read.parquet(os.path.join(run_dir, "embeddings")).select("doc_id", "embedding")
+    copies = copy_groups(toks.select("doc_id", "leaf"), embeddings)
     (toks.join(docs.select("doc_id", F.substring("text", 1, 200).alias("preview")), "doc_id").join(embeddings, "doc_id")
-     .select("doc_id", "path", "leaf", "embedding", "n_tokens", "preview", "l1")
+     .join(copies, "doc_id")
+     .select("doc_id", "path", "leaf", "embedding", "n_tokens", "preview", "copies", "first_copy", "terms", "l1")
      .write.mode("overwrite").partitionBy("l1").parquet(os.path.join(run_dir, "routed")))
+    distinct = int(copies.filter("first_copy").count())
 
     leaf_tokens = {r["leaf"]: int(r["t"]) for r in toks.groupBy("leaf").agg(F.sum(F.col("n_tokens") + 1).alias("t")).collect()}
     groups = {leaf: max(1, -(-t // cfg.pack_group_tokens)) for leaf, t in leaf_tokens.items()}
@@ -166,7 +193,8 @@ def pack_stage(spark: SparkSession, cfg: JobConfig, run_dir: str) -> dict:
     if seq_stats["docs"] != n_docs:
         raise RuntimeError(f"pack: {n_docs} routed documents but {seq_stats['docs']} listed in shards")
     leaf_seq = {r["leaf"]: r["count"] for r in written.groupBy("leaf").count().collect()}
-    return {"vocab_size": tok.get_vocab_size(), "eot_id": eot_id, "pad_id": pad_id, "documents": n_docs, "sequences": seq_stats["sequences"],
+    return {"vocab_size": tok.get_vocab_size(), "eot_id": eot_id, "pad_id": pad_id, "documents": n_docs,
+            "documents_distinct": distinct, "sequences": seq_stats["sequences"],
             "tokens": int(toks.agg(F.sum("n_tokens")).first()[0]), "valid_tokens": int(seq_stats["valid"]),
             "leaf_tokens": {str(k): v for k, v in leaf_tokens.items()},
             "leaf_sequences": {str(k): v for k, v in leaf_seq.items()}}

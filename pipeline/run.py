@@ -90,7 +90,7 @@ def run(cfg: JobConfig, spark: SparkSession | None = None) -> dict:
 
 def summary(m: dict) -> str:
     lines = [f"documents: {m['documents_in']} in = {m['documents_routed']} routed + {m['documents_quarantined']} quarantined "
-             f"{m['quarantine_reasons'] or ''}",
+             f"{m['quarantine_reasons'] or ''}; {m['documents_distinct']} distinct (copies are one document to the index)",
              f"tree {m['tree_version']}: k={m['k']} depth={m['depth']}; {m['sequences']} sequences of {m['seq_len']}+1 tokens, "
              f"{m['tokens']:,} document tokens"]
     for lv in m["levels"]:

@@ -8,7 +8,6 @@ import shutil
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 
 from index.query import main
@@ -36,8 +35,10 @@ def test_json_answers_match_router(run_dir, capsys):
                                                           for l, lv in enumerate(a["levels"])]
         assert len(a["neighbours"]) == 3 and all({"doc_id", "score"} <= set(nb) for nb in a["neighbours"])
         assert all(nb["leaf"] == a["leaf"] for nb in a["leaf_neighbours"])
-        assert a["leaf_share"] == np.mean([nb["leaf"] == a["leaf"] for nb in a["neighbours"]])
-        assert a["routing"] == "neighbours"
+        weights = [nb["weight"] for nb in a["neighbours"]]  # listed by vote weight
+        assert weights == sorted(weights, reverse=True) and 0 < a["vote_share"] <= 1 + 1e-9
+        assert all(0 <= nb["words"] <= 1 for nb in a["neighbours"])
+        assert (a["routing"], a["vote"]) == ("neighbours", "rerank")
     assert [a["descent_path"] for a in answers] == r.route_texts(QUERIES, "descent").tolist()
 
 
@@ -55,7 +56,7 @@ def test_text_output_and_file_and_stdin(run_dir, tmp_path, capsys, monkeypatch):
     qfile.write_text("\n".join(QUERIES) + "\n\n")
     assert main(["--run", run_dir, "--file", str(qfile)]) == 0
     out = capsys.readouterr().out
-    assert out.count("path: [") == 2 and "nearest training documents in leaf" in out and "share of" in out
+    assert out.count("path: [") == 2 and "training documents in leaf" in out and "of the vote's weight" in out
     monkeypatch.setattr(sys, "stdin", io.StringIO(QUERIES[0] + "\n"))
     assert main(["--run", run_dir, "--json", "-"]) == 0
     assert len(capsys.readouterr().out.splitlines()) == 1

@@ -16,6 +16,7 @@ from index.encoder import embed_texts, load_encoder
 from index.kmeans import KMeansParams, fit_children
 from index.docindex import build_document_index
 from index.route import ISAS, Descender, kernel_isa, offsets, route
+from index.terms import term_hashes
 from index.router import MODES, Router, RoutingConfig, TreeVersionError, leaf_paths, vote
 from index.tree import Tree, local_index, path_block_ids
 
@@ -60,14 +61,17 @@ def make_bbc_run(root: str, n_docs: int = 40, k: int = 3, depth: int = 2, seed: 
     leaf = local_index(paths, k, depth)
     n_tokens = np.array([len(t.split()) for t in texts])
     schema = pa.schema([("doc_id", pa.string()), ("path", pa.list_(pa.int32())), ("leaf", pa.int64()),
-                        ("embedding", pa.list_(pa.float32())), ("n_tokens", pa.int64()), ("preview", pa.string())])
+                        ("embedding", pa.list_(pa.float32())), ("n_tokens", pa.int64()), ("preview", pa.string()),
+                        ("copies", pa.int64()), ("first_copy", pa.bool_()), ("terms", pa.list_(pa.int32()))])
     for i1 in range(k):
         rows = np.flatnonzero(paths[:, 0] == i1)
         if len(rows) == 0:
             continue
         table = pa.table({"doc_id": [f"bbc{i:04d}" for i in rows], "path": [paths[i].tolist() for i in rows],
                           "leaf": leaf[rows], "embedding": [x[i].tolist() for i in rows],
-                          "n_tokens": n_tokens[rows], "preview": [texts[i][:200] for i in rows]}, schema=schema)
+                          "n_tokens": n_tokens[rows], "preview": [texts[i][:200] for i in rows],
+                          "copies": [1] * len(rows), "first_copy": [True] * len(rows),  # the BBC sample has no copies
+                          "terms": [term_hashes(texts[i]).view(np.int32) for i in rows]}, schema=schema)
         os.makedirs(os.path.join(root, "routed", f"l1={i1}"))
         pq.write_table(table, os.path.join(root, "routed", f"l1={i1}", "part-00000.parquet"))
     levels = []
@@ -76,7 +80,7 @@ def make_bbc_run(root: str, n_docs: int = 40, k: int = 3, depth: int = 2, seed: 
         levels.append({"level": l, "nodes": k**l,
                        "node_documents": np.bincount(local, minlength=k**l).tolist(),
                        "node_tokens": np.bincount(local, weights=n_tokens, minlength=k**l).astype(int).tolist()})
-    manifest = {"documents_in": n_docs, "documents_routed": n_docs, "documents_quarantined": 0,
+    manifest = {"documents_in": n_docs, "documents_routed": n_docs, "documents_distinct": n_docs, "documents_quarantined": 0,
                 "tree_version": tree.version, "k": k, "depth": depth, "levels": levels, "seed": seed,
                 "config": {"max_windows": 1}}
     with open(os.path.join(root, "manifest.json"), "w") as f:
@@ -191,22 +195,28 @@ def test_routing_modes(run_dir):
     table = read_routed(run_dir)
     stored = np.array(table.column("path").to_pylist())
     x = np.array(table.column("embedding").to_pylist(), dtype=np.float32)
+    with open(os.path.join(run_dir, "texts.json")) as f:
+        by_id = json.load(f)
+    texts = [by_id[d] for d in table.column("doc_id").to_pylist()]
     # with one neighbour, a document's vote is its own leaf (it is its own nearest document)
     for mode in ("neighbours", "hybrid", "levels"):
-        assert np.array_equal(r.route_embeddings(x, mode), stored), mode
-    two = r.route_embeddings(x, "two_paths")
+        assert np.array_equal(r.route_embeddings(x, mode, texts), stored), mode
+    two = r.route_embeddings(x, "two_paths", texts)
     assert two.shape == (len(x), 2, r.tree.depth) and np.array_equal(two[:, 0], stored)
+    with pytest.raises(ValueError, match="texts"):  # the rerank vote reads the query's words
+        r.route_embeddings(x, "neighbours")
     wide = Router.load(run_dir, routing=RoutingConfig(neighbours=8, hybrid_share=1.0))
-    q = embed_texts(load_encoder(), ["Who won the match?", "The central bank raised rates", "A new phone"])
+    queries = ["Who won the match?", "The central bank raised rates", "A new phone"]
+    q = embed_texts(load_encoder(), queries)
     for mode in MODES:
-        p = wide.route_embeddings(q, mode)
+        p = wide.route_embeddings(q, mode, queries)
         assert p.shape[-1] == r.tree.depth and p.min() >= 0 and p.max() < r.tree.k
     # hybrid with share 1.0 takes the vote only where all 8 neighbours sit in one leaf, else descent
     hits = wide.documents.search(q, 8, wide.routing.nprobe)
     unanimous = (hits.leaves == hits.leaves[:, :1]).all(1)
-    hybrid, descent = wide.route_embeddings(q, "hybrid"), wide.descend(q)
+    hybrid, descent = wide.route_embeddings(q, "hybrid", queries), wide.descend(q)
     assert np.array_equal(hybrid[~unanimous], descent[~unanimous])
-    assert np.array_equal(hybrid[unanimous], wide.route_embeddings(q, "neighbours")[unanimous])
+    assert np.array_equal(hybrid[unanimous], wide.route_embeddings(q, "neighbours", queries)[unanimous])
     with pytest.raises(ValueError, match="routing mode"):
         RoutingConfig(mode="nearest")
     with pytest.raises(ValueError, match="document index"):

@@ -48,7 +48,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from index.router import MODES
+from index.router import MODES, VOTES
 from index.tree import generic_block_ids, n_tree_blocks, path_block_ids
 
 N_BUCKETS = 5
@@ -180,7 +180,7 @@ class Evaluator:
     def routes(self, texts: list[str], modes: list[str]) -> dict[str, np.ndarray]:
         """Paths of ``texts`` under each routing mode (the texts embedded once)."""
         x = self.router.embed(texts)
-        return {mode: self.router.route_embeddings(x, mode) for mode in modes}
+        return {mode: self.router.route_embeddings(x, mode, texts) for mode in modes}
 
     @torch.no_grad()
     def window_nll(self, windows: list[list[int]], ids: torch.Tensor | None) -> np.ndarray:
@@ -381,9 +381,11 @@ def block_report(model_dir: str, router, texts: list[str]) -> list[list[dict]]:
 
 
 def model_routing(model_dir: str, modes: list[str] | None = None, neighbours: int | None = None,
-                  nprobe: int | None = None):
+                  nprobe: int | None = None, vote: str | None = None, words: float | None = None,
+                  temperature: float | None = None):
     """The routing of prompts for an exported model: the one its meta.json records (index.router defaults
-    for older exports), with the first of ``modes`` and the given sizes overriding it."""
+    for older exports; a recorded routing without ``vote`` used the linear vote, and keeps it), with the
+    first of ``modes``, the given sizes and ``vote`` overriding it."""
     from index.router import RoutingConfig
 
     path = os.path.join(model_dir, "meta.json")
@@ -391,10 +393,13 @@ def model_routing(model_dir: str, modes: list[str] | None = None, neighbours: in
         raise FileNotFoundError(f"{path} is missing: --model must be an export directory written by train/main.py")
     with open(path) as f:
         meta = json.load(f)
-    recorded = meta.get("routing") or {}
+    recorded = dict(meta.get("routing") or {})
+    if recorded and "vote" not in recorded:
+        recorded["vote"] = "linear"  # recorded before votes had a name: the rule it was evaluated with
     if meta.get("memory") is None:  # a dense model fetches nothing: routing decides nothing, needs no document index
         recorded = dict(recorded, mode="descent")
-    given = {"mode": modes[0] if modes else None, "neighbours": neighbours, "nprobe": nprobe}
+    given = {"mode": modes[0] if modes else None, "neighbours": neighbours, "nprobe": nprobe, "vote": vote,
+             "words": words, "temperature": temperature}
     return RoutingConfig(**dict(recorded, **{k: v for k, v in given.items() if v is not None}))
 
 
@@ -422,11 +427,15 @@ def main(argv: list[str] | None = None) -> int:
                          "(default: the model's recorded mode)")
     ap.add_argument("--neighbours", type=int, help="documents in the neighbour vote (default: the model's)")
     ap.add_argument("--nprobe", type=int, help="leaf lists the vote searches (default: the model's)")
+    ap.add_argument("--vote", choices=VOTES, help="how the neighbours weigh (index/router.py; default: the model's)")
+    ap.add_argument("--words", type=float, help="rerank vote: weight of the query's words (default: the model's)")
+    ap.add_argument("--temperature", type=float, help="rerank vote: temperature (default: the model's)")
     args = ap.parse_args(argv)
     from index.router import Router
 
     try:
-        routing = model_routing(args.model, args.routing, args.neighbours, args.nprobe)
+        routing = model_routing(args.model, args.routing, args.neighbours, args.nprobe, args.vote, args.words,
+                                args.temperature)
         modes = args.routing or [routing.mode]
         router = Router.load(args.run, documents=any(m != "descent" for m in modes), routing=routing)
         ev = Evaluator(args.model, router, args.batch_size)
