@@ -50,6 +50,7 @@ bench: install
 	$(BIN)/python bench/embed_throughput.py
 	$(BIN)/python bench/router_throughput.py
 	$(BIN)/python bench/query_latency.py --run runs/demo
+	$(BIN)/python bench/routing_check.py --run runs/demo
 	$(BIN)/python bench/doc_index.py
 	$(BIN)/python bench/model_throughput.py
 	$(BIN)/python bench/train_throughput.py

@@ -130,7 +130,7 @@ def step(name: str, cmd: list[str], done: str, log: str, cores: int, timings: di
 
 
 def run_seed(out: str, seed: int, epochs: float, cores: int, force: bool = False, until: str = "evaluate",
-             corpus_cfg: str = f"{CONFIGS}/corpus.yaml") -> dict:
+             corpus_cfg: str = f"{CONFIGS}/corpus.yaml", models: tuple[str, ...] = MODELS, context: bool = True) -> dict:
     """The chain for one seed; returns {model: evaluation JSON} plus timings and training figures."""
     d = os.path.join(out, f"seed{seed}")
     data, run, logs = os.path.join(d, "data"), os.path.join(d, "run"), os.path.join(d, "logs")
@@ -152,7 +152,7 @@ def run_seed(out: str, seed: int, epochs: float, cores: int, force: bool = False
                "fact_passes": corpus["config"]["fact_passes"], "bbc_train": corpus["config"]["bbc_train"],
                "fresh_passes": corpus["config"].get("fresh_passes", False),
                "timings": st.timings, "train": {}}
-    for m in MODELS:
+    for m in models:
         mdir = os.path.join(d, "models", m)
         st.run(f"train {m}", train_cmd(f"{CONFIGS}/{m}.yaml", run, mdir, steps, seed),
                os.path.join(mdir, "export", "meta.json"), f"{logs}/train_{m}.log", files=[f"{CONFIGS}/{m}.yaml"],
@@ -172,8 +172,8 @@ def run_seed(out: str, seed: int, epochs: float, cores: int, force: bool = False
     # recorded; the memory model's bare questions also with the linear vote, the rule before rerank
     vote = RoutingConfig()
     rule = ["--vote", vote.vote, "--words", str(vote.words), "--temperature", str(vote.temperature)]
-    runs = [(m, "probes", "", ["--heldout", f"{data}/heldout.jsonl"]) for m in MODELS]
-    runs += [(m, "probes_context", "_context", []) for m in MODELS]
+    runs = [(m, "probes", "", ["--heldout", f"{data}/heldout.jsonl"]) for m in models]
+    runs += [(m, "probes_context", "_context", []) for m in models if context]
     runs.append(("memory", "probes", "_linear", []))
     for m, probes, suffix, extra in runs:
         mdir = os.path.join(d, "models", m)
@@ -201,9 +201,10 @@ def mean(xs) -> float | None:
 def probe_table(per_seed: list[dict], suffix: str) -> dict:
     """Mean over seeds of accuracy per (row, bucket), plus the per-seed values; routing figures per mode."""
     mem = [s["memory" + suffix]["probes"] for s in per_seed]
+    trained = set(per_seed[0]["train"]) | {"memory_linear"}
     n_buckets = len(mem[0]["buckets"])
     acc = {}
-    for label, model, setting in rows(bare=not suffix):
+    for label, model, setting in (r for r in rows(bare=not suffix) if r[1] in trained):
         per = [[s[model + suffix]["probes"]["buckets"][b]["accuracy"].get(setting) for b in range(n_buckets)]
                for s in per_seed]
         acc[label] = {"buckets": [mean(p[b] for p in per) for b in range(n_buckets)], "per_seed": per,
@@ -231,19 +232,21 @@ def probe_table(per_seed: list[dict], suffix: str) -> dict:
 def aggregate(per_seed: list[dict]) -> dict:
     """Mean over seeds: bare-question and context-prefixed probe tables, perplexities, training figures."""
     ppl = {}
-    for model in MODELS:
+    trained = list(per_seed[0]["train"])
+    for model in trained:
         for setting in per_seed[0][model]["perplexity"]:
             ppl[f"{model}: {setting}"] = {k: mean(s[model]["perplexity"][setting][k] for s in per_seed)
                                          for k in per_seed[0][model]["perplexity"][setting]}
             ppl[f"{model}: {setting}"]["per_seed"] = [s[model]["perplexity"][setting]["all"] for s in per_seed]
-    models = {m: per_seed[0][m]["model"] for m in MODELS}
-    train = {m: {k: mean(s["train"][m][k] for s in per_seed) for k in ("final_loss", "tokens_per_s")} for m in MODELS}
+    models = {m: per_seed[0][m]["model"] for m in trained}
+    train = {m: {k: mean(s["train"][m][k] for s in per_seed) for k in ("final_loss", "tokens_per_s")} for m in trained}
     return {"seeds": [s["seed"] for s in per_seed], "steps": per_seed[0]["steps"], "tokens": per_seed[0]["tokens"],
             "fact_passes": per_seed[0]["fact_passes"], "bbc_train": per_seed[0]["bbc_train"],
             "fresh_passes": per_seed[0]["fresh_passes"],
             "corpus_tokens": mean(s["corpus_tokens"] for s in per_seed), "routing_modes": list(ROUTING),
             "vote": dataclasses.asdict(RoutingConfig()),
-            "bare": probe_table(per_seed, ""), "context": probe_table(per_seed, "_context"),
+            "bare": probe_table(per_seed, ""),
+            "context": probe_table(per_seed, "_context") if "memory_context" in per_seed[0] else None,
             "perplexity": ppl, "models": models, "train": train, "timings": [s["timings"] for s in per_seed]}
 
 
@@ -289,9 +292,10 @@ def markdown(r: dict) -> str:
     lines += accuracy_md(r["bare"], r["seeds"], "**Bare questions** (the primary table: \"The atomic number of iron is\"), "
                          f"exact-match accuracy (%) per entity-frequency bucket, mean of seeds (f = distinct documents "
                          f"about the entity, each read {r['fact_passes']}x):")
-    lines += accuracy_md(r["context"], r["seeds"], "**Context-prefixed questions** (second table: each question after "
-                         "one of the entity's own document openings, \"Iron is a transition metal. The atomic number of "
-                         "iron is\", which hands the router the answer's neighbourhood):")
+    if r["context"]:
+        lines += accuracy_md(r["context"], r["seeds"], "**Context-prefixed questions** (second table: each question "
+                             "after one of the entity's own document openings, \"Iron is a transition metal. The atomic "
+                             "number of iron is\", which hands the router the answer's neighbourhood):")
     lines += ["Held-out perplexity (held-out documents routed by each mode; generic@l / off@l: level l swapped for "
               "the generic block / disabled):", ""]
     cols = sorted({k for v in r["perplexity"].values() for k in v if k != "per_seed"}, key=lambda k: (k != "all", k))
@@ -316,6 +320,7 @@ def plot(r: dict, path: str) -> None:
     labels = [f"{x['frequency_range'][0]}-{x['frequency_range'][1]}" for x in t["buckets"]]
     shown = ["dense anchor", ROUTED, "anchor + memory, routed (descent)", "anchor + memory, oracle leaf",
              BLOCKED, "dense 2x"]
+    shown = [label for label in shown if label in t["accuracy"]]
     w = 0.8 / len(shown)
     for i, label in enumerate(shown):
         ys = [100 * (y or 0) for y in t["accuracy"][label]["buckets"]]
@@ -346,6 +351,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--corpus", default=f"{CONFIGS}/corpus.yaml",
                     help="corpus config (corpora/longtail.py LongtailConfig); configs/longtail/corpus_fresh.yaml: "
                          "no identical documents")
+    ap.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS),
+                    help="models to train and evaluate (the memory model is needed)")
+    ap.add_argument("--no-context", action="store_true", help="skip the context-prefixed questions' table")
     ap.add_argument("--cores", type=int, default=2)
     ap.add_argument("--force", action="store_true", help="rerun every stage, fingerprints or not")
     ap.add_argument("--until", choices=("train", "evaluate"), default="evaluate",
@@ -353,8 +361,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     out = os.path.abspath(args.out)
     t = time.time()
-    per_seed = [run_seed(out, s, args.epochs, args.cores, args.force, args.until, os.path.abspath(args.corpus))
-                for s in args.seeds]
+    per_seed = [run_seed(out, s, args.epochs, args.cores, args.force, args.until, os.path.abspath(args.corpus),
+                         tuple(args.models), not args.no_context) for s in args.seeds]
     if args.until == "train":
         print(f"trained seeds {args.seeds} in {(time.time() - t) / 60:.1f} min")
         return 0
@@ -373,8 +381,9 @@ def main(argv: list[str] | None = None) -> int:
     ppl = {s: r["perplexity"][f"memory: {s}"]["all"] for s in ("fetched", "fetched[descent]", "generic", "none")}
     print(f"bare questions, rarest bucket: dense anchor {pct(acc['dense anchor'])}%, memory routed ({ROUTING[0]}) "
           f"{pct(acc[ROUTED])}% (descent {pct(acc['anchor + memory, routed (descent)'])}%, oracle "
-          f"{pct(acc['anchor + memory, oracle leaf'])}%, blocked {pct(acc[BLOCKED])}%), dense 2x "
-          f"{pct(acc['dense 2x'])}%; agreement {pct(agree)}%; ppl fetched/descent/generic/none "
+          f"{pct(acc['anchor + memory, oracle leaf'])}%, blocked {pct(acc[BLOCKED])}%, linear vote "
+          f"{pct(acc[LINEAR])}%), dense 2x {pct(acc.get('dense 2x'))}%; agreement {pct(agree)}%; ppl "
+          "fetched/descent/generic/none "
           f"{ppl['fetched']:.2f}/{ppl['fetched[descent]']:.2f}/{ppl['generic']:.2f}/{ppl['none']:.2f} "
           f"(dense anchor {r['perplexity']['anchor: none']['all']:.2f}); {r['wall_seconds'] / 60:.1f} min")
     return 0

@@ -29,8 +29,11 @@ entity's ``frequency`` stays its number of distinct documents; ``exposures``
 Copies are what a neighbour vote that sums similarities can be passed by: 16 identical documents
 outvote everything else. ``fresh_passes`` writes each pass as new renderings of the entity's
 documents instead (another opening, other phrasings, other optional facts, another order): the
-facts are read as often, and no two documents of the corpus share a text. ``frequency`` stays the
-documents per pass, so the buckets of the two variants match.
+facts are read as often, and no two fact documents share a text (re-drawn on a collision),
+except where an entity with few phrasings runs out of renderings (1,000 draws find no new one:
+the rendering repeats, ``fresh_repeats`` in summary.json counts them; the BBC news holds a few
+duplicate articles of its own too). The document index counts any repeat once.
+``frequency`` stays the documents per pass, so the buckets of the two variants match.
 
 Probes come in two files. ``probes.jsonl`` holds the bare question a user asks ("The atomic
 number of iron is"), as in the paper's probe: the primary benchmark. ``probes_context.jsonl``
@@ -103,6 +106,7 @@ class Corpus:
     probes: list[dict] = field(default_factory=list)  # bare questions
     probes_context: list[dict] = field(default_factory=list)  # the same, after the entity's context sentence
     entities: list[Entity] = field(default_factory=list)
+    fresh_repeats: int = 0  # fresh_passes: renderings that had to repeat an earlier one (the entity ran out)
 
 
 _SERIES = {"Nonmetals": "nonmetal", "Noble gases": "noble gas", "Alkali metals": "alkali metal",
@@ -224,6 +228,17 @@ def render(entity: Entity, rng: random.Random, optional_facts: tuple[int, int]) 
     return " ".join([rng.choice(entity.intros)] + body)
 
 
+def _fresh(entity: Entity, rng: random.Random, optional_facts: tuple[int, int], texts: set[str]) -> tuple[str, bool]:
+    """A rendering of ``entity`` that is none of ``texts`` (added to it), and False; or, when 1,000 draws find
+    none (an entity with few phrasings and many documents has run out of renderings), a repeat and True."""
+    for _ in range(1000):
+        text = render(entity, rng, optional_facts)
+        if text not in texts:
+            texts.add(text)
+            return text, False
+    return text, True
+
+
 def _slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
@@ -242,8 +257,12 @@ def build(cfg: LongtailConfig, bbc: list[dict]) -> Corpus:
     for e in entities:
         docs = [{"id": f"fact-{e.domain}-{_slug(e.name)}-{i:03d}", "text": render(e, rng, cfg.optional_facts),
                  "source": e.domain, "entity": e.name} for i in range(e.frequency)]
-        docs += [dict(d, id=f"{d['id']}-r{r:02d}", text=render(e, fresh, cfg.optional_facts) if fresh else d["text"])
-                 for r in range(1, cfg.fact_passes) for d in docs[:e.frequency]]
+        texts = {d["text"] for d in docs}
+        for r in range(1, cfg.fact_passes):
+            for d in docs[:e.frequency]:
+                text, repeat = _fresh(e, fresh, cfg.optional_facts, texts) if fresh else (d["text"], False)
+                corpus.fresh_repeats += repeat
+                docs.append(dict(d, id=f"{d['id']}-r{r:02d}", text=text))
         corpus.train += docs
         for fact, (q, a) in e.probes.items():
             probe = {"answer": a, "entity": e.name, "frequency": e.frequency, "exposures": len(docs), "fact": fact,
@@ -271,7 +290,7 @@ def write(corpus: Corpus, cfg: LongtailConfig, out_dir: str) -> dict:
     summary = {"config": asdict(cfg), "entities": len(corpus.entities), "probes": len(corpus.probes),
                "train_documents": len(corpus.train), "heldout_documents": len(corpus.heldout),
                "fact_documents": sum(freqs), "fact_documents_with_copies": sum(freqs) * cfg.fact_passes,
-               "entities_seen_once_or_twice": sum(f <= 2 for f in freqs),
+               "entities_seen_once_or_twice": sum(f <= 2 for f in freqs), "fresh_repeats": corpus.fresh_repeats,
                "top_frequencies": freqs[:10]}
     with open(os.path.join(out_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)

@@ -33,17 +33,18 @@ def answer(router: Router, texts: list[str], n: int) -> list[dict]:
     leaves = router.leaves(paths)
     stats = router.node_stats(paths)
     in_leaf = router.neighbours(x, n, leaves=leaves, texts=texts)
-    voters = router.neighbours(x, max(n, router.routing.neighbours), texts=texts)  # what the vote weighed
+    corpus = router.neighbours(x, n, texts=texts)
+    share = router.vote_share(x, texts, leaves)
     out = []
     for q, text in enumerate(texts):
         leaf = int(leaves[q])
-        wide = [dict(asdict(nb), in_leaf=nb.leaf == leaf) for nb in voters[q]]
+        wide = [dict(asdict(nb), in_leaf=nb.leaf == leaf) for nb in corpus[q]]
         out.append({"text": text, "routing": router.routing.mode, "vote": router.routing.vote,
                     "path": paths[q].tolist(), "leaf": leaf,
                     "second_path": routed[q, 1].tolist() if two else None, "descent_path": descent[q].tolist(),
                     "blocks": [lv["block"] for lv in stats[q]], "levels": stats[q],
-                    "leaf_neighbours": [asdict(nb) for nb in in_leaf[q]], "neighbours": wide[:n],
-                    "vote_share": sum(nb["weight"] for nb in wide if nb["in_leaf"]),
+                    "leaf_neighbours": [asdict(nb) for nb in in_leaf[q]], "neighbours": wide,
+                    "vote_share": float(share[q]),
                     "tree_version": router.tree_version})
     return out
 
@@ -82,7 +83,8 @@ def format_answer(a: dict) -> str:
 
     lines.append(f"training documents in leaf {a['leaf']} (similarity, share of the query's words):")
     lines += [f"  {nb['score']:.3f} {nb['words']:4.0%}  {doc(nb)}" for nb in a["leaf_neighbours"]]
-    lines.append("the vote: the corpus's nearest training documents, by vote weight (weight, similarity, words):")
+    lines.append("the corpus's nearest training documents, by vote weight (share of the listed ones' weight, "
+                 "similarity, words):")
     lines += [f"  {nb['weight']:4.0%} {nb['score']:.3f} {nb['words']:4.0%}  leaf {nb['leaf']}"
               f"{' (this leaf)' if nb['in_leaf'] else ''}  {doc(nb)}" for nb in a["neighbours"]]
     share = a["vote_share"]

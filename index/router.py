@@ -88,7 +88,7 @@ class Neighbour:
     preview: str
     copies: int  # routed documents with this text (one index entry)
     words: float | None = None  # share of the query's words it holds (IDF-weighted), when the texts are given
-    weight: float | None = None  # its share of the vote's weight among the listed neighbours
+    weight: float | None = None  # its share of the weight of the n neighbours listed with it
 
 
 
@@ -253,6 +253,13 @@ class Router:
                              "tokens": int(levels[l]["node_tokens"][local])})
             out.append(rows)
         return out
+
+    def vote_share(self, x: np.ndarray, texts: list[str], leaves: np.ndarray) -> np.ndarray:
+        """Per query, the share of its vote's weight (its ``neighbours`` nearest documents) held by ``leaves[i]``."""
+        hits = self.documents.search(np.atleast_2d(x), self.routing.neighbours, self.routing.nprobe)
+        weights = vote_weights(hits, self.routing, self.word_share(texts, hits))
+        held = (weights * (hits.leaves == np.asarray(leaves).reshape(-1, 1))).sum(axis=1)
+        return held / np.maximum(weights.sum(axis=1), 1e-300)
 
     def neighbours(self, x: np.ndarray, n: int, leaves: np.ndarray | None = None,
                    texts: list[str] | None = None) -> list[list[Neighbour]]:

@@ -116,6 +116,22 @@ def test_fact_passes_upsample_the_facts_not_the_news(bbc, corpus):
         assert len(q["doc_ids"]) == q["exposures"]
 
 
+def test_fresh_passes_read_the_facts_as_often_without_identical_documents(bbc, corpus):
+    up = build(LongtailConfig(**SMALL, fact_passes=3), bbc)
+    fresh = build(LongtailConfig(**SMALL, fact_passes=3, fresh_passes=True), bbc)
+    facts = [d for d in fresh.train if d["source"] != "bbc"]
+    assert len(facts) == sum(d["source"] != "bbc" for d in up.train)
+    assert len({d["text"] for d in facts}) == len(facts)  # no two fact documents share a text
+    by_id = {d["id"]: d for d in fresh.train}
+    for p in fresh.probes:  # every rendering states the probed fact
+        assert len(p["doc_ids"]) == p["exposures"] == 3 * p["frequency"]
+        assert all(re.search(r"\b" + re.escape(p["answer"]) + r"\b", by_id[i]["text"]) for i in p["doc_ids"])
+    # the first pass and everything else (news, held-out, probes' wording) are the copies variant's
+    assert [d for d in fresh.train if not re.search(r"-r\d\d$", d["id"])] == [
+        d for d in up.train if not re.search(r"-r\d\d$", d["id"])]
+    assert fresh.heldout == up.heldout and [p["prompt"] for p in fresh.probes] == [p["prompt"] for p in up.probes]
+
+
 def test_bad_config_is_refused():
     with pytest.raises(ValueError, match="domains"):
         LongtailConfig(domains=("planets",))
