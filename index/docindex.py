@@ -141,12 +141,14 @@ def _leaves(batch: pa.RecordBatch, n_leaves: int, where: str) -> np.ndarray:
 ROUTED_COLUMNS = ["doc_id", "leaf", "embedding", "preview", "copies", "first_copy", "terms"]
 
 
-def content_key(x: np.ndarray) -> np.ndarray:
+def content_key(x: np.ndarray, chunk: int = 4096) -> np.ndarray:
     """A 64-bit hash of each embedding's bits (uint64 [n]): equal vectors, equal keys, in any file order."""
-    bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32).astype(np.uint64)
+    bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
     mult = (np.arange(bits.shape[1], dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)) | np.uint64(1)
+    h = np.empty(len(bits), dtype=np.uint64)
     with np.errstate(over="ignore"):
-        h = (bits * mult).sum(axis=1, dtype=np.uint64)
+        for a in range(0, len(bits), chunk):  # chunks: the uint64 products of a whole batch would be 8 bytes a dimension
+            h[a:a + chunk] = (bits[a:a + chunk].astype(np.uint64) * mult).sum(axis=1, dtype=np.uint64)
         return (h ^ (h >> np.uint64(29))) * np.uint64(0xBF58476D1CE4E5B9)
 
 

@@ -143,6 +143,7 @@ class Router:
                              f"with documents=True (python jobs/build_index.py --run {run_dir} builds it)")
         self.descender = Descender(tree)
         self._encoder = None
+        self._last = None  # the last vote's (key, hits, word shares): route, share and neighbours of one query reuse it
 
     @classmethod
     def load(cls, run_dir: str, documents: bool = True, routing: RoutingConfig | None = None) -> "Router":
@@ -199,8 +200,8 @@ class Router:
         if self.documents is None:
             raise ValueError(f"routing mode {mode!r} needs the document index: load the router with documents=True")
         cfg, k, depth = self.routing, self.tree.k, self.tree.depth
-        hits = self.documents.search(x, cfg.neighbours, cfg.nprobe)
-        weights = vote_weights(hits, cfg, self.word_share(texts, hits) if cfg.vote == "rerank" else None)
+        hits, words = self._search(x, texts)
+        weights = vote_weights(hits, cfg, words)
         if mode == "levels":
             chosen = np.zeros(len(x), dtype=np.int64)
             alive = hits.leaves >= 0
@@ -223,6 +224,16 @@ class Router:
 
     def route_texts(self, texts: list[str], mode: str | None = None) -> np.ndarray:
         return self.route_embeddings(self.embed(texts), mode, texts)
+
+    def _search(self, x: np.ndarray, texts: list[str] | None) -> tuple[Hits, np.ndarray | None]:
+        """The vote's ``neighbours`` nearest documents of x and, with texts, their word shares (memoised: the
+        query CLI asks for the route, the vote's share and the nearest documents of the same queries)."""
+        key = (np.ascontiguousarray(x, dtype=np.float32).tobytes(), None if texts is None else tuple(texts),
+               self.routing.neighbours, self.routing.nprobe)
+        if self._last is None or self._last[0] != key:
+            hits = self.documents.search(x, self.routing.neighbours, self.routing.nprobe)
+            self._last = (key, hits, None if texts is None else self.word_share(texts, hits))
+        return self._last[1], self._last[2]
 
     def word_share(self, texts: list[str] | None, hits: Hits) -> np.ndarray:
         """[N, m]: the share of each query's words (IDF-weighted) that each hit holds (rerank's evidence)."""
@@ -256,8 +267,8 @@ class Router:
 
     def vote_share(self, x: np.ndarray, texts: list[str], leaves: np.ndarray) -> np.ndarray:
         """Per query, the share of its vote's weight (its ``neighbours`` nearest documents) held by ``leaves[i]``."""
-        hits = self.documents.search(np.atleast_2d(x), self.routing.neighbours, self.routing.nprobe)
-        weights = vote_weights(hits, self.routing, self.word_share(texts, hits))
+        hits, words = self._search(np.atleast_2d(x), texts)
+        weights = vote_weights(hits, self.routing, words)
         held = (weights * (hits.leaves == np.asarray(leaves).reshape(-1, 1))).sum(axis=1)
         return held / np.maximum(weights.sum(axis=1), 1e-300)
 
@@ -269,11 +280,15 @@ class Router:
         if self.documents is None:
             raise ValueError(f"{self.run_dir}: router loaded without the document index")
         x = np.atleast_2d(x)
-        hits = (self.documents.search(x, n, self.routing.nprobe) if leaves is None
-                else self.documents.search_leaves(x, np.asarray(leaves).reshape(-1, 1), n))
         words = weights = None
+        if leaves is None and texts is not None and n <= self.routing.neighbours:  # the vote's own nearest
+            hits, words = self._search(x, texts)
+            hits, words = Hits(hits.sims[:, :n], hits.rows[:, :n], hits.leaves[:, :n]), words[:, :n]
+        else:
+            hits = (self.documents.search(x, n, self.routing.nprobe) if leaves is None
+                    else self.documents.search_leaves(x, np.asarray(leaves).reshape(-1, 1), n))
+            words = None if texts is None else self.word_share(texts, hits)
         if texts is not None:
-            words = self.word_share(texts, hits)
             weights = vote_weights(hits, self.routing, words)
             weights = weights / np.maximum(weights.sum(axis=1, keepdims=True), 1e-300)
         out = []
