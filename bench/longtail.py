@@ -379,13 +379,14 @@ def main(argv: list[str] | None = None) -> int:
     acc = {label: row["buckets"][0] for label, row in r["bare"]["accuracy"].items()}
     agree = r["bare"]["routing"][ROUTING[0]]["routing_agreement"]["buckets"][0]
     ppl = {s: r["perplexity"][f"memory: {s}"]["all"] for s in ("fetched", "fetched[descent]", "generic", "none")}
-    print(f"bare questions, rarest bucket: dense anchor {pct(acc['dense anchor'])}%, memory routed ({ROUTING[0]}) "
+    print(f"bare questions, rarest bucket: dense anchor {pct(acc.get('dense anchor'))}%, memory routed ({ROUTING[0]}) "
           f"{pct(acc[ROUTED])}% (descent {pct(acc['anchor + memory, routed (descent)'])}%, oracle "
           f"{pct(acc['anchor + memory, oracle leaf'])}%, blocked {pct(acc[BLOCKED])}%, linear vote "
           f"{pct(acc[LINEAR])}%), dense 2x {pct(acc.get('dense 2x'))}%; agreement {pct(agree)}%; ppl "
           "fetched/descent/generic/none "
           f"{ppl['fetched']:.2f}/{ppl['fetched[descent]']:.2f}/{ppl['generic']:.2f}/{ppl['none']:.2f} "
-          f"(dense anchor {r['perplexity']['anchor: none']['all']:.2f}); {r['wall_seconds'] / 60:.1f} min")
+          f"(dense anchor {r['perplexity'].get('anchor: none', {}).get('all', float('nan')):.2f}); "
+          f"{r['wall_seconds'] / 60:.1f} min")
     return 0
 
 
