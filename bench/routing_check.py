@@ -29,7 +29,7 @@ import pyarrow.dataset as ds
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from index.router import MODES, Router, RoutingConfig  # noqa: E402
+from index.router import MODES, Router, RoutingConfig, leading_path  # noqa: E402
 
 
 def second_sentence(text: str) -> str | None:
@@ -102,13 +102,11 @@ def main(argv: list[str] | None = None) -> int:
         r = Router(args.run, base.tree, base.tree_version, base.manifest, base.documents, cfg)
         row = {}
         for check, (q, want) in checks.items():
-            got = r.leaves(r.route_embeddings(embedded[check], texts=q)[..., 0, :] if cfg.mode == "two_paths"
-                           else r.route_embeddings(embedded[check], texts=q))
+            got = r.leaves(leading_path(r.route_embeddings(embedded[check], texts=q)))
             row[check] = float(np.mean(got == want))
         if bare:
             prompts, x, doc_leaves, rarest = bare
-            routed = r.route_embeddings(x, texts=prompts)
-            got = r.leaves(routed[:, 0] if routed.ndim == 3 else routed)
+            got = r.leaves(leading_path(r.route_embeddings(x, texts=prompts)))
             agree = np.array([np.mean(d == g) for d, g in zip(doc_leaves, got)])
             row.update(bare_all=float(agree.mean()), bare_rarest=float(agree[rarest].mean()))
         results[name] = row

@@ -20,7 +20,7 @@ import json
 import sys
 from dataclasses import asdict
 
-from index.router import MODES, VOTES, Router, RoutingConfig
+from index.router import MODES, VOTES, Router, RoutingConfig, leading_path
 
 
 def answer(router: Router, texts: list[str], n: int) -> list[dict]:
@@ -28,7 +28,7 @@ def answer(router: Router, texts: list[str], n: int) -> list[dict]:
     x = router.embed(texts)
     routed = router.route_embeddings(x, texts=texts)
     two = routed.ndim == 3
-    paths = routed[:, 0] if two else routed  # two_paths: the first path leads the report
+    paths = leading_path(routed)
     descent = router.descend(x)
     leaves = router.leaves(paths)
     stats = router.node_stats(paths)

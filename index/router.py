@@ -98,6 +98,11 @@ def leaf_paths(leaves: np.ndarray, k: int, depth: int) -> np.ndarray:
     return np.stack([(leaves // k ** (depth - 1 - l)) % k for l in range(depth)], axis=-1).astype(np.int32)
 
 
+def leading_path(routes: np.ndarray) -> np.ndarray:
+    """The first path [N, p] of routes [N, p] or [N, 2, p] (two_paths: the path the report and the metrics lead with)."""
+    return routes[:, 0] if routes.ndim == 3 else routes
+
+
 def vote_weights(hits: Hits, cfg: RoutingConfig, word_share: np.ndarray | None = None) -> np.ndarray:
     """Vote weight of each hit under ``cfg.vote`` (module doc); 0 for a missing hit. ``word_share``
     [N, m]: DocumentIndex.word_share of the queries' terms, needed by ``rerank``."""

@@ -8,7 +8,7 @@ import pytest
 
 from bench.routing_check import sample_documents, second_sentence
 from index.docindex import Hits, build_document_index
-from index.router import MODES, Router, RoutingConfig, vote, vote_weights
+from index.router import MODES, Router, RoutingConfig, leading_path, vote, vote_weights
 from tests.spark_helpers import SMALL, manifest, read_table, submit
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -81,8 +81,7 @@ def own_text_agreement(run: str, n: int) -> dict:
     for mode in MODES:
         rm = Router(r.run_dir, r.tree, r.tree_version, r.manifest, r.documents, RoutingConfig(mode=mode))
         for name, qs, want in (("full", texts, leaves), ("sentence", [sentences[i] for i in keep], leaves[keep])):
-            got = rm.route_embeddings(r.embed(qs), texts=qs)
-            got = rm.leaves(got[:, 0] if got.ndim == 3 else got)
+            got = rm.leaves(leading_path(rm.route_embeddings(r.embed(qs), texts=qs)))
             out[mode, name] = float(np.mean(got == want))
     return out
 

@@ -48,7 +48,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from index.router import MODES, VOTES
+from index.router import MODES, VOTES, leading_path
 from index.tree import generic_block_ids, n_tree_blocks, path_block_ids
 
 N_BUCKETS = 5
@@ -294,7 +294,7 @@ class Evaluator:
         prompts = [p.prompt for p in probes]
         modes = modes or [self.router.routing.mode]
         by_mode = self.routes(prompts, modes)
-        first = {m: r[:, 0] if r.ndim == 3 else r for m, r in by_mode.items()}  # each mode's leading path
+        first = {m: leading_path(r) for m, r in by_mode.items()}
         routes = first[modes[0]]
         leaves = self.router.leaves(routes)
         mode_leaves = {m: self.router.leaves(r) for m, r in first.items()}
