@@ -66,6 +66,9 @@ class JobConfig:
     tokenizer_sample_docs: int = opt(20_000, "documents the tokenizer is trained on (they reach the driver)")
     seq_len: int = opt(512, "tokens per packed sequence (each row holds seq_len + 1)")
     pack_group_tokens: int = opt(20_000_000, "most tokens one packing task holds in memory")
+    row_group_sequences: int = opt(256, "most sequences per Parquet row group of shards/: the trainer "
+                                        "shuffles whole row groups, so a window of data.shuffle_buffer sequences "
+                                        "mixes shuffle_buffer / this many random pieces of the corpus")
     seed: int = opt(0, "fixes the tree, routing, tokenizer sample and packing order")
 
     def validate(self) -> None:
@@ -81,7 +84,7 @@ class JobConfig:
         if self.seq_len < 8:
             problems.append(f"seq_len={self.seq_len} is too short (at least 8)")
         for name in ("max_windows", "max_doc_chars", "sample_per_node", "em_batch_size", "em_steps",
-                     "encoder_batch_size", "vocab_size", "tokenizer_sample_docs", "pack_group_tokens"):
+                     "encoder_batch_size", "vocab_size", "tokenizer_sample_docs", "pack_group_tokens", "row_group_sequences"):
             if getattr(self, name) < 1:
                 problems.append(f"{name}={getattr(self, name)}: must be >= 1")
         if self.encoder_threads < 0:

@@ -185,7 +185,10 @@ def pack_stage(spark: SparkSession, cfg: JobConfig, run_dir: str) -> dict:
               .groupBy("leaf", "group").applyInPandas(pack, SHARD_SCHEMA)
               .withColumn("l1", F.col("path")[0])
               .sortWithinPartitions("l1", "leaf", "seq_id"))  # leaf-sorted files: a subtree is a few row groups
-    shards.write.mode("overwrite").partitionBy("l1").parquet(os.path.join(run_dir, "shards"))
+    # Without a row limit a leaf-sorted file is one row group: a shuffle window of whole row groups would then
+    # hold a few leaves at a time, and training would see the corpus subtree by subtree.
+    (shards.write.mode("overwrite").option("parquet.block.row.count.limit", cfg.row_group_sequences)
+     .partitionBy("l1").parquet(os.path.join(run_dir, "shards")))
 
     written = spark.read.parquet(os.path.join(run_dir, "shards"))
     seq_stats = written.agg(F.count("*").alias("sequences"), F.sum("n_valid").alias("valid"),

@@ -157,6 +157,15 @@ def test_shuffle_buffer_bounds_the_window_and_resume_is_exact_across_windows(sma
         ShardLoader(small_groups, o, 0, batch_size=5, seed=3, p_generic=0.2, shuffle_buffer=8).load_state_dict(state)
 
 
+def test_mixing_warns_when_windows_hold_few_row_groups(small_groups, tmp_path):
+    o = assign_subtrees(read_manifest(small_groups), 1)
+    few = ShardLoader(small_groups, o, 0, batch_size=4, seed=0, p_generic=0.0, shuffle_buffer=4)
+    assert "raise data.shuffle_buffer to 33" in few.mixing()  # windows of one or two row groups of 4
+    assert ShardLoader(small_groups, o, 0, batch_size=4, seed=0, p_generic=0.0, shuffle_buffer=33).mixing() is None
+    many = make_run_dir(str(tmp_path / "many"), k=2, depth=2, seqs_per_leaf=[40, 40, 40, 40], row_group_size=2)
+    assert ShardLoader(many, o, 0, batch_size=4, seed=0, p_generic=0.0, shuffle_buffer=40).mixing() is None
+
+
 def test_several_runs_with_one_tree_add_up(run, tmp_path):
     from train.data import read_manifests
 

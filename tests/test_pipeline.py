@@ -34,7 +34,7 @@ def bad_inputs(tmp_path_factory):
 def run(bad_inputs, tmp_path_factory):
     d, good = bad_inputs
     out = tmp_path_factory.mktemp("run") / "r"
-    p = submit(["--input", str(d), "--id-column", "id", "--output", str(out), *SMALL])
+    p = submit(["--input", str(d), "--id-column", "id", "--output", str(out), *SMALL, "--row-group-sequences", "8"])
     assert p.returncode == 0, p.stdout[-4000:]
     return out, good, p
 
@@ -74,6 +74,26 @@ def test_every_routed_doc_once_in_shards(run):
     assert shards.n_valid.sum() == routed.n_tokens.sum() + len(routed)
 
 
+def test_shards_are_small_leaf_sorted_row_groups(run):
+    """The trainer shuffles whole row groups: they must be small, or a window holds a few leaves."""
+    import pyarrow.parquet as pq
+
+    out, _, _ = run
+    files = sorted((out / "shards").rglob("*.parquet"))
+    sizes, leaves = [], []
+    for f in files:
+        meta = pq.read_metadata(f)
+        col = meta.schema.names.index("leaf")
+        for i in range(meta.num_row_groups):
+            sizes.append(meta.row_group(i).num_rows)
+            stats = meta.row_group(i).column(col).statistics
+            leaves.append((str(f), stats.min, stats.max))
+    assert sum(sizes) == manifest(out)["sequences"] and len(sizes) > 2 * len(files)
+    assert max(sizes) <= 8  # row_group_sequences
+    for (f, _, hi), (g, lo, _) in zip(leaves, leaves[1:]):
+        assert f != g or hi <= lo  # leaf-sorted within each file
+
+
 def test_tree_balance_and_routing_agree(run):
     out, _, _ = run
     m = manifest(out)
@@ -98,7 +118,7 @@ def test_rerun_resumes_and_reproduces(run, bad_inputs):
     routed_before = read_table(out / "routed").sort_values("doc_id").reset_index(drop=True)
     for redo in ("fit_subtrees", "route", "pack"):
         os.remove(out / "stages" / f"{redo}.json")
-    p = submit(["--input", str(d), "--id-column", "id", "--output", str(out), *SMALL])
+    p = submit(["--input", str(d), "--id-column", "id", "--output", str(out), *SMALL, "--row-group-sequences", "8"])
     assert p.returncode == 0, p.stdout[-3000:]
     assert p.stdout.count("skipped") == 3 and all(f"[{s}] start" in p.stdout for s in ("fit_subtrees", "route", "pack"))
     after = manifest(out)

@@ -47,7 +47,7 @@ class OptimConfig:
 class DataConfig:
     batch_size: int = 8  # sequences per rank per step
     seed: int = 0
-    shuffle_buffer: int = 4096  # sequences per shuffle window (train/data.py): loader memory ~ this x (seq_len+1) x 4 B
+    shuffle_buffer: int = 16384  # sequences per shuffle window (train/data.py): loader memory ~ this x (seq_len+1) x 4 B
 
 
 @dataclass

@@ -15,7 +15,9 @@ window: it lists the row groups of the rank's level-1 partitions
 row group that also holds other ranks' leaves is filtered by its ``leaf``
 column. Per epoch, a generator seeded by (seed, rank, epoch) permutes the row
 groups; consecutive ones are grouped into windows of at least
-``shuffle_buffer`` sequences, and each window is read and shuffled by a
+``shuffle_buffer`` sequences (the job writes row groups of about
+``row_group_sequences``, so a window mixes many random pieces of the rank's
+subtrees; ``mixing`` warns when it cannot), and each window is read and shuffled by a
 generator seeded by (seed, rank, epoch, window), which also draws which
 sequences use the generic memory (probability ``p_generic``). The state is
 (epoch, position): a resumed run reads only the window holding the position
@@ -157,6 +159,9 @@ class Batch:
     runs: torch.Tensor  # [B] int64: which of the loader's ``run_dirs`` each sequence comes from
 
 
+MIN_ROW_GROUPS_PER_WINDOW = 16  # fewer, and a window is a handful of leaves (see ShardLoader.mixing)
+
+
 @dataclass(frozen=True)
 class RowGroup:
     """A Parquet row group holding sequences of this rank; ``partial``: it holds other ranks' leaves too."""
@@ -208,7 +213,7 @@ class ShardLoader:
     """
 
     def __init__(self, run_dirs: str | list[str], ownership: Ownership, rank: int, batch_size: int, seed: int,
-                 p_generic: float, shuffle_buffer: int = 4096):
+                 p_generic: float, shuffle_buffer: int = 16384):
         if shuffle_buffer < 1:
             raise ValueError(f"data.shuffle_buffer = {shuffle_buffer}: must be at least 1 sequence")
         self.run_dirs = [run_dirs] if isinstance(run_dirs, str) else list(run_dirs)
@@ -227,6 +232,20 @@ class ShardLoader:
         self.generic_ids = generic_block_ids(k, depth)
         self.epoch, self.position = 0, 0
         self._plan_epoch()
+
+    def mixing(self) -> str | None:
+        """A warning when a shuffle window holds too few row groups to mix the rank's subtrees, else None.
+
+        Row groups are leaf-sorted, so a window of a few large ones trains on a few leaves at a time and the
+        model forgets the rest between windows (shards of a job before row_group_sequences: one per file).
+        """
+        per_window = len(self.row_groups) / len(self.windows)
+        if len(self.windows) == 1 or per_window >= MIN_ROW_GROUPS_PER_WINDOW:
+            return None
+        return (f"rank {self.rank}: each shuffle window of ~{self.shuffle_buffer} sequences mixes only "
+                f"{per_window:.1f} of {len(self.row_groups)} row groups (~{self.n_sequences // len(self.row_groups)} "
+                f"sequences each): training sees a few leaves at a time; raise data.shuffle_buffer to "
+                f"{self.n_sequences} or re-pack with a smaller row_group_sequences")
 
     def _scan(self, run: int, run_dir: str) -> list[RowGroup]:
         """This rank's row groups in one run: its level-1 partitions, then the row groups' ``leaf`` statistics."""

@@ -81,6 +81,8 @@ class Trainer:
         mem = cfg.memory if cfg.recipe.uses_memory else None
         self.loader = ShardLoader(run_dirs, self.ownership, self.rank, cfg.data.batch_size, cfg.data.seed,
                                   mem.p_generic if mem else 0.0, cfg.data.shuffle_buffer)
+        if warning := self.loader.mixing():
+            print(f"warning: {warning}", file=sys.stderr, flush=True)
 
         torch.manual_seed(cfg.data.seed)  # the same anchor init on every rank
         if cfg.model.hf:  # a pretrained transformers model behind the anchor's interface (train/hf.py)
