@@ -22,6 +22,9 @@ $(STAMP): pyproject.toml setup.py index/_descend.c
 	touch $(STAMP)
 
 QUERY ?= Downing Street has confirmed British troops are on standby to help evacuate UK citizens from Ivory Coast.
+# the same sentence to complete: does a block raise the model's confidence in the article's own words?
+ASK ?= Downing Street has confirmed British troops are on standby to help evacuate UK citizens from
+ASK_ANSWER ?= Ivory Coast
 
 demo: install
 	$(BIN)/spark-submit --master "local[*]" --driver-memory 4g jobs/cluster_corpus.py --config configs/job/demo.yaml
@@ -30,7 +33,8 @@ demo: install
 	# the demo trains on all of BBC: this perplexity is on training documents, not held out
 	$(BIN)/python -m train.evaluate --model runs/demo/model/export --run runs/demo --heldout data/bbcnews.jsonl \
 		--max-docs 64 --out runs/demo/model/eval.json
-	$(BIN)/python -m index.query --run runs/demo --model runs/demo/model/export "$(QUERY)"
+	$(BIN)/python -m hmem.query --run runs/demo --model runs/demo/model/export "$(QUERY)"
+	$(BIN)/python -m hmem.ask --run runs/demo --model runs/demo/model/export "$(ASK)" --answer "$(ASK_ANSWER)"
 
 longtail: install  # the long-tail knowledge benchmark, 3 seeds as the README reports: corpus, job, index, 3 models, tables + plot
 	$(BIN)/python bench/longtail.py --out runs/longtail --seeds 0 1 2
@@ -42,7 +46,7 @@ test-quick: install  # unit tests only: no Spark job, no DeepSpeed launch
 	$(BIN)/python -m pytest -q -m "not slow"
 
 lint: install
-	$(BIN)/ruff check --select F,E9 pipeline index train corpora jobs bench tests
+	$(BIN)/ruff check --select F,E9 pipeline index train hmem corpora jobs bench tests
 
 # Headline figures (each script's last line). Heavy: run on a quiet machine, not in CI.
 bench: install

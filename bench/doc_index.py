@@ -17,7 +17,7 @@
    (train/evaluate.py's buckets): the share of the entity's documents in the chosen leaf
    (agreement) and how often the chosen leaf is the one holding most of them (oracle leaf). A
    compressed vote can differ from the exact one and still route as well: this says whether it does.
-3. Latency. ``index.query``'s answer (embed + vote + neighbours in the leaf and over the corpus),
+3. Latency. ``hmem.query``'s answer (embed + vote + neighbours in the leaf and over the corpus),
    warm, one query at a time, real sentences as queries, 1 thread.
 With --pq-m, the synthetic index and, for each real run whose index has another code size, an index
 built into a temporary view of the run (links to its files; the run is not modified) use that size.
@@ -172,7 +172,7 @@ def index_vote(router, q: np.ndarray) -> np.ndarray:
 
 
 def latency(router, texts: list[str], n: int = 5) -> list[float]:
-    from index.query import answer
+    from hmem.query import answer
 
     answer(router, texts[:1], n)  # warm: encoder loaded, pages mapped
     ms = []
@@ -261,7 +261,7 @@ def bench(args, tmp: str) -> None:
     previews = router.documents.table.column("preview").to_pylist()[:5000]
     texts = list(dict.fromkeys(previews))[:args.latency_queries]
     ms = latency(router, texts)
-    print(f"index.query answer, warm, 1 thread, {len(ms)} queries on the {args.n:,}-document index: "
+    print(f"hmem.query answer, warm, 1 thread, {len(ms)} queries on the {args.n:,}-document index: "
           f"p50 {np.percentile(ms, 50):.1f} ms, p95 {np.percentile(ms, 95):.1f} ms; load {os.getloadavg()}", flush=True)
     real = float(np.concatenate(real_agree).mean()) if real_agree else float("nan")
     print(f"bytes_per_document {meta['list_bytes_per_document']:.1f} vote_agreement_real {real:.3f} "

@@ -1,4 +1,4 @@
-"""Peak RSS of `index.query --model` and `train.evaluate` on an export, against one with a 10x bigger bank.
+"""Peak RSS of `hmem.query --model` and `train.evaluate` on an export, against one with a 10x bigger bank.
 
 One run directory (40 BBC articles embedded by the real encoder, k=8, depth=3, its document index and
 documents/) and two exports of the demo anchor (d=192, 4 layers) in train/export.py's format, one bank
@@ -121,7 +121,7 @@ def main() -> None:
                                      **({"doc_ids": [f"bbc{i:04d}"]} if i % 2 else {})}) + "\n"
                          for i, (t, w) in enumerate(zip(texts, words)))
         cmds = {
-            "query": lambda e: ["index.query", "--run", run, "--model", e, "--json", *texts[:3]],
+            "query": lambda e: ["hmem.query", "--run", run, "--model", e, "--json", *texts[:3]],
             "evaluate": lambda e: ["train.evaluate", "--model", e, "--run", run,
                                    "--heldout", heldout, "--probes", probes, "--out", os.path.join(tmp, "res.json")],
         }

@@ -26,7 +26,7 @@ def main() -> None:
     import faiss
     import torch
 
-    from index.query import answer
+    from hmem.query import answer
     from index.router import Router
 
     torch.set_num_threads(args.threads)

@@ -1,9 +1,9 @@
 """Which memory blocks does a text fetch, and do the documents that carry it live there?
 
-    python -m index.query --run RUN "some text" ["more text" ...]
-    python -m index.query --run RUN --file queries.txt --json     # one query per line; '-' reads stdin
-    python -m index.query --run RUN --model MODEL_DIR "some text"  # + per-level share of the fact
-    python -m index.query --run RUN --routing descent "some text"  # another routing mode (index/router.py)
+    python -m hmem.query --run RUN "some text" ["more text" ...]
+    python -m hmem.query --run RUN --file queries.txt --json     # one query per line; '-' reads stdin
+    python -m hmem.query --run RUN --model MODEL_DIR "some text"  # + per-level share of the fact
+    python -m hmem.query --run RUN --routing descent "some text"  # another routing mode (index/router.py)
 
 For each query: the path (i1..ip) under the routing mode (default: the model's recorded mode with
 --model, else ``neighbours`` with the ``rerank`` vote: the nearest training documents, re-scored by
@@ -16,11 +16,12 @@ document clearly matches the query, so its blocks may not hold what it asks abou
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from dataclasses import asdict
 
+from hmem.cli import respond
 from index.router import MODES, VOTES, Router, RoutingConfig, leading_path
+from train.evaluate import block_report, model_routing
 
 
 def answer(router: Router, texts: list[str], n: int) -> list[dict]:
@@ -50,17 +51,11 @@ def answer(router: Router, texts: list[str], n: int) -> list[dict]:
 
 
 def model_report(model_dir: str, router: Router, answers: list[dict]) -> None:
-    """Hook for ``--model``: train.evaluate measures, per level, how much the fetched block carries the fact.
+    """``--model``: per level, how much the fetched block carries the text (train.evaluate.block_report).
 
-    Adds ``answers[q]["model"]``. The trainer's export records ``tree_version``;
-    train.evaluate checks it with ``router.check_tree_version`` before measuring.
+    Adds ``answers[q]["model"]``; block_report checks the export's ``tree_version`` against the run's.
     """
-    try:
-        from train import evaluate
-    except ImportError as e:
-        raise RuntimeError(f"--model needs train/evaluate.py (the trainer's evaluation), which this checkout "
-                           f"does not have yet ({e}); run without --model") from e
-    for a, report in zip(answers, evaluate.block_report(model_dir, router, [a["text"] for a in answers])):
+    for a, report in zip(answers, block_report(model_dir, router, [a["text"] for a in answers])):
         a["model"] = report
 
 
@@ -110,7 +105,7 @@ def read_queries(args: argparse.Namespace) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m index.query", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m hmem.query", description=__doc__.split("\n")[0])
     p.add_argument("--run", required=True, help="run directory written by jobs/cluster_corpus.py")
     p.add_argument("texts", nargs="*", help="query texts ('-' reads one query per line from stdin)")
     p.add_argument("--file", help="one query per line ('-' for stdin)")
@@ -122,25 +117,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vote", choices=VOTES, help="how the neighbours weigh (default: the model's recorded vote with "
                                                  "--model, else rerank)")
     args = p.parse_args(argv)
-    try:
+
+    def work() -> list[dict]:
         texts = read_queries(args)
         given = {k: v for k, v in (("mode", args.routing), ("vote", args.vote)) if v}
         routing = RoutingConfig(**given)
-        if args.model:  # the mode the model records (train.evaluate reads the export; index never imports train)
-            from train.evaluate import model_routing
-
+        if args.model:  # the mode the model records
             routing = model_routing(args.model, [args.routing] if args.routing else None, vote=args.vote)
         router = Router.load(args.run, routing=routing)
         answers = answer(router, texts, args.n)
         if args.model:
             model_report(args.model, router, answers)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    for a in answers:
-        print(json.dumps(a) if args.json else format_answer(a) + "\n")
-    return 0
+        return answers
 
+    return respond(work, args.json, format_answer)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -95,7 +95,7 @@ def embedding_matrix(column: pa.ChunkedArray | pa.Array, dim: int, where: str) -
 @contextlib.contextmanager
 def _quiet():
     """Silence file descriptors 1 and 2 for a moment: FAISS's C++ prints there (a line per on-disk index
-    load), which would land in the middle of ``index.query --json``'s output."""
+    load), which would land in the middle of ``hmem.query --json``'s output."""
     import ctypes
 
     libc = ctypes.CDLL(None)

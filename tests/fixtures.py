@@ -17,6 +17,9 @@ from index.tree import Tree, local_index
 EOT_ID, PAD_ID = 0, 1
 
 
+PROMPTS = {"hydrogen": "the atomic number of hydrogen is", "tree": "memory blocks on a tree"}  # tiny_export's probes
+
+
 def write_tokenizer(path: str, vocab_size: int) -> int:
     """A byte-level BPE with <|endoftext|> = 0 and <|pad|> = 1; returns its real vocabulary size."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers

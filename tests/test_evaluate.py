@@ -2,48 +2,23 @@
 routed by the real encoder and router."""
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from fixtures import make_run_dir
+from fixtures import PROMPTS
 
 from index.router import Router
 from index.tree import path_block_ids
 from train.evaluate import (Evaluator, Probe, block_report, bucket_edges, bucket_of, is_exact_match, read_probes)
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = {**os.environ, "TORCH_EXTENSIONS_DIR": os.path.join(ROOT, ".cache", "torch_extensions"),
-       "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT, "HF_HUB_OFFLINE": "1"}
-PROMPTS = {"hydrogen": "the atomic number of hydrogen is", "tree": "memory blocks on a tree"}
-
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("evaluate")
-    run = make_run_dir(str(root / "run"), k=2, depth=2, seq_len=16, dim=384)
-    out = root / "model"
-    cmd = [sys.executable, os.path.join(ROOT, "train", "main.py"), "--config", "tiny", "--data", run, "--out", str(out),
-           "--set", "schedule.max_steps=3", "--set", "optim.memory.lr=0.05"]
-    p = subprocess.run(cmd, env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    router = Router.load(run, documents=False)
-    routes = dict(zip(PROMPTS, router.route_texts(list(PROMPTS.values())).tolist()))
-    # the entity's training documents: hydrogen's on its probe's own path, tree's under the other level-1 node
-    away = [1 - routes["tree"][0], routes["tree"][1]]
-    docs = [("h0", routes["hydrogen"], "hydrogen is element one"), ("h1", routes["hydrogen"], "Hydrogen: one proton"),
-            ("t0", away, "a tree of memory blocks")]
-    rows = {"doc_id": [d for d, _, _ in docs], "path": [p for _, p, _ in docs],
-            "leaf": [p[0] * 2 + p[1] for _, p, _ in docs], "l1": [p[0] for _, p, _ in docs]}
-    pq.write_to_dataset(pa.table(rows), os.path.join(run, "routed"), partition_cols=["l1"])
-    os.makedirs(os.path.join(run, "documents"))
-    pq.write_table(pa.table({"doc_id": [d for d, _, _ in docs], "text": [t for _, _, t in docs]}),
-                   os.path.join(run, "documents", "part-0.parquet"))
-    return Evaluator(str(out / "export"), router, batch_size=2), routes, str(out / "export")
+def setup(tiny_export):
+    run, export, routes = tiny_export
+    return Evaluator(export, Router.load(run, documents=False), batch_size=2), routes, export
 
 
 def test_buckets_and_matching():

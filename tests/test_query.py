@@ -1,4 +1,4 @@
-"""python -m index.query on the BBC fixture run: text, JSON, file/stdin input, clear errors."""
+"""python -m hmem.query on the BBC fixture run: text, JSON, file/stdin input, clear errors."""
 from __future__ import annotations
 
 import io
@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from index.query import main
+from hmem.query import main
 from index.router import Router
 from test_router import make_bbc_run
 
@@ -86,5 +86,5 @@ def test_bad_input_exits_nonzero(problem, run_dir, tmp_path, capsys):
 
 
 def test_process_exit_code(run_dir):
-    p = subprocess.run([sys.executable, "-m", "index.query", "--run", run_dir, ""], capture_output=True, text=True)
+    p = subprocess.run([sys.executable, "-m", "hmem.query", "--run", run_dir, ""], capture_output=True, text=True)
     assert p.returncode == 1 and "empty" in p.stderr

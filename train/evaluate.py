@@ -183,8 +183,9 @@ class Evaluator:
         return {mode: self.router.route_embeddings(x, mode, texts) for mode in modes}
 
     @torch.no_grad()
-    def window_nll(self, windows: list[list[int]], ids: torch.Tensor | None) -> np.ndarray:
-        """Summed next-token NLL of each token window (input = w[:-1], target = w[1:])."""
+    def window_nll(self, windows: list[list[int]], ids: torch.Tensor | None, skip: list[int] | None = None) -> np.ndarray:
+        """Summed next-token NLL of each token window (input = w[:-1], target = w[1:]), leaving out the first
+        ``skip[i]`` targets of window i (a prompt before its answer)."""
         out = np.zeros(len(windows))
         for s in range(0, len(windows), self.batch_size):
             part = windows[s:s + self.batch_size]
@@ -192,11 +193,29 @@ class Evaluator:
             x = torch.full((len(part), width), self.pad, dtype=torch.long)
             for i, w in enumerate(part):
                 x[i, :len(w)] = torch.tensor(w)
-            mask = torch.arange(1, width)[None, :] < torch.tensor([len(w) for w in part])[:, None]
+            target = torch.arange(1, width)[None, :]
+            mask = target < torch.tensor([len(w) for w in part])[:, None]
+            if skip is not None:
+                mask &= target > torch.tensor(skip[s:s + len(part)])[:, None]
             logits = self.anchor(x[:, :-1], self._memory(None if ids is None else ids[s:s + len(part)]))
             nll = F.cross_entropy(logits.float().transpose(1, 2), x[:, 1:], reduction="none")
             out[s:s + len(part)] = (nll * mask).sum(1).numpy()
         return out
+
+    def answer_ids(self, answer: str) -> list[int]:
+        """An answer's tokens after its prompt: one leading space, as completions start."""
+        return self.tokenizer.encode(" " + answer.strip()).ids
+
+    def answer_logprob(self, prompts: list[str], answers: list[str], ids: torch.Tensor | None) -> np.ndarray:
+        """log p(answer | <eot> prompt), summed over the answer's tokens; row i of ``ids`` is prompt i's blocks.
+        A prompt too long for the model keeps its end, as ``complete`` does."""
+        wins, skip = [], []
+        for p, a in zip(prompts, answers):
+            ans = self.answer_ids(a)
+            prompt = ([self.eot] + self.tokenizer.encode(p).ids)[-max(1, self.anchor.cfg.max_seq_len + 1 - len(ans)):]
+            wins.append(prompt + ans)
+            skip.append(len(prompt) - 1)
+        return -self.window_nll(wins, ids, skip)
 
     def windows(self, text: str) -> list[list[int]]:
         stream = [self.eot] + self.tokenizer.encode(text).ids + [self.eot]
@@ -361,7 +380,7 @@ class Evaluator:
 def block_report(model_dir: str, router, texts: list[str]) -> list[list[dict]]:
     """Per text, per memory level: the text's mean NLL (nats/token) with its whole path, without that
     level's block and with the generic block in its place; ``delta`` = without - with: how much the
-    block carries the text. ``index.query --model`` prints it."""
+    block carries the text. ``hmem.query --model`` prints it."""
     ev = Evaluator(model_dir, router)
     if ev.bank is None:
         raise ValueError(f"{model_dir} is an anchor-only model: it has no memory blocks to report on")

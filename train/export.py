@@ -1,4 +1,4 @@
-"""Export a trained model to one directory, and load it back (what ``index.query --model`` loads).
+"""Export a trained model to one directory, and load it back (what ``hmem.query --model`` loads).
 
 EXPORT/
   anchor.safetensors           the anchor's weights (fp32, consolidated from the ZeRO partitions); absent for

@@ -10,7 +10,7 @@ The only module that imports transformers; the trainer, the export and the job's
 2. ``HFAnchor``: a frozen transformers model behind the anchor's call signature
    ``forward(tokens, memory: Fetched | None) -> logits``. A forward hook on every decoder layer's MLP
    adds the path's FFN-memory units (``FFNLayerMemory.post_ffn``, the project's math), so the trainer,
-   ``train.evaluate`` and ``index.query --model`` use it unchanged. ``model_config`` mirrors the
+   ``train.evaluate`` and ``hmem.query --model`` use it unchanged. ``model_config`` mirrors the
    checkpoint's shape in a ``ModelConfig`` whose ``hf`` / ``hf_sha256`` name the checkpoint; the
    content hash is checked on every load.
 
