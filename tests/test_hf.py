@@ -147,7 +147,7 @@ def test_memory_only_on_a_transformers_base(tmp_path, arch, launch):
     final = {r: blocks_of(TensorBlockStore.load(f"{ckpt}/step00000004/rank{r}/bank.safetensors")) for r in range(nproc)}
 
     # the base did not move: the trainer's module state equals the checkpoint file bit for bit
-    module = torch.load(f"{ckpt}/step00000004/mp_rank_00_model_states.pt", weights_only=False)["module"]
+    module = torch.load(f"{ckpt}/step00000004/mp_rank_00_model_states.pt", weights_only=True)["module"]
     assert all(torch.equal(module[f"model.{n}"], t) for n, t in base_weights.items())
     assert content_hash(base) == json.load(open(f"{out}/export/meta.json"))["model"]["hf_sha256"]
     assert not os.path.exists(f"{out}/export/anchor.safetensors")  # referenced, not copied

@@ -225,7 +225,7 @@ def test_zero_stage_0_exports_one_bank_file_per_rank(run, tmp_path):
         listed.update(dict.fromkeys(held, name))
     assert set(listed) == set(range(n_tree_blocks(2, 2))) | set(generic_block_ids(2, 2).tolist())
     ckpt = os.path.join(out, "checkpoints", "step00000003")
-    module = torch.load(os.path.join(ckpt, "mp_rank_00_model_states.pt"), weights_only=False)["module"]
+    module = torch.load(os.path.join(ckpt, "mp_rank_00_model_states.pt"), weights_only=True)["module"]
     anchor, mem, _ = load_model(export)
     assert all(torch.equal(anchor.state_dict()[n], module[n]) for n in module)  # stage 0: the module states
     final = {i: b for r in range(2) for i, b in blocks_of(bank(out, 3, r)).items()}

@@ -29,6 +29,7 @@ import argparse
 import glob
 import json
 import os
+import pickle
 import shutil
 
 import numpy as np
@@ -36,6 +37,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from index.tree import block_level
+from train.checkpoint import rank_dir, read_state
 from train.model import Anchor, ModelConfig
 
 FORMAT = "hmem-model/2"
@@ -92,7 +94,7 @@ def export(checkpoint: str, run_dir: str, out_dir: str, cfg_dict: dict, anchor_s
     tok = os.path.join(run_dir, "tokenizer.json")
     if os.path.exists(tok):
         shutil.copy(tok, os.path.join(out_dir, "tokenizer.json"))
-    state = torch.load(os.path.join(checkpoint, "rank0", "state.pt"), weights_only=False)
+    state = read_state(rank_dir(checkpoint, 0))
     memory = cfg_dict["memory"] if cfg_dict["recipe"]["name"] != "anchor_only" else None
     levels = [l for l, r in enumerate(memory["ranks"], start=1) if r > 0] if memory else []
     meta = {"format": FORMAT, "tree_version": manifest["tree_version"], "k": ownership.k, "depth": ownership.depth,
@@ -116,8 +118,14 @@ def anchor_weights(checkpoint: str, cfg_dict: dict) -> dict[str, torch.Tensor] |
     if recipe["name"] == "memory_only":
         return load_file(os.path.join(recipe["init_anchor"], "anchor.safetensors"))
     if not glob.glob(os.path.join(checkpoint, "*optim_states.pt")):
-        # ZeRO stage 0 in fp32: no partitioned optimizer files; the module states hold the full weights
-        module = torch.load(os.path.join(checkpoint, "mp_rank_00_model_states.pt"), map_location="cpu", weights_only=False)["module"]
+        # ZeRO stage 0 in fp32: no partitioned optimizer files; the module states hold the full weights. DeepSpeed
+        # writes them as tensors, plain containers and scalars only, which weights_only loads without help.
+        path = os.path.join(checkpoint, "mp_rank_00_model_states.pt")
+        try:
+            module = torch.load(path, map_location="cpu", weights_only=True)["module"]
+        except pickle.UnpicklingError:  # torch's message runs to a page: name the file, in one line
+            raise ValueError(f"{path}: holds objects other than tensors and plain containers; refused "
+                             "(torch.load weights_only=True), nothing in it was run") from None
         return {n: t.float() for n, t in module.items()}
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
@@ -178,7 +186,7 @@ def main(argv: list[str] | None = None) -> None:
     with open(os.path.join(os.path.dirname(os.path.normpath(args.checkpoint)), os.pardir, "config.json")) as f:
         cfg_dict = json.load(f)
     manifest = read_manifests(args.data)
-    world = torch.load(os.path.join(args.checkpoint, "rank0", "state.pt"), weights_only=False)["world_size"]
+    world = read_state(rank_dir(args.checkpoint, 0))["world_size"]
     ownership = assign_subtrees(manifest, world)
     if cfg_dict["recipe"]["name"] != "anchor_only":
         for r in range(world):

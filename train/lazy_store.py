@@ -28,8 +28,14 @@ class SafetensorsFile:
     def __init__(self, path: str):
         self.path = path
         self.fd = os.open(path, os.O_RDONLY)
-        (n,) = struct.unpack("<Q", os.pread(self.fd, 8, 0))
-        header = json.loads(os.pread(self.fd, n, 8))
+        head = os.pread(self.fd, 8, 0)
+        n = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+        if not 0 <= n <= os.fstat(self.fd).st_size - 8:  # e.g. a pickle in its place: refused before reading n bytes
+            raise ValueError(f"{path}: not a safetensors file (header length {n} does not fit the file)")
+        try:
+            header = json.loads(os.pread(self.fd, n, 8))
+        except ValueError as e:
+            raise ValueError(f"{path}: not a safetensors file ({e})") from None
         self.metadata: dict = header.pop("__metadata__", {}) or {}
         self.tensors: dict = header  # name -> {"dtype", "shape", "data_offsets"} (offsets after the header)
         self.base = 8 + n

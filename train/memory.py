@@ -149,6 +149,17 @@ def bank_metadata(shapes: dict[int, dict[str, tuple[int, ...]]], metadata: dict 
     return meta
 
 
+def open_safetensors(path: str):
+    """``safe_open`` naming the file when it is no safetensors file (e.g. a pickle left in its place): the
+    format holds no code, so such a file is refused, never run."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        return safe_open(path, framework="pt")
+    except SafetensorError as e:
+        raise ValueError(f"{path}: not a safetensors file ({e})") from None
+
+
 def all_block_ids(mem_cfg: MemoryConfig, include_generic: bool = True) -> torch.Tensor:
     """Every global block id of the bank (tree nodes of all levels, then the generic blocks)."""
     n = n_tree_blocks(mem_cfg.k, mem_cfg.depth) + (mem_cfg.depth if include_generic else 0)
@@ -303,9 +314,7 @@ class TensorBlockStore(BlockStore):
     @classmethod
     def load(cls, path: str, owned_ids=None, device=None) -> "TensorBlockStore":
         """Read a file written by ``save``; with ``owned_ids`` keep only those blocks (all must be present)."""
-        from safetensors import safe_open
-
-        with safe_open(path, framework="pt") as f:
+        with open_safetensors(path) as f:
             meta = f.metadata() or {}
             if meta.get("format") != BANK_FORMAT:
                 raise ValueError(f"{path}: format {meta.get('format')!r}, this code reads {BANK_FORMAT!r}")
@@ -328,9 +337,7 @@ class TensorBlockStore(BlockStore):
 
     @staticmethod
     def read_metadata(path: str) -> dict:
-        from safetensors import safe_open
-
-        with safe_open(path, framework="pt") as f:
+        with open_safetensors(path) as f:
             return dict(f.metadata() or {})
 
 

@@ -133,11 +133,10 @@ class TouchedAdamW:
                             w.write(f"l{l}.{n}.{state}", a, t)
 
     def load(self, path: str) -> None:
-        from safetensors import safe_open
-
+        from train.memory import open_safetensors
         from train.store_disk import row_chunks
 
-        with safe_open(path, framework="pt") as f:
+        with open_safetensors(path) as f:
             for l, ids in self.ids.items():
                 saved = f.get_tensor(f"l{l}.ids") if f"l{l}.ids" in f.keys() else None
                 if saved is None or not torch.equal(saved, ids):
