@@ -32,7 +32,7 @@ from pyspark.sql import DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 
 from pipeline.config import JobConfig
-from pipeline.spark import add_checksums, checksum_aggs, checksum_of
+from pipeline.spark import LOG_LEVEL, add_checksums, checksum_aggs, checksum_of
 
 TEXT_EXT = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".ndjson")
 PARQUET_EXT = (".parquet",)
@@ -109,6 +109,26 @@ def with_row_numbers(df: DataFrame, files: DataFrame) -> DataFrame:
     return df.withColumn("row", F.col("_mid") - F.col("_first") + F.col("_offset")).drop("_split", "_mid", "_first", "_offset")
 
 
+def parquet_columns(spark: SparkSession, path: str) -> list[str]:
+    """A Parquet input's columns, read from its footer. A file Spark cannot read is a one-line error naming
+    it, not a Java stack trace: Spark's own logging is off while the footer is read (the failed footer task
+    would log one), and the message is the Java root cause."""
+    from py4j.protocol import Py4JJavaError
+    from pyspark.errors import PySparkException
+
+    spark.sparkContext.setLogLevel("OFF")
+    try:
+        return spark.read.parquet(path).columns
+    except (PySparkException, Py4JJavaError) as e:
+        cause = getattr(e, "java_exception", None)
+        while cause is not None and cause.getCause() is not None:
+            cause = cause.getCause()
+        reason = (cause.toString() if cause is not None else str(e)).strip().splitlines()[0][:300]
+        raise InputError(f"{path}: not a readable Parquet file ({reason}); replace or remove it") from None
+    finally:
+        spark.sparkContext.setLogLevel(LOG_LEVEL)
+
+
 def read_raw(spark: SparkSession, files: list[InputFile], cfg: JobConfig) -> DataFrame:
     """All input rows as (source, _file, rel, row, text, given_id, reason-so-far). ``given_id`` reads the
     --id-column, or with ``auto`` the ``id`` field where a row has one."""
@@ -131,7 +151,7 @@ def read_raw(spark: SparkSession, files: list[InputFile], cfg: JobConfig) -> Dat
     parquet = [f for f in files if f.kind == "parquet"]
     with_id = []
     for f in parquet:  # one schema read per file, on the driver
-        cols = spark.read.parquet(f.path).columns
+        cols = parquet_columns(spark, f.path)
         if cfg.text_column not in cols:
             raise InputError(f"{f.path}: no column {cfg.text_column!r} (columns: {cols}); set --text-column")
         if id_field in cols:

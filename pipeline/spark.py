@@ -14,6 +14,7 @@ import sys
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
+LOG_LEVEL = "WARN"  # the job's Spark log level (the README's setup)
 PARTITION_BYTES = 128 << 20  # input bytes per shuffle partition when the user sets no count
 # defaults, each applied only when the user's --conf does not set the key
 DEFAULTS = {
@@ -35,7 +36,7 @@ def spark_session(app: str = "hmem-cluster-corpus", **conf: str) -> SparkSession
              .config("spark.sql.execution.arrow.maxRecordsPerBatch", "1024")
              .config("spark.ui.showConsoleProgress", "false")
              .getOrCreate())
-    spark.sparkContext.setLogLevel("WARN")
+    spark.sparkContext.setLogLevel(LOG_LEVEL)
     given = spark.sparkContext.getConf()
     for key, value in DEFAULTS.items():
         if not given.contains(key):

@@ -3,6 +3,7 @@ import os
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from index.route import route
@@ -76,8 +77,6 @@ def test_every_routed_doc_once_in_shards(run):
 
 def test_shards_are_small_leaf_sorted_row_groups(run):
     """The trainer shuffles whole row groups: they must be small, or a window holds a few leaves."""
-    import pyarrow.parquet as pq
-
     out, _, _ = run
     files = sorted((out / "shards").rglob("*.parquet"))
     sizes, leaves = [], []
@@ -143,6 +142,19 @@ def test_missing_text_column_is_a_clear_error(tmp_path):
     p = submit(["--input", str(f), "--output", str(tmp_path / "out"), *SMALL])
     assert p.returncode != 0
     assert "notext.jsonl" in p.stdout and "'text'" in p.stdout and "--text-column" in p.stdout
+
+
+def test_corrupt_parquet_is_a_one_line_error(tmp_path):
+    d = tmp_path / "in"
+    d.mkdir()
+    pa_rows = pa.table({"id": ["a", "b"], "text": ["a document about football", "a document about rates"]})
+    pq.write_table(pa_rows, d / "good.parquet")
+    (d / "bad.parquet").write_bytes(b"PAR1" + np.random.default_rng(0).bytes(3000))  # no valid footer
+    p = submit(["--input", str(d), "--output", str(tmp_path / "out"), *SMALL])
+    assert p.returncode != 0
+    lines = [line for line in p.stdout.splitlines() if "bad.parquet" in line]
+    assert len(lines) == 1 and "not a readable Parquet file" in lines[0] and "replace or remove it" in lines[0]
+    assert "\tat org.apache" not in p.stdout and "Traceback" not in p.stdout  # no Java or Python stack trace
 
 
 def test_router_reembeds_texts_to_the_same_paths(run):

@@ -191,6 +191,20 @@ def test_config_resolves_against_the_run_and_rejects_unknown_keys(run):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("problem", ["no_manifest", "bad_set"])
+def test_input_errors_are_one_line_once_per_launch(problem, run, tmp_path):
+    """Two ranks meet the same error; the launch prints it once, as one line, with no traceback."""
+    data, sets = (str(tmp_path / "missing"), ()) if problem == "no_manifest" else (run, ("schedule.max_stepz=3",))
+    p = subprocess.run(train_cmd("deepspeed", data, str(tmp_path / "out"), *sets), env=ENV, cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode != 0
+    errors = [line for line in (p.stdout + p.stderr).splitlines() if "error:" in line]
+    assert len(errors) == 1, errors
+    assert {"no_manifest": "manifest.json is missing", "bad_set": "unknown keys ['max_stepz']"}[problem] in errors[0]
+    assert "Traceback" not in p.stdout + p.stderr
+
+
+@pytest.mark.slow
 def test_trains_on_two_runs_with_one_tree(run, tmp_path):
     other = make_run_dir(str(tmp_path / "b"), k=2, depth=2, seqs_per_leaf=[4, 0, 7, 3])  # seed 0: run's tree
     out = str(tmp_path / "out")

@@ -291,11 +291,21 @@ class Trainer:
             self.batch_log.close()
 
 
+def fail(e: Exception) -> None:
+    """A user's input or config error: one line, from the launch's rank 0 only (every rank meets the same one)."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
-    manifest = read_manifests(args.data)  # a mismatch between runs fails before any process group starts
+    try:  # before any process group starts: a bad --data or --set costs no launch
+        manifest = read_manifests(args.data)
+        cfg = load_config(args.config, args.set, manifest)
+    except (ValueError, FileNotFoundError) as e:
+        fail(e)
     info = init()
-    cfg = load_config(args.config, args.set, manifest)
     if args.deepspeed_config:
         cfg.deepspeed.config = args.deepspeed_config
     trainer = Trainer(cfg, args.data, args.out, info, manifest, resume=not args.no_resume)
