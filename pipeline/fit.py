@@ -31,6 +31,7 @@ copies: 1.2 GB at the default 2^18).
 from __future__ import annotations
 
 import os
+import re
 
 import numpy as np
 import pyarrow as pa
@@ -276,7 +277,14 @@ def level_summary(level: int, counts: np.ndarray, sample: int, cfg: JobConfig) -
 
 
 def load_frozen_tree(cfg: JobConfig) -> tuple[Tree, str]:
-    """``--tree``: a run directory or its tree/; returns the tree and the run's tokenizer.json path."""
+    """``--tree``: a run directory or its tree/; returns the tree and the run's tokenizer.json path. The driver
+    reads it with plain file I/O (and ships it to the tasks itself), so it must be a local or mounted path."""
+    scheme = re.match(r"^([A-Za-z][A-Za-z0-9+.-]*)://", cfg.tree)
+    if scheme and scheme.group(1).lower() != "file":
+        raise SystemExit(f"--tree {cfg.tree}: the tree is read from a local or mounted path, not {scheme.group(1)}://; "
+                         "copy the run's tree/ and tokenizer.json to local disk (e.g. hadoop fs -get) and pass that")
+    if scheme:
+        cfg.tree = cfg.tree[len("file://"):]
     tree_dir = cfg.tree if os.path.exists(os.path.join(cfg.tree, "tree.json")) else os.path.join(cfg.tree, "tree")
     try:
         tree = Tree.load(tree_dir)

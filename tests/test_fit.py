@@ -10,7 +10,7 @@ import pytest
 from index.route import route
 from index.tree import Tree
 from pipeline.config import JobConfig
-from pipeline.fit import fit_stage, level_uniform
+from pipeline.fit import fit_stage, level_uniform, load_frozen_tree
 from pipeline.stages import Stages
 from tests.spark_helpers import read_table
 
@@ -82,3 +82,17 @@ def test_level_uniform_is_uniform_and_differs_per_level():
     assert 0 <= u1.min() and u1.max() < 1
     assert np.abs(np.histogram(u1, bins=10, range=(0, 1))[0] / len(h) - 0.1).max() < 0.005
     assert abs(np.corrcoef(u1, u2)[0, 1]) < 0.01
+
+
+@pytest.mark.parametrize("uri", ["s3a://bucket/runs/a", "hdfs://nn:8020/runs/a/tree"])
+def test_frozen_tree_on_remote_storage_is_a_one_line_error(uri):
+    with pytest.raises(SystemExit) as e:
+        load_frozen_tree(JobConfig(tree=uri))
+    msg = str(e.value)
+    assert msg.startswith(f"--tree {uri}: ") and "local or mounted path" in msg and "\n" not in msg
+
+
+def test_frozen_tree_as_a_file_uri_is_a_local_path(tmp_path):
+    with pytest.raises(SystemExit) as e:  # accepted as local: the error is the missing tree's, at that path
+        load_frozen_tree(JobConfig(tree=f"file://{tmp_path}"))
+    assert str(e.value).startswith(f"--tree {tmp_path}: ") and "local or mounted" not in str(e.value)
