@@ -1,4 +1,5 @@
-"""A real Spark standalone cluster on loopback (master + one worker) gives the same outputs as local[2]."""
+"""A real Spark standalone cluster on loopback (a master and two workers, each with its own work and local
+directories) gives the same outputs as local[2]."""
 import os
 import socket
 import subprocess
@@ -27,30 +28,30 @@ def wait_for_port(port: int, timeout: float = 90) -> None:
 def standalone(tmp_path_factory):
     logs = tmp_path_factory.mktemp("spark-logs")
     port = free_port()
-    env = spark_env()
-    env["SPARK_WORKER_DIR"] = str(logs / "work")
     cls = os.path.join(BIN, "spark-class")
     master = subprocess.Popen([cls, "org.apache.spark.deploy.master.Master", "--host", "127.0.0.1", "--port", str(port),
-                               "--webui-port", str(free_port())], env=env,
+                               "--webui-port", str(free_port())], env=spark_env(),
                               stdout=open(logs / "master.log", "w"), stderr=subprocess.STDOUT)
-    worker = None
+    workers, workdirs = [], []
     try:
         wait_for_port(port)
         url = f"spark://127.0.0.1:{port}"
-        worker = subprocess.Popen([cls, "org.apache.spark.deploy.worker.Worker", url, "--host", "127.0.0.1",
-                                   "--cores", "2", "--memory", "3g", "--webui-port", str(free_port())], env=env,
-                                  stdout=open(logs / "worker.log", "w"), stderr=subprocess.STDOUT)
+        for w in range(2):  # no directory shared between workers, or with the driver's scratch space
+            env = dict(spark_env(), SPARK_WORKER_DIR=str(logs / f"work{w}"), SPARK_LOCAL_DIRS=str(logs / f"local{w}"))
+            workdirs.append(logs / f"work{w}")
+            workers.append(subprocess.Popen([cls, "org.apache.spark.deploy.worker.Worker", url, "--host", "127.0.0.1",
+                                             "--cores", "1", "--memory", "2g", "--webui-port", str(free_port())], env=env,
+                                            stdout=open(logs / f"worker{w}.log", "w"), stderr=subprocess.STDOUT))
         time.sleep(5)
-        yield url, logs / "work"
+        yield url, workdirs
     finally:
-        for p in (worker, master):
-            if p is not None:
-                p.terminate()
-                p.wait(30)
+        for p in (*workers, master):
+            p.terminate()
+            p.wait(30)
 
 
 def test_standalone_cluster_matches_local(standalone, tmp_path):
-    url, workdir = standalone
+    url, workdirs = standalone
     inp = tmp_path / "bbc.jsonl"
     write_bbc_subset(str(inp), 40, start=3)
     args = ["--input", str(inp), "--id-column", "id", *SMALL]
@@ -58,10 +59,11 @@ def test_standalone_cluster_matches_local(standalone, tmp_path):
     assert local.returncode == 0, local.stdout[-3000:]
     cluster = submit([*args, "--output", str(tmp_path / "cluster")], master=url)
     assert cluster.returncode == 0, cluster.stdout[-3000:]
-    # the worker really ran executors for the job (an application folder appears in its work dir)
-    assert any(name.startswith("app-") for name in os.listdir(workdir))
+    # both workers really ran executors for the job (an application folder appears in each one's work dir)
+    for workdir in workdirs:
+        assert any(name.startswith("app-") for name in os.listdir(workdir)), workdir
     ml, mc = manifest(tmp_path / "local"), manifest(tmp_path / "cluster")
-    assert mc["tree_version"] == ml["tree_version"]
+    assert mc["tree_version"] == ml["tree_version"] and mc["checksums"] == ml["checksums"]
     assert mc["levels"] == ml["levels"] and mc["sequences"] == ml["sequences"]
     rl = read_table(tmp_path / "local" / "routed").sort_values("doc_id")
     rc = read_table(tmp_path / "cluster" / "routed").sort_values("doc_id")
