@@ -91,3 +91,63 @@ def test_from_gguf_skips_a_done_conversion_and_refuses_others(smollm2, tmp_path,
     with pytest.raises(FileExistsError, match="not a from-gguf output"):
         hf_main(["from-gguf", "--gguf", path, "--out", str(tmp_path / "taken")])
 
+
+# ---------------------------------------------------------------- FFN memory on the real base
+
+@pytest.fixture(scope="module")
+def base(smollm2):
+    from train.hf import load_base, model_config
+
+    return load_base(model_config(smollm2[1]))
+
+
+def test_fresh_bank_is_an_exact_noop_on_the_real_base(base, plain):
+    from test_hf import fetch
+
+    from train.memory import MemoryBank, MemoryConfig
+
+    model, tok = plain
+    bank = MemoryBank.create(MemoryConfig(ranks=(8, 4), k=2), base.cfg)
+    tokens = batch(tok)
+    with torch.no_grad():
+        want = model(input_ids=tokens).logits
+        for paths in ([[0, 1]] * 3, [[0, 1], [1, 0], [1, 1]]):  # shared-leaf fast path and per-sequence gather
+            assert torch.equal(base(tokens, fetch(bank, paths)), want)
+        assert torch.equal(base(tokens), want)
+
+
+@pytest.mark.slow
+def test_memory_trains_on_the_real_base_and_leaves_it_bit_identical(smollm2, plain, tmp_path):
+    """The real trainer (python launch, DeepSpeed engine) trains FFN memory on the frozen SmolLM2; export; load."""
+    from fixtures import make_run_dir
+    from safetensors import safe_open
+    from test_hf import fetch
+    from test_trainer import losses, train
+
+    from train.export import load_model
+    from train.hf import HFAnchor, content_hash
+
+    _, d = smollm2
+    model, tok = plain
+    run = make_run_dir(str(tmp_path / "run"), k=2, depth=2, seq_len=16)  # token ids < 300: valid SmolLM2 ids
+    out = str(tmp_path / "out")
+    train("python", run, out, f"model={{hf: {d}}}", "recipe.name=memory_only", "memory.ranks=[8,4]",
+          "optim.memory.lr=0.05", "schedule.max_steps=3", nproc=1)
+    assert len(losses(out)) == 3
+
+    # the trainer's frozen base equals the converted checkpoint bit for bit
+    module = torch.load(f"{out}/checkpoints/step00000003/mp_rank_00_model_states.pt", weights_only=True)["module"]
+    with safe_open(os.path.join(d, "model.safetensors"), "pt") as f:
+        assert all(torch.equal(module[f"model.{n}"], f.get_tensor(n)) for n in f.keys())
+    meta = json.load(open(f"{out}/export/meta.json"))
+    assert meta["model"]["hf"] == d and meta["model"]["hf_sha256"] == content_hash(d)
+
+    # export round trip: the base behind the anchor's interface and the trained bank
+    anchor, bank, _ = load_model(f"{out}/export")
+    assert isinstance(anchor, HFAnchor) and bank is not None
+    tokens = batch(tok)
+    with torch.no_grad():
+        want = model(input_ids=tokens).logits
+        assert torch.equal(anchor(tokens), want)
+        trained = anchor(tokens, fetch(bank, [[0, 1], [1, 0], [1, 1]]))
+    assert not torch.allclose(trained, want, atol=1e-4)  # the memory moved the logits
