@@ -27,6 +27,7 @@ stops it after the requests in flight (exit code 0).
 from __future__ import annotations
 
 import argparse
+import ctypes
 import signal
 import sys
 import threading
@@ -230,6 +231,17 @@ def build_app(service: Service) -> FastAPI:
     return app
 
 
+def fix_mmap_threshold(nbytes: int = 1 << 20) -> None:
+    """glibc raises its mmap threshold to the largest chunk freed so far, so after the first evicted block
+    the blocks come from the heap, where freed ones stay in the RSS; a fixed threshold keeps every block
+    in its own mapping, returned to the OS when it is freed (the RSS then follows --cache-mb)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc: nothing to fix
+        return
+    libc.mallopt(-3, nbytes)  # M_MMAP_THRESHOLD
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m hmem.serve", description=__doc__.split("\n")[0])
     p.add_argument("--run", required=True, help="the run directory the model was trained on")
@@ -246,6 +258,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --cache-mb {args.cache_mb} must be > 0, --resident-levels {args.resident_levels} >= 0, "
               f"--max-tokens-limit {args.max_tokens_limit} >= 1", file=sys.stderr)
         return 1
+    fix_mmap_threshold()
     try:
         service = Service(args.run, args.model, args.name, args.routing, args.cache_mb, args.resident_levels,
                           args.max_tokens_limit)
