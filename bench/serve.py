@@ -8,8 +8,8 @@ streams: topic-coherent (sorted by path: consecutive prompts in one level-1 subt
 prompt's blocks are fetched (MemoryBank.fetch) through a CachedBlockStore of ``--cache-mb`` over the
 export's bank, level 1 resident, and through the same cache over a flat bank of the same fetched size
 (one block per leaf holding a whole path's units: no shared ancestors), cold (the cache empty and the
-bank files dropped from the OS page cache) and warm (the same stream again). Per case: p50 / p95 ms and
-the cache hit rate.
+bank files dropped from the OS page cache) and warm (the same stream again). Per case: p50 / p95 ms, the
+cache hit rate and the MiB read from the bank files per prompt (the figure a loaded machine does not blur).
 
 Server. ``python -m hmem.serve`` on a free loopback port: end-to-end p50 / p95 of single requests with
 the real openai client (warm), its RSS against the bank's size, and a load test of ``--requests``
@@ -94,10 +94,19 @@ def fetch_bench(asker, model: str, prompts: list[str], cache_mb: float, resident
                     ms = fetch_times(bank, ids)
                     s = store.stats()
                     hits, misses = s["hits"] - before["hits"], s["misses"] - before["misses"]
-                    p50[(name, kind, phase)] = float(np.median(ms))
+                    read = (s["bytes_read"] - before["bytes_read"]) / len(ms) / 2**20
+                    p50[(name, kind, phase)] = float(np.median(ms)), read
                     lines.append(f"  {name:<8} {kind:<12} {phase}: p50 {np.median(ms):6.2f} ms  p95 "
-                                 f"{np.percentile(ms, 95):6.2f} ms  cache hits {hits / max(hits + misses, 1):5.1%}")
+                                 f"{np.percentile(ms, 95):6.2f} ms  cache hits {hits / max(hits + misses, 1):5.1%}  "
+                                 f"read {read:.2f} MiB/prompt")
     return lines, p50
+
+
+def rss_mib(pid: int) -> tuple[float, float]:
+    """(anonymous, file-backed) resident MiB: the mapped document index counts in the second, reclaimable."""
+    with open(f"/proc/{pid}/status") as f:
+        kb = {k: int(v.split()[0]) for k, v in (line.split(":", 1) for line in f) if k in ("RssAnon", "RssFile")}
+    return kb["RssAnon"] / 1024, kb["RssFile"] / 1024
 
 
 def start_server(run: str, model: str, cache_mb: float, resident: int):
@@ -122,14 +131,12 @@ def start_server(run: str, model: str, cache_mb: float, resident: int):
 
 def server_bench(run: str, model: str, prompts: list[str], args) -> tuple[list[str], dict]:
     import openai
-    import psutil
 
     proc, port = start_server(run, model, args.cache_mb, args.resident_levels)
     try:
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0, timeout=120)
-        rss = psutil.Process(proc.pid)
         client.completions.create(model="hmem", prompt="warm up", max_tokens=2)
-        base = rss.memory_info().rss
+        base = rss_mib(proc.pid)
 
         def one(q: str) -> tuple[float, bool]:
             t = time.perf_counter()
@@ -140,13 +147,13 @@ def server_bench(run: str, model: str, prompts: list[str], args) -> tuple[list[s
                 return 1e3 * (time.perf_counter() - t), False
 
         single = np.array([one(q)[0] for q in prompts])
-        after = rss.memory_info().rss
+        after = rss_mib(proc.pid)
         stream = [prompts[i % len(prompts)] for i in range(args.requests)]
         t = time.perf_counter()
         with ThreadPoolExecutor(args.clients) as pool:
             results = list(pool.map(one, stream))
         wall = time.perf_counter() - t
-        peak = rss.memory_info().rss
+        peak = rss_mib(proc.pid)
     finally:
         proc.terminate()
         proc.wait(60)
@@ -154,11 +161,13 @@ def server_bench(run: str, model: str, prompts: list[str], args) -> tuple[list[s
     errors = sum(not ok for _, ok in results)
     bank = sum(os.path.getsize(os.path.join(model, "bank", f)) for f in os.listdir(os.path.join(model, "bank")))
     out = {"e2e_p50": np.median(single), "e2e_p95": np.percentile(single, 95), "errors": errors,
-           "load_p95": np.percentile(ms, 95), "rps": len(results) / wall, "rss": peak / 2**20, "bank": bank / 2**20}
+           "load_p95": np.percentile(ms, 95), "rps": len(results) / wall, "rss": sum(peak), "anon": peak[0], "bank": bank / 2**20}
     lines = [f"end to end, one client ({len(prompts)} requests, {args.max_tokens} tokens): p50 {out['e2e_p50']:.0f} ms, "
              f"p95 {out['e2e_p95']:.0f} ms",
-             f"RSS: {base / 2**20:.0f} MiB after one request, {after / 2**20:.0f} after {len(prompts)}, "
-             f"{out['rss']:.0f} after the load test; bank {out['bank']:.0f} MiB, cache {args.cache_mb:g} MiB",
+             "RSS (anonymous + file-backed MiB): " + ", ".join(f"{a:.0f} + {f:.0f} after {what}" for (a, f), what in
+                                                                ((base, "one request"), (after, f"{len(prompts)}"),
+                                                                 (peak, "the load test")))
+             + f"; bank {out['bank']:.0f} MiB, cache {args.cache_mb:g} MiB",
              f"load: {len(results)} requests from {args.clients} clients in {wall:.1f} s ({out['rps']:.1f}/s), "
              f"{errors} errors, p50 {np.median(ms):.0f} ms, p95 {out['load_p95']:.0f} ms"]
     return lines, out
@@ -182,16 +191,17 @@ def main() -> None:
     prompts = [" ".join(t.split()[:12]) for t in texts[:: max(1, len(texts) // args.prompts)][:args.prompts]]
     lines, p50 = fetch_bench(asker, args.model, prompts, args.cache_mb, args.resident_levels)
     print(f"memory fetch per prompt ({len(prompts)} prompts, cache {args.cache_mb:g} MiB, level <= "
-          f"{args.resident_levels} resident):", *lines, sep="\n")
+          f"{args.resident_levels} resident; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs):",
+          *lines, sep="\n")
     del asker
     lines, s = server_bench(args.run, args.model, prompts, args)
     print(*lines, sep="\n")
-    print(f"fetch p50 warm coherent {p50[('coherent', 'hierarchical', 'warm')]:.2f} ms hierarchical vs "
-          f"{p50[('coherent', 'flat', 'warm')]:.2f} flat, random {p50[('random', 'hierarchical', 'warm')]:.2f} vs "
-          f"{p50[('random', 'flat', 'warm')]:.2f}; e2e p50 {s['e2e_p50']:.0f} ms p95 {s['e2e_p95']:.0f} ms; "
+    h = {c: "{:.1f} ms {:.2f} MiB".format(*p50[c]) for c in p50}
+    print(f"fetch p50 + read per prompt, warm: coherent {h[('coherent', 'hierarchical', 'warm')]} hierarchical vs "
+          f"{h[('coherent', 'flat', 'warm')]} flat, random {h[('random', 'hierarchical', 'warm')]} vs "
+          f"{h[('random', 'flat', 'warm')]}; e2e p50 {s['e2e_p50']:.0f} ms p95 {s['e2e_p95']:.0f} ms; "
           f"load {args.requests} req x{args.clients}: {s['errors']} errors, p95 {s['load_p95']:.0f} ms, "
-          f"{s['rps']:.1f} req/s; RSS {s['rss']:.0f} MiB for a {s['bank']:.0f} MiB bank")
-
+          f"{s['rps']:.1f} req/s; RSS {s['rss']:.0f} MiB ({s['anon']:.0f} anonymous) for a {s['bank']:.0f} MiB bank")
 
 if __name__ == "__main__":
     main()

@@ -9,7 +9,8 @@ Endpoints
                         (a string or a list: the text is cut before the first one). Greedy decoding only:
                         ``temperature`` absent or 0 (anything above is refused); ``n`` 1, no ``stream``; other
                         OpenAI fields are ignored. The response adds a top-level ``hmem`` list, one entry per
-                        prompt: routing mode, path, block per level, route / fetch / compute milliseconds.
+                        prompt: routing mode, path, block per level, route / fetch / compute milliseconds
+                        (a request's prompts are answered in one batch: its means per prompt).
   GET /v1/models        the one served model
   GET /health           200 with the model's name once it is loaded
   GET /metrics          Prometheus text: requests by path and status, completion latency histogram, memory
@@ -231,15 +232,17 @@ def build_app(service: Service) -> FastAPI:
     return app
 
 
-def fix_mmap_threshold(nbytes: int = 1 << 20) -> None:
-    """glibc raises its mmap threshold to the largest chunk freed so far, so after the first evicted block
-    the blocks come from the heap, where freed ones stay in the RSS; a fixed threshold keeps every block
-    in its own mapping, returned to the OS when it is freed (the RSS then follows --cache-mb)."""
+def bound_malloc(mmap_threshold: int = 128 << 10, arenas: int = 2) -> None:
+    """Keep glibc's freed memory out of the RSS: it raises its mmap threshold to the largest chunk freed so far,
+    so after the first evicted block the blocks come from the heap, where freed ones stay; and each worker
+    thread gets an arena of its own, which keeps its peak. A fixed threshold maps every block and activation
+    on its own (returned to the OS when freed), and two arenas serve the one-at-a-time model work."""
     try:
         libc = ctypes.CDLL("libc.so.6")
-    except OSError:  # not glibc: nothing to fix
+    except OSError:  # not glibc: nothing to bound
         return
-    libc.mallopt(-3, nbytes)  # M_MMAP_THRESHOLD
+    libc.mallopt(-3, mmap_threshold)  # M_MMAP_THRESHOLD
+    libc.mallopt(-8, arenas)  # M_ARENA_MAX
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -258,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --cache-mb {args.cache_mb} must be > 0, --resident-levels {args.resident_levels} >= 0, "
               f"--max-tokens-limit {args.max_tokens_limit} >= 1", file=sys.stderr)
         return 1
-    fix_mmap_threshold()
+    bound_malloc()
     try:
         service = Service(args.run, args.model, args.name, args.routing, args.cache_mb, args.resident_levels,
                           args.max_tokens_limit)
