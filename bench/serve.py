@@ -71,6 +71,7 @@ def fetch_bench(asker, model: str, prompts: list[str], cache_mb: float, resident
     from train.memory import MemoryBank
 
     ev = asker.ev
+    torch.set_num_threads(1)  # a fetch is reads and copies: on a busy machine intra-op threads only add waits
     paths = leading_path(asker.router.route_embeddings(asker.router.embed(prompts), texts=prompts))
     leaves = asker.router.leaves(paths)
     coherent = np.lexsort(paths.T[::-1])
