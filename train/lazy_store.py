@@ -6,17 +6,22 @@ e.g. an export's ``bank/rank<r>.safetensors``. Opening one reads its header and 
 rows) straight into the output tensors. Nothing is mapped, so the process holds the id tables
 (8 bytes per block) and the blocks of the current fetch, whatever the size of the bank and however
 many blocks earlier batches read (the OS page cache may keep them, outside the process).
+
+``CachedBlockStore`` is the serving tier over it (hmem.serve): the shallow levels held in RAM, the
+deeper blocks through an LRU cache with a byte budget, with hit / miss / read counters.
 """
 from __future__ import annotations
 
 import json
 import os
 import struct
+import time
+from collections import OrderedDict
 
 import numpy as np
 import torch
 
-from train.memory import BANK_FORMAT, BlockStore
+from train.memory import BANK_FORMAT, BlockStore, TensorBlockStore
 
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
            "I64": torch.int64, "I32": torch.int32}
@@ -121,3 +126,82 @@ class LazyBlockStore(BlockStore):
     def nbytes(self) -> int:
         """Resident bytes: the id tables (the blocks stay in the files)."""
         return sum(t.numel() * t.element_size() for d in (self.ids, self.file_of, self.row_of) for t in d.values())
+
+
+def _nbytes(named: dict[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in named.values())
+
+
+class CachedBlockStore(BlockStore):
+    """Tiered reads over a ``LazyBlockStore``: levels <= ``resident_levels`` read once into RAM (a few large,
+    always-fetched blocks), deeper blocks read on demand and kept in an LRU cache of at most ``budget_bytes``
+    (a block larger than the whole budget is read every time, never cached). The process holds the resident
+    levels, the cache and the blocks of the current fetch, whatever the bank's size. Read-only and not
+    thread-safe: hmem.serve reads under its model lock."""
+
+    def __init__(self, lazy: LazyBlockStore, budget_bytes: int, resident_levels: int = 1):
+        self.lazy, self.budget = lazy, int(budget_bytes)
+        self.shapes = lazy.shapes
+        shallow = {l: lazy.ids[l] for l in lazy.shapes if l <= resident_levels}
+        self.resident = TensorBlockStore({l: self.shapes[l] for l in shallow}, shallow,
+                                         {l: lazy.read(l, ids) for l, ids in shallow.items()}, device=lazy.device)
+        self.cache: OrderedDict[tuple[int, int], dict[str, torch.Tensor]] = OrderedDict()  # oldest first
+        self.cached_bytes = self.fetched = self.hits = self.misses = self.bytes_read = 0
+        self.read_seconds = 0.0  # in ``read``, resident levels included: a request's fetch time
+
+    def stats(self) -> dict:
+        """Counters since the start: ``fetched`` blocks asked for (resident ones included), ``hits`` / ``misses``
+        of the cache (a miss is a block read from the bank files), bytes read, the cache's and RAM tier's bytes."""
+        return {"fetched": self.fetched, "hits": self.hits, "misses": self.misses, "bytes_read": self.bytes_read,
+                "cached_blocks": len(self.cache), "cached_bytes": self.cached_bytes, "budget_bytes": self.budget,
+                "resident_bytes": self.resident.nbytes(), "read_seconds": self.read_seconds}
+
+    def owned_ids(self) -> torch.Tensor:
+        return self.lazy.owned_ids()
+
+    def read(self, level: int, ids) -> dict[str, torch.Tensor]:
+        t0 = time.perf_counter()
+        ids = torch.as_tensor(ids, dtype=torch.long).flatten()
+        self.fetched += ids.numel()
+        try:
+            if level in self.resident.shapes:
+                return self.resident.read(level, ids)
+            ids = ids.tolist()
+            if not ids:
+                return self.lazy.read(level, ids)
+            missing = [i for i in dict.fromkeys(ids) if (level, i) not in self.cache]
+            # one block per read: each cached block owns its storage (a view of a batch would pin the batch)
+            got = {i: {n: t[0] for n, t in self.lazy.read(level, [i]).items()} for i in missing}
+            self.bytes_read += sum(_nbytes(b) for b in got.values())
+            self.misses += len(missing)
+            self.hits += len(ids) - len(missing)
+            for i in ids:
+                if i not in got:
+                    got[i] = self.cache[(level, i)]
+                    self.cache.move_to_end((level, i))
+            out = {n: torch.stack([got[i][n] for i in ids]) for n in self.shapes[level]}
+            for i in missing:
+                self._keep((level, i), got[i])
+            return out
+        finally:
+            self.read_seconds += time.perf_counter() - t0
+
+    def _keep(self, key: tuple[int, int], block: dict[str, torch.Tensor]) -> None:
+        size = _nbytes(block)
+        if size > self.budget:
+            return
+        while self.cached_bytes + size > self.budget:
+            _, old = self.cache.popitem(last=False)
+            self.cached_bytes -= _nbytes(old)
+        self.cache[key] = block
+        self.cached_bytes += size
+
+    def write(self, level: int, ids, tensors: dict[str, torch.Tensor]) -> None:
+        self.lazy.write(level, ids, tensors)  # read-only: says so
+
+    def save(self, path: str, metadata: dict | None = None) -> None:
+        self.lazy.save(path, metadata)
+
+    def nbytes(self) -> int:
+        """Resident bytes: the shallow levels, the cache and the id tables."""
+        return self.resident.nbytes() + self.cached_bytes + self.lazy.nbytes()

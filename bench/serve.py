@@ -1,0 +1,208 @@
+"""`hmem.serve` figures: memory fetch latency through the tiered store, end-to-end latency, RSS, a load test.
+
+    python bench/serve.py --run runs/demo --model runs/demo/model/export [--prompts 128] [--cache-mb 16]
+        [--requests 400] [--clients 8]
+
+Fetch. The first words of ``--prompts`` of the run's documents, routed by the model's routing, make two
+streams: topic-coherent (sorted by path: consecutive prompts in one level-1 subtree) and random. Each
+prompt's blocks are fetched (MemoryBank.fetch) through a CachedBlockStore of ``--cache-mb`` over the
+export's bank, level 1 resident, and through the same cache over a flat bank of the same fetched size
+(one block per leaf holding a whole path's units: no shared ancestors), cold (the cache empty and the
+bank files dropped from the OS page cache) and warm (the same stream again). Per case: p50 / p95 ms, the
+cache hit rate and the MiB read from the bank files per prompt (the figure a loaded machine does not blur).
+
+Server. ``python -m hmem.serve`` on a free loopback port: end-to-end p50 / p95 of single requests with
+the real openai client (warm), its RSS against the bank's size, and a load test of ``--requests``
+requests from ``--clients`` concurrent clients (errors counted, p50 / p95, requests per second).
+Last line: the headline figures.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def drop_page_cache(paths: list[str]) -> None:
+    """Ask the kernel to forget the files' cached pages, so a cold read reads the disk."""
+    for p in paths:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def fetch_times(bank, ids: torch.Tensor) -> np.ndarray:
+    """ms to fetch each row's blocks, one prompt at a time, in stream order."""
+    out = []
+    for row in ids:
+        t = time.perf_counter()
+        bank.fetch(row[None], requires_grad=False)
+        out.append(1e3 * (time.perf_counter() - t))
+    return np.array(out)
+
+
+def flat_bank(ev, tmp: str):
+    """A flat bank of the same fetched size: one block per leaf of sum(ranks) units (zeros: only reads count)."""
+    from train.memory import MemoryConfig, TensorBlockStore
+
+    cfg = ev.bank.config
+    flat = MemoryConfig(kind=cfg.kind, ranks=(sum(cfg.ranks),), k=cfg.k ** cfg.depth)
+    path = os.path.join(tmp, "flat.safetensors")
+    TensorBlockStore.create(flat, ev.anchor.cfg, init=False).save(path)
+    return path, flat
+
+
+def fetch_bench(asker, model: str, prompts: list[str], cache_mb: float, resident: int) -> tuple[list[str], dict]:
+    from index.router import leading_path
+    from index.tree import path_block_ids
+    from train.lazy_store import CachedBlockStore, LazyBlockStore
+    from train.memory import MemoryBank
+
+    ev = asker.ev
+    torch.set_num_threads(1)  # a fetch is reads and copies: on a busy machine intra-op threads only add waits
+    paths = leading_path(asker.router.route_embeddings(asker.router.embed(prompts), texts=prompts))
+    leaves = asker.router.leaves(paths)
+    coherent = np.lexsort(paths.T[::-1])
+    streams = {"coherent": coherent, "random": np.random.default_rng(0).permutation(len(prompts))}
+    hier_files = [os.path.join(model, f) for f in sorted(ev.meta["bank_files"])]
+    budget = int(cache_mb * 2**20)
+    lines, p50 = [], {}
+    with tempfile.TemporaryDirectory() as tmp:
+        flat_path, flat_cfg = flat_bank(ev, tmp)
+        for name, order in streams.items():
+            for kind in ("hierarchical", "flat"):
+                files = hier_files if kind == "hierarchical" else [flat_path]
+                store = CachedBlockStore(LazyBlockStore(files), budget, resident if kind == "hierarchical" else 0)
+                cfg = ev.bank.config if kind == "hierarchical" else flat_cfg
+                bank = MemoryBank(cfg, ev.anchor.cfg.n_layers, ev.anchor.cfg.d_model, store)
+                ids = torch.from_numpy(path_block_ids(paths[order], ev.k) if kind == "hierarchical"
+                                       else leaves[order][:, None].astype(np.int64))
+                drop_page_cache(files)
+                for phase in ("cold", "warm"):
+                    before = store.stats()
+                    ms = fetch_times(bank, ids)
+                    s = store.stats()
+                    hits, misses = s["hits"] - before["hits"], s["misses"] - before["misses"]
+                    read = (s["bytes_read"] - before["bytes_read"]) / len(ms) / 2**20
+                    p50[(name, kind, phase)] = float(np.median(ms)), read
+                    lines.append(f"  {name:<8} {kind:<12} {phase}: p50 {np.median(ms):6.2f} ms  p95 "
+                                 f"{np.percentile(ms, 95):6.2f} ms  cache hits {hits / max(hits + misses, 1):5.1%}  "
+                                 f"read {read:.2f} MiB/prompt")
+    return lines, p50
+
+
+def rss_mib(pid: int) -> tuple[float, float]:
+    """(anonymous, file-backed) resident MiB: the mapped document index counts in the second, reclaimable."""
+    with open(f"/proc/{pid}/status") as f:
+        kb = {k: int(v.split()[0]) for k, v in (line.split(":", 1) for line in f) if k in ("RssAnon", "RssFile")}
+    return kb["RssAnon"] / 1024, kb["RssFile"] / 1024
+
+
+def start_server(run: str, model: str, cache_mb: float, resident: int):
+    import httpx
+
+    from train.distributed import free_port
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "hmem.serve", "--run", run, "--model", model, "--port", str(port),
+                             "--cache-mb", str(cache_mb), "--resident-levels", str(resident)], cwd=ROOT,
+                            env={**os.environ, "PYTHONPATH": ROOT}, stdout=subprocess.DEVNULL)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                return proc, port
+        except httpx.TransportError:
+            time.sleep(0.3)
+    proc.kill()
+    raise RuntimeError("hmem.serve did not come up in 180 s")
+
+
+def server_bench(run: str, model: str, prompts: list[str], args) -> tuple[list[str], dict]:
+    import openai
+
+    proc, port = start_server(run, model, args.cache_mb, args.resident_levels)
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0, timeout=120)
+        client.completions.create(model="hmem", prompt="warm up", max_tokens=2)
+        base = rss_mib(proc.pid)
+
+        def one(q: str) -> tuple[float, bool]:
+            t = time.perf_counter()
+            try:
+                client.completions.create(model="hmem", prompt=q, max_tokens=args.max_tokens)
+                return 1e3 * (time.perf_counter() - t), True
+            except openai.OpenAIError:
+                return 1e3 * (time.perf_counter() - t), False
+
+        single = np.array([one(q)[0] for q in prompts])
+        after = rss_mib(proc.pid)
+        stream = [prompts[i % len(prompts)] for i in range(args.requests)]
+        t = time.perf_counter()
+        with ThreadPoolExecutor(args.clients) as pool:
+            results = list(pool.map(one, stream))
+        wall = time.perf_counter() - t
+        peak = rss_mib(proc.pid)
+    finally:
+        proc.terminate()
+        proc.wait(60)
+    ms = np.array([m for m, _ in results])
+    errors = sum(not ok for _, ok in results)
+    bank = sum(os.path.getsize(os.path.join(model, "bank", f)) for f in os.listdir(os.path.join(model, "bank")))
+    out = {"e2e_p50": np.median(single), "e2e_p95": np.percentile(single, 95), "errors": errors,
+           "load_p95": np.percentile(ms, 95), "rps": len(results) / wall, "rss": sum(peak), "anon": peak[0], "bank": bank / 2**20}
+    lines = [f"end to end, one client ({len(prompts)} requests, {args.max_tokens} tokens): p50 {out['e2e_p50']:.0f} ms, "
+             f"p95 {out['e2e_p95']:.0f} ms",
+             "RSS (anonymous + file-backed MiB): " + ", ".join(f"{a:.0f} + {f:.0f} after {what}" for (a, f), what in
+                                                                ((base, "one request"), (after, f"{len(prompts)}"),
+                                                                 (peak, "the load test")))
+             + f"; bank {out['bank']:.0f} MiB, cache {args.cache_mb:g} MiB",
+             f"load: {len(results)} requests from {args.clients} clients in {wall:.1f} s ({out['rps']:.1f}/s), "
+             f"{errors} errors, p50 {np.median(ms):.0f} ms, p95 {out['load_p95']:.0f} ms"]
+    return lines, out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--run", required=True)
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--prompts", type=int, default=128)
+    ap.add_argument("--cache-mb", type=float, default=16.0)
+    ap.add_argument("--resident-levels", type=int, default=1)
+    ap.add_argument("--max-tokens", type=int, default=8)
+    ap.add_argument("--requests", type=int, default=400)
+    ap.add_argument("--clients", type=int, default=8)
+    args = ap.parse_args()
+    from hmem.ask import Asker
+
+    asker = Asker(args.run, args.model)
+    texts = asker.router.documents.table.column("preview").to_pylist()
+    prompts = [" ".join(t.split()[:12]) for t in texts[:: max(1, len(texts) // args.prompts)][:args.prompts]]
+    lines, p50 = fetch_bench(asker, args.model, prompts, args.cache_mb, args.resident_levels)
+    print(f"memory fetch per prompt ({len(prompts)} prompts, cache {args.cache_mb:g} MiB, level <= "
+          f"{args.resident_levels} resident; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs):",
+          *lines, sep="\n")
+    del asker
+    lines, s = server_bench(args.run, args.model, prompts, args)
+    print(*lines, sep="\n")
+    h = {c: "{:.1f} ms {:.2f} MiB".format(*p50[c]) for c in p50}
+    print(f"fetch p50 + read per prompt, warm: coherent {h[('coherent', 'hierarchical', 'warm')]} hierarchical vs "
+          f"{h[('coherent', 'flat', 'warm')]} flat, random {h[('random', 'hierarchical', 'warm')]} vs "
+          f"{h[('random', 'flat', 'warm')]}; e2e p50 {s['e2e_p50']:.0f} ms p95 {s['e2e_p95']:.0f} ms; "
+          f"load {args.requests} req x{args.clients}: {s['errors']} errors, p95 {s['load_p95']:.0f} ms, "
+          f"{s['rps']:.1f} req/s; RSS {s['rss']:.0f} MiB ({s['anon']:.0f} anonymous) for a {s['bank']:.0f} MiB bank")
+
+if __name__ == "__main__":
+    main()
