@@ -61,6 +61,8 @@ bench: install
 	$(BIN)/python bench/router_throughput.py
 	$(BIN)/python bench/query_latency.py --run runs/demo
 	$(BIN)/python bench/routing_check.py --run runs/demo
+	$(BIN)/python bench/ask.py --run runs/demo --model runs/demo/model/export --latency 50
+	$(BIN)/python bench/serve.py --run runs/demo --model runs/demo/model/export
 	$(BIN)/python bench/doc_index.py
 	$(BIN)/python bench/model_throughput.py
 	$(BIN)/python bench/train_throughput.py
