@@ -1,3 +1,5 @@
+import re
+
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -191,9 +193,11 @@ def test_several_runs_with_one_tree_add_up(run, tmp_path):
         assert sorted(seen[:len(own)]) == sorted(own)  # both runs, every owned sequence once per epoch
 
 
-def test_runs_with_different_trees_are_refused(run, tmp_path):
+def test_runs_with_different_trees_are_refused(run, tmp_path, capsys):
     from train.main import main
 
     other = make_run_dir(str(tmp_path / "c"), k=2, depth=2, seed=1)
-    with pytest.raises(ValueError, match="tree_version .* --tree"):
+    with pytest.raises(SystemExit) as e:  # before any process group: one line, exit code 2
         main(["--data", run, other, "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and re.match(r"error: .*tree_version .* --tree", err) and "\n" not in err
