@@ -329,3 +329,31 @@ def test_union_of_ffn_memories_equals_their_units_together():
     (ga, ua), (gb, ub) = gu_a.chunk(2), gu_b.chunk(2)
     both = FFNLayerMemory(torch.cat([ga, gb, ua, ub]), torch.cat([down_a, down_b])).post_ffn(x, None, out)
     assert torch.allclose(chained, both, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["ffn", "kv", None])
+def test_cached_decode_equals_forward_on_each_unpadded_sequence(kind):
+    """Anchor.decode (key/value cache, right-padded prompts of different lengths, per-sequence positions)
+    gives the logits forward gives each sequence alone, prompt and every generated token."""
+    from train.model import DecodeCache
+
+    model, bank = make(kind or "ffn")
+    randomise(bank)
+    ids = None if kind is None else bank.block_ids(DIFFERENT)
+    memory = None if ids is None else bank.fetch(ids, requires_grad=False)
+    lengths = torch.tensor([3, 6, 1, 4])
+    prompts = torch.where(torch.arange(6)[None, :] < lengths[:, None], TOK[:, :6], 0)  # padding after each
+    cache = DecodeCache(lengths)
+    steps = [model.decode(prompts, cache, memory)]
+    new = torch.randint(0, CFG.vocab_size, (4, 5), generator=torch.Generator().manual_seed(1))
+    for t in range(new.shape[1]):
+        steps.append(model.decode(new[:, t:t + 1], cache, memory))
+    with torch.no_grad():
+        for i in range(4):
+            seq = torch.cat([prompts[i, :lengths[i]], new[i]])[None]
+            alone = None if ids is None else bank.fetch(ids[i:i + 1], requires_grad=False)
+            full = model(seq, alone)[0, int(lengths[i]) - 1:]
+            assert torch.allclose(torch.stack([s[i] for s in steps]), full, atol=1e-5), i
+    with pytest.raises(ValueError, match="max_seq_len"):
+        for _ in range(CFG.max_seq_len):
+            model.decode(new[:, :1], cache, memory)

@@ -259,21 +259,47 @@ class Evaluator:
         out = []
         for s in range(0, len(prompts), self.batch_size):
             seqs = [[self.eot] + self.tokenizer.encode(p).ids for p in prompts[s:s + self.batch_size]]
-            new = [[] for _ in seqs]
+            want = max_new[s:s + len(seqs)]
             memory = self._memory(None if ids is None else ids[s:s + len(seqs)])
-            for step in range(max(max_new[s:s + len(seqs)])):
-                views = [q[-self.anchor.cfg.max_seq_len:] for q in seqs]  # a long prompt keeps its end
-                x = torch.full((len(views), max(len(v) for v in views)), self.pad, dtype=torch.long)
-                for i, v in enumerate(views):
-                    x[i, :len(v)] = torch.tensor(v)
-                logits = self.anchor(x, memory)  # causal: right padding does not change earlier positions
-                nxt = logits[torch.arange(len(views)), torch.tensor([len(v) - 1 for v in views])].argmax(-1)
-                for i, t in enumerate(nxt.tolist()):
-                    if step < max_new[s + i] and (not new[i] or new[i][-1] != self.eot):
-                        new[i].append(t)
-                    seqs[i].append(t)
-            out += [self.tokenizer.decode([t for t in n if t != self.eot]) for n in new]
+            # the anchor's key/value cache when the whole answer fits its context; else re-run the window per token
+            cached = hasattr(self.anchor, "decode") and max(map(len, seqs)) + max(want) <= self.anchor.cfg.max_seq_len
+            new = (self._decode if cached else self._recompute)(seqs, memory, want)
+            for n, m in zip(new, want):
+                n = n[:m]
+                out.append(self.tokenizer.decode(n[:n.index(self.eot)] if self.eot in n else n))
         return out
+
+    def _decode(self, seqs: list[list[int]], memory, want: list[int]) -> list[list[int]]:
+        from train.model import DecodeCache
+
+        lengths = torch.tensor([len(q) for q in seqs])
+        x = torch.full((len(seqs), int(lengths.max())), self.pad, dtype=torch.long)
+        for i, q in enumerate(seqs):
+            x[i, :len(q)] = torch.tensor(q)
+        cache = DecodeCache(lengths)
+        logits = self.anchor.decode(x, cache, memory)
+        new = [[] for _ in seqs]
+        for step in range(max(want)):
+            for i, t in enumerate(logits.argmax(-1).tolist()):
+                new[i].append(t)
+            if all(len(n) >= m or self.eot in n for n, m in zip(new, want)):
+                break  # every answer is complete: more tokens would be cut off
+            logits = self.anchor.decode(torch.tensor([[n[-1]] for n in new]), cache, memory)
+        return new
+
+    def _recompute(self, seqs: list[list[int]], memory, want: list[int]) -> list[list[int]]:
+        new = [[] for _ in seqs]
+        for step in range(max(want)):
+            views = [q[-self.anchor.cfg.max_seq_len:] for q in seqs]  # a long prompt keeps its end
+            x = torch.full((len(views), max(len(v) for v in views)), self.pad, dtype=torch.long)
+            for i, v in enumerate(views):
+                x[i, :len(v)] = torch.tensor(v)
+            logits = self.anchor(x, memory)  # causal: right padding does not change earlier positions
+            nxt = logits[torch.arange(len(views)), torch.tensor([len(v) - 1 for v in views])].argmax(-1)
+            for i, t in enumerate(nxt.tolist()):
+                new[i].append(t)
+                seqs[i].append(t)
+        return new
 
     def entity_documents(self, probes: list[Probe]) -> dict[str, list[str]]:
         """entity -> its training doc ids: the probes' ``doc_ids``, else routed documents naming the entity.

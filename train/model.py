@@ -129,11 +129,19 @@ class Attention(nn.Module):
         self.wv = nn.Linear(cfg.d_model, cfg.attn_dim, bias=False)
         self.wo = nn.Linear(cfg.attn_dim, cfg.d_model, bias=False)
 
-    def forward(self, x, cos, sin, mem: "LayerMemory | None" = None):
+    def forward(self, x, cos, sin, mem: "LayerMemory | None" = None, cache: "DecodeCache | None" = None, i: int = 0):
         B, T, _ = x.shape
         q, k, v = (w(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2) for w in (self.wq, self.wk, self.wv))
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # [B, H, T, hd]
+        if cache is None or not cache.k[i:]:  # the whole sequence, or a decode's prompt (cached for the steps)
+            if cache is not None:
+                cache.k.append(k)
+                cache.v.append(v)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # [B, H, T, hd]
+        else:  # one new token per sequence over its cached keys (a prompt's right padding masked out)
+            k = cache.k[i] = torch.cat([cache.k[i], k], dim=2)
+            v = cache.v[i] = torch.cat([cache.v[i], v], dim=2)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=cache.keys[:, None, None, :])
         if mem is not None:
             y = mem.attend(q, y)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
@@ -165,9 +173,22 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.ffn = SwiGLU(cfg)
 
-    def forward(self, x, cos, sin, mem=None):
-        x = x + self.attn(self.attn_norm(x), cos, sin, mem)
+    def forward(self, x, cos, sin, mem=None, cache=None, i: int = 0):
+        x = x + self.attn(self.attn_norm(x), cos, sin, mem, cache, i)
         return x + self.ffn(self.ffn_norm(x), mem)
+
+
+class DecodeCache:
+    """Greedy decoding state (``Anchor.decode``): per layer the keys and values of every position so far,
+    which key positions are real tokens (a batch's prompts are right-padded), each sequence's next position,
+    and the batch's memory gathered once."""
+
+    def __init__(self, lengths: torch.Tensor):
+        self.k: list[torch.Tensor] = []
+        self.v: list[torch.Tensor] = []
+        self.next = lengths.clone()  # [B] position of each sequence's next token
+        self.keys: torch.Tensor | None = None  # [B, positions] bool
+        self.mems = None
 
 
 class Anchor(nn.Module):
@@ -213,8 +234,36 @@ class Anchor(nn.Module):
         cos, sin = self.rope_cos[:T], self.rope_sin[:T]
         for layer, mem in zip(self.layers, mems):
             x = layer(x, cos, sin, mem)
+        return self.head(x)
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
         x = self.norm(x)
         return F.linear(x, self.embed.weight) if self.lm_head is None else self.lm_head(x)
+
+    def decode(self, tokens: torch.Tensor, cache: DecodeCache, memory: "Fetched | None" = None) -> torch.Tensor:
+        """Logits of the next token per sequence [B, V], with a key/value cache: first the right-padded prompts
+        [B, T] (``cache`` made from their lengths), then one token per sequence [B, 1] per call. Equals
+        ``forward`` on each unpadded sequence up to float rounding (per-sequence rotary positions)."""
+        B, T = tokens.shape
+        prompt = not cache.k
+        if int(cache.next.max()) + (0 if prompt else 1) > self.cfg.max_seq_len:
+            raise ValueError(f"decoding past max_seq_len {self.cfg.max_seq_len}")
+        x = self.embed(tokens)
+        if memory is not None and cache.mems is None:
+            cache.mems = memory.layers(dtype=x.dtype)
+        mems = cache.mems or [None] * len(self.layers)
+        if prompt:
+            cos, sin = self.rope_cos[:T], self.rope_sin[:T]
+            cache.keys = torch.arange(T)[None, :] < cache.next[:, None]
+        else:  # each sequence at its own position: [B, 1, 1, hd/2] broadcasts over heads
+            cos, sin = self.rope_cos[cache.next][:, None, None, :], self.rope_sin[cache.next][:, None, None, :]
+            cache.keys = torch.cat([cache.keys, torch.ones(B, 1, dtype=torch.bool)], dim=1)
+        for i, (layer, mem) in enumerate(zip(self.layers, mems)):
+            x = layer(x, cos, sin, mem, cache, i)
+        last = x[torch.arange(B), cache.next - 1] if prompt else x[:, 0]
+        if not prompt:
+            cache.next = cache.next + 1
+        return self.head(last)
 
     def loss(self, tokens, mask: torch.Tensor | None = None, memory: "Fetched | None" = None) -> torch.Tensor:
         """Mean next-token cross-entropy over masked target positions.
