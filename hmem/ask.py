@@ -54,14 +54,16 @@ class Asker:
         x = self.router.embed(questions)
         routed = self.router.route_embeddings(x, texts=questions)
         first = leading_path(routed)
+        leaves = self.router.leaves(first)
         descent = self.router.routing.mode == "descent"  # no vote, no document index needed
-        share = None if descent else self.router.vote_share(x, questions, self.router.leaves(first))
+        share = None if descent else self.router.vote_share(x, questions, leaves)
         t1 = time.perf_counter()
         settings = ["fetched"] + (self.compared() if compare else []) if ev.bank is not None else ["none"]
+        ids = {s: ev.block_ids(routed, s) for s in settings}
         completions, spent = {}, {}
         for s in settings:
             t = time.perf_counter()
-            completions[s] = ev.complete(questions, ev.block_ids(routed, s), [max_new] * n)
+            completions[s] = ev.complete(questions, ids[s], [max_new] * n)
             spent[s] = time.perf_counter() - t
         scored = [a if a is not None else own_answer(c) for a, c in zip(answers, completions[settings[0]])]
         logp = {}
@@ -71,9 +73,8 @@ class Asker:
             for s in settings:
                 lp = np.full(n, -math.inf)
                 if have:
-                    ids = ev.block_ids(routed, s)
                     lp[have] = ev.answer_logprob([questions[i] for i in have], [scored[i] for i in have],
-                                                 None if ids is None else ids[have])
+                                                 None if ids[s] is None else ids[s][have])
                 logp[s] = lp
             spent["scoring"] = time.perf_counter() - t
         blocks = path_block_ids(first, ev.k)
@@ -84,7 +85,7 @@ class Asker:
                     for s in settings]
             out.append({"question": questions[q], "answer": scored[q], "answer_given": answers[q] is not None,
                         "routing": self.router.routing.mode, "vote": self.router.routing.vote,
-                        "path": first[q].tolist(), "leaf": int(self.router.leaves(first[q:q + 1])[0]),
+                        "path": first[q].tolist(), "leaf": int(leaves[q]),
                         "blocks": blocks[q].tolist(),
                         "vote_share": None if share is None else float(share[q]),
                         "settings": rows, "verdict": verdict(rows, blocks[q]) if logp else None,

@@ -189,11 +189,8 @@ class Evaluator:
         out = np.zeros(len(windows))
         for s in range(0, len(windows), self.batch_size):
             part = windows[s:s + self.batch_size]
-            width = max(len(w) for w in part)
-            x = torch.full((len(part), width), self.pad, dtype=torch.long)
-            for i, w in enumerate(part):
-                x[i, :len(w)] = torch.tensor(w)
-            target = torch.arange(1, width)[None, :]
+            x = self.padded(part)
+            target = torch.arange(1, x.shape[1])[None, :]
             mask = target < torch.tensor([len(w) for w in part])[:, None]
             if skip is not None:
                 mask &= target > torch.tensor(skip[s:s + len(part)])[:, None]
@@ -201,6 +198,17 @@ class Evaluator:
             nll = F.cross_entropy(logits.float().transpose(1, 2), x[:, 1:], reduction="none")
             out[s:s + len(part)] = (nll * mask).sum(1).numpy()
         return out
+
+    def padded(self, seqs: list[list[int]]) -> torch.Tensor:
+        """Token lists as one right-padded [B, longest] batch (causal: padding changes no earlier position)."""
+        x = torch.full((len(seqs), max(map(len, seqs))), self.pad, dtype=torch.long)
+        for i, q in enumerate(seqs):
+            x[i, :len(q)] = torch.tensor(q)
+        return x
+
+    def prompt_ids(self, prompt: str) -> list[int]:
+        """A prompt's tokens as the model reads it: after <eot>, as every training document starts."""
+        return [self.eot] + self.tokenizer.encode(prompt).ids
 
     def answer_ids(self, answer: str) -> list[int]:
         """An answer's tokens after its prompt: one leading space, as completions start."""
@@ -212,7 +220,7 @@ class Evaluator:
         wins, skip = [], []
         for p, a in zip(prompts, answers):
             ans = self.answer_ids(a)
-            prompt = ([self.eot] + self.tokenizer.encode(p).ids)[-max(1, self.anchor.cfg.max_seq_len + 1 - len(ans)):]
+            prompt = self.prompt_ids(p)[-max(1, self.anchor.cfg.max_seq_len + 1 - len(ans)):]
             wins.append(prompt + ans)
             skip.append(len(prompt) - 1)
         return -self.window_nll(wins, ids, skip)
@@ -258,7 +266,7 @@ class Evaluator:
         """Greedy continuation of each prompt (after <eot>), ``max_new[i]`` tokens or until <eot>."""
         out = []
         for s in range(0, len(prompts), self.batch_size):
-            seqs = [[self.eot] + self.tokenizer.encode(p).ids for p in prompts[s:s + self.batch_size]]
+            seqs = [self.prompt_ids(p) for p in prompts[s:s + self.batch_size]]
             want = max_new[s:s + len(seqs)]
             memory = self._memory(None if ids is None else ids[s:s + len(seqs)])
             # the anchor's key/value cache when the whole answer fits its context; else re-run the window per token
@@ -272,14 +280,10 @@ class Evaluator:
     def _decode(self, seqs: list[list[int]], memory, want: list[int]) -> list[list[int]]:
         from train.model import DecodeCache
 
-        lengths = torch.tensor([len(q) for q in seqs])
-        x = torch.full((len(seqs), int(lengths.max())), self.pad, dtype=torch.long)
-        for i, q in enumerate(seqs):
-            x[i, :len(q)] = torch.tensor(q)
-        cache = DecodeCache(lengths)
-        logits = self.anchor.decode(x, cache, memory)
+        cache = DecodeCache(torch.tensor([len(q) for q in seqs]))
+        logits = self.anchor.decode(self.padded(seqs), cache, memory)
         new = [[] for _ in seqs]
-        for step in range(max(want)):
+        for _ in range(max(want)):
             for i, t in enumerate(logits.argmax(-1).tolist()):
                 new[i].append(t)
             if all(len(n) >= m or self.eot in n for n, m in zip(new, want)):
@@ -289,12 +293,9 @@ class Evaluator:
 
     def _recompute(self, seqs: list[list[int]], memory, want: list[int]) -> list[list[int]]:
         new = [[] for _ in seqs]
-        for step in range(max(want)):
+        for _ in range(max(want)):
             views = [q[-self.anchor.cfg.max_seq_len:] for q in seqs]  # a long prompt keeps its end
-            x = torch.full((len(views), max(len(v) for v in views)), self.pad, dtype=torch.long)
-            for i, v in enumerate(views):
-                x[i, :len(v)] = torch.tensor(v)
-            logits = self.anchor(x, memory)  # causal: right padding does not change earlier positions
+            logits = self.anchor(self.padded(views), memory)
             nxt = logits[torch.arange(len(views)), torch.tensor([len(v) - 1 for v in views])].argmax(-1)
             for i, t in enumerate(nxt.tolist()):
                 new[i].append(t)

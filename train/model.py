@@ -188,7 +188,7 @@ class DecodeCache:
         self.v: list[torch.Tensor] = []
         self.next = lengths.clone()  # [B] position of each sequence's next token
         self.keys: torch.Tensor | None = None  # [B, positions] bool
-        self.mems = None
+        self.mems: list = []  # per layer the memory hooks (train/memory.py), gathered with the prompt
 
 
 class Anchor(nn.Module):
@@ -224,17 +224,22 @@ class Anchor(nn.Module):
         if T > self.cfg.max_seq_len:
             raise ValueError(f"sequence of {T} tokens; max_seq_len is {self.cfg.max_seq_len}")
         x = self.embed(tokens)
-        mems = [None] * len(self.layers)
-        if memory is not None:
-            if memory.batch_size != B:
-                raise ValueError(f"memory fetched for {memory.batch_size} sequences, tokens hold {B}")
-            mems = memory.layers(dtype=x.dtype)  # the batch's blocks, gathered once for all layers
-            if len(mems) != len(self.layers):
-                raise ValueError(f"memory has {len(mems)} layers, the anchor {len(self.layers)}")
+        mems = self.layer_memories(memory, B, x.dtype)
         cos, sin = self.rope_cos[:T], self.rope_sin[:T]
         for layer, mem in zip(self.layers, mems):
             x = layer(x, cos, sin, mem)
         return self.head(x)
+
+    def layer_memories(self, memory: "Fetched | None", batch: int, dtype) -> list:
+        """Per layer the batch's memory hooks (its blocks gathered once for all layers), or None per layer."""
+        if memory is None:
+            return [None] * len(self.layers)
+        if memory.batch_size != batch:
+            raise ValueError(f"memory fetched for {memory.batch_size} sequences, tokens hold {batch}")
+        mems = memory.layers(dtype=dtype)
+        if len(mems) != len(self.layers):
+            raise ValueError(f"memory has {len(mems)} layers, the anchor {len(self.layers)}")
+        return mems
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
         x = self.norm(x)
@@ -249,16 +254,14 @@ class Anchor(nn.Module):
         if int(cache.next.max()) + (0 if prompt else 1) > self.cfg.max_seq_len:
             raise ValueError(f"decoding past max_seq_len {self.cfg.max_seq_len}")
         x = self.embed(tokens)
-        if memory is not None and cache.mems is None:
-            cache.mems = memory.layers(dtype=x.dtype)
-        mems = cache.mems or [None] * len(self.layers)
-        if prompt:
+        if prompt:  # the memory is gathered once, with the prompt
+            cache.mems = self.layer_memories(memory, B, x.dtype)
             cos, sin = self.rope_cos[:T], self.rope_sin[:T]
             cache.keys = torch.arange(T)[None, :] < cache.next[:, None]
         else:  # each sequence at its own position: [B, 1, 1, hd/2] broadcasts over heads
             cos, sin = self.rope_cos[cache.next][:, None, None, :], self.rope_sin[cache.next][:, None, None, :]
             cache.keys = torch.cat([cache.keys, torch.ones(B, 1, dtype=torch.bool)], dim=1)
-        for i, (layer, mem) in enumerate(zip(self.layers, mems)):
+        for i, (layer, mem) in enumerate(zip(self.layers, cache.mems)):
             x = layer(x, cos, sin, mem, cache, i)
         last = x[torch.arange(B), cache.next - 1] if prompt else x[:, 0]
         if not prompt:
