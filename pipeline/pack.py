@@ -3,8 +3,8 @@
 Tokenizer: a byte-level BPE trained with `tokenizers` on a bounded, seeded
 sample of documents (``tokenizer_sample_docs`` reach the driver, no more), or a
 user's tokenizer.json: ids 0 and 1 are ``<|endoftext|>`` and ``<|pad|>``. Or a
-transformers tokenizer directory (a pretrained model's, train/hf.py): its own eos
-and pad ids (pad = eos when it has none) end and pad the sequences.
+transformers tokenizer directory (a pretrained model's): its own eos and pad ids end and pad the
+sequences. pipeline/tokenizer.py reads and trains them.
 
 Packing (format in docs/FORMATS.md): a leaf's documents, in a seeded order, are
 concatenated with an end-of-text token after each and cut into sequences of
@@ -27,11 +27,10 @@ from pyspark.sql import functions as F
 from pyspark.sql import types as T
 from pyspark.sql.functions import pandas_udf
 
+from pipeline import tokenizer
 from pipeline.config import JobConfig
 from pipeline.spark import shuffle_partitions, with_lookup
-
-EOT, PAD = "<|endoftext|>", "<|pad|>"
-EOT_ID, PAD_ID = 0, 1
+from pipeline.tokenizer import EOT_ID, PAD_ID
 
 SHARD_SCHEMA = T.StructType([
     T.StructField("seq_id", T.LongType()),
@@ -43,40 +42,24 @@ SHARD_SCHEMA = T.StructType([
 ])
 
 
-def train_tokenizer(texts, vocab_size: int):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOT, PAD],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(texts, trainer=trainer)
-    return tok
-
-
 def load_or_train_tokenizer(spark: SparkSession, docs: DataFrame, cfg: JobConfig, n_docs: int):
-    """(tokenizer, eot id, pad id)."""
-    from tokenizers import Tokenizer
-    if cfg.tokenizer and os.path.isdir(cfg.tokenizer):
-        from train.hf import load_tokenizer
-        return load_tokenizer(cfg.tokenizer)
+    """(tokenizer, eot id, pad id): the user's (--tokenizer), or a BPE trained on a bounded, seeded sample."""
     if cfg.tokenizer:
-        tok = Tokenizer.from_file(cfg.tokenizer)
-        for name, want in ((EOT, EOT_ID), (PAD, PAD_ID)):
-            if tok.token_to_id(name) != want:
-                raise SystemExit(f"{cfg.tokenizer}: token {name!r} must have id {want} (has {tok.token_to_id(name)}); "
-                                 "add it as a special token or let the job train one")
-        return tok, EOT_ID, PAD_ID
+        try:
+            return tokenizer.load(cfg.tokenizer)
+        except ValueError as e:
+            raise SystemExit(f"--tokenizer {e}") from None
     frac = min(1.0, 1.2 * cfg.tokenizer_sample_docs / max(n_docs, 1))
     sample = (docs.select("text").sample(fraction=frac, seed=cfg.seed)
               .orderBy(F.xxhash64("text")).limit(cfg.tokenizer_sample_docs))
-    return train_tokenizer((r["text"] for r in sample.toLocalIterator()), cfg.vocab_size), EOT_ID, PAD_ID
+    return tokenizer.train_bpe((r["text"] for r in sample.toLocalIterator()), cfg.vocab_size), EOT_ID, PAD_ID
 
 
 @functools.lru_cache(maxsize=2)
 def cached_tokenizer(tok_json: str):
     """Parsed once per Python worker, not once per Arrow batch."""
     from tokenizers import Tokenizer
+
     return Tokenizer.from_str(tok_json)
 
 

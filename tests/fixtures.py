@@ -13,23 +13,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from index.tree import Tree, local_index
-
-EOT_ID, PAD_ID = 0, 1
+from pipeline import tokenizer
+from pipeline.tokenizer import EOT_ID, PAD_ID
 
 
 PROMPTS = {"hydrogen": "the atomic number of hydrogen is", "tree": "memory blocks on a tree"}  # tiny_export's probes
 
 
 def write_tokenizer(path: str, vocab_size: int) -> int:
-    """A byte-level BPE with <|endoftext|> = 0 and <|pad|> = 1; returns its real vocabulary size."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<|pad|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(["the atomic number of hydrogen is one", "memory blocks on a tree"] * 20, trainer)
+    """The project's byte-level BPE (pipeline/tokenizer.py) on two sentences; returns its real vocabulary size."""
+    tok = tokenizer.train_bpe(["the atomic number of hydrogen is one", "memory blocks on a tree"] * 20, vocab_size)
     tok.save(path)
     return tok.get_vocab_size()
 

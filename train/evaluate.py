@@ -46,10 +46,11 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from index.router import MODES, VOTES, leading_path
 from index.tree import generic_block_ids, n_tree_blocks, path_block_ids
+from pipeline import tokenizer
+from train.model import DecodeCache, token_nll
 
 N_BUCKETS = 5
 
@@ -118,8 +119,6 @@ class Evaluator:
     """An exported model, its tokenizer and the run's router; every method is batched and uses no grad."""
 
     def __init__(self, model_dir: str, router, batch_size: int = 16):
-        from tokenizers import Tokenizer
-
         from train.export import load_model
 
         self.anchor, self.bank, self.meta = load_model(model_dir)
@@ -128,7 +127,7 @@ class Evaluator:
         tok = os.path.join(model_dir, "tokenizer.json")
         if not os.path.exists(tok):
             raise FileNotFoundError(f"{tok} is missing: re-export the model (train.export copies the run's tokenizer)")
-        self.tokenizer = Tokenizer.from_file(tok)
+        self.tokenizer = tokenizer.read(tok)
         self.seq_len = min(int(self.meta["seq_len"]), self.anchor.cfg.max_seq_len)
         self.eot, self.pad = int(self.meta["eot_id"]), int(self.meta["pad_id"])
         self.k, self.depth = int(self.meta["k"]), int(self.meta["depth"])
@@ -195,7 +194,7 @@ class Evaluator:
             if skip is not None:
                 mask &= target > torch.tensor(skip[s:s + len(part)])[:, None]
             logits = self.anchor(x[:, :-1], self._memory(None if ids is None else ids[s:s + len(part)]))
-            nll = F.cross_entropy(logits.float().transpose(1, 2), x[:, 1:], reduction="none")
+            nll = token_nll(logits, x[:, 1:])
             out[s:s + len(part)] = (nll * mask).sum(1).numpy()
         return out
 
@@ -278,8 +277,6 @@ class Evaluator:
         return out
 
     def _decode(self, seqs: list[list[int]], memory, want: list[int]) -> list[list[int]]:
-        from train.model import DecodeCache
-
         cache = DecodeCache(torch.tensor([len(q) for q in seqs]))
         logits = self.anchor.decode(self.padded(seqs), cache, memory)
         new = [[] for _ in seqs]

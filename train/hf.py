@@ -34,6 +34,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from pipeline import tokenizer
 from train.model import Anchor, ModelConfig
 
 # model types whose MLP is down(silu(gate(x)) * up(x)): the FFN-memory units use the same activation
@@ -74,18 +75,6 @@ def llama_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def save_tokenizer(tokenizer_file: str, out_dir: str, eos_id: int, pad_id: int) -> None:
-    """The run's tokenizer.json as a transformers fast tokenizer with its eos / pad tokens named."""
-    from tokenizers import Tokenizer
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer.from_file(tokenizer_file)
-    eos, pad = tok.id_to_token(eos_id), tok.id_to_token(pad_id)
-    if eos is None or pad is None:
-        raise ValueError(f"{tokenizer_file}: eos id {eos_id} / pad id {pad_id} are not in its vocabulary")
-    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=eos, bos_token=eos, pad_token=pad).save_pretrained(out_dir)
-
-
 def export_anchor(export_dir: str, out_dir: str) -> str:
     """Write a project export's anchor as a transformers Llama checkpoint (a bank, if any, is not part of it)."""
     from transformers import LlamaForCausalLM
@@ -106,7 +95,7 @@ def export_anchor(export_dir: str, out_dir: str) -> str:
     if cfg.tied_embeddings:
         model.tie_weights()
     model.save_pretrained(out_dir)
-    save_tokenizer(os.path.join(export_dir, "tokenizer.json"), out_dir, eos_id, pad_id)
+    tokenizer.save_transformers(os.path.join(export_dir, "tokenizer.json"), out_dir, eos_id, pad_id)
     return out_dir
 
 
@@ -208,19 +197,6 @@ def load_base(cfg: ModelConfig, device: str | torch.device = "cpu") -> HFAnchor:
     model = AutoModelForCausalLM.from_pretrained(cfg.hf, local_files_only=True, dtype=torch.float32)
     model.requires_grad_(False)
     return HFAnchor(model, cfg).to(device).eval()
-
-
-def load_tokenizer(directory: str):
-    """(tokenizers.Tokenizer, eos_id, pad_id) of a transformers tokenizer directory; pad falls back to eos."""
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(directory, local_files_only=True)
-    backend = getattr(tok, "backend_tokenizer", None)
-    if backend is None:
-        raise ValueError(f"{directory}: {type(tok).__name__} is not a fast (tokenizers) tokenizer; save one with tokenizer.json")
-    if tok.eos_token_id is None:
-        raise ValueError(f"{directory}: the tokenizer names no eos token; set eos_token in tokenizer_config.json")
-    return backend, int(tok.eos_token_id), int(tok.eos_token_id if tok.pad_token_id is None else tok.pad_token_id)
 
 
 # ---------------------------------------------------------------- 3. a GGUF file -> transformers checkpoint

@@ -23,7 +23,6 @@ if __package__ in (None, ""):  # run as a script (deepspeed/torchrun/python trai
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from train import checkpoint
@@ -31,7 +30,7 @@ from train.config import TrainConfig, load_config
 from train.data import ShardLoader, assign_subtrees, read_manifests
 from train.distributed import BlockReducer, DistInfo, init, teardown
 from train.export import anchor_weights, export, write_bank_file
-from train.model import Anchor
+from train.model import Anchor, token_nll
 from train.optim import BlockGrads, TouchedAdamW, lr_at
 
 
@@ -187,7 +186,7 @@ class Trainer:
         # not driven by engine.backward, which needs an optimizer the frozen anchor does not have.
         model = self.engine if cfg.recipe.trains_anchor else self.engine.module
         logits = model(tokens[:, :-1], fetched)
-        ce = F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten(), reduction="none").view(mask.shape) * mask
+        ce = token_nll(logits, tokens[:, 1:]) * mask
         loss = ce.sum() / mask.sum().clamp(min=1)
 
         lr_anchor = self.lr("anchor", step)

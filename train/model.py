@@ -110,6 +110,11 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
 
+def token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy per position, in fp32 (bf16 logits lose the small differences), shaped like targets."""
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -280,7 +285,7 @@ class Anchor(nn.Module):
         else:
             inputs, targets = tokens[:, :-1], tokens[:, 1:]
         logits = self(inputs, memory)
-        ce = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
+        ce = token_nll(logits, targets)
         if mask is None:
             return ce.mean()
         if mask.shape[1] == targets.shape[1] + 1:
