@@ -65,7 +65,7 @@ def worker(args) -> None:
     import torch.distributed as dist
 
     from train.config import load_config
-    from train.data import read_manifest
+    from index.rundir import read_manifest
     from train.distributed import init, teardown
     from train.main import Trainer
     from train.memory import MemoryConfig, param_counts

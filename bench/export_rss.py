@@ -50,7 +50,8 @@ def make_export(run: str, out: str, ranks: tuple[int, ...]) -> int:
     import torch
     from safetensors.torch import save_file
 
-    from train.data import assign_subtrees, read_manifest
+    from index.rundir import read_manifest
+    from train.data import assign_subtrees
     from train.export import FORMAT, bank_files, export_blocks
     from train.memory import MemoryConfig, TensorBlockStore, block_shapes
     from train.model import Anchor, load_model_config

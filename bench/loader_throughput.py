@@ -88,7 +88,8 @@ def rss_mb(field: str) -> float:
 def child(run: str, buffer: int, epochs: int) -> None:
     """One loader (rank 0 of 2) reading ``epochs`` epochs; prints a JSON line."""
     sys.path.insert(0, ROOT)
-    from train.data import ShardLoader, assign_subtrees, read_manifest  # imports torch, as the trainer does
+    from index.rundir import read_manifest
+    from train.data import ShardLoader, assign_subtrees  # imports torch, as the trainer does
 
     base = rss_mb("VmRSS")
     ownership = assign_subtrees(read_manifest(run), 2)

@@ -38,7 +38,7 @@ def worker(args) -> None:
     """Runs in each rank: build the three trainers, interleave their steps, report medians on rank 0."""
     sys.path.insert(0, ROOT)
     from train.config import load_config
-    from train.data import read_manifest
+    from index.rundir import read_manifest
     from train.distributed import init, teardown
     from train.main import Trainer
 

@@ -51,6 +51,7 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 
 from index import terms as lexical
+from index.rundir import read_manifest
 from index.tree import Tree
 
 FORMAT = "hmem-index/3"
@@ -173,8 +174,8 @@ def build_document_index(run_dir: str, pq_m: int = PQ_M, train_sample: int = 100
         raise ValueError(f"pq_m {pq_m} must divide the embedding dimension {tree.dim}")
     _check_columns(routed_dir, run_dir)
     n_leaves = tree.k ** tree.depth
-    manifest = read_json(os.path.join(run_dir, "manifest.json"), "is the cluster_corpus run finished?")
-    n_routed, n_distinct = int(manifest["documents_routed"]), int(manifest["documents_distinct"])
+    manifest = read_manifest(run_dir, {"documents_routed": int, "documents_distinct": int})
+    n_routed, n_distinct = manifest["documents_routed"], manifest["documents_distinct"]
     leaf_centroids = np.ascontiguousarray(tree.centroids[-1], dtype=np.float32)
 
     # 1. codebooks from a content-chosen sample of the distinct documents' residuals

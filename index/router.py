@@ -42,7 +42,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from index.docindex import DocumentIndex, Hits, TreeVersionError, read_json
+from index.docindex import DocumentIndex, Hits, TreeVersionError
+from index.rundir import read_manifest
 from index.route import Descender
 from index.terms import term_hashes
 from index.tree import Tree, local_index, path_block_ids
@@ -156,7 +157,7 @@ class Router:
         if not os.path.isdir(run_dir):
             raise FileNotFoundError(f"run directory {run_dir} does not exist")
         tree = Tree.load(os.path.join(run_dir, "tree"))
-        manifest = read_json(os.path.join(run_dir, "manifest.json"), "is the cluster_corpus run finished?")
+        manifest = read_manifest(run_dir)
         version = tree.version
         if manifest.get("tree_version") != version:
             raise TreeVersionError(f"{run_dir}: manifest.json has tree_version {manifest.get('tree_version')!r} "

@@ -1,8 +1,7 @@
-"""manifest.json: what a run read, what it wrote, and the proof that nothing was lost or doubled.
+"""manifest.json's content: what a run read, what it wrote, and the proof that nothing was lost or doubled.
 
-Other tools read it (router, trainer's subtree assignment, evaluation). The keys
-they rely on are listed in docs/FORMATS.md; ``check`` enforces the count invariants,
-``verify`` the exactly-once proof: order-independent 128-bit checksums
+index/rundir.py owns the file (its format, the count invariants, reading and writing); this module
+``build``s it from the stages' summaries and ``verify``s the exactly-once proof: order-independent 128-bit checksums
 (pipeline/spark.py:checksum) of the input rows' (source, row) keys, of the validated
 and the quarantined rows, and of the doc ids in documents/, routed/ and over all
 shards' ``doc_ids``. Counts alone pass one duplicated plus one dropped document;
@@ -11,7 +10,6 @@ the checksums do not (short of a 2^-64 coincidence).
 from __future__ import annotations
 
 import importlib.metadata
-import json
 import os
 import platform
 
@@ -80,7 +78,6 @@ def build(cfg: JobConfig, read: dict, fit: dict, pack: dict, seconds: dict, chec
                "sample_points": s["sample_points"], "node_documents": s["node_documents"],
                "node_tokens": tokens[i]} for i, s in enumerate(fit["levels"])]
     return {
-        "format": "hmem-run/1",
         "documents_in": read["documents_in"],
         "documents_routed": pack["documents"],
         "documents_distinct": pack["documents_distinct"],
@@ -101,19 +98,3 @@ def build(cfg: JobConfig, read: dict, fit: dict, pack: dict, seconds: dict, chec
         "seed": cfg.seed,
         "config": {k: v for k, v in cfg.__dict__.items()},
     }
-
-
-def check(m: dict) -> None:
-    if m["documents_in"] != m["documents_routed"] + m["documents_quarantined"]:
-        raise RuntimeError(f"manifest: {m['documents_in']} in != {m['documents_routed']} routed + {m['documents_quarantined']} quarantined")
-    for lv in m["levels"]:
-        if sum(lv["node_documents"]) != m["documents_routed"]:
-            raise RuntimeError(f"manifest: level {lv['level']} counts {sum(lv['node_documents'])} documents, expected {m['documents_routed']}")
-
-
-def write(run_dir: str, m: dict) -> None:
-    check(m)
-    tmp = os.path.join(run_dir, "manifest.json.tmp")
-    with open(tmp, "w") as f:
-        json.dump(m, f, indent=1)
-    os.replace(tmp, os.path.join(run_dir, "manifest.json"))

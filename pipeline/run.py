@@ -10,6 +10,7 @@ import time
 from pyspark.sql import SparkSession
 
 from index.encoder import resolve_precision
+from index.rundir import write_manifest
 from pipeline import manifest
 from pipeline.config import JobConfig
 from corpora.bbc import write_bbc
@@ -83,7 +84,7 @@ def run(cfg: JobConfig, spark: SparkSession | None = None) -> dict:
     checksums = manifest.verify(spark, run_dir, read["input_rows_checksum"])
     m = manifest.build(cfg, read, fit, pack, seconds, checksums)
     m["embeddings_reused"] = embed.get("embeddings_reused", 0)  # identical texts embedded once (pipeline/embed.py)
-    manifest.write(run_dir, m)
+    write_manifest(run_dir, m)
     print(summary(m) + f"\ntotal {fmt_duration(time.time() - t0)} (this invocation)", file=sys.stderr, flush=True)
     return m
 

@@ -5,13 +5,13 @@ different numbers of sequences so that bin packing by tokens is not trivial.
 """
 from __future__ import annotations
 
-import json
 import os
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from index.rundir import write_manifest
 from index.tree import Tree, local_index
 from pipeline import tokenizer
 from pipeline.tokenizer import EOT_ID, PAD_ID
@@ -73,7 +73,6 @@ def make_run_dir(root: str, k: int = 2, depth: int = 2, seq_len: int = 16, seed:
     manifest = {"documents_in": len(rows), "documents_routed": len(rows), "documents_quarantined": 0,
                 "tree_version": tree.version, "k": k, "depth": depth, "seq_len": seq_len, "vocab_size": vocab,
                 "eot_id": EOT_ID, "pad_id": PAD_ID, "sequences": len(rows), "tokens": int(valid.sum()),
-                "levels": levels, "seed": seed}
-    with open(os.path.join(root, "manifest.json"), "w") as f:
-        json.dump(manifest, f, indent=2)
+                "levels": levels, "seed": seed, "config": {}}
+    write_manifest(root, manifest)
     return root

@@ -7,7 +7,8 @@ import torch
 from fixtures import make_run_dir
 
 from index.tree import generic_block_ids, local_index, n_tree_blocks, path_block_ids
-from train.data import ShardLoader, assign_subtrees, read_manifest
+from index.rundir import read_manifest
+from train.data import ShardLoader, assign_subtrees
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,4 @@
 """The encoder's precision, length bucketing and run bookkeeping; live progress counts; identical texts embedded once."""
-import json
 import multiprocessing
 import os
 import time
@@ -12,6 +11,7 @@ from corpora.bbc import bbc_records
 from index.encoder import (PrecisionMismatch, cpu_has_bf16, embed_texts, load_encoder, resolve_precision,
                            run_precision)
 from index.router import Router
+from index.rundir import write_manifest
 from index.tree import Tree
 from pipeline.counter import ItemCounter, report
 from pipeline.stages import RecentRate
@@ -58,8 +58,9 @@ def write_run(root, manifest_precision, tree_precision) -> str:
          config={} if tree_precision is None else {"encoder_precision": tree_precision}).save(os.path.join(run, "tree"))
     tree = Tree.load(os.path.join(run, "tree"))
     config = {"max_windows": 1} if manifest_precision is None else {"max_windows": 1, "encoder_precision": manifest_precision}
-    with open(os.path.join(run, "manifest.json"), "w") as f:
-        json.dump({"tree_version": tree.version, "config": config}, f)
+    level = {"level": 1, "nodes": 2, "node_documents": [1, 1], "node_tokens": [0, 0]}
+    write_manifest(run, {"tree_version": tree.version, "k": 2, "depth": 1, "levels": [level], "config": config,
+                         "documents_in": 2, "documents_routed": 2, "documents_quarantined": 0})
     return run
 
 

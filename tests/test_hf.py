@@ -211,7 +211,7 @@ def test_config_with_a_transformers_base(tmp_path):
     from fixtures import make_run_dir
 
     from train.config import load_config
-    from train.data import read_manifest
+    from index.rundir import read_manifest
 
     manifest = read_manifest(make_run_dir(str(tmp_path / "run")))
     base = tiny_base(str(tmp_path / "base"), "qwen2")

@@ -18,6 +18,7 @@ from index.docindex import build_document_index
 from index.route import ISAS, Descender, kernel_isa, offsets, route
 from index.terms import term_hashes
 from index.router import MODES, Router, RoutingConfig, TreeVersionError, leaf_paths, vote
+from index.rundir import write_manifest
 from index.tree import Tree, local_index, path_block_ids
 
 DEMO_RUN = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "runs", "demo")
@@ -83,8 +84,7 @@ def make_bbc_run(root: str, n_docs: int = 40, k: int = 3, depth: int = 2, seed: 
     manifest = {"documents_in": n_docs, "documents_routed": n_docs, "documents_distinct": n_docs, "documents_quarantined": 0,
                 "tree_version": tree.version, "k": k, "depth": depth, "levels": levels, "seed": seed,
                 "config": {"max_windows": 1}}
-    with open(os.path.join(root, "manifest.json"), "w") as f:
-        json.dump(manifest, f)
+    write_manifest(root, manifest)
     with open(os.path.join(root, "texts.json"), "w") as f:  # test-only: the texts by doc_id
         json.dump({f"bbc{i:04d}": t for i, t in enumerate(texts)}, f)
     build_document_index(root)

@@ -10,7 +10,8 @@ from safetensors import safe_open
 from test_trainer import blocks_of
 
 from train.checkpoint import load_bank
-from train.data import ShardLoader, assign_subtrees, read_manifest
+from index.rundir import read_manifest
+from train.data import ShardLoader, assign_subtrees
 from train.memory import MemoryBank, MemoryConfig, TensorBlockStore, param_counts
 from train.model import Anchor, ModelConfig
 from train.optim import BlockGrads, TouchedAdamW

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from index.tree import generic_block_ids, n_tree_blocks, path_block_ids
 from train.config import load_config
-from train.data import read_manifest
+from index.rundir import read_manifest
 from train.distributed import free_port
 from train.export import load_model
 from train.memory import TensorBlockStore

@@ -25,7 +25,6 @@ and continues exactly where the checkpoint was taken.
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 
@@ -33,16 +32,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
+from index.rundir import TRAINING, read_manifest
 from index.tree import generic_block_ids, level_offset, local_index, path_block_ids
-
-
-def read_manifest(run_dir: str) -> dict:
-    path = os.path.join(run_dir, "manifest.json")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} is missing: --data must be the run directory of a finished "
-                                "jobs/cluster_corpus.py run (see docs/FORMATS.md)")
-    with open(path) as f:
-        return json.load(f)
 
 
 # what must agree between runs trained together: one tree, one tokenizer, one sequence length
@@ -56,7 +47,7 @@ def read_manifests(run_dirs: list[str]) -> dict:
     Runs must agree on SHARED_KEYS and on tokenizer.json; per-node counts (``levels[l].node_tokens``,
     ``node_documents``) and SUMMED_KEYS add up, so ownership is bin-packed over all runs' tokens.
     """
-    manifests = [read_manifest(d) for d in run_dirs]
+    manifests = [read_manifest(d, TRAINING) for d in run_dirs]
     first, out = run_dirs[0], dict(manifests[0])
     tok = _tokenizer_bytes(first)
     for d, m in zip(run_dirs[1:], manifests[1:]):
