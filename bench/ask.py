@@ -1,7 +1,7 @@
 """`hmem.ask` figures: does the verdict name a block that holds the fact, and how fast is an answer?
 
-    python bench/ask.py --run RUN --model EXPORT --probes PROBES.jsonl        # verdicts (long-tail bench model)
-    python bench/ask.py --run runs/demo --model runs/demo/model/export --latency 50 [--threads 2]
+    python -m bench.ask --run RUN --model EXPORT --probes PROBES.jsonl        # verdicts (long-tail bench model)
+    python -m bench.ask --run runs/demo --model runs/demo/model/export --latency 50 [--threads 2]
 
 Verdicts. The probes of the rarest frequency bucket (train.evaluate's buckets) are asked with their
 answers in one batched call. For those the model answers right with its fetched memory: the share

@@ -4,7 +4,7 @@ Compares the job's level-1 clusters with flat FAISS k-means and Spark MLlib
 BisectingKMeans, each with the same number of clusters, on the job's own
 embeddings. Run after `make demo` (or any run of the BBC corpus with ids):
 
-    python bench/cluster_quality.py --run runs/demo
+    python -m bench.cluster_quality --run runs/demo
 Last line: `purity_l1 <job> nmi_l1 <job>`.
 """
 from __future__ import annotations
@@ -12,13 +12,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 
 import numpy as np
 import pyarrow.parquet as pq
 from sklearn.metrics import normalized_mutual_info_score
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def purity(labels: np.ndarray, clusters: np.ndarray) -> float:

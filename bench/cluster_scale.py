@@ -14,8 +14,8 @@ node, faiss.Kmeans with 20 iterations on at most ``sample_per_node`` of its
 points, then every point of the node assigned to its nearest child), the
 single-process way to build the same tree.
 
-    python bench/cluster_scale.py                       # N = 250k and 1M
-    python bench/cluster_scale.py --n 20000 80000       # a quick look
+    python -m bench.cluster_scale                       # N = 250k and 1M
+    python -m bench.cluster_scale --n 20000 80000       # a quick look
 Last line: `time_ratio <t(N2)/t(N1)> rss_growth <py driver RSS(N2)/RSS(N1) - 1> job/faiss <ratio at N1> <at N2>`.
 """
 from __future__ import annotations
@@ -28,9 +28,6 @@ import subprocess
 import sys
 import tempfile
 import time
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 
 def generate(spark, n: int, dim: int, out: str, seed: int, parts: int) -> None:

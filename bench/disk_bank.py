@@ -25,7 +25,7 @@ Data: ``--data`` RUN_DIR, or a synthetic run directory (tests/fixtures.make_run_
 8 sequences per leaf, seq_len 512, the manifest's vocab_size set to the demo's 8192).
 Prints the figures; the last line is ``ratio X`` (disk tokens/s / RAM tokens/s, wall clock).
 
-    python bench/disk_bank.py [--data RUN] [--ranks 8,16,144] [--budget-mb 240] [--steps 20] [--materialise] [--drop-cache]
+    python -m bench.disk_bank [--data RUN] [--ranks 8,16,144] [--budget-mb 240] [--steps 20] [--materialise] [--drop-cache]
 """
 from __future__ import annotations
 
@@ -34,14 +34,11 @@ import json
 import os
 import shutil
 import statistics
-import sys
 import tempfile
 import threading
 import time
 
-from ds_launch import add_worker_args, run_worker, timed_step
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from bench.ds_launch import add_worker_args, run_worker, timed_step
 
 
 def proc_kb(path: str, keys: tuple[str, ...]) -> dict[str, int]:
@@ -60,7 +57,6 @@ def rss() -> dict[str, int]:
 
 
 def worker(args) -> None:
-    sys.path.insert(0, ROOT)
     import torch
     import torch.distributed as dist
 
@@ -193,8 +189,7 @@ def worker(args) -> None:
 
 
 def synthetic_run(root: str) -> str:
-    sys.path.insert(0, os.path.join(ROOT, "tests"))
-    from fixtures import make_run_dir
+    from tests.fixtures import make_run_dir
 
     run = make_run_dir(root, k=8, depth=3, seq_len=512, seqs_per_leaf=[8] * 512)
     path = os.path.join(run, "manifest.json")
@@ -224,9 +219,10 @@ def main() -> None:
         return worker(args)
     with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR", "/tmp")) as tmp:
         data = os.path.abspath(args.data) if args.data else synthetic_run(os.path.join(tmp, "run"))
-        run_worker(__file__, ["--data", data, "--config", args.config, "--ranks", args.ranks,
-                              "--budget-mb", str(args.budget_mb), "--prefetch", str(args.prefetch),
-                              "--steps", str(args.steps), "--warmup", str(args.warmup), "--rss-steps", str(args.rss_steps)]
+        run_worker("bench.disk_bank", ["--data", data, "--config", args.config, "--ranks", args.ranks,
+                                       "--budget-mb", str(args.budget_mb), "--prefetch", str(args.prefetch),
+                                       "--steps", str(args.steps), "--warmup", str(args.warmup),
+                                       "--rss-steps", str(args.rss_steps)]
                    + ["--drop-cache"] * args.drop_cache + ["--materialise"] * args.materialise, tmp)
 
 

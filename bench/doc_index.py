@@ -1,8 +1,8 @@
 """The document index the neighbour vote searches (index/docindex.py): size, vote agreement, query latency.
 
-    python bench/doc_index.py                                   # 1M synthetic documents, k=16, p=4
-    python bench/doc_index.py --real RUN PROBES.jsonl [RUN PROBES.jsonl ...]   # + agreement on real runs
-    python bench/doc_index.py --pq-m 96 --real ...              # another code size (jobs/build_index.py --pq-m)
+    python -m bench.doc_index                                   # 1M synthetic documents, k=16, p=4
+    python -m bench.doc_index --real RUN PROBES.jsonl [RUN PROBES.jsonl ...]   # + agreement on real runs
+    python -m bench.doc_index --pq-m 96 --real ...              # another code size (jobs/build_index.py --pq-m)
 
 1. Size. A synthetic run of N documents (a seeded hierarchy of topics, k children per node, p
    levels; the tree's centroids are the topics, every document routed by the real descent) is
@@ -29,16 +29,13 @@ import argparse
 import json
 import os
 import resource
-import sys
 import tempfile
 import time
 
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
-from index.router import RoutingConfig  # noqa: E402
+from index.router import RoutingConfig
 
 SIMILARITY = RoutingConfig(vote="linear")  # the vote on similarities alone: what PQ codes approximate
 

@@ -1,6 +1,6 @@
 """Which residual quantizer would let the compressed neighbour vote match the exact one? (issue 10)
 
-    python bench/doc_index_quantizers.py --real RUN PROBES.jsonl [RUN PROBES.jsonl ...] --variants pq:48:8 pq:64:7
+    python -m bench.doc_index_quantizers --real RUN PROBES.jsonl [RUN PROBES.jsonl ...] --variants pq:48:8 pq:64:7
 
 For each real run (nprobe covers every list on these runs, so only the codes matter) and each
 variant, the documents' residuals to their leaf centroid are quantized and decoded in memory (no
@@ -36,15 +36,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
-from index.router import RoutingConfig  # noqa: E402
+from index.router import RoutingConfig
 
 SIMILARITY = RoutingConfig(vote="linear")  # the vote on similarities alone: what PQ codes approximate
 

@@ -13,8 +13,7 @@ import torch.distributed as dist
 from train.distributed import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = {**os.environ, "TORCH_EXTENSIONS_DIR": os.path.join(ROOT, ".cache", "torch_extensions"), "OMP_NUM_THREADS": "1",
-       "PYTHONPATH": os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))}
+ENV = {**os.environ, "TORCH_EXTENSIONS_DIR": os.path.join(ROOT, ".cache", "torch_extensions"), "OMP_NUM_THREADS": "1"}
 
 
 def deepspeed_cmd(nproc: int = 2) -> list[str]:
@@ -36,9 +35,9 @@ def add_worker_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # from the deepspeed launcher
 
 
-def run_worker(script: str, args: list[str], out: str) -> None:
-    """``script --worker ARGS --out OUT`` on 2 ranks; prints the OUT/result.txt that rank 0 wrote."""
-    run(deepspeed_cmd() + [os.path.abspath(script), "--worker", *args, "--out", out])
+def run_worker(module: str, args: list[str], out: str) -> None:
+    """``python -m MODULE --worker ARGS --out OUT`` on 2 ranks; prints the OUT/result.txt that rank 0 wrote."""
+    run(deepspeed_cmd() + ["--module", module, "--worker", *args, "--out", out])
     with open(os.path.join(out, "result.txt")) as f:
         print(f.read(), end="")
 

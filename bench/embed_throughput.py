@@ -14,7 +14,7 @@ Length bucketing (index/encoder.py) is measured separately, in one process,
 because BBC articles almost all fill the 256-word-piece window: the same
 articles cut to mixed lengths, bucketed vs in their original order.
 
-    python bench/embed_throughput.py            # all 2,225 BBC articles
+    python -m bench.embed_throughput            # all 2,225 BBC articles
 Last line: `speedup <chosen / fp32 docs/s> leaf_agreement <share of documents in fp32's leaf>`.
 """
 from __future__ import annotations
@@ -29,19 +29,16 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import normalized_mutual_info_score as nmi
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-from bench.cluster_quality import purity  # noqa: E402
-from corpora.bbc import bbc_records  # noqa: E402
-from index.encoder import cpu_has_bf16, embed_texts, load_encoder  # noqa: E402
-from index.route import route  # noqa: E402
-from index.tree import Tree  # noqa: E402
-from pipeline.config import JobConfig  # noqa: E402
-from pipeline.embed import embed_stage  # noqa: E402
-from pipeline.fit import fit_stage  # noqa: E402
-from pipeline.spark import spark_session  # noqa: E402
-from pipeline.stages import Stages  # noqa: E402
+from bench.cluster_quality import purity
+from corpora.bbc import bbc_records
+from index.encoder import cpu_has_bf16, embed_texts, load_encoder
+from index.route import route
+from index.tree import Tree
+from pipeline.config import JobConfig
+from pipeline.embed import embed_stage
+from pipeline.fit import fit_stage
+from pipeline.spark import spark_session
+from pipeline.stages import Stages
 
 # (name, encoder_precision, encoder_threads per Python worker, concurrent tasks)
 SETTINGS = [("fp32", "fp32", 1, 2), ("bf16", "bf16", 1, 2), ("bf16, 1 task x 2 threads", "bf16", 2, 1),

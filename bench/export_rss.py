@@ -10,7 +10,7 @@ the process's own VmHWM, written at its exit. `train.evaluate` scores --heldout 
 (half of them without doc_ids, so documents/ is scanned too). Prints the figures, then last:
 `query rss growth X% evaluate rss growth Y%` (big over small, the larger of the two repeats).
 
-    python bench/export_rss.py [--repeats 2] [--heldout 8]
+    python -m bench.export_rss [--repeats 2] [--heldout 8]
 """
 from __future__ import annotations
 
@@ -24,7 +24,6 @@ import sys
 import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 K, DEPTH, SEQ_LEN = 8, 3, 128
 BANKS = {"small": (60, 8, 4), "big": (4, 8, 60)}
 
@@ -33,8 +32,9 @@ def make_run(root: str) -> list[str]:
     """The run directory; returns the texts of its documents."""
     import pyarrow as pa
     import pyarrow.parquet as pq
-    from fixtures import write_tokenizer
-    from test_router import bbc_texts, make_bbc_run
+
+    from tests.fixtures import write_tokenizer
+    from tests.test_router import bbc_texts, make_bbc_run
 
     make_bbc_run(root, n_docs=40, k=K, depth=DEPTH)
     texts = bbc_texts(40)
@@ -95,7 +95,7 @@ runpy.run_module(sys.argv[0], run_name='__main__', alter_sys=True)
 
 def peak_rss_mb(module_args: list[str], tmp: str) -> float:
     out = os.path.join(tmp, "peak_rss")
-    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PEAK_RSS_FILE": out}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PEAK_RSS_FILE": out}
     p = subprocess.run([sys.executable, "-c", WRAPPER, *module_args], env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
                        stderr=subprocess.PIPE, text=True)
     if p.returncode:

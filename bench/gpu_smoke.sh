@@ -29,13 +29,13 @@ if [ -z "$DATA" ]; then
     DATA=runs/demo
   else  # k=8, depth=3 like the demo run, 512-token sequences, random tokens
     DATA=$WORK/run
-    PYTHONPATH=$PWD:$PWD/tests "$PYTHON" -c "from fixtures import make_run_dir; make_run_dir('$DATA', k=8, depth=3, seq_len=512, seqs_per_leaf=[4] * 512)"
+    "$PYTHON" -c "from tests.fixtures import make_run_dir; make_run_dir('$DATA', k=8, depth=3, seq_len=512, seqs_per_leaf=[4] * 512)"
   fi
 fi
 echo "data $DATA, work dir $WORK"
 
-run() {  # --master_port avoids clashes with other jobs on the machine
-  "$PYTHON" -m deepspeed.launcher.runner --num_gpus 1 --master_port "${PORT:-29650}" train/main.py \
+run() {  # --master_port avoids clashes with other jobs on the machine; --module: from this checkout, installed or not
+  "$PYTHON" -m deepspeed.launcher.runner --num_gpus 1 --master_port "${PORT:-29650}" --module train.main \
     --data "$DATA" --out "$WORK/model" --set data.batch_size="$BATCH" --set schedule.log_every=50 "$@"
 }
 

@@ -6,7 +6,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 N=${1:-60}; RUN=${2:-runs/demo}
 BIN=.venv/bin; OUT=$(mktemp -d)
-export PYTHONPATH=$PWD TORCH_EXTENSIONS_DIR=$PWD/.cache/torch_extensions HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1
+export TORCH_EXTENSIONS_DIR=$PWD/.cache/torch_extensions HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1
 failed=0; aborted=0; left=0
 for i in $(seq 1 "$N"); do
   port=$($BIN/python -c "from train.distributed import free_port; print(free_port())")

@@ -11,7 +11,7 @@ leaf-sorted shards, 2 files per level-1 node, row groups of --row-group sequence
      the first) / seq_len, summed over both ranks.
 Prints the figures, then last: `rss growth X% loader/training Yx`.
 
-    python bench/loader_throughput.py [--sequences 16384] [--buffer 4096] [--train-steps 20]
+    python -m bench.loader_throughput [--sequences 16384] [--buffer 4096] [--train-steps 20]
 """
 from __future__ import annotations
 
@@ -34,8 +34,7 @@ def write_run(root: str, n_seq: int, row_group: int, seed: int = 0) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    sys.path.insert(0, os.path.join(ROOT, "tests"))
-    from fixtures import write_tokenizer
+    from tests.fixtures import write_tokenizer
 
     rng = np.random.default_rng(seed)
     n_leaves = K**DEPTH
@@ -87,7 +86,6 @@ def rss_mb(field: str) -> float:
 
 def child(run: str, buffer: int, epochs: int) -> None:
     """One loader (rank 0 of 2) reading ``epochs`` epochs; prints a JSON line."""
-    sys.path.insert(0, ROOT)
     from index.rundir import read_manifest
     from train.data import ShardLoader, assign_subtrees  # imports torch, as the trainer does
 
@@ -105,7 +103,7 @@ def child(run: str, buffer: int, epochs: int) -> None:
 
 def training_consumption(run: str, out: str, steps: int) -> float:
     """Sequences/s the demo training consumes over both ranks (deepspeed launcher, 2 CPU ranks)."""
-    import ds_launch  # not at the top: the --child process measures its RSS with the loader's imports only
+    from bench import ds_launch  # not at the top: the --child process measures its RSS with the loader's imports only
 
     ds_launch.run(ds_launch.deepspeed_cmd() + [
         os.path.join(ROOT, "train", "main.py"), "--config", "demo", "--data", run, "--out", out,

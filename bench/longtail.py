@@ -7,7 +7,7 @@ python -m train.evaluate for each. Then OUT/results.md + OUT/results.json (accur
 bucket and model / memory setting, routing agreement, perplexity fetched / generic / none and the
 per-level ablation, mean over seeds) and OUT/longtail.png.
 
-    python bench/longtail.py [--out runs/longtail] [--seeds 0] [--epochs 1] [--cores 2]
+    python -m bench.longtail [--out runs/longtail] [--seeds 0] [--epochs 1] [--cores 2]
 
 A stage is skipped when its output exists AND its fingerprint matches: the hash of its command, of the
 config and data files it reads and of the fingerprints of the stages it depends on (OUT/seedN/stages.json).
@@ -72,7 +72,7 @@ def env(cores: int) -> dict:
     e = dict(os.environ)
     e.update(PYSPARK_PYTHON=sys.executable, PYSPARK_DRIVER_PYTHON=sys.executable, SPARK_LOCAL_IP="127.0.0.1",
              HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS=str(cores),
-             TORCH_EXTENSIONS_DIR=os.path.join(ROOT, ".cache", "torch_extensions"), PYTHONPATH=ROOT)
+             TORCH_EXTENSIONS_DIR=os.path.join(ROOT, ".cache", "torch_extensions"))
     return e
 
 

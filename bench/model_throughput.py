@@ -11,22 +11,18 @@ wall-clock numbers meaningless (seen: 5-6x slower and ratios swinging 0.7-0.9 ru
 single thread measures the memory path's compute overhead. ``--threads 0`` uses torch's default.
 The process CPU-time ratio is printed too, as a load-independent cross-check.
 
-    .venv/bin/python bench/model_throughput.py [--config tiny] [--batch 16] [--seq 256] [--steps 12]
+    python -m bench.model_throughput [--config tiny] [--batch 16] [--seq 256] [--steps 12]
 """
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import torch
 
-import torch  # noqa: E402
-
-from train.memory import MemoryBank, MemoryConfig, param_counts  # noqa: E402
-from train.model import Anchor, load_model_config  # noqa: E402
+from train.memory import MemoryBank, MemoryConfig, param_counts
+from train.model import Anchor, load_model_config
 
 
 def split_ranks(total: int, weights=(4, 2, 1)) -> tuple[int, ...]:

@@ -12,7 +12,7 @@ Per seed, via the real CLIs (bench/longtail.py's corpus and configs):
    checkpoint itself (its BBC perplexity is also measured on the BBC run, as the project anchor, to
    show the export is exact).
 
-    python bench/posthoc.py [--out runs/posthoc] [--seeds 0] [--epochs 1] [--pretrain-epochs 3] [--cores 2]
+    python -m bench.posthoc [--out runs/posthoc] [--seeds 0] [--epochs 1] [--pretrain-epochs 3] [--cores 2]
 
 Writes OUT/results.md and OUT/results.json. Stages are fingerprinted as in bench/longtail.py: an interrupted
 run resumes, a changed config or corpus reruns what depends on it. The last line is
@@ -27,7 +27,7 @@ import os
 import sys
 import time
 
-from longtail import CONFIGS, Stages, cluster_cmd, mean, pct, train_cmd
+from bench.longtail import CONFIGS, Stages, cluster_cmd, mean, pct, train_cmd
 
 # table rows: (label, model, memory setting of train.evaluate)
 ROWS = [("base (frozen, no memory)", "memory", "none"), ("base + memory, routed", "memory", "fetched"),

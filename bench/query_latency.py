@@ -1,6 +1,6 @@
 """Query latency, warm, text in to answer out (embed + route + neighbours in leaf and corpus-wide).
 
-    python bench/query_latency.py [--run runs/demo] [--queries 50] [--threads 2]
+    python -m bench.query_latency [--run runs/demo] [--queries 50] [--threads 2]
 
 Queries are the first sentences of routed documents' previews (one at a time, as
 a user would type them). Last line: p50 and p95 in milliseconds.

@@ -1,6 +1,6 @@
 """Router throughput, one core: greedy descent (index/route.py + _descend.c) vs brute-force nearest leaf.
 
-    python bench/router_throughput.py [--k 16] [--depth 4] [--n 1048576]
+    python -m bench.router_throughput [--k 16] [--depth 4] [--n 1048576]
 
 Random L2-normalised centroids and embeddings (dim 384). Threads are pinned to 1
 for BLAS and FAISS; times are process CPU seconds, so waiting for a shared core

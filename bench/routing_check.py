@@ -1,6 +1,6 @@
 """Does a text reach the leaf of the documents it comes from? Routing checks on a run without answers to learn.
 
-    python bench/routing_check.py --run RUN [--probes PROBES.jsonl] [--grid] [--docs 400]
+    python -m bench.routing_check --run RUN [--probes PROBES.jsonl] [--grid] [--docs 400]
 
 1. full text: a training document's whole text routes to its stored leaf (``--docs`` / 2 documents);
 2. sentence: the second sentence of six words or more of a training document (``--docs`` documents)
@@ -26,10 +26,8 @@ import sys
 import numpy as np
 import pyarrow.dataset as ds
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
-from index.router import MODES, Router, RoutingConfig, leading_path  # noqa: E402
+from index.router import MODES, Router, RoutingConfig, leading_path
 
 
 def second_sentence(text: str) -> str | None:

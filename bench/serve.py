@@ -1,6 +1,6 @@
 """`hmem.serve` figures: memory fetch latency through the tiered store, end-to-end latency, RSS, a load test.
 
-    python bench/serve.py --run runs/demo --model runs/demo/model/export [--prompts 128] [--cache-mb 16]
+    python -m bench.serve --run runs/demo --model runs/demo/model/export [--prompts 128] [--cache-mb 16]
         [--requests 400] [--clients 8]
 
 Fetch. The first words of ``--prompts`` of the run's documents, routed by the model's routing, make two
@@ -30,7 +30,6 @@ import numpy as np
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 
 def drop_page_cache(paths: list[str]) -> None:
@@ -118,7 +117,7 @@ def start_server(run: str, model: str, cache_mb: float, resident: int):
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "hmem.serve", "--run", run, "--model", model, "--port", str(port),
                              "--cache-mb", str(cache_mb), "--resident-levels", str(resident)], cwd=ROOT,
-                            env={**os.environ, "PYTHONPATH": ROOT}, stdout=subprocess.DEVNULL)
+                            stdout=subprocess.DEVNULL)
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline and proc.poll() is None:
         try:

@@ -14,17 +14,16 @@ the time a rank waits for a core that another program holds, so it is what a ded
 with one core per rank gives; the wall-clock medians are printed beside them. Prints the figures, the
 step-time change with the larger bank, and last `ratio X` (memory tokens/s / anchor tokens/s).
 
-    python bench/train_throughput.py [--data runs/demo] [--steps 30] [--warmup 3]
+    python -m bench.train_throughput [--data runs/demo] [--steps 30] [--warmup 3]
 """
 from __future__ import annotations
 
 import argparse
 import os
 import statistics
-import sys
 import tempfile
 
-from ds_launch import add_worker_args, run_worker, timed_step
+from bench.ds_launch import add_worker_args, run_worker, timed_step
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUNS = {
@@ -36,7 +35,6 @@ RUNS = {
 
 def worker(args) -> None:
     """Runs in each rank: build the three trainers, interleave their steps, report medians on rank 0."""
-    sys.path.insert(0, ROOT)
     from train.config import load_config
     from index.rundir import read_manifest
     from train.distributed import init, teardown
@@ -85,8 +83,8 @@ def main() -> None:
     if args.worker:
         return worker(args)
     with tempfile.TemporaryDirectory() as tmp:
-        run_worker(__file__, ["--data", os.path.abspath(args.data), "--config", args.config,
-                              "--steps", str(args.steps), "--warmup", str(args.warmup)], tmp)
+        run_worker("bench.train_throughput", ["--data", os.path.abspath(args.data), "--config", args.config,
+                                              "--steps", str(args.steps), "--warmup", str(args.warmup)], tmp)
 
 
 if __name__ == "__main__":

@@ -171,7 +171,7 @@ def read_questions(args: argparse.Namespace) -> tuple[list[str], list[str | None
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m hmem.ask", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="hmem-ask", description=__doc__.split("\n")[0])
     p.add_argument("--run", required=True, help="the run directory the model was trained on")
     p.add_argument("--model", required=True, help="export directory (OUT/export of train/main.py)")
     p.add_argument("questions", nargs="*", help="questions (prompts to complete)")

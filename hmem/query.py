@@ -105,7 +105,7 @@ def read_queries(args: argparse.Namespace) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m hmem.query", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="hmem-query", description=__doc__.split("\n")[0])
     p.add_argument("--run", required=True, help="run directory written by jobs/cluster_corpus.py")
     p.add_argument("texts", nargs="*", help="query texts ('-' reads one query per line from stdin)")
     p.add_argument("--file", help="one query per line ('-' for stdin)")

@@ -246,7 +246,7 @@ def bound_malloc(mmap_threshold: int = 128 << 10, arenas: int = 2) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m hmem.serve", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="hmem-serve", description=__doc__.split("\n")[0])
     p.add_argument("--run", required=True, help="the run directory the model was trained on")
     p.add_argument("--model", required=True, help="export directory (OUT/export of train/main.py)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")

@@ -1,6 +1,6 @@
 """Build RUN/index/ (the compressed document index the neighbour vote searches, index/docindex.py).
 
-    python jobs/build_index.py --run RUN [--pq-m 48] [--shard-rows 4000000]
+    hmem-index --run RUN [--pq-m 48] [--shard-rows 4000000]      (or: python jobs/build_index.py ...)
 
 Streams RUN/routed/: memory is one shard's codes (shard_rows x (pq_m + 8) bytes) plus the PQ
 training sample, whatever the corpus size.
@@ -9,13 +9,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from index.docindex import PQ_M, build_document_index  # noqa: E402
+from index.docindex import PQ_M, build_document_index
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,6 +1,6 @@
 """Write the long-tail facts corpus (corpora/longtail.py): train.jsonl, heldout.jsonl, probes.jsonl, summary.json.
 
-    python jobs/build_longtail.py --out runs/longtail/data [--config configs/longtail/corpus.yaml] [--seed 1]
+    hmem-longtail --out runs/longtail/data [--config configs/longtail/corpus.yaml] [--seed 1]   (or: python jobs/build_longtail.py ...)
 
 Then cluster it like any corpus:
     spark-submit jobs/cluster_corpus.py --input runs/longtail/data/train.jsonl --id-column id --output RUN
@@ -9,15 +9,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import yaml
 
-import yaml  # noqa: E402
-
-from corpora.bbc import bbc_records  # noqa: E402
-from corpora.longtail import LongtailConfig, build, write  # noqa: E402
+from corpora.bbc import bbc_records
+from corpora.longtail import LongtailConfig, build, write
 
 
 def main(argv: list[str] | None = None) -> int:

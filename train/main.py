@@ -18,9 +18,6 @@ import os
 import sys
 import time
 
-if __package__ in (None, ""):  # run as a script (deepspeed/torchrun/python train/main.py): make `train` importable
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
