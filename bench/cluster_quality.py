@@ -17,6 +17,8 @@ import numpy as np
 import pyarrow.parquet as pq
 from sklearn.metrics import normalized_mutual_info_score
 
+from index.rundir import read_manifest
+
 
 def purity(labels: np.ndarray, clusters: np.ndarray) -> float:
     total = 0
@@ -61,8 +63,7 @@ def main():
     y = np.array([names.index(labels_by_id[d]) for d in routed.doc_id])
     x = np.stack(routed.embedding.to_numpy()).astype(np.float32)
     l1 = np.array([p[0] for p in routed.path])
-    with open(os.path.join(args.run, "manifest.json")) as f:
-        m = json.load(f)
+    m = read_manifest(args.run)
     k, seed = m["k"], m["seed"]
     results = {"hmem level 1": l1, "faiss flat k-means": faiss_kmeans(x, k, seed),
                "spark BisectingKMeans": spark_bisecting(x, k, seed)}

@@ -39,6 +39,7 @@ import threading
 import time
 
 from bench.ds_launch import add_worker_args, run_worker, timed_step
+from index.rundir import read_manifest, write_manifest
 
 
 def proc_kb(path: str, keys: tuple[str, ...]) -> dict[str, int]:
@@ -61,7 +62,6 @@ def worker(args) -> None:
     import torch.distributed as dist
 
     from train.config import load_config
-    from index.rundir import read_manifest
     from train.distributed import init, teardown
     from train.main import Trainer
     from train.memory import MemoryConfig, param_counts
@@ -192,12 +192,8 @@ def synthetic_run(root: str) -> str:
     from tests.fixtures import make_run_dir
 
     run = make_run_dir(root, k=8, depth=3, seq_len=512, seqs_per_leaf=[8] * 512)
-    path = os.path.join(run, "manifest.json")
-    with open(path) as f:
-        manifest = json.load(f)
-    manifest["vocab_size"] = 8192  # the demo anchor's embedding and output sizes (token ids stay < 300)
-    with open(path, "w") as f:
-        json.dump(manifest, f)
+    # the demo anchor's embedding and output sizes (token ids stay < 300)
+    write_manifest(run, {**read_manifest(run), "vocab_size": 8192})
     return run
 
 

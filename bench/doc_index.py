@@ -36,6 +36,7 @@ import numpy as np
 
 
 from index.router import RoutingConfig
+from index.rundir import write_manifest
 
 SIMILARITY = RoutingConfig(vote="linear")  # the vote on similarities alone: what PQ codes approximate
 
@@ -85,10 +86,9 @@ def synthetic_run(root: str, n: int, k: int, depth: int, dim: int, seed: int, pa
         pq.write_table(table, os.path.join(root, "routed", f"part-{start // part_rows:05d}.parquet"))
     levels = [{"level": l + 1, "nodes": k ** (l + 1), "node_documents": c.tolist(), "node_tokens": (c * 500).tolist()}
               for l, c in enumerate(counts)]
-    with open(os.path.join(root, "manifest.json"), "w") as f:
-        json.dump({"documents_in": n, "documents_routed": n, "documents_distinct": n, "documents_quarantined": 0,
-                   "tree_version": tree.version,
-                   "k": k, "depth": depth, "levels": levels, "config": {"max_windows": 1}}, f)
+    write_manifest(root, {"documents_in": n, "documents_routed": n, "documents_distinct": n, "documents_quarantined": 0,
+                          "tree_version": tree.version, "k": k, "depth": depth, "levels": levels,
+                          "config": {"max_windows": 1}})
 
 
 def exact_vote(run: str, q: np.ndarray, m: int, router) -> np.ndarray:

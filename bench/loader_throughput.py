@@ -25,6 +25,8 @@ import time
 
 import numpy as np
 
+from index.rundir import read_manifest, write_manifest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 K, DEPTH, SEQ_LEN, VOCAB = 8, 3, 512, 8192
 
@@ -74,9 +76,9 @@ def write_run(root: str, n_seq: int, row_group: int, seed: int = 0) -> None:
                        "node_tokens": (np.bincount(local, minlength=K**l) * SEQ_LEN).tolist()})
     manifest = {"documents_in": n_seq, "documents_routed": n_seq, "documents_quarantined": 0,
                 "tree_version": f"bench-{seed}", "k": K, "depth": DEPTH, "seq_len": SEQ_LEN, "vocab_size": VOCAB,
-                "eot_id": 0, "pad_id": 1, "sequences": n_seq, "tokens": n_seq * SEQ_LEN, "levels": levels, "seed": seed}
-    with open(os.path.join(root, "manifest.json"), "w") as f:
-        json.dump(manifest, f)
+                "eot_id": 0, "pad_id": 1, "sequences": n_seq, "tokens": n_seq * SEQ_LEN, "levels": levels, "seed": seed,
+                "config": {}}
+    write_manifest(root, manifest)
 
 
 def rss_mb(field: str) -> float:
@@ -86,7 +88,6 @@ def rss_mb(field: str) -> float:
 
 def child(run: str, buffer: int, epochs: int) -> None:
     """One loader (rank 0 of 2) reading ``epochs`` epochs; prints a JSON line."""
-    from index.rundir import read_manifest
     from train.data import ShardLoader, assign_subtrees  # imports torch, as the trainer does
 
     base = rss_mb("VmRSS")

@@ -31,6 +31,7 @@ import time
 import numpy as np
 
 from index.router import RoutingConfig
+from index.rundir import read_manifest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)
@@ -141,8 +142,7 @@ def run_seed(out: str, seed: int, epochs: float, cores: int, force: bool = False
     # the job's input is the corpus's content, not the corpus stage: new probes alone do not re-cluster
     st.run("cluster", cluster_cmd(f"{data}/train.jsonl", run, seed, cores), os.path.join(run, "manifest.json"),
            f"{logs}/cluster.log", files=[f"{data}/train.jsonl", f"{CONFIGS}/job.yaml"], clear=run)
-    with open(os.path.join(run, "manifest.json")) as f:
-        manifest = json.load(f)
+    manifest = read_manifest(run)
     batch = 16  # every configs/longtail/*.yaml trains on batches of 16 sequences: equal tokens per step
     steps = math.ceil(epochs * manifest["sequences"] / batch)
     with open(os.path.join(data, "summary.json")) as f:

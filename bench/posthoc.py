@@ -28,6 +28,7 @@ import sys
 import time
 
 from bench.longtail import CONFIGS, Stages, cluster_cmd, mean, pct, train_cmd
+from index.rundir import read_manifest
 
 # table rows: (label, model, memory setting of train.evaluate)
 ROWS = [("base (frozen, no memory)", "memory", "none"), ("base + memory, routed", "memory", "fetched"),
@@ -55,8 +56,7 @@ def run_seed(out: str, seed: int, epochs: float, pretrain_epochs: float, cores: 
     def cluster(name: str, src: str, run: str, files: list[str], *extra: str) -> dict:
         st.run(name, cluster_cmd(src, run, seed, cores, *extra), os.path.join(run, "manifest.json"),
                f"{logs}/{name.replace(' ', '_')}.log", files=[src, f"{CONFIGS}/job.yaml", *files], clear=run)
-        with open(os.path.join(run, "manifest.json")) as f:
-            return json.load(f)
+        return read_manifest(run)
 
     def train(name: str, config: str, run: str, mdir: str, steps: int, after: list[str], *sets: str) -> dict:
         st.run(name, train_cmd(config, run, mdir, steps, seed, *sets), os.path.join(mdir, "export", "meta.json"),
