@@ -12,8 +12,7 @@ import json
 from dataclasses import dataclass, field
 from typing import get_type_hints
 
-import yaml
-
+from index.config import ConfigError, apply_overrides, build, read_yaml
 from index.encoder import PRECISIONS
 
 DESCRIPTION = """Embed a corpus (JSONL/Parquet, any URL Spark reads), fit a balanced hierarchical k-means tree
@@ -102,51 +101,34 @@ class JobConfig:
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def coerce(name: str, value, kind, where: str):
-    """A YAML value as the field's type, or a one-line error naming the field."""
-    if kind == list[str]:
-        value = [value] if isinstance(value, str) else value
-        if isinstance(value, list) and all(isinstance(v, str) for v in value):
-            return value
-    elif kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    elif isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
-        return value
-    raise SystemExit(f"{where}: {name}: {value!r} is not {'a list of strings' if kind == list[str] else kind.__name__}")
-
-
 def parse_args(argv: list[str] | None = None) -> JobConfig:
-    """``--config FILE.yaml`` then ``--<field> value`` overrides for every JobConfig field."""
+    """``--config FILE.yaml``, then ``--<field> value`` and ``--set field=value`` overrides of JobConfig fields.
+
+    A bad value is a one-line SystemExit: the job's edge turns index.config's ConfigError into one."""
     hints = get_type_hints(JobConfig)
     ap = argparse.ArgumentParser(prog="spark-submit jobs/cluster_corpus.py", description=DESCRIPTION,
                                  usage="spark-submit [--master URL --conf K=V ...] jobs/cluster_corpus.py "
-                                       "[--config FILE] [--FIELD VALUE ...]")
+                                       "[--config FILE] [--FIELD VALUE ...] [--set FIELD=VALUE ...]")
     ap.add_argument("--config", help="YAML file with JobConfig fields (the command line overrides it)")
+    ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                    help="a JobConfig field, its value parsed as YAML (repeatable; wins over --FIELD)")
     for f in dataclasses.fields(JobConfig):
         name = "--" + f.name.replace("_", "-")
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        # None in the namespace tells "not given" apart from the default, which --help shows
+        # None in the namespace tells "not given" apart from the default, which --help shows;
+        # values stay strings, which the loader coerces to the field's type as it does the file's
         help_text = f"{f.metadata['help']} (default: {default!r})"
         if hints[f.name] == list[str]:
             ap.add_argument(name, dest=f.name, nargs="+", default=None, help=help_text, metavar="PATH")
         else:
-            ap.add_argument(name, dest=f.name, type=hints[f.name], default=None, help=help_text,
-                            metavar=hints[f.name].__name__.upper())
+            ap.add_argument(name, dest=f.name, default=None, help=help_text, metavar=hints[f.name].__name__.upper())
     args = ap.parse_args(argv)
-    values = {}
-    if args.config:
-        try:
-            with open(args.config) as fh:
-                values = yaml.safe_load(fh) or {}
-        except (OSError, yaml.YAMLError) as e:
-            raise SystemExit(f"--config {args.config}: {str(e).splitlines()[0]}") from None
-        if not isinstance(values, dict):
-            raise SystemExit(f"--config {args.config}: expected a mapping of JobConfig fields")
-        unknown = set(values) - set(hints)
-        if unknown:
-            raise SystemExit(f"{args.config}: unknown keys {sorted(unknown)} (see --help)")
-        values = {k: coerce(k, v, hints[k], args.config) for k, v in values.items()}
-    values.update({k: v for k, v in vars(args).items() if k != "config" and v is not None})
-    cfg = JobConfig(**values)
+    flags = {k: v for k, v in vars(args).items() if k not in ("config", "set") and v is not None}
+    sources = ([f"--config {args.config}"] if args.config else []) + (["command line"] if flags or args.set else [])
+    try:
+        raw = read_yaml(args.config, f"--config {args.config}") if args.config else {}
+        cfg = build(JobConfig, apply_overrides({**raw, **flags}, args.set), " + ".join(sources) or "defaults")
+    except ConfigError as e:
+        raise SystemExit(str(e)) from None
     cfg.validate()
     return cfg

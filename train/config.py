@@ -8,13 +8,10 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import types
-import typing
 from dataclasses import dataclass, field
 
-import yaml
-
-from index.router import RoutingConfig
+from index.config import ConfigError, apply_overrides, build, find_yaml, read_yaml, section
+from index.routing import RoutingConfig
 from train.memory import MemoryConfig
 from train.model import ModelConfig, load_model_config
 
@@ -121,79 +118,32 @@ class TrainConfig:
         }
 
 
-def _coerce(value, tp, where: str):
-    """YAML value -> the field's type (YAML reads 1e-4 as a string; lists stand for tuples)."""
-    origin = typing.get_origin(tp)
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, value or {}, where)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return None if value is None else _coerce(value, args[0], where)
-    if origin is tuple:
-        return tuple(_coerce(v, typing.get_args(tp)[0], where) for v in value)
-    if tp is float and isinstance(value, (str, int)):
-        return float(value)
-    if tp is int and isinstance(value, str):
-        return int(value)
-    return value
-
-
-def _build(cls, raw: dict, where: str, **given):
-    """``cls`` from a mapping, recursively, with unknown keys rejected; ``given`` are ready-made fields."""
-    if not isinstance(raw, dict):
-        raise ValueError(f"{where}: expected a mapping, got {raw!r}")
-    hints = typing.get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - known)
-    if unknown:
-        raise ValueError(f"{where}: unknown keys {unknown}; known: {sorted(known)}")
-    return cls(**{k: _coerce(v, hints[k], f"{where} -> {k}") for k, v in raw.items()}, **given)
-
-
-def apply_overrides(raw: dict, overrides: list[str]) -> dict:
-    """``section.key=value`` strings (values parsed as YAML) applied to the nested dict ``raw``."""
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ValueError(f"--set {item!r}: expected section.key=value")
-        node = raw
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = yaml.safe_load(value)
-    return raw
-
-
 def load_config(path: str | None, overrides: list[str], manifest: dict) -> TrainConfig:
     """configs/train/demo.yaml (or ``path``) + overrides, resolved against a run's manifest."""
-    path = path or "demo"
-    if not os.path.isfile(path):
-        path = os.path.join(CONFIG_DIR, f"{path}.yaml")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"train config {path!r} not found (a YAML file or a name in {CONFIG_DIR})")
-    with open(path) as f:
-        raw = apply_overrides(yaml.safe_load(f) or {}, overrides)
-    model_raw = dict(raw.pop("model", {}) or {})
+    path = find_yaml(path or "demo", CONFIG_DIR, "train config")
+    raw = apply_overrides(read_yaml(path), overrides)
+    model_raw = section(raw, "model", path)
     preset = model_raw.pop("preset", "demo")
     if model_raw.get("hf"):  # a transformers checkpoint decides the architecture
         from train.hf import model_config
 
         preset, model = "hf", model_config(model_raw.pop("hf"), model_raw)
         if model.vocab_size < int(manifest["vocab_size"]):
-            raise ValueError(f"model.hf {model.hf}: vocabulary {model.vocab_size} < the run's {manifest['vocab_size']}; "
-                             "pack the run with the model's tokenizer (jobs/cluster_corpus.py --tokenizer DIR)")
+            raise ConfigError(f"{path}: model.hf {model.hf}: vocabulary {model.vocab_size} < the run's "
+                              f"{manifest['vocab_size']}; pack the run with the model's tokenizer "
+                              "(jobs/cluster_corpus.py --tokenizer DIR)")
     else:
         model_raw["vocab_size"] = int(manifest["vocab_size"])  # the run's tokenizer decides
         model = load_model_config(preset, **model_raw)
     if model.max_seq_len < int(manifest["seq_len"]):
-        raise ValueError(f"{path}: model max_seq_len {model.max_seq_len} < the run's seq_len {manifest['seq_len']}; "
-                         f"--set model.max_seq_len={manifest['seq_len']}")
-    mem_raw = dict(raw.pop("memory", {}) or {})
+        raise ConfigError(f"{path}: model max_seq_len {model.max_seq_len} < the run's seq_len {manifest['seq_len']}; "
+                          f"--set model.max_seq_len={manifest['seq_len']}")
+    mem_raw = section(raw, "memory", path)
     mem_raw.update(k=int(manifest["k"]), depth=int(manifest["depth"]))  # the run's tree decides
     try:
-        memory = _build(MemoryConfig, mem_raw, f"{path} -> memory")
-    except ValueError as e:
+        memory = build(MemoryConfig, mem_raw, path, key="memory")
+    except ConfigError as e:
         example = ",".join(str(max(1, 64 >> 2 * i)) for i in range(int(manifest["depth"])))
-        raise ValueError(f"{e} (the run's tree has depth {manifest['depth']}: give one rank per level, "
-                         f"e.g. --set memory.ranks=[{example}])") from e
-    return _build(TrainConfig, raw, path, model=model, memory=memory, model_preset=preset)
+        raise ConfigError(f"{e} (the run's tree has depth {manifest['depth']}: give one rank per level, "
+                          f"e.g. --set memory.ranks=[{example}])") from e
+    return build(TrainConfig, raw, path, fixed=dict(model=model, memory=memory, model_preset=preset))

@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from index.config import build, find_yaml, read_yaml
+
 if TYPE_CHECKING:  # the anchor only calls duck-typed hooks; no runtime import cycle
     from train.memory import Fetched, LayerMemory
 
@@ -77,22 +79,10 @@ class ModelConfig:
 
 def load_model_config(name_or_path: str, **overrides) -> ModelConfig:
     """A named preset (``configs/model/<name>.yaml``) or a YAML file, with keyword overrides (e.g. vocab_size)."""
-    import yaml
-
-    path = name_or_path
-    if not os.path.isfile(path):
-        path = os.path.join(CONFIG_DIR, f"{name_or_path}.yaml")
-    if not os.path.isfile(path):
-        names = sorted(f[:-5] for f in os.listdir(CONFIG_DIR) if f.endswith(".yaml")) if os.path.isdir(CONFIG_DIR) else []
-        raise FileNotFoundError(f"no model config {name_or_path!r}: not a file and not one of {names}")
-    with open(path) as f:
-        raw = yaml.safe_load(f) or {}
+    path = find_yaml(name_or_path, CONFIG_DIR, "model config")
+    raw = read_yaml(path)
     raw.update({k: v for k, v in overrides.items() if v is not None})
-    known = {f.name for f in dataclasses.fields(ModelConfig)}
-    unknown = sorted(set(raw) - known)
-    if unknown:
-        raise ValueError(f"{path}: unknown model config keys {unknown}; known: {sorted(known)}")
-    return ModelConfig(**raw)
+    return build(ModelConfig, raw, path, what="model config")
 
 
 def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
