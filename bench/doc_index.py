@@ -35,7 +35,7 @@ import time
 import numpy as np
 
 
-from index.router import RoutingConfig
+from index.routing import RoutingConfig
 from index.rundir import write_manifest
 
 SIMILARITY = RoutingConfig(vote="linear")  # the vote on similarities alone: what PQ codes approximate

@@ -41,7 +41,7 @@ import time
 import numpy as np
 
 
-from index.router import RoutingConfig
+from index.routing import RoutingConfig
 
 SIMILARITY = RoutingConfig(vote="linear")  # the vote on similarities alone: what PQ codes approximate
 

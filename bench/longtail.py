@@ -30,7 +30,7 @@ import time
 
 import numpy as np
 
-from index.router import RoutingConfig
+from index.routing import RoutingConfig
 from index.rundir import read_manifest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

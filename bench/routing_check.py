@@ -26,8 +26,8 @@ import sys
 import numpy as np
 import pyarrow.dataset as ds
 
-
-from index.router import MODES, Router, RoutingConfig, leading_path
+from index.router import Router, leading_path
+from index.routing import MODES, RoutingConfig
 
 
 def second_sentence(text: str) -> str | None:

@@ -27,7 +27,8 @@ import time
 import numpy as np
 
 from hmem.cli import respond
-from index.router import MODES, VOTES, Router, leading_path
+from index.router import Router, leading_path
+from index.routing import MODES, VOTES
 from index.tree import path_block_ids
 from train.evaluate import Evaluator, model_routing
 

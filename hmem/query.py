@@ -20,7 +20,8 @@ import sys
 from dataclasses import asdict
 
 from hmem.cli import respond
-from index.router import MODES, VOTES, Router, RoutingConfig, leading_path
+from index.router import Router, leading_path
+from index.routing import MODES, VOTES, RoutingConfig
 from train.evaluate import block_report, model_routing
 
 

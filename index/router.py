@@ -45,7 +45,7 @@ import numpy as np
 from index.docindex import DocumentIndex, Hits, TreeVersionError
 from index.rundir import read_manifest
 from index.route import Descender
-from index.routing import MODES, VOTES, RoutingConfig  # noqa: F401 (VOTES: importable from here, as before)
+from index.routing import MODES, RoutingConfig
 from index.terms import term_hashes
 from index.tree import Tree, local_index, path_block_ids
 

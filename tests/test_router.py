@@ -12,13 +12,14 @@ import pyarrow.parquet as pq
 import pytest
 
 from index import docindex
+from index.docindex import build_document_index
 from index.encoder import embed_texts, load_encoder
 from index.kmeans import KMeansParams, fit_children
-from index.docindex import build_document_index
 from index.route import ISAS, Descender, kernel_isa, offsets, route
-from index.terms import term_hashes
-from index.router import MODES, Router, RoutingConfig, TreeVersionError, leaf_paths, vote
+from index.router import Router, TreeVersionError, leaf_paths, vote
+from index.routing import MODES, RoutingConfig
 from index.rundir import write_manifest
+from index.terms import term_hashes
 from index.tree import Tree, local_index, path_block_ids
 
 DEMO_RUN = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "runs", "demo")

@@ -8,7 +8,8 @@ import pytest
 
 from bench.routing_check import sample_documents, second_sentence
 from index.docindex import Hits, build_document_index
-from index.router import MODES, Router, RoutingConfig, leading_path, vote, vote_weights
+from index.router import Router, leading_path, vote, vote_weights
+from index.routing import MODES, RoutingConfig
 from tests.spark_helpers import SMALL, manifest, read_table, submit
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

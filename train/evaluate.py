@@ -47,7 +47,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from index.router import MODES, VOTES, leading_path
+from index.router import leading_path
+from index.routing import MODES, VOTES
 from index.tree import generic_block_ids, n_tree_blocks, path_block_ids
 from pipeline import tokenizer
 from train.model import DecodeCache, token_nll
@@ -429,7 +430,7 @@ def model_routing(model_dir: str, modes: list[str] | None = None, neighbours: in
     """The routing of prompts for an exported model: the one its meta.json records (index.router defaults
     for older exports; a recorded routing without ``vote`` used the linear vote, and keeps it), with the
     first of ``modes``, the given sizes and ``vote`` overriding it."""
-    from index.router import RoutingConfig
+    from index.routing import RoutingConfig
 
     path = os.path.join(model_dir, "meta.json")
     if not os.path.exists(path):
