@@ -162,23 +162,12 @@ def _check_columns(routed_dir: str, run_dir: str) -> None:
                          f"{run_dir} to keep the tree) and build the index there")
 
 
-def build_document_index(run_dir: str, pq_m: int = PQ_M, train_sample: int = 100_000,
-                         shard_rows: int = 4_000_000, log=print) -> dict:
-    """Write RUN/index/ from RUN/tree/ and RUN/routed/ (see the module doc). Returns index.json."""
-    t0 = time.time()
-    tree = Tree.load(os.path.join(run_dir, "tree"))
-    routed_dir = os.path.join(run_dir, "routed")
-    if not os.path.isdir(routed_dir):
-        raise FileNotFoundError(f"{routed_dir} is missing: run jobs/cluster_corpus.py to its routing stage first")
-    if tree.dim % pq_m:
-        raise ValueError(f"pq_m {pq_m} must divide the embedding dimension {tree.dim}")
-    _check_columns(routed_dir, run_dir)
-    n_leaves = tree.k ** tree.depth
-    manifest = read_manifest(run_dir, {"documents_routed": int, "documents_distinct": int})
-    n_routed, n_distinct = manifest["documents_routed"], manifest["documents_distinct"]
+def _codebook_sample(routed_dir: str, tree: Tree, n_leaves: int, n_routed: int, n_distinct: int,
+                     train_sample: int) -> np.ndarray:
+    """Step 1's training points: the residuals to their leaf centroid of the distinct documents whose content
+    key falls in the sample (about ``train_sample``), sorted by that key. This pass also checks that routed/
+    holds the manifest's documents."""
     leaf_centroids = np.ascontiguousarray(tree.centroids[-1], dtype=np.float32)
-
-    # 1. codebooks from a content-chosen sample of the distinct documents' residuals
     every = np.uint64(max(1, -(-n_distinct // train_sample)))
     sample, keys, seen = [], [], 0
     for batch in _batches(routed_dir, ["leaf", "embedding", "first_copy"]):
@@ -193,16 +182,23 @@ def build_document_index(run_dir: str, pq_m: int = PQ_M, train_sample: int = 100
         raise ValueError(f"{routed_dir} holds no routed documents")
     if seen != n_routed:
         raise ValueError(f"{routed_dir} holds {seen} documents, manifest.json says {n_routed}: the run is incomplete")
-    residuals = np.concatenate(sample)[np.argsort(np.concatenate(keys), kind="stable")]
-    index = _empty_index(tree, pq_m)
-    if len(residuals) < 256:  # fewer points than centroids: FAISS would refuse; repeat them (small corpora only)
-        residuals = np.tile(residuals, (-(-256 // len(residuals)), 1))
-    index.pq.train(residuals)
-    index.is_trained = True  # the coarse lists are the tree's leaves: nothing else to train
-    log(f"index: PQ {pq_m}x8 bits trained on {len(residuals)} residuals ({time.time() - t0:.1f}s)")
+    return np.concatenate(sample)[np.argsort(np.concatenate(keys), kind="stable")]
 
-    # 2. shards of codes, the display table and the Bloom filters, streamed
-    out_dir = os.path.join(run_dir, "index")
+
+def _write_terms(batch: pa.RecordBatch, bloom, df: np.ndarray) -> None:
+    """A batch's rows of terms.bin (Bloom filters of its words) and their counts in the frequency buckets ``df``."""
+    words = batch.column("terms")  # uint32 bits stored as int32 (pipeline/pack.py)
+    hashes = words.flatten().to_numpy(zero_copy_only=False).astype(np.int32).view(np.uint32)
+    bloom.write(lexical.blooms(hashes, words.value_lengths().to_numpy(zero_copy_only=False)).tobytes())
+    bucket, count = np.unique(lexical.df_buckets(hashes), return_counts=True)
+    df[bucket] += count.astype(np.uint32)
+
+
+def _encode_shards(index: faiss.IndexIVFPQ, routed_dir: str, out_dir: str, tree: Tree, n_leaves: int, n_routed: int,
+                   shard_rows: int, log) -> tuple[list[str], int, np.ndarray]:
+    """Step 2: routed/'s first copies streamed into shard indexes under index/shards/ and into the display table
+    and Bloom filters (``.tmp`` until the index is complete). Returns the shard paths, the documents encoded
+    and the document frequency per term bucket."""
     shard_dir = os.path.join(out_dir, "shards")
     shutil.rmtree(shard_dir, ignore_errors=True)
     os.makedirs(shard_dir)
@@ -231,11 +227,7 @@ def build_document_index(run_dir: str, pq_m: int = PQ_M, train_sample: int = 100
             shard.add_core(len(leaf), faiss.swig_ptr(x), faiss.swig_ptr(ids), faiss.swig_ptr(leaf))
             writer.write_batch(pa.record_batch([batch.column(c) for c in ("doc_id",)] + [pa.array(leaf)]
                                                + [batch.column(c) for c in ("preview", "copies")], schema=schema))
-            words = batch.column("terms")  # uint32 bits stored as int32 (pipeline/pack.py)
-            hashes = words.flatten().to_numpy(zero_copy_only=False).astype(np.int32).view(np.uint32)
-            bloom.write(lexical.blooms(hashes, words.value_lengths().to_numpy(zero_copy_only=False)).tobytes())
-            bucket, count = np.unique(lexical.df_buckets(hashes), return_counts=True)
-            df[bucket] += count.astype(np.uint32)
+            _write_terms(batch, bloom, df)
             n += len(leaf)
             if shard.ntotal >= shard_rows:
                 flush()
@@ -245,10 +237,12 @@ def build_document_index(run_dir: str, pq_m: int = PQ_M, train_sample: int = 100
                 f"ETA {(n_routed - done) / rate:.0f}s")
     if shard is not None:
         flush()
-    if n != n_distinct:
-        raise ValueError(f"{routed_dir} holds {n} first copies, manifest.json says {n_distinct} distinct documents")
+    return shards, n, df
 
-    # 3. one on-disk lists file, merged from the memory-mapped shards
+
+def _merge_shards(index: faiss.IndexIVFPQ, shards: list[str], out_dir: str) -> None:
+    """Step 3: the shards' lists merged into lists.ivfdata, and documents.faiss.tmp, the trained index that reads
+    them from there (a stale lists file or index.json is removed first)."""
     from faiss.contrib.ondisk import merge_ondisk
 
     lists_path = os.path.join(out_dir, "lists.ivfdata")
@@ -256,19 +250,57 @@ def build_document_index(run_dir: str, pq_m: int = PQ_M, train_sample: int = 100
         if os.path.exists(stale):
             os.remove(stale)
     merge_ondisk(index, shards, lists_path)
-    faiss_tmp = os.path.join(out_dir, "documents.faiss.tmp")
-    faiss.write_index(index, faiss_tmp)
-    del index
-    shutil.rmtree(shard_dir)
-    np.save(os.path.join(out_dir, "df.npy"), df)
-    os.replace(faiss_tmp, os.path.join(out_dir, "documents.faiss"))
-    os.replace(arrow_tmp, os.path.join(out_dir, "documents.arrow"))
-    os.replace(terms_tmp, os.path.join(out_dir, "terms.bin"))
+    faiss.write_index(index, os.path.join(out_dir, "documents.faiss.tmp"))
+
+
+def _index_meta(out_dir: str, tree: Tree, n: int, n_routed: int, pq_m: int) -> dict:
+    """index.json's content, from the files in place."""
     sizes = {name: os.path.getsize(os.path.join(out_dir, name)) for name in ("documents.faiss", "lists.ivfdata")}
-    meta = {"format": FORMAT, "tree_version": tree.version, "n_documents": n, "n_routed": n_routed, "dim": tree.dim,
-            "n_leaves": n_leaves, "pq_m": pq_m, "bloom_bytes": lexical.BLOOM_BYTES, "df_buckets": lexical.DF_BUCKETS,
-            "index_bytes": sum(sizes.values()), "list_bytes_per_document": sizes["lists.ivfdata"] / n,
+    return {"format": FORMAT, "tree_version": tree.version, "n_documents": n, "n_routed": n_routed, "dim": tree.dim,
+            "n_leaves": tree.k ** tree.depth, "pq_m": pq_m, "bloom_bytes": lexical.BLOOM_BYTES,
+            "df_buckets": lexical.DF_BUCKETS, "index_bytes": sum(sizes.values()),
+            "list_bytes_per_document": sizes["lists.ivfdata"] / n,
             "table_bytes_per_document": os.path.getsize(os.path.join(out_dir, "documents.arrow")) / n}
+
+
+def build_document_index(run_dir: str, pq_m: int = PQ_M, train_sample: int = 100_000,
+                         shard_rows: int = 4_000_000, log=print) -> dict:
+    """Write RUN/index/ from RUN/tree/ and RUN/routed/ (see the module doc). Returns index.json."""
+    t0 = time.time()
+    tree = Tree.load(os.path.join(run_dir, "tree"))
+    routed_dir = os.path.join(run_dir, "routed")
+    if not os.path.isdir(routed_dir):
+        raise FileNotFoundError(f"{routed_dir} is missing: run jobs/cluster_corpus.py to its routing stage first")
+    if tree.dim % pq_m:
+        raise ValueError(f"pq_m {pq_m} must divide the embedding dimension {tree.dim}")
+    _check_columns(routed_dir, run_dir)
+    n_leaves = tree.k ** tree.depth
+    manifest = read_manifest(run_dir, {"documents_routed": int, "documents_distinct": int})
+    n_routed, n_distinct = manifest["documents_routed"], manifest["documents_distinct"]
+
+    # 1. codebooks from a content-chosen sample of the distinct documents' residuals
+    residuals = _codebook_sample(routed_dir, tree, n_leaves, n_routed, n_distinct, train_sample)
+    index = _empty_index(tree, pq_m)
+    if len(residuals) < 256:  # fewer points than centroids: FAISS would refuse; repeat them (small corpora only)
+        residuals = np.tile(residuals, (-(-256 // len(residuals)), 1))
+    index.pq.train(residuals)
+    index.is_trained = True  # the coarse lists are the tree's leaves: nothing else to train
+    log(f"index: PQ {pq_m}x8 bits trained on {len(residuals)} residuals ({time.time() - t0:.1f}s)")
+
+    # 2. shards of codes, the display table and the Bloom filters, streamed
+    out_dir = os.path.join(run_dir, "index")
+    shards, n, df = _encode_shards(index, routed_dir, out_dir, tree, n_leaves, n_routed, shard_rows, log)
+    if n != n_distinct:
+        raise ValueError(f"{routed_dir} holds {n} first copies, manifest.json says {n_distinct} distinct documents")
+
+    # 3. one on-disk lists file, merged from the memory-mapped shards; then the files move into place
+    _merge_shards(index, shards, out_dir)
+    del index
+    shutil.rmtree(os.path.join(out_dir, "shards"))
+    np.save(os.path.join(out_dir, "df.npy"), df)
+    for name in ("documents.faiss", "documents.arrow", "terms.bin"):
+        os.replace(os.path.join(out_dir, name + ".tmp"), os.path.join(out_dir, name))
+    meta = _index_meta(out_dir, tree, n, n_routed, pq_m)
     # index.json last: its presence marks a complete index
     with open(os.path.join(out_dir, "index.json"), "w") as f:
         json.dump(meta, f, indent=2)

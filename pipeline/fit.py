@@ -306,13 +306,10 @@ def go_local(counts: np.ndarray, cfg: JobConfig, slots: int) -> bool:
     return counts.max() <= cfg.local_fit_rows and np.count_nonzero(counts) >= slots
 
 
-def fit_stage(spark: SparkSession, cfg: JobConfig, run_dir: str, stages) -> dict:
-    """Fit the tree (stages fit_level_<l>..., then fit_subtrees), write tree/, then the ``route`` stage."""
-    work = os.path.join(run_dir, "work")
-    os.makedirs(work, exist_ok=True)
-    emb = read_embeddings(spark, run_dir, cfg.seed)
-    n, dim = emb.count(), len(emb.select("embedding").first()[0])  # parquet metadata, one row
-    levels = Levels(cfg, dim, n)
+def fit_top_levels(spark: SparkSession, emb: DataFrame, levels: Levels, work: str, stages, n: int) -> int:
+    """The ``fit_level_<l>`` stages, one level at a time while nodes are too large or too few to fit per subtree
+    (``go_local``); returns the last level fitted this way."""
+    cfg = levels.cfg
     slots = spark.sparkContext.defaultParallelism
     level = 0
     while level < cfg.depth and not go_local(levels.counts[level], cfg, slots):
@@ -327,33 +324,60 @@ def fit_stage(spark: SparkSession, cfg: JobConfig, run_dir: str, stages) -> dict
         stages.run(spark, f"fit_level_{level}", run_level, total_items=n)
         if len(levels.centroids) < level:  # resumed: the stage was done before
             levels.load(work, level)
-    top = level
-    if top < cfg.depth:
-        def run_subtrees():
-            rows = fit_subtrees(spark, emb, levels, top)
-            for l in range(top + 1, cfg.depth + 1):
-                levels.add(r for r in rows if r["level"] == l)
-                levels.save(work, l)
-            return {"levels": [levels.summary(l) for l in range(top + 1, cfg.depth + 1)], "from_level": top}
+    return level
 
-        stages.run(spark, "fit_subtrees", run_subtrees, total_items=n)
-        for l in range(len(levels.centroids) + 1, cfg.depth + 1):
-            levels.load(work, l)
+
+def fit_subtree_levels(spark: SparkSession, emb: DataFrame, levels: Levels, work: str, stages, n: int, top: int) -> None:
+    """The ``fit_subtrees`` stage: levels top+1..depth, one task per level-``top`` subtree."""
+    cfg = levels.cfg
+
+    def run_subtrees():
+        rows = fit_subtrees(spark, emb, levels, top)
+        for l in range(top + 1, cfg.depth + 1):
+            levels.add(r for r in rows if r["level"] == l)
+            levels.save(work, l)
+        return {"levels": [levels.summary(l) for l in range(top + 1, cfg.depth + 1)], "from_level": top}
+
+    stages.run(spark, "fit_subtrees", run_subtrees, total_items=n)
+    for l in range(len(levels.centroids) + 1, cfg.depth + 1):  # resumed: the stage was done before
+        levels.load(work, l)
+
+
+def fitted_tree(levels: Levels) -> Tree:
+    """The fitted levels as a Tree with its per-node counts and the settings that fitted it (tree.json records
+    them; a frozen tree's run reads the encoder precision from there)."""
+    cfg = levels.cfg
     tree = levels.tree()
     tree.counts = levels.counts[1:]
     tree.config = {"seed": cfg.seed, "sample_per_node": cfg.sample_per_node, "balance_factor": cfg.balance_factor,
                    "em_batch_size": cfg.em_batch_size, "em_steps": cfg.em_steps, "max_windows": cfg.max_windows,
                    "encoder": "all-MiniLM-L6-v2", "encoder_precision": cfg.encoder_precision}
+    return tree
 
-    def run_route():
-        leaves = route(spark, run_dir, tree)
-        if not np.array_equal(leaves, tree.counts[-1]):  # the fit's own counts: the same descent, the same bits
-            raise RuntimeError(f"route: documents per leaf differ from the fit's ({np.abs(leaves - tree.counts[-1]).sum()}"
-                               " moved); the embeddings changed during the job. Delete RUN/work and rerun")
-        tree.save(os.path.join(run_dir, "tree"))
-        return {"tree_version": tree.version}
 
-    stages.run(spark, "route", run_route, total_items=n)
+def route_fitted(spark: SparkSession, run_dir: str, tree: Tree) -> dict:
+    """The ``route`` stage after a fit: every document down the new tree, which must land as the fit counted
+    them; then tree/ is written."""
+    leaves = route(spark, run_dir, tree)
+    if not np.array_equal(leaves, tree.counts[-1]):  # the fit's own counts: the same descent, the same bits
+        raise RuntimeError(f"route: documents per leaf differ from the fit's ({np.abs(leaves - tree.counts[-1]).sum()}"
+                           " moved); the embeddings changed during the job. Delete RUN/work and rerun")
+    tree.save(os.path.join(run_dir, "tree"))
+    return {"tree_version": tree.version}
+
+
+def fit_stage(spark: SparkSession, cfg: JobConfig, run_dir: str, stages) -> dict:
+    """Fit the tree (stages fit_level_<l>..., then fit_subtrees), write tree/, then the ``route`` stage."""
+    work = os.path.join(run_dir, "work")
+    os.makedirs(work, exist_ok=True)
+    emb = read_embeddings(spark, run_dir, cfg.seed)
+    n, dim = emb.count(), len(emb.select("embedding").first()[0])  # parquet metadata, one row
+    levels = Levels(cfg, dim, n)
+    top = fit_top_levels(spark, emb, levels, work, stages, n)
+    if top < cfg.depth:
+        fit_subtree_levels(spark, emb, levels, work, stages, n, top)
+    tree = fitted_tree(levels)
+    stages.run(spark, "route", lambda: route_fitted(spark, run_dir, tree), total_items=n)
     names = [f"fit_level_{l}" for l in range(1, top + 1)] + ["fit_subtrees"] * (top < cfg.depth) + ["route"]
     return {"tree_version": tree.version, "levels": [levels.summary(l) for l in range(1, cfg.depth + 1)],
             "fitted_in_subtrees_from_level": top, "stages": names}

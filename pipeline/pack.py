@@ -115,14 +115,10 @@ def copy_groups(leaves: DataFrame, embeddings: DataFrame) -> DataFrame:
                     (F.col("doc_id") == F.min("doc_id").over(w)).alias("first_copy")))
 
 
-def pack_stage(spark: SparkSession, cfg: JobConfig, run_dir: str) -> dict:
-    docs = spark.read.parquet(os.path.join(run_dir, "documents"))
-    routed = spark.read.parquet(os.path.join(run_dir, "work", "routed"))  # pipeline/fit.py: doc_id, path, leaf
-    n_docs = routed.count()
-    tok, eot_id, pad_id = load_or_train_tokenizer(spark, docs, cfg, n_docs)
-    tok.save(os.path.join(run_dir, "tokenizer.json"))
+def write_tokens(spark: SparkSession, run_dir: str, docs: DataFrame, routed: DataFrame, tok) -> DataFrame:
+    """work/tokens: each routed document's token ids and term hashes beside its path, written once and read back
+    so that routed/, the packing and the statistics do not tokenize again."""
     tokenize = make_tokenize_udf(tok.to_str())
-
     parts = shuffle_partitions(spark)
     joined = (routed.join(docs.select("doc_id", "text"), "doc_id")
               .repartition(parts, "doc_id")
@@ -132,23 +128,24 @@ def pack_stage(spark: SparkSession, cfg: JobConfig, run_dir: str) -> dict:
               .withColumn("l1", F.col("path")[0]))
     work = os.path.join(run_dir, "work", "tokens")
     joined.drop("text").write.mode("overwrite").parquet(work)
-    toks = spark.read.parquet(work)
+    return spark.read.parquet(work)
 
-    # routed/: the doc -> path table the router, the document index and the evaluation read (the one place
-    # after the embed stage that writes the embeddings again: the index needs them beside the leaf)
+
+def write_routed(spark: SparkSession, run_dir: str, docs: DataFrame, toks: DataFrame) -> int:
+    """routed/: the doc -> path table the router, the document index and the evaluation read (the one place
+    after the embed stage that writes the embeddings again: the index needs them beside the leaf). Returns the
+    distinct documents (first copies)."""
     embeddings = spark.read.parquet(os.path.join(run_dir, "embeddings")).select("doc_id", "embedding")
     copies = copy_groups(toks.select("doc_id", "leaf"), embeddings)
     (toks.join(docs.select("doc_id", F.substring("text", 1, 200).alias("preview")), "doc_id").join(embeddings, "doc_id")
      .join(copies, "doc_id")
      .select("doc_id", "path", "leaf", "embedding", "n_tokens", "preview", "copies", "first_copy", "terms", "l1")
      .write.mode("overwrite").partitionBy("l1").parquet(os.path.join(run_dir, "routed")))
-    distinct = int(copies.filter("first_copy").count())
+    return int(copies.filter("first_copy").count())
 
-    leaf_tokens = {r["leaf"]: int(r["t"]) for r in toks.groupBy("leaf").agg(F.sum(F.col("n_tokens") + 1).alias("t")).collect()}
-    groups = {leaf: max(1, -(-t // cfg.pack_group_tokens)) for leaf, t in leaf_tokens.items()}
-    h = F.xxhash64("doc_id", F.lit(cfg.seed))
-    seq_len, seed = cfg.seq_len, cfg.seed
 
+def make_pack(seq_len: int, eot_id: int, pad_id: int):
+    """The applyInPandas function packing one (leaf, group) of documents into SHARD_SCHEMA rows."""
     def pack(pdf: pd.DataFrame) -> pd.DataFrame:
         pdf = pdf.sort_values(["order", "doc_id"])
         leaf, group = int(pdf["leaf"].iloc[0]), int(pdf["group"].iloc[0])
@@ -161,17 +158,38 @@ def pack_stage(spark: SparkSession, cfg: JobConfig, run_dir: str) -> dict:
             "seq_id": [(leaf << 31) | (group << 20) | i for i in range(len(seqs))],
             "path": [path] * len(seqs), "leaf": [leaf] * len(seqs),
             "tokens": [s[0] for s in seqs], "n_valid": [s[1] for s in seqs], "doc_ids": [s[2] for s in seqs]})
+    return pack
 
+
+def write_shards(run_dir: str, cfg: JobConfig, toks: DataFrame, eot_id: int, pad_id: int) -> dict:
+    """shards/: each leaf's documents packed in groups of at most pack_group_tokens (see the module doc).
+    Returns the tokens per leaf (an end-of-text token per document included)."""
+    leaf_tokens = {r["leaf"]: int(r["t"]) for r in toks.groupBy("leaf").agg(F.sum(F.col("n_tokens") + 1).alias("t")).collect()}
+    groups = {leaf: max(1, -(-t // cfg.pack_group_tokens)) for leaf, t in leaf_tokens.items()}
+    h = F.xxhash64("doc_id", F.lit(cfg.seed))
     shards = (with_lookup(toks, "leaf", groups, "n_groups", "long")
               .select("doc_id", "path", "leaf", "ids", F.pmod(h, F.col("n_groups")).alias("group"),
-                          F.xxhash64("doc_id", F.lit(seed + 1)).alias("order"))
-              .groupBy("leaf", "group").applyInPandas(pack, SHARD_SCHEMA)
+                          F.xxhash64("doc_id", F.lit(cfg.seed + 1)).alias("order"))
+              .groupBy("leaf", "group").applyInPandas(make_pack(cfg.seq_len, eot_id, pad_id), SHARD_SCHEMA)
               .withColumn("l1", F.col("path")[0])
               .sortWithinPartitions("l1", "leaf", "seq_id"))  # leaf-sorted files: a subtree is a few row groups
     # Without a row limit a leaf-sorted file is one row group: a shuffle window of whole row groups would then
     # hold a few leaves at a time, and training would see the corpus subtree by subtree.
     (shards.write.mode("overwrite").option("parquet.block.row.count.limit", cfg.row_group_sequences)
      .partitionBy("l1").parquet(os.path.join(run_dir, "shards")))
+    return leaf_tokens
+
+
+def pack_stage(spark: SparkSession, cfg: JobConfig, run_dir: str) -> dict:
+    """Tokenize the routed documents, write routed/ and shards/, and check that shards/ lists every document."""
+    docs = spark.read.parquet(os.path.join(run_dir, "documents"))
+    routed = spark.read.parquet(os.path.join(run_dir, "work", "routed"))  # pipeline/fit.py: doc_id, path, leaf
+    n_docs = routed.count()
+    tok, eot_id, pad_id = load_or_train_tokenizer(spark, docs, cfg, n_docs)
+    tok.save(os.path.join(run_dir, "tokenizer.json"))
+    toks = write_tokens(spark, run_dir, docs, routed, tok)
+    distinct = write_routed(spark, run_dir, docs, toks)
+    leaf_tokens = write_shards(run_dir, cfg, toks, eot_id, pad_id)
 
     written = spark.read.parquet(os.path.join(run_dir, "shards"))
     seq_stats = written.agg(F.count("*").alias("sequences"), F.sum("n_valid").alias("valid"),

@@ -332,6 +332,42 @@ class Evaluator:
             columns=["doc_id", "path"], filter=pc.field("doc_id").isin(sorted(doc_ids)))
         return dict(zip(table.column("doc_id").to_pylist(), table.column("path").to_pylist()))
 
+    def probe_oracle(self, probes: list[Probe], routes: np.ndarray, mode_leaves: dict[str, np.ndarray]
+                     ) -> tuple[np.ndarray, dict[str, np.ndarray], list[set]]:
+        """From each probe's entity documents: (oracle paths [N, p], agreement per mode [N] (NaN without
+        documents), blocked block-id sets). A probe whose entity has no routed document keeps its own route
+        as its oracle and blocks nothing."""
+        entity_docs = self.entity_documents(probes)
+        paths_of = self.doc_paths({d for docs in entity_docs.values() for d in docs})
+        oracle, blocked = routes.copy(), []
+        agreement = {m: np.full(len(probes), np.nan) for m in mode_leaves}
+        for i, p in enumerate(probes):
+            doc_paths = [paths_of[d] for d in entity_docs[p.entity] if d in paths_of]
+            if not doc_paths:
+                blocked.append(set())
+                continue
+            doc_leaves = self.router.leaves(np.asarray(doc_paths))
+            for m, leaves in mode_leaves.items():
+                agreement[m][i] = float(np.mean(doc_leaves == leaves[i]))
+            oracle[i] = doc_paths[int(np.flatnonzero(doc_leaves == oracle_leaf(doc_leaves))[0])]
+            blocked.append(set(path_block_ids(np.asarray(doc_paths), self.k).ravel().tolist()))
+        return oracle, agreement, blocked
+
+    def probe_runs(self, by_mode: dict[str, np.ndarray], modes: list[str], routes: np.ndarray, oracle: np.ndarray,
+                   blocked: list[set]) -> dict:
+        """The probes' block ids per evaluated setting (the module doc's probe settings); ``blocked``: the
+        headline route with the blocks on the entity documents' paths disabled."""
+        if self.bank is None:
+            return {"none": None}
+        runs = {"fetched": self.block_ids(by_mode[modes[0]], "fetched"), "generic": self.block_ids(routes, "generic"),
+                "none": None, "oracle": self.block_ids(oracle, "fetched"),
+                **{f"fetched[{m}]": self.block_ids(by_mode[m], "fetched") for m in modes[1:]}}
+        ids = self.block_ids(routes, "fetched")
+        for i, b in enumerate(blocked):
+            ids[i] = torch.tensor([-1 if int(x) in b else int(x) for x in ids[i]])
+        runs["blocked"] = ids
+        return runs
+
     def probe(self, probes: list[Probe], modes: list[str] | None = None) -> dict:
         """Per-probe records and per-bucket summaries (see the module doc); ``modes``: routing modes to
         compare, the first is the headline (``fetched``, ``blocked``, ``agreement``)."""
@@ -342,32 +378,10 @@ class Evaluator:
         routes = first[modes[0]]
         leaves = self.router.leaves(routes)
         mode_leaves = {m: self.router.leaves(r) for m, r in first.items()}
-        mode_agreement = {m: np.full(len(probes), np.nan) for m in modes}
-        entity_docs = self.entity_documents(probes)
-        paths_of = self.doc_paths({d for docs in entity_docs.values() for d in docs})
-        oracle, agreement, blocked = routes.copy(), np.zeros(len(probes)), []
-        for i, p in enumerate(probes):
-            doc_paths = [paths_of[d] for d in entity_docs[p.entity] if d in paths_of]
-            if not doc_paths:
-                agreement[i] = float("nan")
-                blocked.append(set())
-                continue
-            doc_leaves = self.router.leaves(np.asarray(doc_paths))
-            agreement[i] = float(np.mean(doc_leaves == leaves[i]))
-            for m in modes:
-                mode_agreement[m][i] = float(np.mean(doc_leaves == mode_leaves[m][i]))
-            oracle[i] = doc_paths[int(np.flatnonzero(doc_leaves == oracle_leaf(doc_leaves))[0])]
-            blocked.append(set(path_block_ids(np.asarray(doc_paths), self.k).ravel().tolist()))
+        oracle, mode_agreement, blocked = self.probe_oracle(probes, routes, mode_leaves)
+        agreement = mode_agreement[modes[0]]
         max_new = [len(self.tokenizer.encode(" " + p.answer).ids) + 1 for p in probes]
-        runs = {"none": None} if self.bank is None else {
-            "fetched": self.block_ids(by_mode[modes[0]], "fetched"), "generic": self.block_ids(routes, "generic"),
-            "none": None, "oracle": self.block_ids(oracle, "fetched"),
-            **{f"fetched[{m}]": self.block_ids(by_mode[m], "fetched") for m in modes[1:]}}
-        if self.bank is not None:
-            ids = self.block_ids(routes, "fetched")
-            for i, b in enumerate(blocked):
-                ids[i] = torch.tensor([-1 if int(x) in b else int(x) for x in ids[i]])
-            runs["blocked"] = ids
+        runs = self.probe_runs(by_mode, modes, routes, oracle, blocked)
         correct = {}
         for name, ids in runs.items():
             completions = self.complete(prompts, ids, max_new)
@@ -378,18 +392,7 @@ class Evaluator:
         n_blocks = n_tree_blocks(self.k, self.depth)
         oracle_leaves = self.router.leaves(oracle)
         on_oracle = {m: mode_leaves[m] == oracle_leaves for m in modes}
-        buckets = []
-        for b in range(N_BUCKETS):
-            sel = bucket == b
-            f = freqs[sel]
-            buckets.append({"bucket": b, "frequency_range": [int(f.min()), int(f.max())] if sel.any() else None,
-                            "probes": int(sel.sum()), "entities": len({probes[i].entity for i in np.flatnonzero(sel)}),
-                            "routing_agreement": float(np.nanmean(agreement[sel])) if sel.any() else None,
-                            "routing_agreement_by_mode": {m: float(np.nanmean(a[sel])) if sel.any() else None
-                                                          for m, a in mode_agreement.items()},
-                            "oracle_leaf_by_mode": {m: float(o[sel].mean()) if sel.any() else None
-                                                    for m, o in on_oracle.items()},
-                            "accuracy": {n: float(c[sel].mean()) if sel.any() else None for n, c in correct.items()}})
+        buckets = bucket_summaries(probes, freqs, bucket, agreement, mode_agreement, on_oracle, correct)
         records = [dict(asdict(p), doc_ids=None, bucket=int(bucket[i]), leaf=int(leaves[i]),
                         agreement=None if np.isnan(agreement[i]) else float(agreement[i]),
                         blocked_share=len(blocked[i]) / n_blocks, **{n: bool(c[i]) for n, c in correct.items()})
@@ -400,6 +403,26 @@ class Evaluator:
                 "fetch_cost": {m: self.fetch_cost(runs["fetched" if m == modes[0] else f"fetched[{m}]"])
                                for m in modes} if self.bank is not None else {},
                 "blocked_bank_share": float(np.mean([len(b) for b in blocked]) / n_blocks)}
+
+
+def bucket_summaries(probes: list[Probe], freqs: np.ndarray, bucket: np.ndarray, agreement: np.ndarray,
+                     mode_agreement: dict[str, np.ndarray], on_oracle: dict[str, np.ndarray],
+                     correct: dict[str, np.ndarray]) -> list[dict]:
+    """``Evaluator.probe``'s per-bucket rows: frequency range, sizes, routing agreement (headline and per mode),
+    oracle-leaf share and accuracy per setting; None for an empty bucket."""
+    buckets = []
+    for b in range(N_BUCKETS):
+        sel = bucket == b
+        f = freqs[sel]
+        buckets.append({"bucket": b, "frequency_range": [int(f.min()), int(f.max())] if sel.any() else None,
+                        "probes": int(sel.sum()), "entities": len({probes[i].entity for i in np.flatnonzero(sel)}),
+                        "routing_agreement": float(np.nanmean(agreement[sel])) if sel.any() else None,
+                        "routing_agreement_by_mode": {m: float(np.nanmean(a[sel])) if sel.any() else None
+                                                      for m, a in mode_agreement.items()},
+                        "oracle_leaf_by_mode": {m: float(o[sel].mean()) if sel.any() else None
+                                                for m, o in on_oracle.items()},
+                        "accuracy": {n: float(c[sel].mean()) if sel.any() else None for n, c in correct.items()}})
+    return buckets
 
 
 def block_report(model_dir: str, router, texts: list[str]) -> list[list[dict]]:

@@ -66,6 +66,30 @@ def human(n: float) -> str:
     return f"{n:.3g}P"
 
 
+def build_anchor(cfg: TrainConfig) -> tuple[torch.nn.Module, torch.optim.Optimizer | None]:
+    """The anchor (the recipe's init weights loaded) and, when the recipe trains it, its optimizer; a frozen
+    anchor gets no optimizer and no gradients."""
+    torch.manual_seed(cfg.data.seed)  # the same anchor init on every rank
+    if cfg.model.hf:  # a pretrained transformers model behind the anchor's interface (train/hf.py)
+        from train.hf import load_base
+
+        anchor = load_base(cfg.model)
+    else:
+        anchor = Anchor(cfg.model)
+    if cfg.recipe.init_anchor:
+        anchor.load_state_dict(load_file(os.path.join(cfg.recipe.init_anchor, "anchor.safetensors")))
+    if not cfg.recipe.trains_anchor:
+        anchor.requires_grad_(False)
+        return anchor, None
+    decay = [p for p in anchor.parameters() if p.dim() >= 2]  # matrices decay; norms do not
+    rest = [p for p in anchor.parameters() if p.dim() < 2]
+    a = cfg.optim.anchor
+    # plain torch AdamW as DeepSpeed's client optimizer: no fused_adam op to compile
+    return anchor, torch.optim.AdamW([{"params": decay, "weight_decay": a.weight_decay},
+                                      {"params": rest, "weight_decay": 0.0}],
+                                     lr=a.lr, betas=cfg.optim.betas, eps=cfg.optim.eps)
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig, run_dirs: list[str], out_dir: str, dist_info: DistInfo, manifest: dict, resume: bool):
         import deepspeed
@@ -80,73 +104,69 @@ class Trainer:
         if warning := self.loader.mixing():
             print(f"warning: {warning}", file=sys.stderr, flush=True)
 
-        torch.manual_seed(cfg.data.seed)  # the same anchor init on every rank
-        if cfg.model.hf:  # a pretrained transformers model behind the anchor's interface (train/hf.py)
-            from train.hf import load_base
-
-            anchor = load_base(cfg.model)
-        else:
-            anchor = Anchor(cfg.model)
-        if cfg.recipe.init_anchor:
-            anchor.load_state_dict(load_file(os.path.join(cfg.recipe.init_anchor, "anchor.safetensors")))
-        optimizer = None
-        if cfg.recipe.trains_anchor:
-            decay = [p for p in anchor.parameters() if p.dim() >= 2]  # matrices decay; norms do not
-            rest = [p for p in anchor.parameters() if p.dim() < 2]
-            a = cfg.optim.anchor
-            # plain torch AdamW as DeepSpeed's client optimizer: no fused_adam op to compile
-            optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": a.weight_decay},
-                                           {"params": rest, "weight_decay": 0.0}],
-                                          lr=a.lr, betas=cfg.optim.betas, eps=cfg.optim.eps)
-        else:
-            anchor.requires_grad_(False)
+        anchor, optimizer = build_anchor(cfg)
         self.bf16 = cfg.deepspeed.bf16 if cfg.deepspeed.bf16 is not None else self.device.type == "cuda"
         self.engine, *_ = deepspeed.initialize(model=anchor, optimizer=optimizer, config=ds_config(cfg, self.bf16))
 
         self.bank = self.mem_optim = self.reducer = None
         if mem:
-            from train.memory import MemoryBank
-
-            # the bank lives outside ZeRO: this rank's blocks only, updated by the touched-block AdamW
-            owned = torch.from_numpy(self.ownership.blocks(self.rank))
-            if mem.store == "disk":  # blocks + moments in files under a RAM budget, read ahead of the steps
-                from train.prefetch import Prefetcher
-                from train.store_disk import DiskBlockStore
-
-                store = DiskBlockStore.create(mem, cfg.model, owned, os.path.join(out_dir, "bank_store", f"rank{self.rank}"),
-                                              int(mem.ram_budget_mb * 2**20), state=TouchedAdamW.STATE)
-                self.bank = MemoryBank(mem, cfg.model.n_layers, cfg.model.d_model, store)
-                self.loader = Prefetcher(self.loader, store, mem.prefetch_batches)
-            else:
-                self.bank = MemoryBank.create(mem, cfg.model, owned, device=self.device)
-            m = cfg.optim.memory
-            self.mem_optim = TouchedAdamW(self.bank.store, self.k, self.depth, cfg.optim.betas, cfg.optim.eps, m.weight_decay)
-            self.reducer = BlockReducer(self.ownership, self.rank, self.device, self.bank.store.shapes)
+            self.build_bank()
 
         self.step, self.tokens_seen = 0, 0
         self.ckpt_root = os.path.join(out_dir, "checkpoints")
         last = checkpoint.latest(self.ckpt_root) if resume else None
         if last:
-            state = checkpoint.load(last, self.engine, self.rank, self.world, cfg.recipe.trains_anchor,
-                                    self.bank and self.bank.store, self.mem_optim, self.k, self.depth)
-            self.loader.load_state_dict(state["loader"])
-            self.step, self.tokens_seen = state["step"], state["tokens_seen"]
-            self.log(f"resumed from {last} at step {self.step}")
+            self.resume_from(last)
+        self.open_logs("a" if last else "w")  # a resumed run appends (replayed steps log again; the last line wins)
+        self.describe()
+
+    def build_bank(self) -> None:
+        """This rank's bank shard, the touched-block AdamW that updates it and the reducer of its blocks'
+        gradients. The bank lives outside ZeRO: this rank's blocks only."""
+        from train.memory import MemoryBank
+
+        cfg, mem = self.cfg, self.cfg.memory
+        owned = torch.from_numpy(self.ownership.blocks(self.rank))
+        if mem.store == "disk":  # blocks + moments in files under a RAM budget, read ahead of the steps
+            from train.prefetch import Prefetcher
+            from train.store_disk import DiskBlockStore
+
+            store = DiskBlockStore.create(mem, cfg.model, owned, os.path.join(self.out_dir, "bank_store", f"rank{self.rank}"),
+                                          int(mem.ram_budget_mb * 2**20), state=TouchedAdamW.STATE)
+            self.bank = MemoryBank(mem, cfg.model.n_layers, cfg.model.d_model, store)
+            self.loader = Prefetcher(self.loader, store, mem.prefetch_batches)
+        else:
+            self.bank = MemoryBank.create(mem, cfg.model, owned, device=self.device)
+        m = cfg.optim.memory
+        self.mem_optim = TouchedAdamW(self.bank.store, self.k, self.depth, cfg.optim.betas, cfg.optim.eps, m.weight_decay)
+        self.reducer = BlockReducer(self.ownership, self.rank, self.device, self.bank.store.shapes)
+
+    def resume_from(self, last: str) -> None:
+        """The engine, this rank's blocks and moments, the loader's position and the counters from checkpoint
+        ``last``."""
+        state = checkpoint.load(last, self.engine, self.rank, self.world, self.cfg.recipe.trains_anchor,
+                                self.bank and self.bank.store, self.mem_optim, self.k, self.depth)
+        self.loader.load_state_dict(state["loader"])
+        self.step, self.tokens_seen = state["step"], state["tokens_seen"]
+        self.log(f"resumed from {last} at step {self.step}")
+
+    def open_logs(self, mode: str) -> None:
+        """Rank 0: metrics.jsonl, config.json and TensorBoard; every rank: its batch log when
+        schedule.log_batches. ``mode``: "a" to append to a resumed run's logs, "w" to start them."""
+        out_dir = self.out_dir
         self.writer = None
-        mode = "a" if last else "w"  # a resumed run appends (replayed steps log again; the last line wins)
         if self.rank == 0:
             os.makedirs(out_dir, exist_ok=True)
             open(os.path.join(out_dir, "metrics.jsonl"), mode).close()
             with open(os.path.join(out_dir, "config.json"), "w") as f:
-                json.dump(cfg.to_dict(), f, indent=2)
+                json.dump(self.cfg.to_dict(), f, indent=2)
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(os.path.join(out_dir, "tb"))
         self.batch_log = None
-        if cfg.schedule.log_batches:
+        if self.cfg.schedule.log_batches:
             os.makedirs(os.path.join(out_dir, "batches"), exist_ok=True)
             self.batch_log = open(os.path.join(out_dir, "batches", f"rank{self.rank}.jsonl"), mode)
-        self.describe()
 
     def log(self, msg: str) -> None:
         if self.rank == 0:
