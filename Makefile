@@ -42,7 +42,7 @@ demo: install
 	$(BIN)/hmem-query --run runs/demo --model runs/demo/model/export "$(QUERY)"
 	$(BIN)/hmem-ask --run runs/demo --model runs/demo/model/export "$(ASK)" --answer "$(ASK_ANSWER)"
 
-longtail: install  # the long-tail knowledge benchmark, 3 seeds as the README reports: corpus, job, index, 3 models, tables + plot
+longtail: install  # the long-tail knowledge benchmark, 3 seeds as docs/RESULTS.md reports: corpus, job, index, 3 models, tables + plot
 	$(BIN)/python -m bench.longtail --out runs/longtail --seeds 0 1 2
 
 test: install lint
@@ -51,8 +51,9 @@ test: install lint
 test-quick: install  # unit tests only: no Spark job, no DeepSpeed launch
 	$(BIN)/python -m pytest -q -m "not slow"
 
-lint: install
-	$(BIN)/ruff check --select F,E9 pipeline index train hmem corpora jobs bench tests
+lint: install  # the rules (formatter, line length 120, pyflakes) are in pyproject.toml [tool.ruff]
+	$(BIN)/ruff format --check
+	$(BIN)/ruff check
 
 # Headline figures (each script's last line). Heavy: run on a quiet machine, not in CI.
 bench: install

@@ -14,6 +14,7 @@ are left out) with the fetched memory; the same with no
 memory (the bare anchor, the baseline measured in the same invocation); and the full ask with its
 comparisons. Last line: the headline figures.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,29 +30,40 @@ def verdicts(asker, probes_path: str) -> str:
     freqs = np.array([p.frequency for p in probes])
     rare = [p for p, b in zip(probes, bucket_of(freqs, bucket_edges(freqs))) if b == 0]
     start = time.perf_counter()
-    out = asker.ask([p.prompt for p in rare], [p.answer for p in rare],
-                    max_new=max(len(asker.ev.answer_ids(p.answer)) + 1 for p in rare))
+    out = asker.ask(
+        [p.prompt for p in rare],
+        [p.answer for p in rare],
+        max_new=max(len(asker.ev.answer_ids(p.answer)) + 1 for p in rare),
+    )
     wall = time.perf_counter() - start
     right = [a for a, p in zip(out, rare) if is_exact_match(a["settings"][0]["completion"], p.answer)]
     held = [a["verdict"] for a in right if a["verdict"] and a["verdict"]["p_without"] < a["verdict"]["p_fetched"]]
     leaf = [v for v in held if v["leaf"]]
     levels = {lv: sum(v["level"] == lv for v in held) for lv in sorted({v["level"] for v in held})}
-    print(f"rarest bucket: {len(rare)} probes asked in {wall:.1f} s ({1e3 * wall / len(rare):.0f} ms each, batched, "
-          f"with comparisons); {len(right)} answered right with the fetched memory")
+    print(
+        f"rarest bucket: {len(rare)} probes asked in {wall:.1f} s ({1e3 * wall / len(rare):.0f} ms each, batched, "
+        f"with comparisons); {len(right)} answered right with the fetched memory"
+    )
     if not right:
         return "no rarest-bucket fact answered right: no verdict to check"
-    print(f"  verdict names a block on the path whose removal lowers p(answer): {len(held)}/{len(right)}; "
-          f"by level {levels}")
+    print(
+        f"  verdict names a block on the path whose removal lowers p(answer): {len(held)}/{len(right)}; "
+        f"by level {levels}"
+    )
     if held:
-        print(f"  median p(answer) {np.median([v['p_fetched'] for v in held]):.3f} -> "
-              f"{np.median([v['p_without'] for v in held]):.3f} without that block")
-    return (f"verdicts: {len(held) / len(right):.1%} of {len(right)} right rarest-bucket answers name a block on "
-            f"the path that holds them; the leaf block for {len(leaf) / len(right):.1%}")
+        print(
+            f"  median p(answer) {np.median([v['p_fetched'] for v in held]):.3f} -> "
+            f"{np.median([v['p_without'] for v in held]):.3f} without that block"
+        )
+    return (
+        f"verdicts: {len(held) / len(right):.1%} of {len(right)} right rarest-bucket answers name a block on "
+        f"the path that holds them; the leaf block for {len(leaf) / len(right):.1%}"
+    )
 
 
 def latency(asker, n: int) -> str:
     texts = asker.router.documents.table.column("preview").to_pylist()
-    pool = [" ".join(t.split()[:12]) for t in texts[:: max(1, len(texts) // (4 * n))][:4 * n]]
+    pool = [" ".join(t.split()[:12]) for t in texts[:: max(1, len(texts) // (4 * n))][: 4 * n]]
     asker.ask(pool[:2], compare=False)  # warm: blocks read, pages mapped
     # the figure is for 10-token answers: keep questions the model answers at full length (no early <eot>)
     answers = [a["settings"][0]["completion"] for a in asker.ask(pool, max_new=10, compare=False)]
@@ -71,13 +83,18 @@ def latency(asker, n: int) -> str:
     bare = timed(lambda q: asker.ask([q], max_new=10, compare=False))
     asker.ev.bank = bank
     full = timed(lambda q: asker.ask([q], max_new=10, compare=True))
-    for name, ms in (("ask --fast, fetched memory", fetched), ("bare anchor (baseline)", bare),
-                     ("ask with comparisons", full)):
+    for name, ms in (
+        ("ask --fast, fetched memory", fetched),
+        ("bare anchor (baseline)", bare),
+        ("ask with comparisons", full),
+    ):
         print(f"  {name:<28} p50 {np.median(ms):7.1f} ms   p95 {np.percentile(ms, 95):7.1f} ms")
-    return (f"ask p50 {np.median(fetched):.1f} ms, p95 {np.percentile(fetched, 95):.1f} ms for 10 tokens with the "
-            f"fetched memory ({np.median(fetched) / np.median(bare):.2f}x the bare anchor's p50 "
-            f"{np.median(bare):.1f} ms); comparisons cost p50 {np.median(full) - np.median(fetched):.1f} ms more "
-            f"({len(questions)} questions with 10-token answers, of {len(pool)} drawn; one at a time)")
+    return (
+        f"ask p50 {np.median(fetched):.1f} ms, p95 {np.percentile(fetched, 95):.1f} ms for 10 tokens with the "
+        f"fetched memory ({np.median(fetched) / np.median(bare):.2f}x the bare anchor's p50 "
+        f"{np.median(bare):.1f} ms); comparisons cost p50 {np.median(full) - np.median(fetched):.1f} ms more "
+        f"({len(questions)} questions with 10-token answers, of {len(pool)} drawn; one at a time)"
+    )
 
 
 def main() -> None:

@@ -7,6 +7,7 @@ embeddings. Run after `make demo` (or any run of the BBC corpus with ids):
     python -m bench.cluster_quality --run runs/demo
 Last line: `purity_l1 <job> nmi_l1 <job>`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,6 +30,7 @@ def purity(labels: np.ndarray, clusters: np.ndarray) -> float:
 
 def faiss_kmeans(x: np.ndarray, k: int, seed: int) -> np.ndarray:
     import faiss
+
     km = faiss.Kmeans(x.shape[1], k, niter=25, seed=seed, verbose=False)
     km.train(x)
     return km.index.search(x, 1)[1][:, 0]
@@ -38,6 +40,7 @@ def spark_bisecting(x: np.ndarray, k: int, seed: int) -> np.ndarray:
     from pyspark.ml.clustering import BisectingKMeans
     from pyspark.ml.linalg import Vectors
     from pipeline.spark import spark_session
+
     spark = spark_session("bench-bisecting")
     df = spark.createDataFrame([(i, Vectors.dense(v.astype(float))) for i, v in enumerate(x)], ["i", "features"])
     model = BisectingKMeans(k=k, seed=seed).fit(df)
@@ -65,13 +68,18 @@ def main():
     l1 = np.array([p[0] for p in routed.path])
     m = read_manifest(args.run)
     k, seed = m["k"], m["seed"]
-    results = {"hmem level 1": l1, "faiss flat k-means": faiss_kmeans(x, k, seed),
-               "spark BisectingKMeans": spark_bisecting(x, k, seed)}
+    results = {
+        "hmem level 1": l1,
+        "faiss flat k-means": faiss_kmeans(x, k, seed),
+        "spark BisectingKMeans": spark_bisecting(x, k, seed),
+    }
     print(f"{len(y)} documents, {len(names)} labels, k={k}")
     print(f"{'method':<24} {'purity':>7} {'NMI':>7} {'largest cluster':>16}")
     for name, c in results.items():
-        print(f"{name:<24} {purity(y, c):7.3f} {normalized_mutual_info_score(y, c):7.3f} "
-              f"{np.bincount(c).max() / len(c):16.3f}")
+        print(
+            f"{name:<24} {purity(y, c):7.3f} {normalized_mutual_info_score(y, c):7.3f} "
+            f"{np.bincount(c).max() / len(c):16.3f}"
+        )
     print(f"purity_l1 {purity(y, l1):.3f} nmi_l1 {normalized_mutual_info_score(y, l1):.3f}")
 
 

@@ -18,6 +18,7 @@ single-process way to build the same tree.
     python -m bench.cluster_scale --n 20000 80000       # a quick look
 Last line: `time_ratio <t(N2)/t(N1)> rss_growth <py driver RSS(N2)/RSS(N1) - 1> job/faiss <ratio at N1> <at N2>`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,13 +45,18 @@ def generate(spark, n: int, dim: int, out: str, seed: int, parts: int) -> None:
             x /= np.linalg.norm(x, axis=1, keepdims=True)
             yield pd.DataFrame({"doc_id": [f"d{i:09d}" for i in ids], "embedding": list(x.astype(np.float32))})
 
-    (spark.range(n, numPartitions=parts).mapInPandas(gen, "doc_id string, embedding array<float>")
-     .write.mode("overwrite").parquet(os.path.join(out, "embeddings")))
+    (
+        spark.range(n, numPartitions=parts)
+        .mapInPandas(gen, "doc_id string, embedding array<float>")
+        .write.mode("overwrite")
+        .parquet(os.path.join(out, "embeddings"))
+    )
 
 
 def peak_rss_mb(match: str) -> float:
     """Largest VmHWM among this process's descendants whose command line contains ``match``."""
     import psutil
+
     peak = 0.0
     for child in psutil.Process().children(recursive=True):
         try:
@@ -68,6 +74,7 @@ def faiss_tree(x, k: int, depth: int, sample: int, niter: int, seed: int):
     """Leaf index of every row of x after a top-down FAISS k-means to depth ``depth``, in one process."""
     import faiss
     import numpy as np
+
     node = np.zeros(len(x), dtype=np.int64)
     rng = np.random.default_rng(seed)
     for _ in range(depth):
@@ -75,12 +82,14 @@ def faiss_tree(x, k: int, depth: int, sample: int, niter: int, seed: int):
         bounds = np.searchsorted(node[order], np.arange(node.max() + 2))
         child = np.zeros(len(x), dtype=np.int64)
         for p in range(len(bounds) - 1):
-            idx = order[bounds[p]:bounds[p + 1]]
+            idx = order[bounds[p] : bounds[p + 1]]
             if len(idx) <= k:  # too few points to cluster: one per child
                 child[idx] = np.arange(len(idx))
                 continue
             fit_on = idx if len(idx) <= sample else rng.choice(idx, sample, replace=False)
-            km = faiss.Kmeans(x.shape[1], k, niter=niter, seed=int(rng.integers(1 << 30)), max_points_per_centroid=sample)
+            km = faiss.Kmeans(
+                x.shape[1], k, niter=niter, seed=int(rng.integers(1 << 30)), max_points_per_centroid=sample
+            )
             km.train(x[fit_on])
             child[idx] = km.index.search(x[idx], 1)[1][:, 0]
         node = node * k + child
@@ -92,6 +101,7 @@ def one(n: int, k: int, depth: int, out: str) -> dict:
     from pipeline.fit import fit_stage
     from pipeline.spark import size_partitions, spark_session
     from pipeline.stages import Stages
+
     # local mode runs the executors inside the driver JVM: give it the heap a cluster's executors would have
     spark = spark_session("bench-scale", **{"spark.driver.memory": "8g"})
     size_partitions(spark, n * 384 * 4)  # as the job does from its input size
@@ -104,15 +114,21 @@ def one(n: int, k: int, depth: int, out: str) -> dict:
     fit = fit_stage(spark, cfg, out, stages)
     total = time.time() - t0
     per_level = {name: round(stages.seconds(name), 1) for name in fit["stages"]}
-    res = {"n": n, "generate_s": round(t_gen, 1), "fit_total_s": round(total, 1), **per_level,
-           "max_child_fraction": max(lv["max_child_fraction"] for lv in fit["levels"]),
-           "py_driver_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-           "jvm_driver_peak_rss_mb": round(peak_rss_mb("java"), 1),
-           "py_worker_peak_rss_mb": round(peak_rss_mb("pyspark.daemon"), 1)}
+    res = {
+        "n": n,
+        "generate_s": round(t_gen, 1),
+        "fit_total_s": round(total, 1),
+        **per_level,
+        "max_child_fraction": max(lv["max_child_fraction"] for lv in fit["levels"]),
+        "py_driver_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "jvm_driver_peak_rss_mb": round(peak_rss_mb("java"), 1),
+        "py_worker_peak_rss_mb": round(peak_rss_mb("pyspark.daemon"), 1),
+    }
     spark.stop()
 
     import faiss
     import pyarrow.dataset as ds
+
     table = ds.dataset(os.path.join(out, "embeddings")).to_table(columns=["embedding"])
     x = table.column("embedding").combine_chunks().values.to_numpy().reshape(n, -1)
     del table
@@ -139,8 +155,13 @@ def main():
     for n in args.n:
         with tempfile.TemporaryDirectory(prefix="hmem-scale-") as d:
             env = dict(os.environ, PYSPARK_PYTHON=sys.executable, SPARK_LOCAL_IP="127.0.0.1")
-            p = subprocess.run([sys.executable, __file__, "--one", str(n), "--k", str(args.k), "--depth", str(args.depth),
-                                "--out", d], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            p = subprocess.run(
+                [sys.executable, __file__, "--one", str(n), "--k", str(args.k), "--depth", str(args.depth), "--out", d],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
             line = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
             if p.returncode or not line:
                 errors = [ln for ln in p.stdout.splitlines() if "Error" in ln or "Exception" in ln][:10]
@@ -149,12 +170,16 @@ def main():
             results.append(r)
             print(json.dumps(r), flush=True)
     a, b = results[0], results[-1]
-    print(f"N {a['n']} -> {b['n']} ({b['n'] / a['n']:.1f}x): fit time {a['fit_total_s']}s -> {b['fit_total_s']}s, "
-          f"python driver peak RSS {a['py_driver_peak_rss_mb']} -> {b['py_driver_peak_rss_mb']} MB, "
-          f"JVM driver peak RSS {a['jvm_driver_peak_rss_mb']} -> {b['jvm_driver_peak_rss_mb']} MB")
-    print(f"time_ratio {b['fit_total_s'] / a['fit_total_s']:.2f} "
-          f"rss_growth {b['py_driver_peak_rss_mb'] / a['py_driver_peak_rss_mb'] - 1:.3f} "
-          f"job/faiss {a['job_over_faiss']:.2f} {b['job_over_faiss']:.2f}")
+    print(
+        f"N {a['n']} -> {b['n']} ({b['n'] / a['n']:.1f}x): fit time {a['fit_total_s']}s -> {b['fit_total_s']}s, "
+        f"python driver peak RSS {a['py_driver_peak_rss_mb']} -> {b['py_driver_peak_rss_mb']} MB, "
+        f"JVM driver peak RSS {a['jvm_driver_peak_rss_mb']} -> {b['jvm_driver_peak_rss_mb']} MB"
+    )
+    print(
+        f"time_ratio {b['fit_total_s'] / a['fit_total_s']:.2f} "
+        f"rss_growth {b['py_driver_peak_rss_mb'] / a['py_driver_peak_rss_mb'] - 1:.3f} "
+        f"job/faiss {a['job_over_faiss']:.2f} {b['job_over_faiss']:.2f}"
+    )
 
 
 if __name__ == "__main__":

@@ -25,8 +25,10 @@ Data: ``--data`` RUN_DIR, or a synthetic run directory (tests/fixtures.make_run_
 8 sequences per leaf, seq_len 512, the manifest's vocab_size set to the demo's 8192).
 Prints the figures; the last line is ``ratio X`` (disk tokens/s / RAM tokens/s, wall clock).
 
-    python -m bench.disk_bank [--data RUN] [--ranks 8,16,144] [--budget-mb 240] [--steps 20] [--materialise] [--drop-cache]
+    python -m bench.disk_bank [--data RUN] [--ranks 8,16,144] [--budget-mb 240] [--steps 20] [--materialise]
+        [--drop-cache]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -72,8 +74,13 @@ def worker(args) -> None:
     info = init()
     manifest = read_manifest(args.data)
     base = rss()
-    common = [f"memory.ranks=[{args.ranks}]", "schedule.save=false", "schedule.max_steps=1000000",
-              f"memory.ram_budget_mb={args.budget_mb}", f"memory.prefetch_batches={args.prefetch}"]
+    common = [
+        f"memory.ranks=[{args.ranks}]",
+        "schedule.save=false",
+        "schedule.max_steps=1000000",
+        f"memory.ram_budget_mb={args.budget_mb}",
+        f"memory.prefetch_batches={args.prefetch}",
+    ]
 
     def build(name: str, store: str, sets: list[str] = ()):
         cfg = load_config(args.config, common + [f"memory.store={store}", *sets], manifest)
@@ -83,7 +90,8 @@ def worker(args) -> None:
         return trainer, time.perf_counter() - t0
 
     def sampled_steps(trainer) -> dict[str, int]:
-        """Max RssAnon / RssFile over ``rss_steps`` steps, sampled every 5 ms by a thread (peaks inside a step count)."""
+        """Max RssAnon / RssFile over ``rss_steps`` steps, sampled every 5 ms by a thread (peaks inside a step
+        count)."""
         peak, done = {"RssAnon": 0, "RssFile": 0}, threading.Event()
 
         def sample():
@@ -111,8 +119,14 @@ def worker(args) -> None:
     t_fill = time.perf_counter() - t0
     peak = sampled_steps(disk)
     t0 = time.perf_counter()
-    lazy = DiskBlockStore.create(disk.cfg.memory, disk.cfg.model, store.owned_ids(), os.path.join(args.out, f"lazy{info.rank}"),
-                                 args.budget_mb * 2**20, state=TouchedAdamW.STATE)
+    lazy = DiskBlockStore.create(
+        disk.cfg.memory,
+        disk.cfg.model,
+        store.owned_ids(),
+        os.path.join(args.out, f"lazy{info.rank}"),
+        args.budget_mb * 2**20,
+        state=TouchedAdamW.STATE,
+    )
     t_lazy = time.perf_counter() - t0
     lazy.bank.close()
 
@@ -139,23 +153,30 @@ def worker(args) -> None:
     grow = (peak["RssAnon"] - peak_dense["RssAnon"]) * 1024
     anchor_params = disk.cfg.model.num_params()
     shard = store.nbytes() * len(store.bank.fields)  # blocks + moments on disk
-    line = (f"rank {info.rank}: shard {shard / mib:,.0f} MiB on disk (blocks + moments) = {shard / (args.budget_mb * mib):.1f}x "
-            f"the {args.budget_mb} MiB budget; pinned levels {sorted({l for _, l in store.bank.pinned})} "
-            f"{store.bank.pinned_bytes / mib:.0f} MiB + cache {store.bank.cached / mib:.0f} MiB resident\n"
-            f"  RssAnon: {base['RssAnon'] / 1024:.0f} MiB before any trainer, max {peak_dense['RssAnon'] / 1024:.0f} MiB over "
-            f"{args.rss_steps} steps of a dense anchor_only run, max {peak['RssAnon'] / 1024:.0f} MiB over {args.rss_steps} steps "
-            f"of the disk run after it (sampled every 5 ms); RssFile: {base['RssFile'] / 1024:.0f} / "
-            f"{peak_dense['RssFile'] / 1024:.0f} / {peak['RssFile'] / 1024:.0f} MiB\n"
-            f"  disk run - dense run: anon {grow / mib:+.0f} MiB = budget {args.budget_mb} + anchor (params, grads, AdamW: "
-            f"16 B x {anchor_params / 1e6:.1f}M = {16 * anchor_params / mib:.0f} MiB) + overhead "
-            f"{(grow - args.budget_mb * mib - 16 * anchor_params) / mib:+.0f} MiB (fetched copies and their grads, in-flight records); "
-            f"file {(peak['RssFile'] - peak_dense['RssFile']) / 1024:+.0f} MiB\n"
-            f"  disk store during the timed steps: {io['read_bytes'] / mib / args.steps:.1f} MiB/step read from storage, "
-            f"{io['write_bytes'] / mib / args.steps:.1f} MiB/step written (syscalls: {io['rchar'] / mib / args.steps:.1f} / "
-            f"{io['wchar'] / mib / args.steps:.1f} MiB/step); cache {json.dumps(store.bank.stats)}\n"
-            f"  start: disk trainer built in {t_disk:.1f} s, its store alone created in {t_lazy:.3f} s (lazy); "
-            f"RAM trainer built in {t_ram:.1f} s (bank initialised eagerly)"
-            + (f"; every record written to the files before the steps in {t_fill:.1f} s" if args.materialise else ""))
+    line = (
+        f"rank {info.rank}: shard {shard / mib:,.0f} MiB on disk (blocks + moments) = "
+        f"{shard / (args.budget_mb * mib):.1f}x "
+        f"the {args.budget_mb} MiB budget; pinned levels {sorted({l for _, l in store.bank.pinned})} "
+        f"{store.bank.pinned_bytes / mib:.0f} MiB + cache {store.bank.cached / mib:.0f} MiB resident\n"
+        f"  RssAnon: {base['RssAnon'] / 1024:.0f} MiB before any trainer, max {peak_dense['RssAnon'] / 1024:.0f} MiB "
+        "over "
+        f"{args.rss_steps} steps of a dense anchor_only run, max {peak['RssAnon'] / 1024:.0f} MiB over "
+        f"{args.rss_steps} steps "
+        f"of the disk run after it (sampled every 5 ms); RssFile: {base['RssFile'] / 1024:.0f} / "
+        f"{peak_dense['RssFile'] / 1024:.0f} / {peak['RssFile'] / 1024:.0f} MiB\n"
+        f"  disk run - dense run: anon {grow / mib:+.0f} MiB = budget {args.budget_mb} + anchor (params, grads, AdamW: "
+        f"16 B x {anchor_params / 1e6:.1f}M = {16 * anchor_params / mib:.0f} MiB) + overhead "
+        f"{(grow - args.budget_mb * mib - 16 * anchor_params) / mib:+.0f} MiB (fetched copies and their grads, "
+        "in-flight records); "
+        f"file {(peak['RssFile'] - peak_dense['RssFile']) / 1024:+.0f} MiB\n"
+        f"  disk store during the timed steps: {io['read_bytes'] / mib / args.steps:.1f} MiB/step read from storage, "
+        f"{io['write_bytes'] / mib / args.steps:.1f} MiB/step written (syscalls: "
+        f"{io['rchar'] / mib / args.steps:.1f} / "
+        f"{io['wchar'] / mib / args.steps:.1f} MiB/step); cache {json.dumps(store.bank.stats)}\n"
+        f"  start: disk trainer built in {t_disk:.1f} s, its store alone created in {t_lazy:.3f} s (lazy); "
+        f"RAM trainer built in {t_ram:.1f} s (bank initialised eagerly)"
+        + (f"; every record written to the files before the steps in {t_fill:.1f} s" if args.materialise else "")
+    )
     lines = [None] * info.world_size
     dist.all_gather_object(lines, line)
     if info.rank == 0:
@@ -167,7 +188,9 @@ def worker(args) -> None:
         n_blocks = sum(16**l for l in range(1, 4)) + 4
         tmp = tempfile.mkdtemp(dir=args.out)
         t0 = time.perf_counter()
-        big = DiskBlockStore.create(paper, model, torch.arange(n_blocks), tmp, args.budget_mb * mib, state=TouchedAdamW.STATE)
+        big = DiskBlockStore.create(
+            paper, model, torch.arange(n_blocks), tmp, args.budget_mb * mib, state=TouchedAdamW.STATE
+        )
         t_big = time.perf_counter() - t0
         big_bytes = big.nbytes() * len(big.bank.fields)
         big.bank.close()
@@ -175,12 +198,14 @@ def worker(args) -> None:
         out = lines + [
             f"lazy start: the paper's 160M bank ({param_counts(model, paper)['bank'] / 1e9:.2f}B params, "
             f"{big_bytes / 1e9:.1f} GB with moments) created in {t_big:.2f} s",
-            f"RAM bank   {tokens / med_w['ram']:8.0f} tok/s wall  {tokens / med_c['ram']:8.0f} tok/s CPU  (median of {args.steps} steps)",
+            f"RAM bank   {tokens / med_w['ram']:8.0f} tok/s wall  {tokens / med_c['ram']:8.0f} tok/s CPU  (median of "
+            f"{args.steps} steps)",
             f"disk bank  {tokens / med_w['disk']:8.0f} tok/s wall  {tokens / med_c['disk']:8.0f} tok/s CPU  "
             f"(ranks [{args.ranks}], budget {args.budget_mb} MiB/rank, prefetch {args.prefetch} batches"
             f"{', page cache dropped before each step' if args.drop_cache else ''})",
             f"CPU-time ratio {med_c['ram'] / med_c['disk']:.2f}",
-            f"ratio {med_w['ram'] / med_w['disk']:.2f}"]
+            f"ratio {med_w['ram'] / med_w['disk']:.2f}",
+        ]
         with open(os.path.join(args.out, "result.txt"), "w") as f:
             f.write("\n".join(out) + "\n")
     for trainer in (dense, ram, disk):
@@ -207,7 +232,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20, help="timed steps per run")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--rss-steps", type=int, default=10, help="steps of the disk run alone, for RSS")
-    ap.add_argument("--drop-cache", action="store_true", help="evict the bank files from the page cache before each disk step")
+    ap.add_argument(
+        "--drop-cache", action="store_true", help="evict the bank files from the page cache before each disk step"
+    )
     ap.add_argument("--materialise", action="store_true", help="write every disk record to its file before the steps")
     add_worker_args(ap)
     args = ap.parse_args()
@@ -215,11 +242,30 @@ def main() -> None:
         return worker(args)
     with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR", "/tmp")) as tmp:
         data = os.path.abspath(args.data) if args.data else synthetic_run(os.path.join(tmp, "run"))
-        run_worker("bench.disk_bank", ["--data", data, "--config", args.config, "--ranks", args.ranks,
-                                       "--budget-mb", str(args.budget_mb), "--prefetch", str(args.prefetch),
-                                       "--steps", str(args.steps), "--warmup", str(args.warmup),
-                                       "--rss-steps", str(args.rss_steps)]
-                   + ["--drop-cache"] * args.drop_cache + ["--materialise"] * args.materialise, tmp)
+        run_worker(
+            "bench.disk_bank",
+            [
+                "--data",
+                data,
+                "--config",
+                args.config,
+                "--ranks",
+                args.ranks,
+                "--budget-mb",
+                str(args.budget_mb),
+                "--prefetch",
+                str(args.prefetch),
+                "--steps",
+                str(args.steps),
+                "--warmup",
+                str(args.warmup),
+                "--rss-steps",
+                str(args.rss_steps),
+            ]
+            + ["--drop-cache"] * args.drop_cache
+            + ["--materialise"] * args.materialise,
+            tmp,
+        )
 
 
 if __name__ == "__main__":

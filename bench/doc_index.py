@@ -23,6 +23,7 @@ With --pq-m, the synthetic index and, for each real run whose index has another 
 built into a temporary view of the run (links to its files; the run is not modified) use that size.
 Last line: ``bytes_per_document B vote_agreement_real A vote_agreement_synthetic S p50_ms P``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -55,12 +56,18 @@ def synthetic_run(root: str, n: int, k: int, depth: int, dim: int, seed: int, pa
     centroids, level = [], np.zeros((1, dim), dtype=np.float32)
     for l in range(depth):  # children of each node: the parent plus a shrinking perturbation (norm 1, .6, .4, .27)
         noise = rng.normal(size=(len(level) * k, dim)).astype(np.float32) / np.sqrt(dim)
-        child = np.repeat(level, k, axis=0) + (0.65 ** l if l else 1.0) * noise
+        child = np.repeat(level, k, axis=0) + (0.65**l if l else 1.0) * noise
         child /= np.linalg.norm(child, axis=1, keepdims=True)
         centroids.append(child)
         level = child
-    tree = Tree(k=k, depth=depth, dim=dim, centroids=centroids,
-                biases=[np.zeros(len(c), dtype=np.float32) for c in centroids], config={"max_windows": 1})
+    tree = Tree(
+        k=k,
+        depth=depth,
+        dim=dim,
+        centroids=centroids,
+        biases=[np.zeros(len(c), dtype=np.float32) for c in centroids],
+        config={"max_windows": 1},
+    )
     tree.save(os.path.join(root, "tree"))
     sentences = [r["text"].split(". ")[0][:200] for r in bbc_records()]
     terms = [term_hashes(t).view(np.int32) for t in sentences]
@@ -68,27 +75,43 @@ def synthetic_run(root: str, n: int, k: int, depth: int, dim: int, seed: int, pa
     os.makedirs(os.path.join(root, "routed"))
     for start in range(0, n, part_rows):
         m = min(part_rows, n - start)
-        leaf = rng.integers(0, k ** depth, size=m)
+        leaf = rng.integers(0, k**depth, size=m)
         x = level[leaf] + 0.2 * rng.normal(size=(m, dim)).astype(np.float32) / np.sqrt(dim)  # cosine ~0.98
         x /= np.linalg.norm(x, axis=1, keepdims=True)
         paths = descender.route(x)
         for l in range(depth):
             counts[l] += np.bincount(local_index(paths, k, l + 1), minlength=k ** (l + 1))
-        table = pa.table({"doc_id": [f"syn-{i:09d}" for i in range(start, start + m)],
-                          "path": pa.array(paths.tolist(), pa.list_(pa.int32())),
-                          "leaf": local_index(paths, k, depth),
-                          "embedding": pa.FixedSizeListArray.from_arrays(pa.array(x.ravel()), dim).cast(
-                              pa.list_(pa.float32())),
-                          "preview": [sentences[i % len(sentences)] for i in range(start, start + m)],
-                          "copies": np.ones(m, dtype=np.int64), "first_copy": np.ones(m, dtype=bool),  # distinct vectors
-                          "terms": pa.array([terms[i % len(sentences)] for i in range(start, start + m)],
-                                            pa.list_(pa.int32()))})
+        table = pa.table(
+            {
+                "doc_id": [f"syn-{i:09d}" for i in range(start, start + m)],
+                "path": pa.array(paths.tolist(), pa.list_(pa.int32())),
+                "leaf": local_index(paths, k, depth),
+                "embedding": pa.FixedSizeListArray.from_arrays(pa.array(x.ravel()), dim).cast(pa.list_(pa.float32())),
+                "preview": [sentences[i % len(sentences)] for i in range(start, start + m)],
+                "copies": np.ones(m, dtype=np.int64),
+                "first_copy": np.ones(m, dtype=bool),  # distinct vectors
+                "terms": pa.array([terms[i % len(sentences)] for i in range(start, start + m)], pa.list_(pa.int32())),
+            }
+        )
         pq.write_table(table, os.path.join(root, "routed", f"part-{start // part_rows:05d}.parquet"))
-    levels = [{"level": l + 1, "nodes": k ** (l + 1), "node_documents": c.tolist(), "node_tokens": (c * 500).tolist()}
-              for l, c in enumerate(counts)]
-    write_manifest(root, {"documents_in": n, "documents_routed": n, "documents_distinct": n, "documents_quarantined": 0,
-                          "tree_version": tree.version, "k": k, "depth": depth, "levels": levels,
-                          "config": {"max_windows": 1}})
+    levels = [
+        {"level": l + 1, "nodes": k ** (l + 1), "node_documents": c.tolist(), "node_tokens": (c * 500).tolist()}
+        for l, c in enumerate(counts)
+    ]
+    write_manifest(
+        root,
+        {
+            "documents_in": n,
+            "documents_routed": n,
+            "documents_distinct": n,
+            "documents_quarantined": 0,
+            "tree_version": tree.version,
+            "k": k,
+            "depth": depth,
+            "levels": levels,
+            "config": {"max_windows": 1},
+        },
+    )
 
 
 def exact_vote(run: str, q: np.ndarray, m: int, router) -> np.ndarray:
@@ -127,7 +150,8 @@ def routing_quality(run: str, probes: list[dict], leaves: dict[str, np.ndarray])
 
     wanted = sorted({d for p in probes for d in p["doc_ids"]})
     routed = ds.dataset(os.path.join(run, "routed"), format="parquet", partitioning="hive").to_table(
-        columns=["doc_id", "leaf"], filter=pc.field("doc_id").isin(wanted))
+        columns=["doc_id", "leaf"], filter=pc.field("doc_id").isin(wanted)
+    )
     leaf_of = dict(zip(routed.column("doc_id").to_pylist(), routed.column("leaf").to_pylist()))
     doc_leaves = [np.array([leaf_of[d] for d in p["doc_ids"] if d in leaf_of], dtype=np.int64) for p in probes]
     has = np.array([len(d) > 0 for d in doc_leaves])
@@ -138,10 +162,14 @@ def routing_quality(run: str, probes: list[dict], leaves: dict[str, np.ndarray])
     for name, chosen in leaves.items():
         agree = np.array([np.mean(d == c) if len(d) else np.nan for d, c in zip(doc_leaves, chosen)])
         oracle = best == chosen
-        out.append(f"{name} vote: agreement {np.nanmean(agree):.1%} (rarest {np.nanmean(agree[rare]):.1%}), oracle "
-                   f"leaf {oracle[has].mean():.1%} (rarest {oracle[has & rare].mean():.1%})")
-    return (f"routing quality, {int(rare.sum())} rarest-bucket probes (frequency {freqs[rare].min()}-{freqs[rare].max()}): "
-            + "; ".join(out))
+        out.append(
+            f"{name} vote: agreement {np.nanmean(agree):.1%} (rarest {np.nanmean(agree[rare]):.1%}), oracle "
+            f"leaf {oracle[has].mean():.1%} (rarest {oracle[has & rare].mean():.1%})"
+        )
+    return (
+        f"routing quality, {int(rare.sum())} rarest-bucket probes (frequency {freqs[rare].min()}-{freqs[rare].max()}): "
+        + "; ".join(out)
+    )
 
 
 def run_with_index(run: str, pq_m: int | None, tmp: str) -> str:
@@ -190,7 +218,9 @@ def main() -> None:
     p.add_argument("--real", nargs="*", default=[], metavar="RUN PROBES", help="real runs and their probe files")
     p.add_argument("--keep", help="build the synthetic run here and keep it; an index already there is reused")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--pq-m", type=int, help="bytes of PQ code per document (default: the build's, 48; a real run's own)")
+    p.add_argument(
+        "--pq-m", type=int, help="bytes of PQ code per document (default: the build's, 48; a real run's own)"
+    )
     args = p.parse_args()
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[var] = "1"
@@ -217,9 +247,12 @@ def bench(args, tmp: str) -> None:
         votes = {"exact": exact_vote(run, q, router.routing.neighbours, router), "index": index_vote(router, q)}
         same = votes["index"] == votes["exact"]
         real_agree.append(same)
-        print(f"real {given}: {len(records)} questions, vote leaf = exact-search vote leaf for {same.mean():.1%} "
-              f"(nprobe {router.routing.nprobe} of {router.documents.n_lists} lists, "
-              f"{router.documents.meta['list_bytes_per_document']:.1f} bytes/document)", flush=True)
+        print(
+            f"real {given}: {len(records)} questions, vote leaf = exact-search vote leaf for {same.mean():.1%} "
+            f"(nprobe {router.routing.nprobe} of {router.documents.n_lists} lists, "
+            f"{router.documents.meta['list_bytes_per_document']:.1f} bytes/document)",
+            flush=True,
+        )
         if all("doc_ids" in r and "frequency" in r for r in records):
             print(f"real {given}: {routing_quality(run, records, votes)}", flush=True)
 
@@ -231,18 +264,26 @@ def bench(args, tmp: str) -> None:
     gen_s = time.time() - t
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     t = time.time()
-    meta = (json.load(open(os.path.join(run, "index", "index.json"))) if reuse
-            else build_document_index(run, args.pq_m or PQ_M, log=lambda m: None))
+    meta = (
+        json.load(open(os.path.join(run, "index", "index.json")))
+        if reuse
+        else build_document_index(run, args.pq_m or PQ_M, log=lambda m: None)
+    )
     if args.pq_m and meta["pq_m"] != args.pq_m:
-        raise SystemExit(f"--keep {run}: its index has pq_m {meta['pq_m']}, not --pq-m {args.pq_m}; give another --keep")
+        raise SystemExit(
+            f"--keep {run}: its index has pq_m {meta['pq_m']}, not --pq-m {args.pq_m}; give another --keep"
+        )
     build_s = time.time() - t
     rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(f"synthetic: {args.n:,} documents, k={args.k} p={args.depth} ({args.k ** args.depth:,} lists), "
-          f"generated in {gen_s:.0f}s; index built in {build_s:.0f}s{' (reused)' if reuse else ''}; lists "
-          f"{meta['list_bytes_per_document']:.1f} bytes/document, whole index "
-          f"{meta['index_bytes'] / args.n:.1f} bytes/document (quantizer included), display table "
-          f"{meta['table_bytes_per_document']:.1f} bytes/document; process peak RSS {rss0 / 1024:.0f} MB "
-          f"before the build, {rss1 / 1024:.0f} MB after", flush=True)
+    print(
+        f"synthetic: {args.n:,} documents, k={args.k} p={args.depth} ({args.k**args.depth:,} lists), "
+        f"generated in {gen_s:.0f}s; index built in {build_s:.0f}s{' (reused)' if reuse else ''}; lists "
+        f"{meta['list_bytes_per_document']:.1f} bytes/document, whole index "
+        f"{meta['index_bytes'] / args.n:.1f} bytes/document (quantizer included), display table "
+        f"{meta['table_bytes_per_document']:.1f} bytes/document; process peak RSS {rss0 / 1024:.0f} MB "
+        f"before the build, {rss1 / 1024:.0f} MB after",
+        flush=True,
+    )
     router = Router.load(run)
     rng = np.random.default_rng(args.seed + 1)
     import pyarrow.dataset as ds
@@ -253,16 +294,24 @@ def bench(args, tmp: str) -> None:
     q = x + 0.2 * rng.normal(size=x.shape).astype(np.float32) / np.sqrt(x.shape[1])  # near a document, not on it
     q /= np.linalg.norm(q, axis=1, keepdims=True)
     syn_same = index_vote(router, q) == exact_vote(run, q, router.routing.neighbours, router)
-    print(f"synthetic: vote leaf = exact-search vote leaf for {syn_same.mean():.1%} of {args.queries} "
-          f"questions (nprobe {router.routing.nprobe}, {router.routing.neighbours} neighbours)", flush=True)
+    print(
+        f"synthetic: vote leaf = exact-search vote leaf for {syn_same.mean():.1%} of {args.queries} "
+        f"questions (nprobe {router.routing.nprobe}, {router.routing.neighbours} neighbours)",
+        flush=True,
+    )
     previews = router.documents.table.column("preview").to_pylist()[:5000]
-    texts = list(dict.fromkeys(previews))[:args.latency_queries]
+    texts = list(dict.fromkeys(previews))[: args.latency_queries]
     ms = latency(router, texts)
-    print(f"hmem.query answer, warm, 1 thread, {len(ms)} queries on the {args.n:,}-document index: "
-          f"p50 {np.percentile(ms, 50):.1f} ms, p95 {np.percentile(ms, 95):.1f} ms; load {os.getloadavg()}", flush=True)
+    print(
+        f"hmem.query answer, warm, 1 thread, {len(ms)} queries on the {args.n:,}-document index: "
+        f"p50 {np.percentile(ms, 50):.1f} ms, p95 {np.percentile(ms, 95):.1f} ms; load {os.getloadavg()}",
+        flush=True,
+    )
     real = float(np.concatenate(real_agree).mean()) if real_agree else float("nan")
-    print(f"bytes_per_document {meta['list_bytes_per_document']:.1f} vote_agreement_real {real:.3f} "
-          f"vote_agreement_synthetic {syn_same.mean():.3f} p50_ms {np.percentile(ms, 50):.1f}")
+    print(
+        f"bytes_per_document {meta['list_bytes_per_document']:.1f} vote_agreement_real {real:.3f} "
+        f"vote_agreement_synthetic {syn_same.mean():.3f} p50_ms {np.percentile(ms, 50):.1f}"
+    )
 
 
 if __name__ == "__main__":

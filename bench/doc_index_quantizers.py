@@ -31,6 +31,7 @@ Variants: pq:M:BITS (IndexIVFPQ's product quantizer), opq:M:BITS, rq:M:BITS[:BEA
 quantizer), prq:SPLITS:M:BITS. Code bytes are what an IVF list would store per document; +8 for the id.
 Last line: per variant and protocol, the lowest agreement over the runs (first probe file, ``index`` estimate).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -98,8 +99,14 @@ def load_run(run: str, probes: list[str]) -> dict:
         xs.append(embedding_matrix(batch.column("embedding"), router.tree.dim, run))
         leaves.append(batch.column("leaf").to_numpy(zero_copy_only=False).astype(np.int64))
     x, leaf = np.concatenate(xs), np.concatenate(leaves)
-    out = {"x": x, "leaf": leaf, "res": x - np.asarray(router.tree.centroids[-1], dtype=np.float32)[leaf],
-           "keys": set(map(bytes, x.round(5))), "q": {}, "router": router}
+    out = {
+        "x": x,
+        "leaf": leaf,
+        "res": x - np.asarray(router.tree.centroids[-1], dtype=np.float32)[leaf],
+        "keys": set(map(bytes, x.round(5))),
+        "q": {},
+        "router": router,
+    }
     for path in probes:
         with open(path) as f:
             out["q"][os.path.basename(path)] = router.embed([json.loads(line)["prompt"] for line in f if line.strip()])
@@ -109,15 +116,25 @@ def load_run(run: str, probes: list[str]) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--real", nargs="+", required=True, metavar="RUN PROBES", help="runs and probe files, in pairs")
-    p.add_argument("--also", nargs="*", default=[], help="further probe files per run, by name in the run's "
-                   "probes directory (e.g. probes_context.jsonl)")
+    p.add_argument(
+        "--also",
+        nargs="*",
+        default=[],
+        help="further probe files per run, by name in the run's probes directory (e.g. probes_context.jsonl)",
+    )
     p.add_argument("--variants", nargs="+", default=["pq:48:8", "pq:64:7", "pq:48:9"])
     p.add_argument("--protocols", nargs="+", default=["build", "held-out"], choices=["build", "held-out"])
     p.add_argument("--neighbours", type=int, default=32)
     p.add_argument("--extra", help="float32 [N, dim] .npy of further real embeddings for the held-out training set")
     p.add_argument("--extra-rows", type=int, nargs="+", default=[0], help="how many of them (one pass per value)")
-    p.add_argument("--noise", type=float, nargs="*", default=[], metavar="SIGMA",
-                   help="also the agreement under a per-document similarity error of this std")
+    p.add_argument(
+        "--noise",
+        type=float,
+        nargs="*",
+        default=[],
+        metavar="SIGMA",
+        help="also the agreement under a per-document similarity error of this std",
+    )
     args = p.parse_args()
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[var] = "1"
@@ -129,13 +146,15 @@ def main() -> None:
     pairs = list(zip(args.real[::2], args.real[1::2]))
     if len(args.real) % 2 or ("held-out" in args.protocols and len(pairs) < 2):
         p.error("--real takes RUN PROBES pairs; the held-out protocol needs at least two runs")
-    runs = [load_run(run, [probes] + [os.path.join(os.path.dirname(probes), a) for a in args.also])
-            for run, probes in pairs]
+    runs = [
+        load_run(run, [probes] + [os.path.join(os.path.dirname(probes), a) for a in args.also]) for run, probes in pairs
+    ]
     for r in runs:
         r["sims"] = {name: q @ r["x"].T for name, q in r["q"].items()}  # exact similarities, once per probe file
         r["exact"] = {name: vote_leaf(sims, r["leaf"], args.neighbours) for name, sims in r["sims"].items()}
-        r["top"] = {name: np.argsort(-sims, axis=1, kind="stable")[:, :args.neighbours]
-                    for name, sims in r["sims"].items()}
+        r["top"] = {
+            name: np.argsort(-sims, axis=1, kind="stable")[:, : args.neighbours] for name, sims in r["sims"].items()
+        }
         if args.noise:
             r["copy"] = np.unique(r["x"].round(5), axis=0, return_inverse=True)[1].ravel()  # copies share an error
     for sigma in args.noise:
@@ -143,9 +162,21 @@ def main() -> None:
         for r in runs:
             name, sims = next(iter(r["sims"].items()))
             rng = np.random.default_rng(0)
-            figures.append(np.mean([(vote_leaf(sims + rng.normal(0, sigma, (len(sims), r["copy"].max() + 1))[:, r["copy"]],
-                                               r["leaf"], args.neighbours) == r["exact"][name]).mean()
-                                    for _ in range(3)]))
+            figures.append(
+                np.mean(
+                    [
+                        (
+                            vote_leaf(
+                                sims + rng.normal(0, sigma, (len(sims), r["copy"].max() + 1))[:, r["copy"]],
+                                r["leaf"],
+                                args.neighbours,
+                            )
+                            == r["exact"][name]
+                        ).mean()
+                        for _ in range(3)
+                    ]
+                )
+            )
         print(f"similarity error std {sigma}: vote = exact vote {' / '.join(f'{v:.1%}' for v in figures)}", flush=True)
     headline = []
     extra = np.load(args.extra, mmap_mode="r") if args.extra else np.zeros((0, runs[0]["x"].shape[1]), np.float32)
@@ -164,13 +195,15 @@ def main() -> None:
                 train = r["res"]
             else:
                 others = [o for j, o in enumerate(runs) if j != i]
-                train = np.concatenate([o["res"][[bytes(v) not in r["keys"] for v in o["x"].round(5)]]
-                                        for o in others] + [r["extra_res"][:n_extra]])
+                train = np.concatenate(
+                    [o["res"][[bytes(v) not in r["keys"] for v in o["x"].round(5)]] for o in others]
+                    + [r["extra_res"][:n_extra]]
+                )
             res_hat, code, s = decoded(variant, train, r["res"])
             x_hat = r["x"] - r["res"] + res_hat
             mse.append(float(((x_hat - r["x"]) ** 2).sum(1).mean()))
             secs.append(s)
-            n2 = (x_hat ** 2).sum(1)
+            n2 = (x_hat**2).sum(1)
             for name, q in r["q"].items():
                 ip = q @ x_hat.T
                 l2 = ip - n2 / 2 + 0.5
@@ -180,10 +213,13 @@ def main() -> None:
                     same = vote_leaf(sims, r["leaf"], args.neighbours) == r["exact"][name]
                     figures.setdefault(f"{name.removesuffix('.jsonl')} {est}", []).append(same.mean())
         label = f"{protocol}+{n_extra} extra" if n_extra else protocol
-        print(f"{variant} {label}: {code} code bytes + 8 id = {code + 8} B/document; train+encode "
-              f"{' / '.join(f'{s:.0f}' for s in secs)} s; error ||x^ - x||^2 "
-              f"{' / '.join(f'{v:.4f}' for v in mse)}; similarity error std over the exact {args.neighbours} "
-              f"nearest {' / '.join(f'{v:.4f}' for v in err)}", flush=True)
+        print(
+            f"{variant} {label}: {code} code bytes + 8 id = {code + 8} B/document; train+encode "
+            f"{' / '.join(f'{s:.0f}' for s in secs)} s; error ||x^ - x||^2 "
+            f"{' / '.join(f'{v:.4f}' for v in mse)}; similarity error std over the exact {args.neighbours} "
+            f"nearest {' / '.join(f'{v:.4f}' for v in err)}",
+            flush=True,
+        )
         for key, vals in figures.items():
             print(f"    vote = exact vote, {key:24s} {' / '.join(f'{v:.1%}' for v in vals)}", flush=True)
         headline.append(f"{variant} {label} {min(next(iter(figures.values()))):.3f}")

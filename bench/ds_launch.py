@@ -1,4 +1,6 @@
-"""Two-rank DeepSpeed benchmarks: the launcher (2 CPU ranks on gloo, a free port, the result file printed) and a timed step."""
+"""Two-rank DeepSpeed benchmarks: the launcher (2 CPU ranks on gloo, a free port, the result file printed) and a
+timed step."""
+
 from __future__ import annotations
 
 import argparse
@@ -17,8 +19,13 @@ ENV = {**os.environ, "TORCH_EXTENSIONS_DIR": os.path.join(ROOT, ".cache", "torch
 
 
 def deepspeed_cmd(nproc: int = 2) -> list[str]:
-    return [os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_gpus", str(nproc),
-            "--master_port", str(free_port())]
+    return [
+        os.path.join(os.path.dirname(sys.executable), "deepspeed"),
+        "--num_gpus",
+        str(nproc),
+        "--master_port",
+        str(free_port()),
+    ]
 
 
 def run(cmd: list[str]) -> None:

@@ -17,6 +17,7 @@ articles cut to mixed lengths, bucketed vs in their original order.
     python -m bench.embed_throughput            # all 2,225 BBC articles
 Last line: `speedup <chosen / fp32 docs/s> leaf_agreement <share of documents in fp32's leaf>`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,8 +42,12 @@ from pipeline.spark import spark_session
 from pipeline.stages import Stages
 
 # (name, encoder_precision, encoder_threads per Python worker, concurrent tasks)
-SETTINGS = [("fp32", "fp32", 1, 2), ("bf16", "bf16", 1, 2), ("bf16, 1 task x 2 threads", "bf16", 2, 1),
-            ("int8", "int8", 1, 2)]
+SETTINGS = [
+    ("fp32", "fp32", 1, 2),
+    ("bf16", "bf16", 1, 2),
+    ("bf16, 1 task x 2 threads", "bf16", 2, 1),
+    ("int8", "int8", 1, 2),
+]
 
 
 def job_embeddings(spark, run_dir: str, doc_ids: list[str]) -> np.ndarray:
@@ -53,9 +58,10 @@ def job_embeddings(spark, run_dir: str, doc_ids: list[str]) -> np.ndarray:
 def bucketing(texts: list[str], precision: str, batch_size: int, seed: int) -> tuple[float, float, float]:
     """docs/s bucketed and unbucketed on texts cut to mixed lengths, and the largest difference between the two."""
     import torch
+
     torch.set_num_threads(os.cpu_count())
     rng = np.random.default_rng(seed)
-    cut = [" ".join(t.split()[:int(n)]) for t, n in zip(texts, rng.integers(5, 300, len(texts)))]
+    cut = [" ".join(t.split()[: int(n)]) for t, n in zip(texts, rng.integers(5, 300, len(texts)))]
     enc = load_encoder(precision=precision)
     embed_texts(enc, cut[:8])  # warm-up, not timed
     rates, out = [], []
@@ -70,8 +76,9 @@ def embed_settings(spark, base: str, recs: list[dict], batch_size: int, seed: in
     """Run the job's embed stage once per setting on the same documents; docs/s and embeddings per setting."""
     ids = [r["id"] for r in recs]
     docs_dir = os.path.join(base, "documents")
-    spark.createDataFrame(pd.DataFrame({"doc_id": ids, "source": "bbc", "row": range(len(recs)),
-                                        "text": [r["text"] for r in recs]})).write.parquet(docs_dir)
+    spark.createDataFrame(
+        pd.DataFrame({"doc_id": ids, "source": "bbc", "row": range(len(recs)), "text": [r["text"] for r in recs]})
+    ).write.parquet(docs_dir)
     rows = []
     for name, precision, threads, tasks in SETTINGS:
         run_dir = os.path.join(base, name.replace(" ", "_").replace(",", ""))
@@ -100,7 +107,9 @@ def fit(spark, row: dict) -> tuple[Tree, np.ndarray]:
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--n", type=int, default=2225)  # the whole BBC corpus; fixed costs (model load, Spark job) are amortised as in a real run
+    ap.add_argument(
+        "--n", type=int, default=2225
+    )  # the whole BBC corpus; fixed costs (model load, Spark job) are amortised as in a real run
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--bucketing-docs", type=int, default=400)
     ap.add_argument("--seed", type=int, default=0)
@@ -110,8 +119,11 @@ def main():
     recs = [r for _, r in zip(range(args.n), bbc_records())]
     names = sorted({r["label"] for r in recs})
     y = np.array([names.index(r["label"]) for r in recs])
-    print(f"{len(recs)} BBC documents, {os.cpu_count()} cores, native bf16: {cpu_has_bf16()}, "
-          f"load average {open('/proc/loadavg').read().split()[0]}", flush=True)
+    print(
+        f"{len(recs)} BBC documents, {os.cpu_count()} cores, native bf16: {cpu_has_bf16()}, "
+        f"load average {open('/proc/loadavg').read().split()[0]}",
+        flush=True,
+    )
 
     spark = spark_session("bench-embed", **{"spark.python.worker.faulthandler.enabled": "true"})
     with tempfile.TemporaryDirectory(prefix="hmem-embed-") as base:
@@ -124,8 +136,10 @@ def main():
             r["l1"] = float((paths[:, 0] == paths32[:, 0]).mean())
             r["leaf"] = float((paths == paths32).all(1).mean())
             r["speedup"] = r["rate"] / fp32["rate"]
-            print(f"{r['name']:<28} {r['rate']:7.1f} {r['speedup']:7.2f} {r['l1']:8.3f} {r['leaf']:9.3f} "
-                  f"{(r['x'] * fp32['x']).sum(1).min():8.4f}")
+            print(
+                f"{r['name']:<28} {r['rate']:7.1f} {r['speedup']:7.2f} {r['l1']:8.3f} {r['leaf']:9.3f} "
+                f"{(r['x'] * fp32['x']).sum(1).min():8.4f}"
+            )
         ok = [r for r in rows[1:] if r["l1"] >= 0.99 and r["leaf"] >= 0.95]
         chosen = max(ok, key=lambda r: r["rate"]) if ok else fp32
         _, own = fit(spark, chosen)
@@ -135,9 +149,11 @@ def main():
     spark.stop()
 
     precision = chosen["cfg"].encoder_precision
-    on, off, diff = bucketing([r["text"] for r in recs[:args.bucketing_docs]], precision, args.batch_size, args.seed)
-    print(f"\nlength bucketing ({precision}, one process, {args.bucketing_docs} articles cut to 5-300 words): "
-          f"{on:.1f} docs/s bucketed vs {off:.1f} in input order (x{on / off:.2f}); largest difference {diff:.1e}")
+    on, off, diff = bucketing([r["text"] for r in recs[: args.bucketing_docs]], precision, args.batch_size, args.seed)
+    print(
+        f"\nlength bucketing ({precision}, one process, {args.bucketing_docs} articles cut to 5-300 words): "
+        f"{on:.1f} docs/s bucketed vs {off:.1f} in input order (x{on / off:.2f}); largest difference {diff:.1e}"
+    )
     print(f"load average {open('/proc/loadavg').read().split()[0]}; chosen: {chosen['name']}")
     print(f"speedup {chosen['speedup']:.2f} leaf_agreement {chosen['leaf']:.3f}")
 

@@ -12,6 +12,7 @@ the process's own VmHWM, written at its exit. `train.evaluate` scores --heldout 
 
     python -m bench.export_rss [--repeats 2] [--heldout 8]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,8 +40,10 @@ def make_run(root: str) -> list[str]:
     make_bbc_run(root, n_docs=40, k=K, depth=DEPTH)
     texts = bbc_texts(40)
     os.makedirs(os.path.join(root, "documents"))
-    pq.write_table(pa.table({"doc_id": [f"bbc{i:04d}" for i in range(len(texts))], "text": texts}),
-                   os.path.join(root, "documents", "part-00000.parquet"))
+    pq.write_table(
+        pa.table({"doc_id": [f"bbc{i:04d}" for i in range(len(texts))], "text": texts}),
+        os.path.join(root, "documents", "part-00000.parquet"),
+    )
     write_tokenizer(os.path.join(root, "tokenizer.json"), 300)
     return texts
 
@@ -62,7 +65,9 @@ def make_export(run: str, out: str, ranks: tuple[int, ...]) -> int:
     mem = MemoryConfig(ranks=ranks, k=K, depth=DEPTH)
     os.makedirs(os.path.join(out, "bank"))
     torch.manual_seed(0)
-    save_file({n: t.contiguous() for n, t in Anchor(model_cfg).state_dict().items()}, os.path.join(out, "anchor.safetensors"))
+    save_file(
+        {n: t.contiguous() for n, t in Anchor(model_cfg).state_dict().items()}, os.path.join(out, "anchor.safetensors")
+    )
     shutil.copy(os.path.join(run, "tokenizer.json"), out)
     ownership = assign_subtrees(read_manifest(run), 2)
     full = TensorBlockStore.create(mem, model_cfg)
@@ -70,12 +75,25 @@ def make_export(run: str, out: str, ranks: tuple[int, ...]) -> int:
         ids = torch.from_numpy(export_blocks(ownership, r))
         mine = {l: ids[torch.isin(ids, full.ids[l])] for l in full.shapes}
         TensorBlockStore(full.shapes, mine, {l: full.read(l, x) for l, x in mine.items()}).save(
-            os.path.join(out, "bank", f"rank{r}.safetensors"))
+            os.path.join(out, "bank", f"rank{r}.safetensors")
+        )
     levels = sorted(block_shapes(mem, model_cfg))
-    meta = {"format": FORMAT, "tree_version": read_manifest(run)["tree_version"], "k": K, "depth": DEPTH,
-            "seq_len": SEQ_LEN, "eot_id": 0, "pad_id": 1, "model": dataclasses.asdict(model_cfg),
-            "memory": mem.to_dict(), "train": {}, "step": 0, "run_dir": run, "runs": [run],
-            "bank_files": bank_files(ownership, levels)}
+    meta = {
+        "format": FORMAT,
+        "tree_version": read_manifest(run)["tree_version"],
+        "k": K,
+        "depth": DEPTH,
+        "seq_len": SEQ_LEN,
+        "eot_id": 0,
+        "pad_id": 1,
+        "model": dataclasses.asdict(model_cfg),
+        "memory": mem.to_dict(),
+        "train": {},
+        "step": 0,
+        "run_dir": run,
+        "runs": [run],
+        "bank_files": bank_files(ownership, levels),
+    }
     with open(os.path.join(out, "meta.json"), "w") as f:
         json.dump(meta, f)
     return full.nbytes()
@@ -96,8 +114,14 @@ runpy.run_module(sys.argv[0], run_name='__main__', alter_sys=True)
 def peak_rss_mb(module_args: list[str], tmp: str) -> float:
     out = os.path.join(tmp, "peak_rss")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PEAK_RSS_FILE": out}
-    p = subprocess.run([sys.executable, "-c", WRAPPER, *module_args], env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
-                       stderr=subprocess.PIPE, text=True)
+    p = subprocess.run(
+        [sys.executable, "-c", WRAPPER, *module_args],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     if p.returncode:
         raise SystemExit(f"{' '.join(module_args)} failed:\n{p.stderr[-3000:]}")
     with open(out) as f:
@@ -115,16 +139,37 @@ def main() -> None:
         sizes = {name: make_export(run, os.path.join(tmp, name), ranks) for name, ranks in BANKS.items()}
         heldout, probes = os.path.join(tmp, "heldout.jsonl"), os.path.join(tmp, "probes.jsonl")
         with open(heldout, "w") as f:
-            f.writelines(json.dumps({"text": t}) + "\n" for t in texts[::5][:args.heldout])
+            f.writelines(json.dumps({"text": t}) + "\n" for t in texts[::5][: args.heldout])
         words = [max(t.split()[:30], key=len).strip(".,'\"") for t in texts[:10]]
         with open(probes, "w") as f:
-            f.writelines(json.dumps({"prompt": t[:60], "answer": w, "entity": w, "frequency": i + 1,
-                                     **({"doc_ids": [f"bbc{i:04d}"]} if i % 2 else {})}) + "\n"
-                         for i, (t, w) in enumerate(zip(texts, words)))
+            f.writelines(
+                json.dumps(
+                    {
+                        "prompt": t[:60],
+                        "answer": w,
+                        "entity": w,
+                        "frequency": i + 1,
+                        **({"doc_ids": [f"bbc{i:04d}"]} if i % 2 else {}),
+                    }
+                )
+                + "\n"
+                for i, (t, w) in enumerate(zip(texts, words))
+            )
         cmds = {
             "query": lambda e: ["hmem.query", "--run", run, "--model", e, "--json", *texts[:3]],
-            "evaluate": lambda e: ["train.evaluate", "--model", e, "--run", run,
-                                   "--heldout", heldout, "--probes", probes, "--out", os.path.join(tmp, "res.json")],
+            "evaluate": lambda e: [
+                "train.evaluate",
+                "--model",
+                e,
+                "--run",
+                run,
+                "--heldout",
+                heldout,
+                "--probes",
+                probes,
+                "--out",
+                os.path.join(tmp, "res.json"),
+            ],
         }
         rss = {(c, name): [] for c in cmds for name in BANKS}
         for _ in range(args.repeats):
@@ -136,12 +181,17 @@ def main() -> None:
         print(f"{name}: FFN ranks {BANKS[name]}, bank {size / 2**20:.0f} MiB in 2 files")
     growth = {}
     for c in cmds:
-        s, b = max(rss[(c, 'small')]), max(rss[(c, 'big')])
+        s, b = max(rss[(c, "small")]), max(rss[(c, "big")])
         growth[c] = 100 * (b / s - 1)
-        print(f"{c}: peak RSS small {[round(x) for x in rss[(c, 'small')]]} MB, big {[round(x) for x in rss[(c, 'big')]]} MB")
+        print(
+            f"{c}: peak RSS small {[round(x) for x in rss[(c, 'small')]]} MB, big "
+            f"{[round(x) for x in rss[(c, 'big')]]} MB"
+        )
     print(f"load average {open('/proc/loadavg').read().split()[:3]}")
-    print(f"query rss growth {growth['query']:+.1f}% evaluate rss growth {growth['evaluate']:+.1f}% "
-          f"(bank {sizes['big'] / sizes['small']:.1f}x)")
+    print(
+        f"query rss growth {growth['query']:+.1f}% evaluate rss growth {growth['evaluate']:+.1f}% "
+        f"(bank {sizes['big'] / sizes['small']:.1f}x)"
+    )
 
 
 if __name__ == "__main__":

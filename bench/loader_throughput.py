@@ -13,6 +13,7 @@ Prints the figures, then last: `rss growth X% loader/training Yx`.
 
     python -m bench.loader_throughput [--sequences 16384] [--buffer 4096] [--train-steps 20]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,8 +45,16 @@ def write_run(root: str, n_seq: int, row_group: int, seed: int = 0) -> None:
     leaf_of = np.repeat(np.arange(n_leaves), per_leaf)  # sorted by leaf
     os.makedirs(root, exist_ok=True)
     write_tokenizer(os.path.join(root, "tokenizer.json"), 300)
-    schema = pa.schema([("seq_id", pa.int64()), ("path", pa.list_(pa.int32())), ("leaf", pa.int64()),
-                        ("tokens", pa.list_(pa.int32())), ("n_valid", pa.int32()), ("doc_ids", pa.list_(pa.string()))])
+    schema = pa.schema(
+        [
+            ("seq_id", pa.int64()),
+            ("path", pa.list_(pa.int32())),
+            ("leaf", pa.int64()),
+            ("tokens", pa.list_(pa.int32())),
+            ("n_valid", pa.int32()),
+            ("doc_ids", pa.list_(pa.string())),
+        ]
+    )
     leaf_per_l1 = n_leaves // K
     for i1 in range(K):
         sel = np.flatnonzero(leaf_of // leaf_per_l1 == i1)
@@ -54,30 +63,58 @@ def write_run(root: str, n_seq: int, row_group: int, seed: int = 0) -> None:
         for part, rows in enumerate(np.array_split(sel, 2)):
             with pq.ParquetWriter(os.path.join(d, f"part-{part:05d}.parquet"), schema) as w:
                 for lo in range(0, len(rows), row_group):
-                    r = rows[lo:lo + row_group]
+                    r = rows[lo : lo + row_group]
                     leaf = leaf_of[r]
                     paths = np.stack([(leaf // K ** (DEPTH - 1 - l)) % K for l in range(DEPTH)], 1).astype(np.int32)
                     toks = rng.integers(2, VOCAB, (len(r), SEQ_LEN + 1), dtype=np.int32)
                     n = len(r)
-                    w.write_table(pa.table({
-                        "seq_id": pa.array(r.astype(np.int64)),
-                        "path": pa.ListArray.from_arrays(np.arange(0, (n + 1) * DEPTH, DEPTH, dtype=np.int32), paths.ravel()),
-                        "leaf": pa.array(leaf.astype(np.int64)),
-                        "tokens": pa.ListArray.from_arrays(np.arange(0, (n + 1) * (SEQ_LEN + 1), SEQ_LEN + 1, dtype=np.int32),
-                                                           toks.ravel()),
-                        "n_valid": pa.array(np.full(n, SEQ_LEN + 1, dtype=np.int32)),
-                        "doc_ids": pa.array([[] for _ in range(n)], type=pa.list_(pa.string()))}, schema=schema),
-                        row_group_size=row_group)
+                    w.write_table(
+                        pa.table(
+                            {
+                                "seq_id": pa.array(r.astype(np.int64)),
+                                "path": pa.ListArray.from_arrays(
+                                    np.arange(0, (n + 1) * DEPTH, DEPTH, dtype=np.int32), paths.ravel()
+                                ),
+                                "leaf": pa.array(leaf.astype(np.int64)),
+                                "tokens": pa.ListArray.from_arrays(
+                                    np.arange(0, (n + 1) * (SEQ_LEN + 1), SEQ_LEN + 1, dtype=np.int32), toks.ravel()
+                                ),
+                                "n_valid": pa.array(np.full(n, SEQ_LEN + 1, dtype=np.int32)),
+                                "doc_ids": pa.array([[] for _ in range(n)], type=pa.list_(pa.string())),
+                            },
+                            schema=schema,
+                        ),
+                        row_group_size=row_group,
+                    )
     levels = []
     for l in range(1, DEPTH + 1):
         local = leaf_of // K ** (DEPTH - l)
-        levels.append({"level": l, "nodes": K**l, "max_child_fraction": 0.0,
-                       "node_documents": np.bincount(local, minlength=K**l).tolist(),
-                       "node_tokens": (np.bincount(local, minlength=K**l) * SEQ_LEN).tolist()})
-    manifest = {"documents_in": n_seq, "documents_routed": n_seq, "documents_quarantined": 0,
-                "tree_version": f"bench-{seed}", "k": K, "depth": DEPTH, "seq_len": SEQ_LEN, "vocab_size": VOCAB,
-                "eot_id": 0, "pad_id": 1, "sequences": n_seq, "tokens": n_seq * SEQ_LEN, "levels": levels, "seed": seed,
-                "config": {}}
+        levels.append(
+            {
+                "level": l,
+                "nodes": K**l,
+                "max_child_fraction": 0.0,
+                "node_documents": np.bincount(local, minlength=K**l).tolist(),
+                "node_tokens": (np.bincount(local, minlength=K**l) * SEQ_LEN).tolist(),
+            }
+        )
+    manifest = {
+        "documents_in": n_seq,
+        "documents_routed": n_seq,
+        "documents_quarantined": 0,
+        "tree_version": f"bench-{seed}",
+        "k": K,
+        "depth": DEPTH,
+        "seq_len": SEQ_LEN,
+        "vocab_size": VOCAB,
+        "eot_id": 0,
+        "pad_id": 1,
+        "sequences": n_seq,
+        "tokens": n_seq * SEQ_LEN,
+        "levels": levels,
+        "seed": seed,
+        "config": {},
+    }
     write_manifest(root, manifest)
 
 
@@ -98,17 +135,42 @@ def child(run: str, buffer: int, epochs: int) -> None:
     while n < epochs * len(loader):
         n += len(loader.next_batch().seq_ids)
     dt = time.perf_counter() - t0
-    print(json.dumps({"sequences": n, "seconds": dt, "seq_per_s": n / dt, "rss_after_imports_mb": base,
-                      "peak_rss_mb": rss_mb("VmHWM"), "rank_sequences": len(loader)}))
+    print(
+        json.dumps(
+            {
+                "sequences": n,
+                "seconds": dt,
+                "seq_per_s": n / dt,
+                "rss_after_imports_mb": base,
+                "peak_rss_mb": rss_mb("VmHWM"),
+                "rank_sequences": len(loader),
+            }
+        )
+    )
 
 
 def training_consumption(run: str, out: str, steps: int) -> float:
     """Sequences/s the demo training consumes over both ranks (deepspeed launcher, 2 CPU ranks)."""
     from bench import ds_launch  # not at the top: the --child process measures its RSS with the loader's imports only
 
-    ds_launch.run(ds_launch.deepspeed_cmd() + [
-        os.path.join(ROOT, "train", "main.py"), "--config", "demo", "--data", run, "--out", out,
-        "--set", f"schedule.max_steps={steps}", "--set", "schedule.save=false", "--set", "schedule.log_every=5"])
+    ds_launch.run(
+        ds_launch.deepspeed_cmd()
+        + [
+            os.path.join(ROOT, "train", "main.py"),
+            "--config",
+            "demo",
+            "--data",
+            run,
+            "--out",
+            out,
+            "--set",
+            f"schedule.max_steps={steps}",
+            "--set",
+            "schedule.save=false",
+            "--set",
+            "schedule.log_every=5",
+        ]
+    )
     with open(os.path.join(out, "metrics.jsonl")) as f:
         rates = [m["tokens_per_s"] for m in map(json.loads, f)][1:]  # the first window holds start-up
     return float(np.mean(rates)) / SEQ_LEN
@@ -124,7 +186,9 @@ def main() -> None:
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.train_steps < 10:
-        ap.error("--train-steps must be >= 10: the training logs every 5 steps and the first window (start-up) is dropped")
+        ap.error(
+            "--train-steps must be >= 10: the training logs every 5 steps and the first window (start-up) is dropped"
+        )
     if args.child:
         return child(args.child, args.buffer, args.epochs)
     with tempfile.TemporaryDirectory() as tmp:
@@ -132,13 +196,20 @@ def main() -> None:
         for name, n in (("base", args.sequences), ("big", 8 * args.sequences)):
             run = os.path.join(tmp, name)
             write_run(run, n, args.row_group)
-            p = subprocess.run([sys.executable, __file__, "--child", run, "--buffer", str(args.buffer),
-                                "--epochs", str(args.epochs)], capture_output=True, text=True, check=True)
+            p = subprocess.run(
+                [sys.executable, __file__, "--child", run, "--buffer", str(args.buffer), "--epochs", str(args.epochs)],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
             results[name] = json.loads(p.stdout.strip().splitlines()[-1])
             r = results[name]
-            print(f"{name}: {n} sequences ({r['rank_sequences']} for rank 0 of 2), buffer {args.buffer}: "
-                  f"peak RSS {r['peak_rss_mb']:.0f} MB (after imports {r['rss_after_imports_mb']:.0f} MB), "
-                  f"{r['seq_per_s']:.0f} sequences/s over {args.epochs} epochs", flush=True)
+            print(
+                f"{name}: {n} sequences ({r['rank_sequences']} for rank 0 of 2), buffer {args.buffer}: "
+                f"peak RSS {r['peak_rss_mb']:.0f} MB (after imports {r['rss_after_imports_mb']:.0f} MB), "
+                f"{r['seq_per_s']:.0f} sequences/s over {args.epochs} epochs",
+                flush=True,
+            )
         consumed = training_consumption(os.path.join(tmp, "base"), os.path.join(tmp, "train"), args.train_steps)
     print(f"demo training (2 ranks, batch 8 each, seq_len {SEQ_LEN}) consumes {consumed:.1f} sequences/s")
     b, g = results["base"], results["big"]

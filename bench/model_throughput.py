@@ -13,6 +13,7 @@ The process CPU-time ratio is printed too, as a load-independent cross-check.
 
     python -m bench.model_throughput [--config tiny] [--batch 16] [--seq 256] [--steps 12]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -52,15 +53,17 @@ def main() -> None:
     unit = 3 * cfg.n_layers * cfg.d_model
     ranks = split_ranks(round(args.fraction * cfg.num_params() / unit))
     mcfg = MemoryConfig(kind="ffn", ranks=ranks, k=args.k)
-    if args.batch > args.k ** mcfg.depth:
-        raise SystemExit(f"{args.batch} sequences need {args.batch} distinct leaves; k={args.k} has {args.k ** mcfg.depth}")
+    if args.batch > args.k**mcfg.depth:
+        raise SystemExit(
+            f"{args.batch} sequences need {args.batch} distinct leaves; k={args.k} has {args.k**mcfg.depth}"
+        )
     bank = MemoryBank.create(mcfg, cfg)
     with torch.no_grad():  # a trained-looking bank, so the memory path is not multiplying zeros
         for l, named in bank.store.tensors.items():
             named["w_down"].normal_(0.0, 0.02)
     pc = param_counts(cfg, mcfg)
     g = torch.Generator().manual_seed(args.seed)
-    n_leaves = args.k ** mcfg.depth
+    n_leaves = args.k**mcfg.depth
 
     def batch():
         return torch.randint(0, cfg.vocab_size, (args.batch, args.seq + 1), generator=g)
@@ -91,9 +94,11 @@ def main() -> None:
     tokens = args.batch * args.seq
     tps = {n: tokens / statistics.median(t) for n, t in times.items()}
     cpu_ratio = statistics.median(cpu["anchor"]) / statistics.median(cpu["memory"])
-    print(f"config {args.config}: anchor {pc['anchor']:,} params; memory ranks {ranks} (k={args.k}), "
-          f"fetched {pc['fetched']:,} = {pc['fetched'] / pc['anchor']:.1%} of the anchor; "
-          f"batch {args.batch} x {args.seq}, threads {torch.get_num_threads()}")
+    print(
+        f"config {args.config}: anchor {pc['anchor']:,} params; memory ranks {ranks} (k={args.k}), "
+        f"fetched {pc['fetched']:,} = {pc['fetched'] / pc['anchor']:.1%} of the anchor; "
+        f"batch {args.batch} x {args.seq}, threads {torch.get_num_threads()}"
+    )
     print(f"anchor alone    {tps['anchor']:10.0f} tokens/s (fwd+bwd, median of {args.steps})")
     print(f"anchor + memory {tps['memory']:10.0f} tokens/s (fetch+fwd+bwd, a different path per sequence)")
     print(f"cpu-time ratio {cpu_ratio:.2f} (process CPU seconds per step, anchor / memory)")

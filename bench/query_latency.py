@@ -5,6 +5,7 @@
 Queries are the first sentences of routed documents' previews (one at a time, as
 a user would type them). Last line: p50 and p95 in milliseconds.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,7 +41,10 @@ def main() -> None:
         start = time.perf_counter()
         answer(router, [t], args.n)
         ms.append(1000 * (time.perf_counter() - start))
-    print(f"run={args.run} documents={router.documents.index.ntotal} queries={len(ms)} threads={args.threads} (wall clock)")
+    print(
+        f"run={args.run} documents={router.documents.index.ntotal} queries={len(ms)} threads={args.threads} (wall "
+        "clock)"
+    )
     print(f"query_latency_ms p50 {np.percentile(ms, 50):.1f} p95 {np.percentile(ms, 95):.1f}")
 
 

@@ -7,6 +7,7 @@ for BLAS and FAISS; times are process CPU seconds, so waiting for a shared core
 does not count. Baseline: FAISS IndexFlatIP over all k^p leaf centroids, top 1.
 Last line: embeddings_per_s_per_core of the descent.
 """
+
 from __future__ import annotations
 
 import os
@@ -45,9 +46,13 @@ def main() -> None:
     args = p.parse_args()
     faiss.omp_set_num_threads(1)
     rng = np.random.default_rng(0)
-    tree = Tree(k=args.k, depth=args.depth, dim=args.dim,
-                centroids=[unit(rng, args.k**l, args.dim) for l in range(1, args.depth + 1)],
-                biases=[np.zeros(args.k**l, dtype=np.float32) for l in range(1, args.depth + 1)])
+    tree = Tree(
+        k=args.k,
+        depth=args.depth,
+        dim=args.dim,
+        centroids=[unit(rng, args.k**l, args.dim) for l in range(1, args.depth + 1)],
+        biases=[np.zeros(args.k**l, dtype=np.float32) for l in range(1, args.depth + 1)],
+    )
     x = unit(rng, args.n, args.dim)
     descender = Descender(tree)
     descender.route(x[:4096])  # warm
@@ -56,8 +61,9 @@ def main() -> None:
     flat.add(tree.centroids[-1])
     nb = min(args.n, 16384)  # the baseline is ~k^(p-1)/p times slower: a slice is enough
     brute = per_s(lambda: flat.search(x[:nb], 1), nb)
-    print(f"k={args.k} depth={args.depth} n={args.n} dim={args.dim} threads=1 (process CPU time), "
-          f"kernel {kernel_isa()}")
+    print(
+        f"k={args.k} depth={args.depth} n={args.n} dim={args.dim} threads=1 (process CPU time), kernel {kernel_isa()}"
+    )
     print(f"brute_force_nearest_leaf_per_s {brute:.0f}  ({args.k**args.depth} leaf centroids, FAISS IndexFlatIP)")
     print(f"speedup_over_brute_force {descent / brute:.1f}")
     print(f"embeddings_per_s_per_core {descent:.0f}")

@@ -14,6 +14,7 @@ the rerank vote over a grid of its constants (words x temperature): run it on a 
 choose them, never on the corpus the figures are reported on.
 Last line: ``sentence S full F bare_rarest B`` for the default routing.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,13 +40,15 @@ def second_sentence(text: str) -> str | None:
 def sample_documents(run: str, n: int, seed: int) -> tuple[list[str], list[str], np.ndarray]:
     """(doc_ids, texts, stored leaves) of n distinct-text routed documents drawn by ``seed``."""
     routed = ds.dataset(os.path.join(run, "routed"), format="parquet", partitioning="hive").to_table(
-        columns=["doc_id", "leaf", "first_copy"])
+        columns=["doc_id", "leaf", "first_copy"]
+    )
     routed = routed.filter(routed.column("first_copy")).sort_by("doc_id")
     pick = np.sort(np.random.default_rng(seed).choice(routed.num_rows, min(n, routed.num_rows), replace=False))
     ids = [routed.column("doc_id")[int(i)].as_py() for i in pick]
     leaves = routed.column("leaf").to_numpy()[pick]
     docs = ds.dataset(os.path.join(run, "documents"), format="parquet").to_table(
-        columns=["doc_id", "text"], filter=ds.field("doc_id").isin(ids))
+        columns=["doc_id", "text"], filter=ds.field("doc_id").isin(ids)
+    )
     text = dict(zip(docs.column("doc_id").to_pylist(), docs.column("text").to_pylist()))
     return ids, [text[i] for i in ids], leaves
 
@@ -55,7 +58,8 @@ def bare_questions(run: str, probes_path: str):
 
     probes = read_probes(probes_path)
     routed = ds.dataset(os.path.join(run, "routed"), format="parquet", partitioning="hive").to_table(
-        columns=["doc_id", "leaf"])
+        columns=["doc_id", "leaf"]
+    )
     leaf_of = dict(zip(routed.column("doc_id").to_pylist(), routed.column("leaf").to_pylist()))
     freqs = [p.frequency for p in probes]
     rarest = bucket_of(freqs, bucket_edges(freqs)) == 0
@@ -67,8 +71,11 @@ def variants(grid: bool) -> list[tuple[str, RoutingConfig]]:
     out = [(f"{m} ({default.vote})", dataclasses.replace(default, mode=m)) for m in MODES]
     out += [(f"{m} (linear)", dataclasses.replace(default, mode=m, vote="linear")) for m in MODES if m != "descent"]
     if grid:
-        out += [(f"neighbours rerank words={w} temperature={t}", RoutingConfig(words=w, temperature=t))
-                for w in (0.0, 0.1, 0.2, 0.3, 0.5, 1.0) for t in (0.005, 0.01, 0.02, 0.05)]
+        out += [
+            (f"neighbours rerank words={w} temperature={t}", RoutingConfig(words=w, temperature=t))
+            for w in (0.0, 0.1, 0.2, 0.3, 0.5, 1.0)
+            for t in (0.005, 0.01, 0.02, 0.05)
+        ]
     return out
 
 
@@ -85,17 +92,21 @@ def main(argv: list[str] | None = None) -> int:
     ids, texts, leaves = sample_documents(args.run, args.docs, args.seed)
     sentences = [(second_sentence(t), lf) for t, lf in zip(texts, leaves)]
     sentences = [(s, lf) for s, lf in sentences if s]
-    checks = {"full": (texts[:args.docs // 2], leaves[:args.docs // 2]),
-              "sentence": ([s for s, _ in sentences], np.array([lf for _, lf in sentences]))}
+    checks = {
+        "full": (texts[: args.docs // 2], leaves[: args.docs // 2]),
+        "sentence": ([s for s, _ in sentences], np.array([lf for _, lf in sentences])),
+    }
     embedded = {name: base.embed(q) for name, (q, _) in checks.items()}
     bare = None
     if args.probes:
         prompts, doc_leaves, rarest = bare_questions(args.run, args.probes)
         bare = (prompts, base.embed(prompts), doc_leaves, rarest)
     results = {}
-    print(f"{args.run}: {base.documents.meta['n_documents']:,} distinct of {base.documents.meta['n_routed']:,} "
-          f"routed documents; full text {len(checks['full'][0])}, sentences {len(checks['sentence'][0])} documents"
-          + (f", {len(bare[0])} bare questions ({int(bare[3].sum())} rarest)" if bare else ""))
+    print(
+        f"{args.run}: {base.documents.meta['n_documents']:,} distinct of {base.documents.meta['n_routed']:,} "
+        f"routed documents; full text {len(checks['full'][0])}, sentences {len(checks['sentence'][0])} documents"
+        + (f", {len(bare[0])} bare questions ({int(bare[3].sum())} rarest)" if bare else "")
+    )
     for name, cfg in variants(args.grid):
         r = Router(args.run, base.tree, base.tree_version, base.manifest, base.documents, cfg)
         row = {}
@@ -111,11 +122,23 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:<48} " + "  ".join(f"{k} {v:.3f}" for k, v in row.items()), flush=True)
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"run": args.run, "probes": args.probes, "docs": args.docs, "seed": args.seed,
-                       "routing": dataclasses.asdict(RoutingConfig()), "results": results}, f, indent=1)
+            json.dump(
+                {
+                    "run": args.run,
+                    "probes": args.probes,
+                    "docs": args.docs,
+                    "seed": args.seed,
+                    "routing": dataclasses.asdict(RoutingConfig()),
+                    "results": results,
+                },
+                f,
+                indent=1,
+            )
     head = results[f"neighbours ({RoutingConfig().vote})"]
-    print(f"sentence {head['sentence']:.3f} full {head['full']:.3f}"
-          + (f" bare_rarest {head['bare_rarest']:.3f}" if bare else ""))
+    print(
+        f"sentence {head['sentence']:.3f} full {head['full']:.3f}"
+        + (f" bare_rarest {head['bare_rarest']:.3f}" if bare else "")
+    )
     return 0
 
 

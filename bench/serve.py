@@ -16,6 +16,7 @@ the real openai client (warm), its RSS against the bank's size, and a load test 
 requests from ``--clients`` concurrent clients (errors counted, p50 / p95, requests per second).
 Last line: the headline figures.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -57,7 +58,7 @@ def flat_bank(ev, tmp: str):
     from train.memory import MemoryConfig, TensorBlockStore
 
     cfg = ev.bank.config
-    flat = MemoryConfig(kind=cfg.kind, ranks=(sum(cfg.ranks),), k=cfg.k ** cfg.depth)
+    flat = MemoryConfig(kind=cfg.kind, ranks=(sum(cfg.ranks),), k=cfg.k**cfg.depth)
     path = os.path.join(tmp, "flat.safetensors")
     TensorBlockStore.create(flat, ev.anchor.cfg, init=False).save(path)
     return path, flat
@@ -86,8 +87,11 @@ def fetch_bench(asker, model: str, prompts: list[str], cache_mb: float, resident
                 store = CachedBlockStore(LazyBlockStore(files), budget, resident if kind == "hierarchical" else 0)
                 cfg = ev.bank.config if kind == "hierarchical" else flat_cfg
                 bank = MemoryBank(cfg, ev.anchor.cfg.n_layers, ev.anchor.cfg.d_model, store)
-                ids = torch.from_numpy(path_block_ids(paths[order], ev.k) if kind == "hierarchical"
-                                       else leaves[order][:, None].astype(np.int64))
+                ids = torch.from_numpy(
+                    path_block_ids(paths[order], ev.k)
+                    if kind == "hierarchical"
+                    else leaves[order][:, None].astype(np.int64)
+                )
                 drop_page_cache(files)
                 for phase in ("cold", "warm"):
                     before = store.stats()
@@ -96,9 +100,11 @@ def fetch_bench(asker, model: str, prompts: list[str], cache_mb: float, resident
                     hits, misses = s["hits"] - before["hits"], s["misses"] - before["misses"]
                     read = (s["bytes_read"] - before["bytes_read"]) / len(ms) / 2**20
                     p50[(name, kind, phase)] = float(np.median(ms)), read
-                    lines.append(f"  {name:<8} {kind:<12} {phase}: p50 {np.median(ms):6.2f} ms  p95 "
-                                 f"{np.percentile(ms, 95):6.2f} ms  cache hits {hits / max(hits + misses, 1):5.1%}  "
-                                 f"read {read:.2f} MiB/prompt")
+                    lines.append(
+                        f"  {name:<8} {kind:<12} {phase}: p50 {np.median(ms):6.2f} ms  p95 "
+                        f"{np.percentile(ms, 95):6.2f} ms  cache hits {hits / max(hits + misses, 1):5.1%}  "
+                        f"read {read:.2f} MiB/prompt"
+                    )
     return lines, p50
 
 
@@ -115,9 +121,25 @@ def start_server(run: str, model: str, cache_mb: float, resident: int):
     from train.distributed import free_port
 
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "hmem.serve", "--run", run, "--model", model, "--port", str(port),
-                             "--cache-mb", str(cache_mb), "--resident-levels", str(resident)], cwd=ROOT,
-                            stdout=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "hmem.serve",
+            "--run",
+            run,
+            "--model",
+            model,
+            "--port",
+            str(port),
+            "--cache-mb",
+            str(cache_mb),
+            "--resident-levels",
+            str(resident),
+        ],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline and proc.poll() is None:
         try:
@@ -160,16 +182,28 @@ def server_bench(run: str, model: str, prompts: list[str], args) -> tuple[list[s
     ms = np.array([m for m, _ in results])
     errors = sum(not ok for _, ok in results)
     bank = sum(os.path.getsize(os.path.join(model, "bank", f)) for f in os.listdir(os.path.join(model, "bank")))
-    out = {"e2e_p50": np.median(single), "e2e_p95": np.percentile(single, 95), "errors": errors,
-           "load_p95": np.percentile(ms, 95), "rps": len(results) / wall, "rss": sum(peak), "anon": peak[0], "bank": bank / 2**20}
-    lines = [f"end to end, one client ({len(prompts)} requests, {args.max_tokens} tokens): p50 {out['e2e_p50']:.0f} ms, "
-             f"p95 {out['e2e_p95']:.0f} ms",
-             "RSS (anonymous + file-backed MiB): " + ", ".join(f"{a:.0f} + {f:.0f} after {what}" for (a, f), what in
-                                                                ((base, "one request"), (after, f"{len(prompts)}"),
-                                                                 (peak, "the load test")))
-             + f"; bank {out['bank']:.0f} MiB, cache {args.cache_mb:g} MiB",
-             f"load: {len(results)} requests from {args.clients} clients in {wall:.1f} s ({out['rps']:.1f}/s), "
-             f"{errors} errors, p50 {np.median(ms):.0f} ms, p95 {out['load_p95']:.0f} ms"]
+    out = {
+        "e2e_p50": np.median(single),
+        "e2e_p95": np.percentile(single, 95),
+        "errors": errors,
+        "load_p95": np.percentile(ms, 95),
+        "rps": len(results) / wall,
+        "rss": sum(peak),
+        "anon": peak[0],
+        "bank": bank / 2**20,
+    }
+    lines = [
+        f"end to end, one client ({len(prompts)} requests, {args.max_tokens} tokens): p50 {out['e2e_p50']:.0f} ms, "
+        f"p95 {out['e2e_p95']:.0f} ms",
+        "RSS (anonymous + file-backed MiB): "
+        + ", ".join(
+            f"{a:.0f} + {f:.0f} after {what}"
+            for (a, f), what in ((base, "one request"), (after, f"{len(prompts)}"), (peak, "the load test"))
+        )
+        + f"; bank {out['bank']:.0f} MiB, cache {args.cache_mb:g} MiB",
+        f"load: {len(results)} requests from {args.clients} clients in {wall:.1f} s ({out['rps']:.1f}/s), "
+        f"{errors} errors, p50 {np.median(ms):.0f} ms, p95 {out['load_p95']:.0f} ms",
+    ]
     return lines, out
 
 
@@ -188,20 +222,26 @@ def main() -> None:
 
     asker = Asker(args.run, args.model)
     texts = asker.router.documents.table.column("preview").to_pylist()
-    prompts = [" ".join(t.split()[:12]) for t in texts[:: max(1, len(texts) // args.prompts)][:args.prompts]]
+    prompts = [" ".join(t.split()[:12]) for t in texts[:: max(1, len(texts) // args.prompts)][: args.prompts]]
     lines, p50 = fetch_bench(asker, args.model, prompts, args.cache_mb, args.resident_levels)
-    print(f"memory fetch per prompt ({len(prompts)} prompts, cache {args.cache_mb:g} MiB, level <= "
-          f"{args.resident_levels} resident; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs):",
-          *lines, sep="\n")
+    print(
+        f"memory fetch per prompt ({len(prompts)} prompts, cache {args.cache_mb:g} MiB, level <= "
+        f"{args.resident_levels} resident; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs):",
+        *lines,
+        sep="\n",
+    )
     del asker
     lines, s = server_bench(args.run, args.model, prompts, args)
     print(*lines, sep="\n")
     h = {c: "{:.1f} ms {:.2f} MiB".format(*p50[c]) for c in p50}
-    print(f"fetch p50 + read per prompt, warm: coherent {h[('coherent', 'hierarchical', 'warm')]} hierarchical vs "
-          f"{h[('coherent', 'flat', 'warm')]} flat, random {h[('random', 'hierarchical', 'warm')]} vs "
-          f"{h[('random', 'flat', 'warm')]}; e2e p50 {s['e2e_p50']:.0f} ms p95 {s['e2e_p95']:.0f} ms; "
-          f"load {args.requests} req x{args.clients}: {s['errors']} errors, p95 {s['load_p95']:.0f} ms, "
-          f"{s['rps']:.1f} req/s; RSS {s['rss']:.0f} MiB ({s['anon']:.0f} anonymous) for a {s['bank']:.0f} MiB bank")
+    print(
+        f"fetch p50 + read per prompt, warm: coherent {h[('coherent', 'hierarchical', 'warm')]} hierarchical vs "
+        f"{h[('coherent', 'flat', 'warm')]} flat, random {h[('random', 'hierarchical', 'warm')]} vs "
+        f"{h[('random', 'flat', 'warm')]}; e2e p50 {s['e2e_p50']:.0f} ms p95 {s['e2e_p95']:.0f} ms; "
+        f"load {args.requests} req x{args.clients}: {s['errors']} errors, p95 {s['load_p95']:.0f} ms, "
+        f"{s['rps']:.1f} req/s; RSS {s['rss']:.0f} MiB ({s['anon']:.0f} anonymous) for a {s['bank']:.0f} MiB bank"
+    )
+
 
 if __name__ == "__main__":
     main()

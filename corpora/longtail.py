@@ -48,6 +48,7 @@ entity), ``probes.jsonl`` and ``probes_context.jsonl`` (prompt, answer, entity,
 frequency, exposures, fact, domain, doc_ids: the entity's training documents,
 copies included), the format ``train.evaluate`` reads.
 """
+
 from __future__ import annotations
 
 import json
@@ -109,10 +110,18 @@ class Corpus:
     fresh_repeats: int = 0  # fresh_passes: renderings that had to repeat an earlier one (the entity ran out)
 
 
-_SERIES = {"Nonmetals": "nonmetal", "Noble gases": "noble gas", "Alkali metals": "alkali metal",
-           "Alkaline earth metals": "alkaline earth metal", "Metalloids": "metalloid", "Halogens": "halogen",
-           "Poor metals": "post-transition metal", "Transition metals": "transition metal",
-           "Lanthanides": "lanthanide", "Actinides": "actinide"}
+_SERIES = {
+    "Nonmetals": "nonmetal",
+    "Noble gases": "noble gas",
+    "Alkali metals": "alkali metal",
+    "Alkaline earth metals": "alkaline earth metal",
+    "Metalloids": "metalloid",
+    "Halogens": "halogen",
+    "Poor metals": "post-transition metal",
+    "Transition metals": "transition metal",
+    "Lanthanides": "lanthanide",
+    "Actinides": "actinide",
+}
 
 
 def _sentences(text) -> list[str]:
@@ -131,38 +140,66 @@ def element_entities() -> list[Entity]:
         n, N, num, sym = e["name"].lower(), e["name"], int(e["atomic_number"]), e["symbol"]
         kind = _SERIES.get(series.get(e["series_id"]), "chemical element")
         optional = {
-            "period": [f"{N} is found in period {int(e['period'])} of the periodic table.",
-                       f"In the periodic table, {n} sits in period {int(e['period'])}."],
+            "period": [
+                f"{N} is found in period {int(e['period'])} of the periodic table.",
+                f"In the periodic table, {n} sits in period {int(e['period'])}.",
+            ],
             "block": [f"{N} is a {e['block']}-block element.", f"Its outer electrons fill the {e['block']} block."],
-            "weight": [f"The standard atomic weight of {n} is about {e['atomic_weight']:.2f}.",
-                       f"An atom of {n} weighs roughly {e['atomic_weight']:.1f} atomic mass units."],
-            "series": [f"Chemists class {n} among the {kind}s.", f"Like the other {kind}s, {n} has a distinctive chemistry."],
+            "weight": [
+                f"The standard atomic weight of {n} is about {e['atomic_weight']:.2f}.",
+                f"An atom of {n} weighs roughly {e['atomic_weight']:.1f} atomic mass units.",
+            ],
+            "series": [
+                f"Chemists class {n} among the {kind}s.",
+                f"Like the other {kind}s, {n} has a distinctive chemistry.",
+            ],
         }
         if isinstance(e["group_id"], float) and not math.isnan(e["group_id"]):
             g = int(e["group_id"])
             optional["group"] = [f"{N} belongs to group {g}.", f"It is a member of group {g} of the periodic table."]
         if isinstance(e["discovery_year"], float) and not math.isnan(e["discovery_year"]):
             y, who = int(e["discovery_year"]), e["discoverers"] or "chemists"
-            optional["discovery"] = [f"{N} was discovered in {y} by {who}.", f"{who} first identified {n} in {y}.",
-                                     f"The discovery of {n} dates from {y}."]
+            optional["discovery"] = [
+                f"{N} was discovered in {y} by {who}.",
+                f"{who} first identified {n} in {y}.",
+                f"The discovery of {n} dates from {y}.",
+            ]
         else:
-            optional["discovery"] = [f"{N} has been known since antiquity.", f"People have used {n} since ancient times."]
+            optional["discovery"] = [
+                f"{N} has been known since antiquity.",
+                f"People have used {n} since ancient times.",
+            ]
         for key in ("description", "uses"):
             for i, s in enumerate(_sentences(e[key])[:3]):
                 optional[f"{key}{i}"] = [s]
-        out.append(Entity(
-            name=n, domain="elements",
-            intros=[f"{N} is a {kind}.", f"{N} is one of the {kind}s.", f"The {kind} {n} is a chemical element."]
-            + [f"{N}: {s[0].lower()}{s[1:]}" for s in _sentences(e["description"])[:1]],
-            probed={"atomic_number": [f"The atomic number of {n} is {num}.", f"{N} has the atomic number {num}.",
-                                      f"{N} is element number {num} in the periodic table.",
-                                      f"Every atom of {n} carries {num} protons, so its atomic number is {num}."],
-                    "symbol": [f"The chemical symbol of {n} is {sym}.", f"The symbol for {n} is {sym}.",
-                               f"In chemical formulas {n} is written {sym}.", f"Chemists abbreviate {n} as {sym}."]},
-            optional=optional,
-            probes={"atomic_number": (f"The atomic number of {n} is", str(num)),
-                    "symbol": (f"The chemical symbol of {n} is", sym)},
-            context=f"{N} is a {kind}."))
+        out.append(
+            Entity(
+                name=n,
+                domain="elements",
+                intros=[f"{N} is a {kind}.", f"{N} is one of the {kind}s.", f"The {kind} {n} is a chemical element."]
+                + [f"{N}: {s[0].lower()}{s[1:]}" for s in _sentences(e["description"])[:1]],
+                probed={
+                    "atomic_number": [
+                        f"The atomic number of {n} is {num}.",
+                        f"{N} has the atomic number {num}.",
+                        f"{N} is element number {num} in the periodic table.",
+                        f"Every atom of {n} carries {num} protons, so its atomic number is {num}.",
+                    ],
+                    "symbol": [
+                        f"The chemical symbol of {n} is {sym}.",
+                        f"The symbol for {n} is {sym}.",
+                        f"In chemical formulas {n} is written {sym}.",
+                        f"Chemists abbreviate {n} as {sym}.",
+                    ],
+                },
+                optional=optional,
+                probes={
+                    "atomic_number": (f"The atomic number of {n} is", str(num)),
+                    "symbol": (f"The chemical symbol of {n} is", sym),
+                },
+                context=f"{N} is a {kind}.",
+            )
+        )
     return out
 
 
@@ -192,38 +229,60 @@ def country_entities() -> list[Entity]:
         if official and official != name:
             optional["official"] = [f"Its official name is {official}.", f"Formally, {name} is called {official}."]
         top = sorted(subs.get(a2, []), key=lambda s: s.code)
-        intros = [f"{name} is a country or territory listed in ISO 3166.", f"{name} appears in every international code list."]
+        intros = [
+            f"{name} is a country or territory listed in ISO 3166.",
+            f"{name} appears in every international code list.",
+        ]
         if len(top) >= 2:
             intros.append(f"{name} is a country whose regions include {top[0].name} and {top[-1].name}.")
             kind = top[0].type.lower()
-            optional["divisions"] = [f"{name} is divided into {len(top)} top-level subdivisions, among them {top[0].name} and {top[-1].name}.",
-                                     f"The {kind} of {top[1].name} is part of {name}."]
-        out.append(Entity(
-            name=name, domain="countries",
-            intros=intros,
-            probed={"numeric_code": [f"The ISO numeric code of {name} is {num}.",
-                                     f"{name} has the numeric country code {num}.",
-                                     f"The ISO 3166 numeric code for {name} is {num}.",
-                                     f"In statistical tables {name} is recorded under the number {num}."],
-                    "alpha_2": [f"The two-letter code of {name} is {a2}.", f"{name}'s two-letter country code is {a2}.",
-                                f"ISO 3166-1 abbreviates {name} as {a2}.", f"Shipping labels mark {name} with {a2}."]},
-            optional=optional,
-            probes={"numeric_code": (f"The ISO numeric code of {name} is", num),
-                    "alpha_2": (f"The two-letter code of {name} is", a2)},
-            context=intros[-1]))
+            optional["divisions"] = [
+                f"{name} is divided into {len(top)} top-level subdivisions, among them {top[0].name} and "
+                f"{top[-1].name}.",
+                f"The {kind} of {top[1].name} is part of {name}.",
+            ]
+        out.append(
+            Entity(
+                name=name,
+                domain="countries",
+                intros=intros,
+                probed={
+                    "numeric_code": [
+                        f"The ISO numeric code of {name} is {num}.",
+                        f"{name} has the numeric country code {num}.",
+                        f"The ISO 3166 numeric code for {name} is {num}.",
+                        f"In statistical tables {name} is recorded under the number {num}.",
+                    ],
+                    "alpha_2": [
+                        f"The two-letter code of {name} is {a2}.",
+                        f"{name}'s two-letter country code is {a2}.",
+                        f"ISO 3166-1 abbreviates {name} as {a2}.",
+                        f"Shipping labels mark {name} with {a2}.",
+                    ],
+                },
+                optional=optional,
+                probes={
+                    "numeric_code": (f"The ISO numeric code of {name} is", num),
+                    "alpha_2": (f"The two-letter code of {name} is", a2),
+                },
+                context=intros[-1],
+            )
+        )
     return out
 
 
 def zipf_frequencies(n: int, max_frequency: int, exponent: float) -> list[int]:
     """Frequency of the entity at each rank 1..n (non-increasing, at least 1)."""
-    return [max(1, round(max_frequency / r ** exponent)) for r in range(1, n + 1)]
+    return [max(1, round(max_frequency / r**exponent)) for r in range(1, n + 1)]
 
 
 def render(entity: Entity, rng: random.Random, optional_facts: tuple[int, int]) -> str:
     """One document about ``entity``: an opening sentence, then every probed fact and a few optional ones, shuffled."""
     keys = sorted(entity.optional)
     n_opt = min(len(keys), rng.randint(*optional_facts))
-    body = [rng.choice(p) for p in entity.probed.values()] + [rng.choice(entity.optional[k]) for k in rng.sample(keys, n_opt)]
+    body = [rng.choice(p) for p in entity.probed.values()] + [
+        rng.choice(entity.optional[k]) for k in rng.sample(keys, n_opt)
+    ]
     rng.shuffle(body)
     return " ".join([rng.choice(entity.intros)] + body)
 
@@ -255,28 +314,52 @@ def build(cfg: LongtailConfig, bbc: list[dict]) -> Corpus:
     # fresh renderings draw from their own stream: the rest of the corpus is the same as with copies
     fresh = random.Random(f"{cfg.seed}-passes") if cfg.fresh_passes else None
     for e in entities:
-        docs = [{"id": f"fact-{e.domain}-{_slug(e.name)}-{i:03d}", "text": render(e, rng, cfg.optional_facts),
-                 "source": e.domain, "entity": e.name} for i in range(e.frequency)]
+        docs = [
+            {
+                "id": f"fact-{e.domain}-{_slug(e.name)}-{i:03d}",
+                "text": render(e, rng, cfg.optional_facts),
+                "source": e.domain,
+                "entity": e.name,
+            }
+            for i in range(e.frequency)
+        ]
         texts = {d["text"] for d in docs}
         for r in range(1, cfg.fact_passes):
-            for d in docs[:e.frequency]:
+            for d in docs[: e.frequency]:
                 text, repeat = _fresh(e, fresh, cfg.optional_facts, texts) if fresh else (d["text"], False)
                 corpus.fresh_repeats += repeat
                 docs.append(dict(d, id=f"{d['id']}-r{r:02d}", text=text))
         corpus.train += docs
         for fact, (q, a) in e.probes.items():
-            probe = {"answer": a, "entity": e.name, "frequency": e.frequency, "exposures": len(docs), "fact": fact,
-                     "domain": e.domain, "doc_ids": [d["id"] for d in docs]}
+            probe = {
+                "answer": a,
+                "entity": e.name,
+                "frequency": e.frequency,
+                "exposures": len(docs),
+                "fact": fact,
+                "domain": e.domain,
+                "doc_ids": [d["id"] for d in docs],
+            }
             corpus.probes.append(dict(probe, prompt=q))
             corpus.probes_context.append(dict(probe, prompt=f"{e.context} {q}"))
     for e in rng.sample(entities, min(cfg.heldout_entities, len(entities))):
-        corpus.heldout.append({"id": f"heldout-{e.domain}-{_slug(e.name)}", "text": render(e, rng, cfg.optional_facts),
-                               "source": e.domain, "entity": e.name})
+        corpus.heldout.append(
+            {
+                "id": f"heldout-{e.domain}-{_slug(e.name)}",
+                "text": render(e, rng, cfg.optional_facts),
+                "source": e.domain,
+                "entity": e.name,
+            }
+        )
     if cfg.bbc_train + cfg.bbc_heldout > len(bbc):
         raise ValueError(f"bbc_train + bbc_heldout = {cfg.bbc_train + cfg.bbc_heldout} > {len(bbc)} BBC articles")
     picked = rng.sample(bbc, cfg.bbc_train + cfg.bbc_heldout)
-    corpus.train += [{"id": r["id"], "text": r["text"], "source": "bbc", "entity": None} for r in picked[:cfg.bbc_train]]
-    corpus.heldout += [{"id": r["id"], "text": r["text"], "source": "bbc", "entity": None} for r in picked[cfg.bbc_train:]]
+    corpus.train += [
+        {"id": r["id"], "text": r["text"], "source": "bbc", "entity": None} for r in picked[: cfg.bbc_train]
+    ]
+    corpus.heldout += [
+        {"id": r["id"], "text": r["text"], "source": "bbc", "entity": None} for r in picked[cfg.bbc_train :]
+    ]
     rng.shuffle(corpus.train)
     return corpus
 
@@ -287,11 +370,18 @@ def write(corpus: Corpus, cfg: LongtailConfig, out_dir: str) -> dict:
     for name in ("train", "heldout", "probes", "probes_context"):
         write_jsonl(os.path.join(out_dir, f"{name}.jsonl"), getattr(corpus, name))
     freqs = sorted((e.frequency for e in corpus.entities), reverse=True)
-    summary = {"config": asdict(cfg), "entities": len(corpus.entities), "probes": len(corpus.probes),
-               "train_documents": len(corpus.train), "heldout_documents": len(corpus.heldout),
-               "fact_documents": sum(freqs), "fact_documents_with_copies": sum(freqs) * cfg.fact_passes,
-               "entities_seen_once_or_twice": sum(f <= 2 for f in freqs), "fresh_repeats": corpus.fresh_repeats,
-               "top_frequencies": freqs[:10]}
+    summary = {
+        "config": asdict(cfg),
+        "entities": len(corpus.entities),
+        "probes": len(corpus.probes),
+        "train_documents": len(corpus.train),
+        "heldout_documents": len(corpus.heldout),
+        "fact_documents": sum(freqs),
+        "fact_documents_with_copies": sum(freqs) * cfg.fact_passes,
+        "entities_seen_once_or_twice": sum(f <= 2 for f in freqs),
+        "fresh_repeats": corpus.fresh_repeats,
+        "top_frequencies": freqs[:10],
+    }
     with open(os.path.join(out_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     return summary

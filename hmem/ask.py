@@ -16,6 +16,7 @@ the path holds it alone (the anchor, or several blocks together, carry it).
 A question file holds one question per line: plain text, or JSON with ``question`` (or ``prompt``,
 so a probe file works as is) and optionally ``answer``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,8 +37,9 @@ from train.evaluate import Evaluator, model_routing
 class Asker:
     """An export, its tokenizer and the run's router, loaded once; ``ask`` answers a batch of questions."""
 
-    def __init__(self, run_dir: str, model_dir: str, mode: str | None = None, vote: str | None = None,
-                 batch_size: int = 16):
+    def __init__(
+        self, run_dir: str, model_dir: str, mode: str | None = None, vote: str | None = None, batch_size: int = 16
+    ):
         routing = model_routing(model_dir, [mode] if mode else None, vote=vote)
         self.router = Router.load(run_dir, documents=routing.mode != "descent", routing=routing)
         self.ev = Evaluator(model_dir, self.router, batch_size)
@@ -47,8 +49,9 @@ class Asker:
         """The settings a full ask compares with the fetched memory (train.evaluate names)."""
         return [s for s in self.ev.settings if s in ("none", "generic") or s.startswith("off@")]
 
-    def ask(self, questions: list[str], answers: list[str | None] | None = None, max_new: int = 10,
-            compare: bool = True) -> list[dict]:
+    def ask(
+        self, questions: list[str], answers: list[str | None] | None = None, max_new: int = 10, compare: bool = True
+    ) -> list[dict]:
         ev, n = self.ev, len(questions)
         answers = answers or [None] * n
         t0 = time.perf_counter()
@@ -74,24 +77,45 @@ class Asker:
             for s in settings:
                 lp = np.full(n, -math.inf)
                 if have:
-                    lp[have] = ev.answer_logprob([questions[i] for i in have], [scored[i] for i in have],
-                                                 None if ids[s] is None else ids[s][have])
+                    lp[have] = ev.answer_logprob(
+                        [questions[i] for i in have],
+                        [scored[i] for i in have],
+                        None if ids[s] is None else ids[s][have],
+                    )
                 logp[s] = lp
             spent["scoring"] = time.perf_counter() - t
         blocks = path_block_ids(first, ev.k)
         out = []
         for q in range(n):
-            rows = [{"setting": s, "label": label(s, blocks[q]), "completion": completions[s][q],
-                     **({"logprob": float(logp[s][q]), "p": math.exp(logp[s][q])} if logp else {})}
-                    for s in settings]
-            out.append({"question": questions[q], "answer": scored[q], "answer_given": answers[q] is not None,
-                        "routing": self.router.routing.mode, "vote": self.router.routing.vote,
-                        "path": first[q].tolist(), "leaf": int(leaves[q]),
-                        "blocks": blocks[q].tolist(),
-                        "vote_share": None if share is None else float(share[q]),
-                        "settings": rows, "verdict": verdict(rows, blocks[q]) if logp else None,
-                        "ms": {"route": 1e3 * (t1 - t0) / n, "answer": 1e3 * spent[settings[0]] / n,
-                               "compare": 1e3 * sum(v for k, v in spent.items() if k != settings[0]) / n}})
+            rows = [
+                {
+                    "setting": s,
+                    "label": label(s, blocks[q]),
+                    "completion": completions[s][q],
+                    **({"logprob": float(logp[s][q]), "p": math.exp(logp[s][q])} if logp else {}),
+                }
+                for s in settings
+            ]
+            out.append(
+                {
+                    "question": questions[q],
+                    "answer": scored[q],
+                    "answer_given": answers[q] is not None,
+                    "routing": self.router.routing.mode,
+                    "vote": self.router.routing.vote,
+                    "path": first[q].tolist(),
+                    "leaf": int(leaves[q]),
+                    "blocks": blocks[q].tolist(),
+                    "vote_share": None if share is None else float(share[q]),
+                    "settings": rows,
+                    "verdict": verdict(rows, blocks[q]) if logp else None,
+                    "ms": {
+                        "route": 1e3 * (t1 - t0) / n,
+                        "answer": 1e3 * spent[settings[0]] / n,
+                        "compare": 1e3 * sum(v for k, v in spent.items() if k != settings[0]) / n,
+                    },
+                }
+            )
         return out
 
 
@@ -120,15 +144,20 @@ def verdict(rows: list[dict], blocks: np.ndarray) -> dict | None:
     if not drops or max(drops.values()) < MIN_DROP:
         return None
     level = max(drops, key=drops.get)
-    return {"level": level, "block": int(blocks[level - 1]), "p_fetched": p["fetched"]["p"],
-            "p_without": p[f"off@{level}"]["p"], "logprob_drop": drops[level], "leaf": level == len(blocks)}
+    return {
+        "level": level,
+        "block": int(blocks[level - 1]),
+        "p_fetched": p["fetched"]["p"],
+        "p_without": p[f"off@{level}"]["p"],
+        "logprob_drop": drops[level],
+        "leaf": level == len(blocks),
+    }
 
 
 def format_answer(a: dict) -> str:
     route = f"{a['routing']}" + ("" if a["routing"] == "descent" else f" ({a['vote']} vote)")
     share = "" if a["vote_share"] is None else f"   this leaf holds {a['vote_share']:.0%} of the vote"
-    lines = [f"question: {a['question']!r}",
-             f"route: {route}   path {a['path']}   blocks {a['blocks']}{share}"]
+    lines = [f"question: {a['question']!r}", f"route: {route}   path {a['path']}   blocks {a['blocks']}{share}"]
     scored = a["settings"][0].get("p") is not None
     if scored:
         lines.append(f"answer scored: {a['answer']!r} ({'given' if a['answer_given'] else 'the model’s own'})")
@@ -138,13 +167,20 @@ def format_answer(a: dict) -> str:
         lines.append(f"  {r['label']:<{width}}  {r['completion'].strip()!r}{p}")
     v = a["verdict"]
     if v:
-        lines.append(f"verdict: level {v['level']} block {v['block']} holds it: p {v['p_fetched']:.3g} -> "
-                     f"{v['p_without']:.3g}" + (" (the leaf)" if v["leaf"] else ""))
+        lines.append(
+            f"verdict: level {v['level']} block {v['block']} holds it: p {v['p_fetched']:.3g} -> "
+            f"{v['p_without']:.3g}" + (" (the leaf)" if v["leaf"] else "")
+        )
     elif scored:
-        lines.append("verdict: removing no single block lowers p(answer): the anchor or several blocks carry it"
-                     if a["answer"] else "verdict: none (the model gave no answer to score)")
-    lines.append(f"time: route {a['ms']['route']:.0f} ms, answer {a['ms']['answer']:.0f} ms"
-                 + (f", comparisons {a['ms']['compare']:.0f} ms" if scored else ""))
+        lines.append(
+            "verdict: removing no single block lowers p(answer): the anchor or several blocks carry it"
+            if a["answer"]
+            else "verdict: none (the model gave no answer to score)"
+        )
+    lines.append(
+        f"time: route {a['ms']['route']:.0f} ms, answer {a['ms']['answer']:.0f} ms"
+        + (f", comparisons {a['ms']['compare']:.0f} ms" if scored else "")
+    )
     return "\n".join(lines)
 
 
@@ -194,6 +230,7 @@ def main(argv: list[str] | None = None) -> int:
         return asker.ask(questions, answers, args.max_new, compare=not args.fast)
 
     return respond(work, args.json, format_answer)
+
 
 if __name__ == "__main__":
     sys.exit(main())

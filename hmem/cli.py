@@ -1,4 +1,5 @@
 """What the hmem commands share: answers out as text or JSON lines, a failure as one line on stderr."""
+
 from __future__ import annotations
 
 import json

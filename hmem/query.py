@@ -13,6 +13,7 @@ documents the vote weighed with their weight, similarity and share of the query'
 of the vote's weight in the chosen leaf says how clear the route is: a low share means no training
 document clearly matches the query, so its blocks may not hold what it asks about.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,13 +42,23 @@ def answer(router: Router, texts: list[str], n: int) -> list[dict]:
     for q, text in enumerate(texts):
         leaf = int(leaves[q])
         wide = [dict(asdict(nb), in_leaf=nb.leaf == leaf) for nb in corpus[q]]
-        out.append({"text": text, "routing": router.routing.mode, "vote": router.routing.vote,
-                    "path": paths[q].tolist(), "leaf": leaf,
-                    "second_path": routed[q, 1].tolist() if two else None, "descent_path": descent[q].tolist(),
-                    "blocks": [lv["block"] for lv in stats[q]], "levels": stats[q],
-                    "leaf_neighbours": [asdict(nb) for nb in in_leaf[q]], "neighbours": wide,
-                    "vote_share": float(share[q]),
-                    "tree_version": router.tree_version})
+        out.append(
+            {
+                "text": text,
+                "routing": router.routing.mode,
+                "vote": router.routing.vote,
+                "path": paths[q].tolist(),
+                "leaf": leaf,
+                "second_path": routed[q, 1].tolist() if two else None,
+                "descent_path": descent[q].tolist(),
+                "blocks": [lv["block"] for lv in stats[q]],
+                "levels": stats[q],
+                "leaf_neighbours": [asdict(nb) for nb in in_leaf[q]],
+                "neighbours": wide,
+                "vote_share": float(share[q]),
+                "tree_version": router.tree_version,
+            }
+        )
     return out
 
 
@@ -65,32 +76,53 @@ def _snippet(text: str, words: int = 12) -> str:
 
 
 def format_answer(a: dict) -> str:
-    lines = [f"query: {_snippet(a['text'], 20)!r}",
-             f"path: {a['path']}   leaf {a['leaf']}   routing {a['routing']}"
-             + ("" if a["routing"] == "descent" else f" ({a['vote']} vote)") + f"   tree {a['tree_version']}"
-             + (f"   second path {a['second_path']}" if a.get("second_path") else "")
-             + ("" if a["descent_path"] == a["path"] else f"   (descent: {a['descent_path']})"),
-             f"  {'level':>5} {'node':>8} {'block':>8} {'documents':>10} {'tokens':>12}"]
-    lines += [f"  {lv['level']:>5} {lv['local']:>8} {lv['block']:>8} {lv['documents']:>10} {lv['tokens']:>12}"
-              for lv in a["levels"]]
+    lines = [
+        f"query: {_snippet(a['text'], 20)!r}",
+        f"path: {a['path']}   leaf {a['leaf']}   routing {a['routing']}"
+        + ("" if a["routing"] == "descent" else f" ({a['vote']} vote)")
+        + f"   tree {a['tree_version']}"
+        + (f"   second path {a['second_path']}" if a.get("second_path") else "")
+        + ("" if a["descent_path"] == a["path"] else f"   (descent: {a['descent_path']})"),
+        f"  {'level':>5} {'node':>8} {'block':>8} {'documents':>10} {'tokens':>12}",
+    ]
+    lines += [
+        f"  {lv['level']:>5} {lv['local']:>8} {lv['block']:>8} {lv['documents']:>10} {lv['tokens']:>12}"
+        for lv in a["levels"]
+    ]
+
     def doc(nb: dict) -> str:
         copies = f" (x{nb['copies']})" if nb["copies"] > 1 else ""
         return f"{nb['doc_id']}{copies}  {_snippet(nb['preview'])}"
 
     lines.append(f"training documents in leaf {a['leaf']} (similarity, share of the query's words):")
     lines += [f"  {nb['score']:.3f} {nb['words']:4.0%}  {doc(nb)}" for nb in a["leaf_neighbours"]]
-    lines.append("the corpus's nearest training documents, by vote weight (share of the listed ones' weight, "
-                 "similarity, words):")
-    lines += [f"  {nb['weight']:4.0%} {nb['score']:.3f} {nb['words']:4.0%}  leaf {nb['leaf']}"
-              f"{' (this leaf)' if nb['in_leaf'] else ''}  {doc(nb)}" for nb in a["neighbours"]]
+    lines.append(
+        "the corpus's nearest training documents, by vote weight (share of the listed ones' weight, similarity, words):"
+    )
+    lines += [
+        f"  {nb['weight']:4.0%} {nb['score']:.3f} {nb['words']:4.0%}  leaf {nb['leaf']}"
+        f"{' (this leaf)' if nb['in_leaf'] else ''}  {doc(nb)}"
+        for nb in a["neighbours"]
+    ]
     share = a["vote_share"]
-    lines.append(f"this leaf holds {share:.0%} of the vote's weight"
-                 + ("" if share >= 0.5 else "  -- no document clearly matches: the blocks this query fetches "
-                    "may not hold what it asks about"))
+    lines.append(
+        f"this leaf holds {share:.0%} of the vote's weight"
+        + (
+            ""
+            if share >= 0.5
+            else "  -- no document clearly matches: the blocks this query fetches may not hold what it asks about"
+        )
+    )
     if a.get("model"):
-        lines.append(f"model: mean loss of the query text {a['model'][0]['nll_fetched']:.3f} nats/token with its path; per level:")
-        lines += [f"  level {lv['level']} block {lv['block']}: {lv['nll_without']:.3f} without it ({lv['delta']:+.3f}), "
-                  f"{lv['nll_generic']:.3f} with the generic block instead" for lv in a["model"]]
+        lines.append(
+            f"model: mean loss of the query text {a['model'][0]['nll_fetched']:.3f} nats/token with its path; per "
+            "level:"
+        )
+        lines += [
+            f"  level {lv['level']} block {lv['block']}: {lv['nll_without']:.3f} without it ({lv['delta']:+.3f}), "
+            f"{lv['nll_generic']:.3f} with the generic block instead"
+            for lv in a["model"]
+        ]
     return "\n".join(lines)
 
 
@@ -113,10 +145,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("-n", type=int, default=5, help="neighbours to list (default 5)")
     p.add_argument("--json", action="store_true", help="one JSON object per line and query")
     p.add_argument("--model", help="trainer export: also report per level how much the block carries the fact")
-    p.add_argument("--routing", choices=MODES, help="routing mode (default: the model's recorded mode with --model, "
-                                                    "else neighbours)")
-    p.add_argument("--vote", choices=VOTES, help="how the neighbours weigh (default: the model's recorded vote with "
-                                                 "--model, else rerank)")
+    p.add_argument(
+        "--routing",
+        choices=MODES,
+        help="routing mode (default: the model's recorded mode with --model, else neighbours)",
+    )
+    p.add_argument(
+        "--vote",
+        choices=VOTES,
+        help="how the neighbours weigh (default: the model's recorded vote with --model, else rerank)",
+    )
     args = p.parse_args(argv)
 
     def work() -> list[dict]:
@@ -132,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         return answers
 
     return respond(work, args.json, format_answer)
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -25,6 +25,7 @@ Errors are 4xx in the OpenAI shape, {"error": {"message", "type", "param", "code
 One model lock: concurrent requests are answered one at a time, each exactly as alone. SIGTERM or Ctrl-C
 stops it after the requests in flight (exit code 0).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -53,8 +54,9 @@ class ApiError(Exception):
         self.status, self.message, self.param, self.code = status, message, param, code
 
 
-def error_body(message: str, param: str | None = None, code: str | None = None,
-               kind: str = "invalid_request_error") -> dict:
+def error_body(
+    message: str, param: str | None = None, code: str | None = None, kind: str = "invalid_request_error"
+) -> dict:
     return {"error": {"message": " ".join(str(message).split()), "type": kind, "param": param, "code": code}}
 
 
@@ -79,31 +81,51 @@ class Metrics:
     def text(self, store_stats: dict | None) -> str:
         lines = ["# HELP hmem_requests_total HTTP requests by path and status.", "# TYPE hmem_requests_total counter"]
         with self.lock:
-            lines += [f'hmem_requests_total{{path="{p}",status="{s}"}} {n}' for (p, s), n in sorted(self.requests.items())]
-            lines += ["# HELP hmem_completion_seconds Latency of /v1/completions requests.",
-                      "# TYPE hmem_completion_seconds histogram"]
+            lines += [
+                f'hmem_requests_total{{path="{p}",status="{s}"}} {n}' for (p, s), n in sorted(self.requests.items())
+            ]
+            lines += [
+                "# HELP hmem_completion_seconds Latency of /v1/completions requests.",
+                "# TYPE hmem_completion_seconds histogram",
+            ]
             lines += [f'hmem_completion_seconds_bucket{{le="{e}"}} {n}' for e, n in zip(LATENCY_BUCKETS, self.buckets)]
-            lines += [f'hmem_completion_seconds_bucket{{le="+Inf"}} {self.count}',
-                      f"hmem_completion_seconds_sum {self.total}", f"hmem_completion_seconds_count {self.count}"]
+            lines += [
+                f'hmem_completion_seconds_bucket{{le="+Inf"}} {self.count}',
+                f"hmem_completion_seconds_sum {self.total}",
+                f"hmem_completion_seconds_count {self.count}",
+            ]
         if store_stats is not None:
             for name, kind, key, about in (
-                    ("blocks_fetched_total", "counter", "fetched", "Memory blocks fetched, resident levels included."),
-                    ("cache_hits_total", "counter", "hits", "Deep blocks found in the cache."),
-                    ("cache_misses_total", "counter", "misses", "Deep blocks read from the bank files."),
-                    ("bank_read_bytes_total", "counter", "bytes_read", "Bytes read from the bank files."),
-                    ("cache_bytes", "gauge", "cached_bytes", "Bytes of deep blocks in the cache."),
-                    ("cache_blocks", "gauge", "cached_blocks", "Deep blocks in the cache."),
-                    ("cache_budget_bytes", "gauge", "budget_bytes", "The cache's byte budget (--cache-mb)."),
-                    ("resident_bytes", "gauge", "resident_bytes", "Bytes of the levels held in RAM.")):
-                lines += [f"# HELP hmem_{name} {about}", f"# TYPE hmem_{name} {kind}", f"hmem_{name} {store_stats[key]}"]
+                ("blocks_fetched_total", "counter", "fetched", "Memory blocks fetched, resident levels included."),
+                ("cache_hits_total", "counter", "hits", "Deep blocks found in the cache."),
+                ("cache_misses_total", "counter", "misses", "Deep blocks read from the bank files."),
+                ("bank_read_bytes_total", "counter", "bytes_read", "Bytes read from the bank files."),
+                ("cache_bytes", "gauge", "cached_bytes", "Bytes of deep blocks in the cache."),
+                ("cache_blocks", "gauge", "cached_blocks", "Deep blocks in the cache."),
+                ("cache_budget_bytes", "gauge", "budget_bytes", "The cache's byte budget (--cache-mb)."),
+                ("resident_bytes", "gauge", "resident_bytes", "Bytes of the levels held in RAM."),
+            ):
+                lines += [
+                    f"# HELP hmem_{name} {about}",
+                    f"# TYPE hmem_{name} {kind}",
+                    f"hmem_{name} {store_stats[key]}",
+                ]
         return "\n".join(lines) + "\n"
 
 
 class Service:
     """The model behind the API: an ``Asker`` whose bank reads through a ``CachedBlockStore``, and one lock."""
 
-    def __init__(self, run: str, model: str, name: str, routing: str | None, cache_mb: float, resident_levels: int,
-                 max_tokens_limit: int):
+    def __init__(
+        self,
+        run: str,
+        model: str,
+        name: str,
+        routing: str | None,
+        cache_mb: float,
+        resident_levels: int,
+        max_tokens_limit: int,
+    ):
         from hmem.ask import Asker
         from train.lazy_store import CachedBlockStore
 
@@ -119,11 +141,18 @@ class Service:
     def check(self, req: CompletionRequest) -> list[str]:
         """The request's prompts, or an ApiError naming what is wrong with it."""
         if req.model != self.name:
-            raise ApiError(404, f"model {req.model!r} is not served here; this server serves {self.name!r}",
-                           "model", "model_not_found")
+            raise ApiError(
+                404,
+                f"model {req.model!r} is not served here; this server serves {self.name!r}",
+                "model",
+                "model_not_found",
+            )
         if req.temperature:
-            raise ApiError(400, f"temperature {req.temperature}: only greedy decoding is served (temperature 0 or absent)",
-                           "temperature")
+            raise ApiError(
+                400,
+                f"temperature {req.temperature}: only greedy decoding is served (temperature 0 or absent)",
+                "temperature",
+            )
         if req.stream:
             raise ApiError(400, "stream: streaming is not served; ask without stream", "stream")
         if req.n != 1:
@@ -137,8 +166,12 @@ class Service:
         for i, p in enumerate(prompts):
             n = 1 + len(self.asker.ev.tokenizer.encode(p).ids)  # the model reads <eot> before the prompt
             if n > context:
-                raise ApiError(400, f"prompt {i} is {n} tokens with <eot>; the model's context is {context}", "prompt",
-                               "context_length_exceeded")
+                raise ApiError(
+                    400,
+                    f"prompt {i} is {n} tokens with <eot>; the model's context is {context}",
+                    "prompt",
+                    "context_length_exceeded",
+                )
         return prompts
 
     def complete(self, req: CompletionRequest) -> dict:
@@ -158,14 +191,28 @@ class Service:
             text = text[:cut] if cut >= 0 else text
             used += len(tok.encode(text).ids)
             choices.append({"index": i, "text": text, "finish_reason": finish, "logprobs": None})
-            routes.append({"index": i, "routing": a["routing"], "path": a["path"], "leaf": a["leaf"],
-                           "blocks": a["blocks"], "route_ms": a["ms"]["route"], "fetch_ms": fetch_ms,
-                           "compute_ms": a["ms"]["answer"] - fetch_ms})
+            routes.append(
+                {
+                    "index": i,
+                    "routing": a["routing"],
+                    "path": a["path"],
+                    "leaf": a["leaf"],
+                    "blocks": a["blocks"],
+                    "route_ms": a["ms"]["route"],
+                    "fetch_ms": fetch_ms,
+                    "compute_ms": a["ms"]["answer"] - fetch_ms,
+                }
+            )
         prompt_tokens = sum(1 + len(tok.encode(p).ids) for p in prompts)
-        return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
-                "model": self.name, "choices": choices,
-                "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": used, "total_tokens": prompt_tokens + used},
-                "hmem": routes}
+        return {
+            "id": f"cmpl-{uuid.uuid4().hex}",
+            "object": "text_completion",
+            "created": int(time.time()),
+            "model": self.name,
+            "choices": choices,
+            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": used, "total_tokens": prompt_tokens + used},
+            "hmem": routes,
+        }
 
 
 class CompletionRequest(BaseModel):
@@ -217,8 +264,10 @@ def build_app(service: Service) -> FastAPI:
 
     @app.get("/v1/models")
     def models() -> dict:
-        return {"object": "list", "data": [{"id": service.name, "object": "model", "created": service.created,
-                                            "owned_by": "hmem"}]}
+        return {
+            "object": "list",
+            "data": [{"id": service.name, "object": "model", "created": service.created, "owned_by": "hmem"}],
+        }
 
     @app.get("/health")
     def health() -> dict:
@@ -226,8 +275,10 @@ def build_app(service: Service) -> FastAPI:
 
     @app.get("/metrics")
     def metrics():
-        return PlainTextResponse(service.metrics.text(service.store.stats() if service.store else None),
-                                 media_type="text/plain; version=0.0.4")
+        return PlainTextResponse(
+            service.metrics.text(service.store.stats() if service.store else None),
+            media_type="text/plain; version=0.0.4",
+        )
 
     return app
 
@@ -258,13 +309,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--routing", choices=MODES, help="routing mode (default: the model's recorded mode)")
     args = p.parse_args(argv)
     if args.cache_mb <= 0 or args.resident_levels < 0 or args.max_tokens_limit < 1:
-        print(f"error: --cache-mb {args.cache_mb} must be > 0, --resident-levels {args.resident_levels} >= 0, "
-              f"--max-tokens-limit {args.max_tokens_limit} >= 1", file=sys.stderr)
+        print(
+            f"error: --cache-mb {args.cache_mb} must be > 0, --resident-levels {args.resident_levels} >= 0, "
+            f"--max-tokens-limit {args.max_tokens_limit} >= 1",
+            file=sys.stderr,
+        )
         return 1
     bound_malloc()
     try:
-        service = Service(args.run, args.model, args.name, args.routing, args.cache_mb, args.resident_levels,
-                          args.max_tokens_limit)
+        service = Service(
+            args.run, args.model, args.name, args.routing, args.cache_mb, args.resident_levels, args.max_tokens_limit
+        )
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -274,9 +329,12 @@ def main(argv: list[str] | None = None) -> int:
     # this one makes that second delivery a no-op, so a stop that was asked for exits 0
     signal.signal(signal.SIGTERM, lambda *_: None)
     stats = service.store.stats() if service.store else {"resident_bytes": 0, "budget_bytes": 0}
-    print(f"serving {args.name!r} on http://{args.host}:{args.port}/v1 (resident memory levels <= "
-          f"{args.resident_levels}: {stats['resident_bytes'] / 2**20:.1f} MiB, deep-block cache "
-          f"{stats['budget_bytes'] / 2**20:.0f} MiB)", flush=True)
+    print(
+        f"serving {args.name!r} on http://{args.host}:{args.port}/v1 (resident memory levels <= "
+        f"{args.resident_levels}: {stats['resident_bytes'] / 2**20:.1f} MiB, deep-block cache "
+        f"{stats['budget_bytes'] / 2**20:.0f} MiB)",
+        flush=True,
+    )
     uvicorn.run(build_app(service), host=args.host, port=args.port, log_level="warning")
     return 0
 

@@ -5,6 +5,7 @@ dataclass built from the mapping with strict keys and type coercion (``build``).
 one ``ConfigError``: a ``ValueError`` whose message is one line naming the file, the key path and
 what to do. Ground floor: the standard library and yaml only, so any layer may load a config.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -65,15 +66,16 @@ def apply_overrides(raw: dict, overrides: Iterable[str]) -> dict:
         try:
             value = yaml.safe_load(text)
         except yaml.YAMLError as e:
-            raise ConfigError(f"--set {item!r}: the value is not valid YAML ({getattr(e, 'problem', None) or e}); "
-                              "quote it") from None
+            raise ConfigError(
+                f"--set {item!r}: the value is not valid YAML ({getattr(e, 'problem', None) or e}); quote it"
+            ) from None
         node = raw
         for i, k in enumerate(keys[:-1]):
             if node.get(k) is None:
                 node[k] = {}
             node = node[k]
             if not isinstance(node, dict):
-                raise ConfigError(f"--set {item!r}: {'.'.join(keys[:i + 1])} is {node!r}, not a section")
+                raise ConfigError(f"--set {item!r}: {'.'.join(keys[: i + 1])} is {node!r}, not a section")
         node[keys[-1]] = value
     return raw
 
@@ -103,8 +105,11 @@ def build(cls, raw: dict, where: str, *, key: str = "", fixed: dict | None = Non
     hints = typing.get_type_hints(cls)
     values = {k: _coerce(v, hints[k], where, f"{key}.{k}" if key else k) for k, v in raw.items()}
     values.update(fixed or {})
-    missing = sorted(n for n, f in fields.items() if n not in values and f.default is dataclasses.MISSING
-                     and f.default_factory is dataclasses.MISSING)
+    missing = sorted(
+        n
+        for n, f in fields.items()
+        if n not in values and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    )
     if missing:
         raise ConfigError(f"{at}: missing keys {missing}")
     try:

@@ -30,11 +30,12 @@ Build (``build_document_index``) never holds all vectors, or all codes, in one p
      index written to ``index/shards/`` (RAM: one shard's codes, shard_rows x (pq_m + 8) bytes);
   3. the shards' lists are merged into ``lists.ivfdata`` (faiss.contrib.ondisk.merge_ondisk, which
      reads the shards memory-mapped) and the shards are removed.
-Memory at 3 billion documents with pq_m=48: 168 GB of lists on disk (and 1.5 TB of Bloom filters), of which a query touches
-``nprobe`` lists (pq_m=128: 408 GB, for a vote that matches the exact search's on near-ties too;
-README, "The document index"); the quantizer holds the leaf centroids (65,536 x 384 x 4 B = 100 MB
+Memory at 3 billion documents with pq_m=48: 168 GB of lists on disk (and 1.5 TB of Bloom filters), of which a query
+touches ``nprobe`` lists (pq_m=128: 408 GB, for a vote that matches the exact search's on near-ties too;
+docs/DESIGN.md, "The document index"); the quantizer holds the leaf centroids (65,536 x 384 x 4 B = 100 MB
 at k=16, p=4).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -126,7 +127,7 @@ def _batches(routed_dir: str, columns: list[str]):
 def _empty_index(tree: Tree, pq_m: int) -> faiss.IndexIVFPQ:
     quantizer = faiss.IndexFlatL2(tree.dim)
     quantizer.add(np.ascontiguousarray(tree.centroids[-1], dtype=np.float32))
-    index = faiss.IndexIVFPQ(quantizer, tree.dim, tree.k ** tree.depth, pq_m, 8)
+    index = faiss.IndexIVFPQ(quantizer, tree.dim, tree.k**tree.depth, pq_m, 8)
     index.own_fields = True
     quantizer.this.disown()
     return index
@@ -148,8 +149,10 @@ def content_key(x: np.ndarray, chunk: int = 4096) -> np.ndarray:
     mult = (np.arange(bits.shape[1], dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)) | np.uint64(1)
     h = np.empty(len(bits), dtype=np.uint64)
     with np.errstate(over="ignore"):
-        for a in range(0, len(bits), chunk):  # chunks: the uint64 products of a whole batch would be 8 bytes a dimension
-            h[a:a + chunk] = (bits[a:a + chunk].astype(np.uint64) * mult).sum(axis=1, dtype=np.uint64)
+        for a in range(
+            0, len(bits), chunk
+        ):  # chunks: the uint64 products of a whole batch would be 8 bytes a dimension
+            h[a : a + chunk] = (bits[a : a + chunk].astype(np.uint64) * mult).sum(axis=1, dtype=np.uint64)
         return (h ^ (h >> np.uint64(29))) * np.uint64(0xBF58476D1CE4E5B9)
 
 
@@ -157,13 +160,16 @@ def _check_columns(routed_dir: str, run_dir: str) -> None:
     names = set(ds.dataset(routed_dir, format="parquet", partitioning="hive").schema.names)
     missing = [c for c in ROUTED_COLUMNS if c not in names]
     if missing:
-        raise ValueError(f"{routed_dir} has no column {', '.join(missing)}: it was written by an older job; rerun "
-                         f"spark-submit jobs/cluster_corpus.py --output {run_dir} into a new directory (with --tree "
-                         f"{run_dir} to keep the tree) and build the index there")
+        raise ValueError(
+            f"{routed_dir} has no column {', '.join(missing)}: it was written by an older job; rerun "
+            f"spark-submit jobs/cluster_corpus.py --output {run_dir} into a new directory (with --tree "
+            f"{run_dir} to keep the tree) and build the index there"
+        )
 
 
-def _codebook_sample(routed_dir: str, tree: Tree, n_leaves: int, n_routed: int, n_distinct: int,
-                     train_sample: int) -> np.ndarray:
+def _codebook_sample(
+    routed_dir: str, tree: Tree, n_leaves: int, n_routed: int, n_distinct: int, train_sample: int
+) -> np.ndarray:
     """Step 1's training points: the residuals to their leaf centroid of the distinct documents whose content
     key falls in the sample (about ``train_sample``), sorted by that key. This pass also checks that routed/
     holds the manifest's documents."""
@@ -194,15 +200,25 @@ def _write_terms(batch: pa.RecordBatch, bloom, df: np.ndarray) -> None:
     df[bucket] += count.astype(np.uint32)
 
 
-def _encode_shards(index: faiss.IndexIVFPQ, routed_dir: str, out_dir: str, tree: Tree, n_leaves: int, n_routed: int,
-                   shard_rows: int, log) -> tuple[list[str], int, np.ndarray]:
+def _encode_shards(
+    index: faiss.IndexIVFPQ,
+    routed_dir: str,
+    out_dir: str,
+    tree: Tree,
+    n_leaves: int,
+    n_routed: int,
+    shard_rows: int,
+    log,
+) -> tuple[list[str], int, np.ndarray]:
     """Step 2: routed/'s first copies streamed into shard indexes under index/shards/ and into the display table
     and Bloom filters (``.tmp`` until the index is complete). Returns the shard paths, the documents encoded
     and the document frequency per term bucket."""
     shard_dir = os.path.join(out_dir, "shards")
     shutil.rmtree(shard_dir, ignore_errors=True)
     os.makedirs(shard_dir)
-    schema = pa.schema([("doc_id", pa.string()), ("leaf", pa.int64()), ("preview", pa.string()), ("copies", pa.int64())])
+    schema = pa.schema(
+        [("doc_id", pa.string()), ("leaf", pa.int64()), ("preview", pa.string()), ("copies", pa.int64())]
+    )
     arrow_tmp, terms_tmp = os.path.join(out_dir, "documents.arrow.tmp"), os.path.join(out_dir, "terms.bin.tmp")
     df = np.zeros(lexical.DF_BUCKETS, dtype=np.uint32)
     shards, shard, n, done, t1 = [], None, 0, 0, time.time()
@@ -225,16 +241,24 @@ def _encode_shards(index: faiss.IndexIVFPQ, routed_dir: str, out_dir: str, tree:
                 shard = faiss.clone_index(index)
             ids = (leaf << LEAF_SHIFT) | np.arange(n, n + len(leaf), dtype=np.int64)
             shard.add_core(len(leaf), faiss.swig_ptr(x), faiss.swig_ptr(ids), faiss.swig_ptr(leaf))
-            writer.write_batch(pa.record_batch([batch.column(c) for c in ("doc_id",)] + [pa.array(leaf)]
-                                               + [batch.column(c) for c in ("preview", "copies")], schema=schema))
+            writer.write_batch(
+                pa.record_batch(
+                    [batch.column(c) for c in ("doc_id",)]
+                    + [pa.array(leaf)]
+                    + [batch.column(c) for c in ("preview", "copies")],
+                    schema=schema,
+                )
+            )
             _write_terms(batch, bloom, df)
             n += len(leaf)
             if shard.ntotal >= shard_rows:
                 flush()
                 shard = None
             rate = done / max(time.time() - t1, 1e-9)
-            log(f"index: {done:,}/{n_routed:,} routed documents read, {n:,} distinct encoded, {rate:,.0f} docs/s, "
-                f"ETA {(n_routed - done) / rate:.0f}s")
+            log(
+                f"index: {done:,}/{n_routed:,} routed documents read, {n:,} distinct encoded, {rate:,.0f} docs/s, "
+                f"ETA {(n_routed - done) / rate:.0f}s"
+            )
     if shard is not None:
         flush()
     return shards, n, df
@@ -256,15 +280,25 @@ def _merge_shards(index: faiss.IndexIVFPQ, shards: list[str], out_dir: str) -> N
 def _index_meta(out_dir: str, tree: Tree, n: int, n_routed: int, pq_m: int) -> dict:
     """index.json's content, from the files in place."""
     sizes = {name: os.path.getsize(os.path.join(out_dir, name)) for name in ("documents.faiss", "lists.ivfdata")}
-    return {"format": FORMAT, "tree_version": tree.version, "n_documents": n, "n_routed": n_routed, "dim": tree.dim,
-            "n_leaves": tree.k ** tree.depth, "pq_m": pq_m, "bloom_bytes": lexical.BLOOM_BYTES,
-            "df_buckets": lexical.DF_BUCKETS, "index_bytes": sum(sizes.values()),
-            "list_bytes_per_document": sizes["lists.ivfdata"] / n,
-            "table_bytes_per_document": os.path.getsize(os.path.join(out_dir, "documents.arrow")) / n}
+    return {
+        "format": FORMAT,
+        "tree_version": tree.version,
+        "n_documents": n,
+        "n_routed": n_routed,
+        "dim": tree.dim,
+        "n_leaves": tree.k**tree.depth,
+        "pq_m": pq_m,
+        "bloom_bytes": lexical.BLOOM_BYTES,
+        "df_buckets": lexical.DF_BUCKETS,
+        "index_bytes": sum(sizes.values()),
+        "list_bytes_per_document": sizes["lists.ivfdata"] / n,
+        "table_bytes_per_document": os.path.getsize(os.path.join(out_dir, "documents.arrow")) / n,
+    }
 
 
-def build_document_index(run_dir: str, pq_m: int = PQ_M, train_sample: int = 100_000,
-                         shard_rows: int = 4_000_000, log=print) -> dict:
+def build_document_index(
+    run_dir: str, pq_m: int = PQ_M, train_sample: int = 100_000, shard_rows: int = 4_000_000, log=print
+) -> dict:
     """Write RUN/index/ from RUN/tree/ and RUN/routed/ (see the module doc). Returns index.json."""
     t0 = time.time()
     tree = Tree.load(os.path.join(run_dir, "tree"))
@@ -274,7 +308,7 @@ def build_document_index(run_dir: str, pq_m: int = PQ_M, train_sample: int = 100
     if tree.dim % pq_m:
         raise ValueError(f"pq_m {pq_m} must divide the embedding dimension {tree.dim}")
     _check_columns(routed_dir, run_dir)
-    n_leaves = tree.k ** tree.depth
+    n_leaves = tree.k**tree.depth
     manifest = read_manifest(run_dir, {"documents_routed": int, "documents_distinct": int})
     n_routed, n_distinct = manifest["documents_routed"], manifest["documents_distinct"]
 
@@ -304,16 +338,26 @@ def build_document_index(run_dir: str, pq_m: int = PQ_M, train_sample: int = 100
     # index.json last: its presence marks a complete index
     with open(os.path.join(out_dir, "index.json"), "w") as f:
         json.dump(meta, f, indent=2)
-    log(f"index: {n:,} distinct of {n_routed:,} routed documents, {meta['list_bytes_per_document']:.1f} bytes each "
-        f"in the lists + {lexical.BLOOM_BYTES} of Bloom filter ({time.time() - t0:.1f}s)")
+    log(
+        f"index: {n:,} distinct of {n_routed:,} routed documents, {meta['list_bytes_per_document']:.1f} bytes each "
+        f"in the lists + {lexical.BLOOM_BYTES} of Bloom filter ({time.time() - t0:.1f}s)"
+    )
     return meta
 
 
 class DocumentIndex:
     """A loaded RUN/index/ (memory-mapped); ``search`` over bounded probes, ``search_leaves`` in given lists."""
 
-    def __init__(self, index_dir: str, index: faiss.IndexIVFPQ, table: pa.Table, meta: dict, tree: Tree,
-                 filters: np.ndarray, df: np.ndarray):
+    def __init__(
+        self,
+        index_dir: str,
+        index: faiss.IndexIVFPQ,
+        table: pa.Table,
+        meta: dict,
+        tree: Tree,
+        filters: np.ndarray,
+        df: np.ndarray,
+    ):
         self.dir, self.index, self.table, self.meta = index_dir, index, table, meta
         self.leaf_centroids = np.ascontiguousarray(tree.centroids[-1], dtype=np.float32)
         self.filters, self.df = filters, df  # memory-mapped: [n, BLOOM_BYTES] uint8, [DF_BUCKETS] uint32
@@ -325,25 +369,36 @@ class DocumentIndex:
         fix = f"build it with: python jobs/build_index.py --run {run_dir}"
         meta = read_json(os.path.join(index_dir, "index.json"), f"the run has no document index; {fix}")
         if meta.get("format") != FORMAT or meta.get("tree_version") != tree_version:
-            raise TreeVersionError(f"{index_dir}/index.json: built for tree {meta.get('tree_version')!r} (format "
-                                f"{meta.get('format')!r}), the run's tree is {tree_version!r} ({FORMAT}); {fix}")
+            raise TreeVersionError(
+                f"{index_dir}/index.json: built for tree {meta.get('tree_version')!r} (format "
+                f"{meta.get('format')!r}), the run's tree is {tree_version!r} ({FORMAT}); {fix}"
+            )
         try:
             # lists.ivfdata is found next to documents.faiss wherever the run directory was moved
             with _quiet():
-                index = faiss.read_index(os.path.join(index_dir, "documents.faiss"),
-                                         faiss.IO_FLAG_ONDISK_SAME_DIR | faiss.IO_FLAG_READ_ONLY)
+                index = faiss.read_index(
+                    os.path.join(index_dir, "documents.faiss"), faiss.IO_FLAG_ONDISK_SAME_DIR | faiss.IO_FLAG_READ_ONLY
+                )
             table = pa.ipc.open_file(pa.memory_map(os.path.join(index_dir, "documents.arrow"))).read_all()
-            filters = np.memmap(os.path.join(index_dir, "terms.bin"), dtype=np.uint8, mode="r",
-                                shape=(meta["n_documents"], meta["bloom_bytes"]))
+            filters = np.memmap(
+                os.path.join(index_dir, "terms.bin"),
+                dtype=np.uint8,
+                mode="r",
+                shape=(meta["n_documents"], meta["bloom_bytes"]),
+            )
             df = np.load(os.path.join(index_dir, "df.npy"), mmap_mode="r")
         except (RuntimeError, OSError, ValueError, pa.ArrowInvalid) as e:
             raise ValueError(f"{index_dir} is corrupt or incomplete ({e}); {fix}") from e
         if index.ntotal != meta["n_documents"] or table.num_rows != meta["n_documents"]:
-            raise ValueError(f"{index_dir}: index.json says {meta['n_documents']} documents, documents.faiss has "
-                             f"{index.ntotal}, documents.arrow {table.num_rows}; {fix}")
+            raise ValueError(
+                f"{index_dir}: index.json says {meta['n_documents']} documents, documents.faiss has "
+                f"{index.ntotal}, documents.arrow {table.num_rows}; {fix}"
+            )
         if meta["bloom_bytes"] != lexical.BLOOM_BYTES or df.shape != (lexical.DF_BUCKETS,):
-            raise ValueError(f"{index_dir}: word filters of {meta['bloom_bytes']} bytes / {df.shape[0]} frequency "
-                             f"buckets, this code reads {lexical.BLOOM_BYTES} / {lexical.DF_BUCKETS}; {fix}")
+            raise ValueError(
+                f"{index_dir}: word filters of {meta['bloom_bytes']} bytes / {df.shape[0]} frequency "
+                f"buckets, this code reads {lexical.BLOOM_BYTES} / {lexical.DF_BUCKETS}; {fix}"
+            )
         return cls(index_dir, index, table, meta, tree, filters, df)
 
     def word_share(self, queries: list[list[int]] | list[np.ndarray], rows: np.ndarray) -> np.ndarray:

@@ -25,6 +25,7 @@ Length bucketing. All texts of a call are tokenised once and run in batches of
 similar token length (longest first), so padding is not computed; a text's
 vector does not depend on its batch neighbours beyond float rounding.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -48,6 +49,7 @@ class PrecisionMismatch(ValueError):
 def cpu_has_bf16() -> bool:
     """Native bf16 matmuls on this CPU (AVX512-BF16 or AMX)."""
     import torch
+
     return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
 
 
@@ -65,8 +67,10 @@ def run_precision(manifest: dict, tree_config: dict) -> str:
     in_manifest = manifest.get("config", {}).get("encoder_precision", "fp32")
     in_tree = tree_config.get("encoder_precision", "fp32")
     if in_manifest != in_tree:
-        raise PrecisionMismatch(f"manifest.json says encoder precision {in_manifest!r} but tree/tree.json says "
-                                f"{in_tree!r}; the run directory mixes two runs")
+        raise PrecisionMismatch(
+            f"manifest.json says encoder precision {in_manifest!r} but tree/tree.json says "
+            f"{in_tree!r}; the run directory mixes two runs"
+        )
     return in_manifest
 
 
@@ -78,6 +82,7 @@ class Encoder:
 
     def autocast(self):
         import torch
+
         if self.precision == "bf16":
             return torch.autocast(self.device.split(":")[0], dtype=torch.bfloat16)
         return contextlib.nullcontext()
@@ -109,18 +114,24 @@ def load_encoder(device: str | None = None, precision: str = "fp32") -> Encoder:
 def split_windows(encoder: Encoder, text: str, max_windows: int) -> list[str]:
     """The first ``max_windows`` consecutive spans of ``text`` holding MAX_SEQ_LENGTH-2 word pieces each."""
     # cut the original string at token offsets, so each window is re-tokenised to the same pieces
-    offsets = encoder.model.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True,
-                                      verbose=False)["offset_mapping"]
+    offsets = encoder.model.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)[
+        "offset_mapping"
+    ]
     per = MAX_SEQ_LENGTH - 2
     spans = []
     for w in range(min(max_windows, max(1, -(-len(offsets) // per)))):
-        chunk = offsets[w * per:(w + 1) * per]
-        spans.append(text[chunk[0][0]:chunk[-1][1]] if chunk else text)
+        chunk = offsets[w * per : (w + 1) * per]
+        spans.append(text[chunk[0][0] : chunk[-1][1]] if chunk else text)
     return spans
 
 
-def encode(encoder: Encoder, texts: list[str], batch_size: int, bucket: bool = True,
-           on_batch: Callable[[int], None] | None = None) -> np.ndarray:
+def encode(
+    encoder: Encoder,
+    texts: list[str],
+    batch_size: int,
+    bucket: bool = True,
+    on_batch: Callable[[int], None] | None = None,
+) -> np.ndarray:
     """float32 [N, 384] L2-normalised first-window embeddings; ``on_batch(n)`` after each batch of n texts."""
     import torch
 
@@ -131,7 +142,7 @@ def encode(encoder: Encoder, texts: list[str], batch_size: int, bucket: bool = T
     out = np.empty((len(texts), DIM), dtype=np.float32)
     with torch.inference_mode(), encoder.autocast():
         for s in range(0, len(texts), batch_size):
-            idx = order[s:s + batch_size]
+            idx = order[s : s + batch_size]
             feats = tok.pad({k: [v[i] for i in idx] for k, v in enc.items()}, return_tensors="pt")
             e = encoder.model({k: t.to(encoder.device) for k, t in feats.items()})["sentence_embedding"]
             out[idx] = torch.nn.functional.normalize(e.float(), dim=1).cpu().numpy()
@@ -140,8 +151,14 @@ def encode(encoder: Encoder, texts: list[str], batch_size: int, bucket: bool = T
     return out
 
 
-def embed_texts(encoder: Encoder, texts: list[str], batch_size: int = 64, max_windows: int = 1,
-                bucket: bool = True, on_batch: Callable[[float], None] | None = None) -> np.ndarray:
+def embed_texts(
+    encoder: Encoder,
+    texts: list[str],
+    batch_size: int = 64,
+    max_windows: int = 1,
+    bucket: bool = True,
+    on_batch: Callable[[float], None] | None = None,
+) -> np.ndarray:
     """float32 [N, 384], each row L2-normalised (see the module doc for windowing and bucketing).
 
     ``on_batch(docs)`` is called as batches finish, with documents done (windows pro rata)."""

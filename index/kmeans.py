@@ -19,6 +19,7 @@ that nearest-with-bias assignment of the sample respects the cap. When the
 sample is a subsample of the node, the cap is tightened by ``margin_sigmas``
 binomial standard deviations so that it also holds for the unseen points.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -153,7 +154,7 @@ def fit_children(points: np.ndarray, params: KMeansParams, seed: int, node_size:
         else:
             if pos + params.batch_size > n:
                 order, pos = rng.permutation(n), 0
-            batch = x[order[pos:pos + params.batch_size]]
+            batch = x[order[pos : pos + params.batch_size]]
             pos += params.batch_size
         assign = sq_dists(batch, c, xx if full else None).argmin(1)
         assign = rebalance(assign, k, child_cap(len(batch), k, params.balance_factor), rng)

@@ -11,6 +11,7 @@ the same bits whatever batch it is routed in and on every CPU. Cost: p*k dot
 products per point, about 1M points/s per core at k=16, p=4, d=384
 (bench/router_throughput.py).
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -31,8 +32,10 @@ def _load_kernel() -> ctypes.CDLL:
             lib = ctypes.CDLL(str(here / f"_descend{suffix}"))
             break
     else:
-        raise ImportError(f"the routing kernel index/_descend*.so is not built in {here}: "
-                          "run `pip install -e .` (or `make install`) from the repository root")
+        raise ImportError(
+            f"the routing kernel index/_descend*.so is not built in {here}: "
+            "run `pip install -e .` (or `make install`) from the repository root"
+        )
     lib.hm_descend.restype = ctypes.c_int
     lib.hm_descend.argtypes = [ctypes.c_void_p] + [ctypes.c_int64] * 6 + [ctypes.c_void_p] * 4
     lib.hm_offsets.restype = None
@@ -86,9 +89,9 @@ class Descender:
             c = np.asarray(c, dtype=np.float32)
             parents = c.shape[0] // self.k
             block = np.zeros((parents, self.dim, self.kp), dtype=np.float32)
-            block[:, :, :self.k] = c.reshape(parents, self.k, self.dim).transpose(0, 2, 1)
+            block[:, :, : self.k] = c.reshape(parents, self.k, self.dim).transpose(0, 2, 1)
             off = np.full((parents, self.kp), -np.inf, dtype=np.float32)  # padding lanes never win
-            off[:, :self.k] = offsets(c, b).reshape(parents, self.k)
+            off[:, : self.k] = offsets(c, b).reshape(parents, self.k)
             self.blocks.append(block)
             self.offsets.append(off)
         pointers = ctypes.c_void_p * self.depth
@@ -104,12 +107,23 @@ class Descender:
         if not 0 <= first <= last <= self.depth:
             raise ValueError(f"levels {first}..{last} outside the tree's 0..{self.depth}")
         assert node.dtype == np.int64 and node.flags.c_contiguous and node.shape == (x.shape[0],)
-        if len(node) and (node.min() < 0 or node.max() >= self.k ** first):
-            raise ValueError(f"node indices must lie in 0..{self.k ** first - 1} at level {first}")
+        if len(node) and (node.min() < 0 or node.max() >= self.k**first):
+            raise ValueError(f"node indices must lie in 0..{self.k**first - 1} at level {first}")
         paths = np.zeros((x.shape[0], last - first), dtype=np.int32)
         if x.shape[0] and last > first:
-            if _KERNEL.hm_descend(x.ctypes.data, x.shape[0], self.dim, self.k, self.kp, first, last,
-                                  self._blocks, self._offsets, node.ctypes.data, paths.ctypes.data):
+            if _KERNEL.hm_descend(
+                x.ctypes.data,
+                x.shape[0],
+                self.dim,
+                self.k,
+                self.kp,
+                first,
+                last,
+                self._blocks,
+                self._offsets,
+                node.ctypes.data,
+                paths.ctypes.data,
+            ):
                 raise MemoryError(f"routing kernel: no scratch memory for {x.shape[0]} points")
         return paths
 

@@ -35,6 +35,7 @@ Copies of a text are one entry of the document index, so neither rule counts the
 the same whether a document is in the corpus once or many times.
 Scores are cosine similarities of L2-normalised embeddings (approximate: PQ codes).
 """
+
 from __future__ import annotations
 
 import os
@@ -61,7 +62,6 @@ class Neighbour:
     weight: float | None = None  # its share of the weight of the n neighbours listed with it
 
 
-
 def leaf_paths(leaves: np.ndarray, k: int, depth: int) -> np.ndarray:
     """Root-to-leaf paths [..., depth] of leaf local indices (the inverse of index.tree.local_index)."""
     leaves = np.asarray(leaves, dtype=np.int64)
@@ -69,7 +69,8 @@ def leaf_paths(leaves: np.ndarray, k: int, depth: int) -> np.ndarray:
 
 
 def leading_path(routes: np.ndarray) -> np.ndarray:
-    """The first path [N, p] of routes [N, p] or [N, 2, p] (two_paths: the path the report and the metrics lead with)."""
+    """The first path [N, p] of routes [N, p] or [N, 2, p] (two_paths: the path the report and the metrics lead
+    with)."""
     return routes[:, 0] if routes.ndim == 3 else routes
 
 
@@ -100,22 +101,31 @@ def vote(keys: np.ndarray, weights: np.ndarray, top: int = 1) -> tuple[np.ndarra
         uniq, inv = np.unique(keys[i][ok], return_inverse=True)
         w = np.bincount(inv, weights=weights[i][ok])
         order = np.lexsort((uniq, -w))[:top]  # most weight first, then the smallest key
-        best[i, :len(order)] = uniq[order]
-        share[i, :len(order)] = w[order] / w.sum()
+        best[i, : len(order)] = uniq[order]
+        share[i, : len(order)] = w[order] / w.sum()
     return best, share
 
 
 class Router:
     """Load with ``Router.load(run_dir)``; all methods are batched over queries."""
 
-    def __init__(self, run_dir: str, tree: Tree, tree_version: str, manifest: dict, documents: DocumentIndex | None,
-                 routing: RoutingConfig | None = None):
+    def __init__(
+        self,
+        run_dir: str,
+        tree: Tree,
+        tree_version: str,
+        manifest: dict,
+        documents: DocumentIndex | None,
+        routing: RoutingConfig | None = None,
+    ):
         self.run_dir, self.tree, self.manifest, self.documents = run_dir, tree, manifest, documents
         self.tree_version = tree_version  # tree.version hashes every centroid: once per load, not per query
         self.routing = routing or RoutingConfig(mode="neighbours" if documents is not None else "descent")
         if self.routing.needs_index and documents is None:
-            raise ValueError(f"routing mode {self.routing.mode!r} votes over the document index; load the router "
-                             f"with documents=True (python jobs/build_index.py --run {run_dir} builds it)")
+            raise ValueError(
+                f"routing mode {self.routing.mode!r} votes over the document index; load the router "
+                f"with documents=True (python jobs/build_index.py --run {run_dir} builds it)"
+            )
         self.descender = Descender(tree)
         self._encoder = None
         self._last = None  # the last vote's (key, hits, word shares): route, share and neighbours of one query reuse it
@@ -129,16 +139,20 @@ class Router:
         manifest = read_manifest(run_dir)
         version = tree.version
         if manifest.get("tree_version") != version:
-            raise TreeVersionError(f"{run_dir}: manifest.json has tree_version {manifest.get('tree_version')!r} "
-                                   f"but tree/ is {version!r}; the run directory mixes two runs")
+            raise TreeVersionError(
+                f"{run_dir}: manifest.json has tree_version {manifest.get('tree_version')!r} "
+                f"but tree/ is {version!r}; the run directory mixes two runs"
+            )
         index = DocumentIndex.load(run_dir, tree, version) if documents else None
         return cls(run_dir, tree, version, manifest, index, routing)
 
     def check_tree_version(self, version: str) -> None:
         """Refuse a model trained on another tree: its block ids would name other nodes."""
         if version != self.tree_version:
-            raise TreeVersionError(f"the model was trained on tree {version!r} but {self.run_dir} holds tree "
-                                   f"{self.tree_version!r}; query it with the run directory it was trained on")
+            raise TreeVersionError(
+                f"the model was trained on tree {version!r} but {self.run_dir} holds tree "
+                f"{self.tree_version!r}; query it with the run directory it was trained on"
+            )
 
     def embed(self, texts: list[str], precision: str | None = None) -> np.ndarray:
         """Embed as the job did (windows, encoder precision); another ``precision`` is refused."""
@@ -149,8 +163,10 @@ class Router:
                 raise ValueError(f"query {i} is empty: give some text to route")
         run = run_precision(self.manifest, self.tree.config)
         if precision not in (None, run):
-            raise PrecisionMismatch(f"{self.run_dir} was embedded at encoder precision {run!r}; {precision!r} "
-                                    f"embeddings would route differently from its documents")
+            raise PrecisionMismatch(
+                f"{self.run_dir} was embedded at encoder precision {run!r}; {precision!r} "
+                f"embeddings would route differently from its documents"
+            )
         if self._encoder is None:
             self._encoder = load_encoder(precision=run)
         windows = int(self.manifest.get("config", {}).get("max_windows", 1))
@@ -203,8 +219,12 @@ class Router:
     def _search(self, x: np.ndarray, texts: list[str] | None) -> tuple[Hits, np.ndarray | None]:
         """The vote's ``neighbours`` nearest documents of x and, with texts, their word shares (memoised: the
         query CLI asks for the route, the vote's share and the nearest documents of the same queries)."""
-        key = (np.ascontiguousarray(x, dtype=np.float32).tobytes(), None if texts is None else tuple(texts),
-               self.routing.neighbours, self.routing.nprobe)
+        key = (
+            np.ascontiguousarray(x, dtype=np.float32).tobytes(),
+            None if texts is None else tuple(texts),
+            self.routing.neighbours,
+            self.routing.nprobe,
+        )
         if self._last is None or self._last[0] != key:
             hits = self.documents.search(x, self.routing.neighbours, self.routing.nprobe)
             self._last = (key, hits, None if texts is None else self.word_share(texts, hits))
@@ -213,8 +233,10 @@ class Router:
     def word_share(self, texts: list[str] | None, hits: Hits) -> np.ndarray:
         """[N, m]: the share of each query's words (IDF-weighted) that each hit holds (rerank's evidence)."""
         if texts is None or len(texts) != hits.rows.shape[0]:
-            raise ValueError("the rerank vote weighs the query's words: route_embeddings needs the texts embedded "
-                             "(texts=...), one per embedding")
+            raise ValueError(
+                "the rerank vote weighs the query's words: route_embeddings needs the texts embedded "
+                "(texts=...), one per embedding"
+            )
         return self.documents.word_share([term_hashes(t) for t in texts], hits.rows)
 
     def blocks(self, paths: np.ndarray) -> np.ndarray:
@@ -233,10 +255,16 @@ class Router:
         for q in range(paths.shape[0]):
             rows = []
             for l in range(self.tree.depth):
-                local = int(local_index(paths[q:q + 1], self.tree.k, l + 1)[0])
-                rows.append({"level": l + 1, "local": local, "block": int(blocks[q, l]),
-                             "documents": int(levels[l]["node_documents"][local]),
-                             "tokens": int(levels[l]["node_tokens"][local])})
+                local = int(local_index(paths[q : q + 1], self.tree.k, l + 1)[0])
+                rows.append(
+                    {
+                        "level": l + 1,
+                        "local": local,
+                        "block": int(blocks[q, l]),
+                        "documents": int(levels[l]["node_documents"][local]),
+                        "tokens": int(levels[l]["node_tokens"][local]),
+                    }
+                )
             out.append(rows)
         return out
 
@@ -247,8 +275,9 @@ class Router:
         held = (weights * (hits.leaves == np.asarray(leaves).reshape(-1, 1))).sum(axis=1)
         return held / np.maximum(weights.sum(axis=1), 1e-300)
 
-    def neighbours(self, x: np.ndarray, n: int, leaves: np.ndarray | None = None,
-                   texts: list[str] | None = None) -> list[list[Neighbour]]:
+    def neighbours(
+        self, x: np.ndarray, n: int, leaves: np.ndarray | None = None, texts: list[str] | None = None
+    ) -> list[list[Neighbour]]:
         """The n nearest distinct routed documents of each embedding: within its leaf ``leaves[i]`` when
         given, else over the corpus (the ``nprobe`` nearest lists, as the vote searches). With ``texts``,
         each carries its word share and vote weight, and they are listed by the vote's score."""
@@ -260,8 +289,11 @@ class Router:
             hits, words = self._search(x, texts)
             hits, words = Hits(hits.sims[:, :n], hits.rows[:, :n], hits.leaves[:, :n]), words[:, :n]
         else:
-            hits = (self.documents.search(x, n, self.routing.nprobe) if leaves is None
-                    else self.documents.search_leaves(x, np.asarray(leaves).reshape(-1, 1), n))
+            hits = (
+                self.documents.search(x, n, self.routing.nprobe)
+                if leaves is None
+                else self.documents.search_leaves(x, np.asarray(leaves).reshape(-1, 1), n)
+            )
             words = None if texts is None else self.word_share(texts, hits)
         if texts is not None:
             weights = vote_weights(hits, self.routing, words)
@@ -272,8 +304,18 @@ class Router:
             if weights is not None:
                 ok = ok[np.argsort(-weights[q, ok], kind="stable")]
             docs = self.documents.documents(rows[ok])
-            out.append([Neighbour(d, float(sims[j]), int(lf), pv, int(c),
-                                  None if words is None else float(words[q, j]),
-                                  None if weights is None else float(weights[q, j]))
-                        for j, d, lf, pv, c in zip(ok, docs["doc_id"], docs["leaf"], docs["preview"], docs["copies"])])
+            out.append(
+                [
+                    Neighbour(
+                        d,
+                        float(sims[j]),
+                        int(lf),
+                        pv,
+                        int(c),
+                        None if words is None else float(words[q, j]),
+                        None if weights is None else float(weights[q, j]),
+                    )
+                    for j, d, lf, pv, c in zip(ok, docs["doc_id"], docs["leaf"], docs["preview"], docs["copies"])
+                ]
+            )
         return out

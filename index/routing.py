@@ -2,6 +2,7 @@
 
 Apart from the router, which needs faiss, so that the trainer's config can hold one without it.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -17,6 +17,7 @@ and of how a document's terms are stored; the Spark job (routed/ ``terms``), the
   document    ``DF_BUCKETS`` counters of how many documents hold a term hashed into the bucket
   frequency   (a collision only makes a rare term look commoner: it weighs less, never more)
 """
+
 from __future__ import annotations
 
 import re
@@ -59,7 +60,7 @@ def blooms(hashes: np.ndarray, lengths: np.ndarray, chunk: int = 4096) -> np.nda
     out = np.empty((len(lengths), BLOOM_BYTES), dtype=np.uint8)
     for a in range(0, len(lengths), chunk):
         b = min(a + chunk, len(lengths))
-        pos = _positions(np.asarray(hashes[starts[a]:starts[b]], dtype=np.uint32))
+        pos = _positions(np.asarray(hashes[starts[a] : starts[b]], dtype=np.uint32))
         row = np.repeat(np.arange(b - a), lengths[a:b])
         bits = np.zeros((b - a, BLOOM_BYTES * 8), dtype=bool)
         bits[row[:, None], pos] = True

@@ -18,6 +18,7 @@ the fitter (index/kmeans.py) raises it for children that would otherwise take
 more than balance_factor/k of their parent's points, so the balance rule also
 holds for documents routed after fitting, not just for the fitting sample.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -93,7 +94,9 @@ class Tree:
         for l, (c, b) in enumerate(zip(self.centroids, self.biases)):
             n = self.k ** (l + 1)
             if c.shape != (n, self.dim) or b.shape != (n,):
-                raise ValueError(f"level {l + 1}: centroids {c.shape} / biases {b.shape}, expected ({n}, {self.dim}) / ({n},)")
+                raise ValueError(
+                    f"level {l + 1}: centroids {c.shape} / biases {b.shape}, expected ({n}, {self.dim}) / ({n},)"
+                )
         self.centroids = [np.ascontiguousarray(c, dtype=np.float32) for c in self.centroids]
         self.biases = [np.ascontiguousarray(b, dtype=np.float32) for b in self.biases]
 
@@ -122,8 +125,15 @@ class Tree:
         with open(tmp, "wb") as f:
             np.savez(f, **arrays)
         os.replace(tmp, os.path.join(directory, "tree.npz"))
-        meta = {"format": FORMAT, "version": self.version, "k": self.k, "depth": self.depth,
-                "dim": self.dim, "n_blocks": self.n_blocks, "config": self.config}
+        meta = {
+            "format": FORMAT,
+            "version": self.version,
+            "k": self.k,
+            "depth": self.depth,
+            "dim": self.dim,
+            "n_blocks": self.n_blocks,
+            "config": self.config,
+        }
         with open(os.path.join(directory, "tree.json"), "w") as f:
             json.dump(meta, f, indent=2)
 
@@ -133,7 +143,9 @@ class Tree:
         npz_path = os.path.join(directory, "tree.npz")
         for p in (meta_path, npz_path):
             if not os.path.exists(p):
-                raise FileNotFoundError(f"{p} is missing: is {directory} the tree/ folder of a finished cluster_corpus run?")
+                raise FileNotFoundError(
+                    f"{p} is missing: is {directory} the tree/ folder of a finished cluster_corpus run?"
+                )
         with open(meta_path) as f:
             meta = json.load(f)
         if meta.get("format") != FORMAT:
@@ -141,15 +153,22 @@ class Tree:
         try:
             z = np.load(npz_path)
             d = meta["depth"]
-            tree = cls(k=meta["k"], depth=d, dim=meta["dim"],
-                       centroids=[z[f"centroids_{l}"] for l in range(1, d + 1)],
-                       biases=[z[f"biases_{l}"] for l in range(1, d + 1)],
-                       counts=[z[f"counts_{l}"] for l in range(1, d + 1)] if "counts_1" in z else [],
-                       config=meta.get("config", {}))
+            tree = cls(
+                k=meta["k"],
+                depth=d,
+                dim=meta["dim"],
+                centroids=[z[f"centroids_{l}"] for l in range(1, d + 1)],
+                biases=[z[f"biases_{l}"] for l in range(1, d + 1)],
+                counts=[z[f"counts_{l}"] for l in range(1, d + 1)] if "counts_1" in z else [],
+                config=meta.get("config", {}),
+            )
         except (KeyError, ValueError, OSError) as e:
             raise ValueError(f"{npz_path} is corrupt or incomplete ({e}); rerun jobs/cluster_corpus.py") from e
         if tree.version != meta["version"]:
-            raise ValueError(f"{directory}: tree.npz hashes to {tree.version} but tree.json says {meta['version']}; the files come from different runs")
+            raise ValueError(
+                f"{directory}: tree.npz hashes to {tree.version} but tree.json says {meta['version']}; the files "
+                "come from different runs"
+            )
         return tree
 
     def to_meta(self) -> dict:

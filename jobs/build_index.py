@@ -5,6 +5,7 @@
 Streams RUN/routed/: memory is one shard's codes (shard_rows x (pq_m + 8) bytes) plus the PQ
 training sample, whatever the corpus size.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -16,8 +17,9 @@ from index.docindex import PQ_M, build_document_index
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--run", required=True, help="run directory with tree/ and routed/")
     p.add_argument("--pq-m", type=int, default=PQ_M, help="bytes of PQ code per document (must divide the dimension)")
     p.add_argument("--train-sample", type=int, default=100_000, help="documents whose residuals train the PQ")
@@ -25,8 +27,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     t = time.time()
     try:
-        meta = build_document_index(args.run, args.pq_m, args.train_sample, args.shard_rows,
-                                    log=lambda m: print(m, file=sys.stderr, flush=True))
+        meta = build_document_index(
+            args.run, args.pq_m, args.train_sample, args.shard_rows, log=lambda m: print(m, file=sys.stderr, flush=True)
+        )
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -1,10 +1,12 @@
 """Write the long-tail facts corpus (corpora/longtail.py): train.jsonl, heldout.jsonl, probes.jsonl, summary.json.
 
-    hmem-longtail --out runs/longtail/data [--config configs/longtail/corpus.yaml] [--seed 1]   (or: python jobs/build_longtail.py ...)
+    hmem-longtail --out runs/longtail/data [--config configs/longtail/corpus.yaml] [--seed 1]
+    (or: python jobs/build_longtail.py ...)
 
 Then cluster it like any corpus:
     spark-submit jobs/cluster_corpus.py --input runs/longtail/data/train.jsonl --id-column id --output RUN
 """
+
 from __future__ import annotations
 
 import argparse

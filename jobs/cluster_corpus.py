@@ -3,6 +3,7 @@
 Embeds a corpus, fits a balanced hierarchical k-means tree, routes every document
 and writes pre-routed packed shards, the tree and a manifest. See pipeline/run.py.
 """
+
 from pipeline.config import parse_args
 from pipeline.run import run
 

@@ -3,6 +3,7 @@
 A wrong value (a YAML key that is no field, a value of the wrong type, a value out of range)
 is a one-line error naming the field, not a traceback.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,15 +34,22 @@ def opt(default, doc: str):
 @dataclass
 class JobConfig:
     # inputs
-    input: list[str] = opt([], "JSONL or Parquet files, directories or globs, local or any URL Spark reads; "
-                               "empty: the BBC demo corpus")
+    input: list[str] = opt(
+        [], "JSONL or Parquet files, directories or globs, local or any URL Spark reads; empty: the BBC demo corpus"
+    )
     text_column: str = opt("text", "field/column holding the document text")
-    id_column: str = opt("auto", "field/column holding the document id; auto: 'id' when the input has it, else ids "
-                                 "derived from (path relative to its --input, row); '': always derived")
+    id_column: str = opt(
+        "auto",
+        "field/column holding the document id; auto: 'id' when the input has it, else ids "
+        "derived from (path relative to its --input, row); '': always derived",
+    )
     max_doc_chars: int = opt(1_000_000, "longer documents are quarantined as too_large")
     output: str = opt("runs/demo", "run directory to write (local or any URL Spark writes)")
-    tree: str = opt("", "route into this finished run's tree (its directory or its tree/) instead of fitting one; "
-                        "its tokenizer is used unless --tokenizer is given")
+    tree: str = opt(
+        "",
+        "route into this finished run's tree (its directory or its tree/) instead of fitting one; "
+        "its tokenizer is used unless --tokenizer is given",
+    )
     # tree (paper: k=16, depth=4, 128k-point samples, 6,400-point batches, 20 steps, balance 1.5)
     k: int = opt(8, "children per node")
     depth: int = opt(3, "levels of the tree (the root is level 0)")
@@ -49,25 +57,35 @@ class JobConfig:
     em_batch_size: int = opt(6400, "points per mini-batch EM step")
     em_steps: int = opt(20, "mini-batch EM steps per node")
     balance_factor: float = opt(1.5, "a child holds at most balance_factor/k of its parent's documents")
-    local_fit_rows: int = opt(1 << 18, "a node of at most this many documents has its whole subtree fitted in one "
-                                       "task (about 4.6 KB of task memory per document); the tree is the same")
+    local_fit_rows: int = opt(
+        1 << 18,
+        "a node of at most this many documents has its whole subtree fitted in one "
+        "task (about 4.6 KB of task memory per document); the tree is the same",
+    )
     # encoder
     encoder_batch_size: int = opt(64, "texts per encoder forward pass")
     encoder_device: str = opt("auto", "auto: cuda when the executor has a GPU, else cpu")
     encoder_threads: int = opt(0, "torch threads per Python worker; 0: spark.task.cpus")
     max_windows: int = opt(1, "256-word-piece windows embedded per document (mean of the first max_windows)")
-    encoder_precision: str = opt("auto", "fp32 | bf16 | int8; auto: bf16 where the CPU has native bf16, else fp32 "
-                                         "(recorded in the run; the router embeds with the same)")
+    encoder_precision: str = opt(
+        "auto",
+        "fp32 | bf16 | int8; auto: bf16 where the CPU has native bf16, else fp32 "
+        "(recorded in the run; the router embeds with the same)",
+    )
     # tokenizer and packing
-    tokenizer: str = opt("", "a tokenizer.json or a transformers tokenizer directory; empty: train a "
-                                   "byte-level BPE on a sample")
+    tokenizer: str = opt(
+        "", "a tokenizer.json or a transformers tokenizer directory; empty: train a byte-level BPE on a sample"
+    )
     vocab_size: int = opt(8192, "vocabulary of the trained tokenizer")
     tokenizer_sample_docs: int = opt(20_000, "documents the tokenizer is trained on (they reach the driver)")
     seq_len: int = opt(512, "tokens per packed sequence (each row holds seq_len + 1)")
     pack_group_tokens: int = opt(20_000_000, "most tokens one packing task holds in memory")
-    row_group_sequences: int = opt(256, "most sequences per Parquet row group of shards/: the trainer "
-                                        "shuffles whole row groups, so a window of data.shuffle_buffer sequences "
-                                        "mixes shuffle_buffer / this many random pieces of the corpus")
+    row_group_sequences: int = opt(
+        256,
+        "most sequences per Parquet row group of shards/: the trainer "
+        "shuffles whole row groups, so a window of data.shuffle_buffer sequences "
+        "mixes shuffle_buffer / this many random pieces of the corpus",
+    )
     seed: int = opt(0, "fixes the tree, routing, tokenizer sample and packing order")
 
     def validate(self) -> None:
@@ -82,8 +100,18 @@ class JobConfig:
             problems.append(f"balance_factor={self.balance_factor}: must be in [1, k]")
         if self.seq_len < 8:
             problems.append(f"seq_len={self.seq_len} is too short (at least 8)")
-        for name in ("max_windows", "max_doc_chars", "sample_per_node", "em_batch_size", "em_steps",
-                     "encoder_batch_size", "vocab_size", "tokenizer_sample_docs", "pack_group_tokens", "row_group_sequences"):
+        for name in (
+            "max_windows",
+            "max_doc_chars",
+            "sample_per_node",
+            "em_batch_size",
+            "em_steps",
+            "encoder_batch_size",
+            "vocab_size",
+            "tokenizer_sample_docs",
+            "pack_group_tokens",
+            "row_group_sequences",
+        ):
             if getattr(self, name) < 1:
                 problems.append(f"{name}={getattr(self, name)}: must be >= 1")
         if self.encoder_threads < 0:
@@ -106,12 +134,20 @@ def parse_args(argv: list[str] | None = None) -> JobConfig:
 
     A bad value is a one-line SystemExit: the job's edge turns index.config's ConfigError into one."""
     hints = get_type_hints(JobConfig)
-    ap = argparse.ArgumentParser(prog="spark-submit jobs/cluster_corpus.py", description=DESCRIPTION,
-                                 usage="spark-submit [--master URL --conf K=V ...] jobs/cluster_corpus.py "
-                                       "[--config FILE] [--FIELD VALUE ...] [--set FIELD=VALUE ...]")
+    ap = argparse.ArgumentParser(
+        prog="spark-submit jobs/cluster_corpus.py",
+        description=DESCRIPTION,
+        usage="spark-submit [--master URL --conf K=V ...] jobs/cluster_corpus.py "
+        "[--config FILE] [--FIELD VALUE ...] [--set FIELD=VALUE ...]",
+    )
     ap.add_argument("--config", help="YAML file with JobConfig fields (the command line overrides it)")
-    ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                    help="a JobConfig field, its value parsed as YAML (repeatable; wins over --FIELD)")
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="a JobConfig field, its value parsed as YAML (repeatable; wins over --FIELD)",
+    )
     for f in dataclasses.fields(JobConfig):
         name = "--" + f.name.replace("_", "-")
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default

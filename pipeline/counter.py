@@ -8,6 +8,7 @@ the live figure low, sending never blocks or fails a task, and a retried task
 counts twice (the figure is capped at the stage's total). Stage results never
 depend on these counts.
 """
+
 from __future__ import annotations
 
 import socket

@@ -11,6 +11,7 @@ run of copies that crosses the batch boundary. Memory: one Arrow batch
 (spark.sql.execution.arrow.maxRecordsPerBatch rows) plus one vector. The
 ``reused`` column marks the rows whose vector was copied, not computed.
 """
+
 from __future__ import annotations
 
 import os
@@ -31,6 +32,7 @@ def encoder_device(requested: str) -> str:
     if requested != "auto":
         return requested
     import torch
+
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -43,6 +45,7 @@ def make_embed_udf(cfg: JobConfig, precision: str, threads: int, counter: tuple[
         from pyspark import TaskContext
         from index.encoder import embed_texts, load_encoder
         from pipeline.counter import report
+
         if threads:
             torch.set_num_threads(threads)
         encoder = load_encoder(encoder_device(device), precision)  # cached: loaded once per worker process
@@ -53,8 +56,13 @@ def make_embed_udf(cfg: JobConfig, precision: str, threads: int, counter: tuple[
         carried = _last.get("task") == task and _last.get("text") in first
         compute = [i for i in first.values() if not (carried and texts[i] == _last["text"])]
         vecs = np.empty((len(texts), 384), dtype=np.float32)
-        vecs[compute] = embed_texts(encoder, [texts[i] for i in compute], batch_size=batch, max_windows=windows,
-                                    on_batch=lambda n: report(counter, n))
+        vecs[compute] = embed_texts(
+            encoder,
+            [texts[i] for i in compute],
+            batch_size=batch,
+            max_windows=windows,
+            on_batch=lambda n: report(counter, n),
+        )
         if carried:
             vecs[first[_last["text"]]] = _last["vector"]
         vecs = vecs[src]
@@ -80,18 +88,31 @@ def worker_threads(spark: SparkSession, cfg: JobConfig) -> int:
 def embed_stage(spark: SparkSession, cfg: JobConfig, run_dir: str, counter: tuple[str, int] | None = None) -> dict:
     """``counter``: the driver's ItemCounter address (pipeline/counter.py) for live progress."""
     from index.encoder import resolve_precision
+
     precision = resolve_precision(cfg.encoder_precision)  # on the driver: every executor uses the same
     docs = spark.read.parquet(os.path.join(run_dir, "documents"))
     n = docs.count()
     parts = shuffle_partitions(spark)
     udf = make_embed_udf(cfg, precision, worker_threads(spark, cfg), counter)
     h = F.xxhash64("text")
-    out = (docs.select("doc_id", "text").repartition(parts, h).sortWithinPartitions(h)
-           .select("doc_id", udf("text").alias("e")).select("doc_id", "e.embedding", "e.reused"))
+    out = (
+        docs.select("doc_id", "text")
+        .repartition(parts, h)
+        .sortWithinPartitions(h)
+        .select("doc_id", udf("text").alias("e"))
+        .select("doc_id", "e.embedding", "e.reused")
+    )
     out.write.mode("overwrite").parquet(os.path.join(run_dir, "embeddings"))
-    written = (spark.read.parquet(os.path.join(run_dir, "embeddings"))
-               .agg(F.count("*").alias("n"), F.sum(F.col("reused").cast("long")).alias("reused")).first())
+    written = (
+        spark.read.parquet(os.path.join(run_dir, "embeddings"))
+        .agg(F.count("*").alias("n"), F.sum(F.col("reused").cast("long")).alias("reused"))
+        .first()
+    )
     if written["n"] != n:
         raise RuntimeError(f"embed: {n} documents in, {written['n']} embeddings out")
-    return {"documents": n, "partitions": parts, "encoder_precision": precision,
-            "embeddings_reused": int(written["reused"] or 0)}
+    return {
+        "documents": n,
+        "partitions": parts,
+        "encoder_precision": precision,
+        "embeddings_reused": int(written["reused"] or 0),
+    }

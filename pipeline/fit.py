@@ -28,6 +28,7 @@ or the embedding matrix. An executor task holds one parent's sample
 subtree of at most ``local_fit_rows`` documents (about 4.6 KB each with its
 copies: 1.2 GB at the default 2^18).
 """
+
 from __future__ import annotations
 
 import os
@@ -48,8 +49,16 @@ from pipeline.config import JobConfig
 # centroids and biases travel as float32 bytes: as Python float lists, 65,536 x 384 of them took 1.2 GB on the driver
 FIT_SCHEMA = "level int, parent long, centroids binary, biases binary, sample long, child_counts array<long>"
 SAMPLE_SCHEMA = "node long, doc_id string, h long, embedding array<float>"
-FIT_ARROW = pa.schema([("level", pa.int32()), ("parent", pa.int64()), ("centroids", pa.binary()),
-                       ("biases", pa.binary()), ("sample", pa.int64()), ("child_counts", pa.list_(pa.int64()))])
+FIT_ARROW = pa.schema(
+    [
+        ("level", pa.int32()),
+        ("parent", pa.int64()),
+        ("centroids", pa.binary()),
+        ("biases", pa.binary()),
+        ("sample", pa.int64()),
+        ("child_counts", pa.list_(pa.int64())),
+    ]
+)
 
 
 def node_seed(seed: int, level: int, parent: int) -> int:
@@ -102,8 +111,14 @@ def fit_row(sample: np.ndarray, level: int, parent: int, node_size: int, cfg: Jo
     else:
         ch = fit_children(sample, params_of(cfg), seed=node_seed(cfg.seed, level, parent), node_size=node_size)
         c, b = ch.centroids, ch.biases
-    return {"level": level, "parent": parent, "centroids": c.tobytes(), "biases": b.tobytes(),
-            "sample": len(sample), "child_counts": None}
+    return {
+        "level": level,
+        "parent": parent,
+        "centroids": c.tobytes(),
+        "biases": b.tobytes(),
+        "sample": len(sample),
+        "child_counts": None,
+    }
 
 
 def children_of(row, k: int, dim: int) -> tuple[np.ndarray, np.ndarray]:
@@ -132,9 +147,9 @@ class Levels:
         sample = 0
         for r in rows:
             p = r["parent"]
-            c[p * k:(p + 1) * k], b[p * k:(p + 1) * k] = children_of(r, k, self.dim)
+            c[p * k : (p + 1) * k], b[p * k : (p + 1) * k] = children_of(r, k, self.dim)
             if r["child_counts"] is not None:  # a subtree task counted them; else count_level does
-                counts[p * k:(p + 1) * k] = r["child_counts"]
+                counts[p * k : (p + 1) * k] = r["child_counts"]
             sample += r["sample"]
         self.centroids.append(c)
         self.biases.append(b)
@@ -142,12 +157,22 @@ class Levels:
         self.samples.append(sample)
 
     def tree(self) -> Tree:
-        return Tree(k=self.cfg.k, depth=len(self.centroids), dim=self.dim, centroids=list(self.centroids),
-                    biases=list(self.biases))
+        return Tree(
+            k=self.cfg.k,
+            depth=len(self.centroids),
+            dim=self.dim,
+            centroids=list(self.centroids),
+            biases=list(self.biases),
+        )
 
     def save(self, work: str, level: int) -> None:
-        np.savez(os.path.join(work, f"level_{level}.npz"), centroids=self.centroids[level - 1],
-                 biases=self.biases[level - 1], counts=self.counts[level], sample=self.samples[level - 1])
+        np.savez(
+            os.path.join(work, f"level_{level}.npz"),
+            centroids=self.centroids[level - 1],
+            biases=self.biases[level - 1],
+            counts=self.counts[level],
+            sample=self.samples[level - 1],
+        )
 
     def load(self, work: str, level: int) -> None:
         z = np.load(os.path.join(work, f"level_{level}.npz"))
@@ -169,8 +194,10 @@ def fit_level(spark: SparkSession, emb: DataFrame, levels: Levels, level: int) -
         tree, counts = bc.value
         for b, node, _ in descended(batches, tree, dim, level - 1):
             keep = in_sample(b.column("h").to_numpy(), level, counts[node], cfg)
-            yield pa.RecordBatch.from_arrays([pa.array(node[keep]), *(b.column(c).filter(keep) for c in
-                                              ("doc_id", "h", "embedding"))], names=["node", "doc_id", "h", "embedding"])
+            yield pa.RecordBatch.from_arrays(
+                [pa.array(node[keep]), *(b.column(c).filter(keep) for c in ("doc_id", "h", "embedding"))],
+                names=["node", "doc_id", "h", "embedding"],
+            )
 
     def fit(table: pa.Table) -> pa.Table:
         parent = table.column("node")[0].as_py()
@@ -183,7 +210,7 @@ def fit_level(spark: SparkSession, emb: DataFrame, levels: Levels, level: int) -
 def count_level(spark: SparkSession, emb: DataFrame, tree: Tree) -> np.ndarray:
     """Step 3: documents per node of the tree's last level (one pass; k^depth numbers reach the driver)."""
     bc = spark.sparkContext.broadcast(tree)
-    depth, dim, n = tree.depth, tree.dim, tree.k ** tree.depth
+    depth, dim, n = tree.depth, tree.dim, tree.k**tree.depth
 
     def count(batches):
         for _, node, _ in descended(batches, bc.value, dim, depth):
@@ -206,8 +233,10 @@ def fit_subtrees(spark: SparkSession, emb: DataFrame, levels: Levels, top: int) 
 
     def tag(batches):
         for b, node, _ in descended(batches, bc.value, dim, top):
-            yield pa.RecordBatch.from_arrays([pa.array(node), *(b.column(c) for c in ("doc_id", "h", "embedding"))],
-                                             names=["node", "doc_id", "h", "embedding"])
+            yield pa.RecordBatch.from_arrays(
+                [pa.array(node), *(b.column(c) for c in ("doc_id", "h", "embedding"))],
+                names=["node", "doc_id", "h", "embedding"],
+            )
 
     def fit(table: pa.Table) -> pa.Table:
         root = table.column("node")[0].as_py()
@@ -220,7 +249,7 @@ def fit_subtrees(spark: SparkSession, emb: DataFrame, levels: Levels, top: int) 
             bounds = np.searchsorted(local[order], np.arange(k ** (level - 1 - top) + 1))
             child = np.zeros(len(x), dtype=np.int64)
             for j in np.flatnonzero(np.diff(bounds)):
-                idx = order[bounds[j]:bounds[j + 1]]
+                idx = order[bounds[j] : bounds[j + 1]]
                 xi = x[idx]
                 row = fit_row(xi[in_sample(h[idx], level, len(idx), cfg)], level, first + j, len(idx), cfg)
                 c, b = children_of(row, k, dim)
@@ -243,12 +272,15 @@ def route(spark: SparkSession, run_dir: str, tree: Tree) -> np.ndarray:
         for b, leaf, paths in descended(batches, bc.value, dim, depth):
             flat = pa.array(paths.ravel())
             path = pa.ListArray.from_arrays(pa.array(np.arange(0, paths.size + 1, depth, dtype=np.int32)), flat)
-            yield pa.RecordBatch.from_arrays([b.column("doc_id"), path, pa.array(leaf)], names=["doc_id", "path", "leaf"])
+            yield pa.RecordBatch.from_arrays(
+                [b.column("doc_id"), path, pa.array(leaf)], names=["doc_id", "path", "leaf"]
+            )
 
     out = os.path.join(run_dir, "work", "routed")
-    read_embeddings(spark, run_dir).mapInArrow(step, "doc_id string, path array<int>, leaf long") \
-        .write.mode("overwrite").parquet(out)
-    counts = np.zeros(tree.k ** depth, dtype=np.int64)
+    read_embeddings(spark, run_dir).mapInArrow(step, "doc_id string, path array<int>, leaf long").write.mode(
+        "overwrite"
+    ).parquet(out)
+    counts = np.zeros(tree.k**depth, dtype=np.int64)
     for r in spark.read.parquet(out).groupBy("leaf").count().collect():
         counts[r["leaf"]] = r["count"]
     return counts
@@ -272,8 +304,15 @@ def sum_up(leaves: np.ndarray, k: int, depth: int) -> list[np.ndarray]:
 
 def level_summary(level: int, counts: np.ndarray, sample: int, cfg: JobConfig) -> dict:
     worst, mean = balance(counts, cfg.k)
-    return {"level": level, "nodes": cfg.k ** level, "sample_points": sample, "max_child_fraction": worst,
-            "mean_max_child_fraction": mean, "cap": cfg.balance_factor / cfg.k, "node_documents": counts.tolist()}
+    return {
+        "level": level,
+        "nodes": cfg.k**level,
+        "sample_points": sample,
+        "max_child_fraction": worst,
+        "mean_max_child_fraction": mean,
+        "cap": cfg.balance_factor / cfg.k,
+        "node_documents": counts.tolist(),
+    }
 
 
 def load_frozen_tree(cfg: JobConfig) -> tuple[Tree, str]:
@@ -281,10 +320,12 @@ def load_frozen_tree(cfg: JobConfig) -> tuple[Tree, str]:
     reads it with plain file I/O (and ships it to the tasks itself), so it must be a local or mounted path."""
     scheme = re.match(r"^([A-Za-z][A-Za-z0-9+.-]*)://", cfg.tree)
     if scheme and scheme.group(1).lower() != "file":
-        raise SystemExit(f"--tree {cfg.tree}: the tree is read from a local or mounted path, not {scheme.group(1)}://; "
-                         "copy the run's tree/ and tokenizer.json to local disk (e.g. hadoop fs -get) and pass that")
+        raise SystemExit(
+            f"--tree {cfg.tree}: the tree is read from a local or mounted path, not {scheme.group(1)}://; "
+            "copy the run's tree/ and tokenizer.json to local disk (e.g. hadoop fs -get) and pass that"
+        )
     if scheme:
-        cfg.tree = cfg.tree[len("file://"):]
+        cfg.tree = cfg.tree[len("file://") :]
     tree_dir = cfg.tree if os.path.exists(os.path.join(cfg.tree, "tree.json")) else os.path.join(cfg.tree, "tree")
     try:
         tree = Tree.load(tree_dir)
@@ -297,8 +338,11 @@ def route_stage(spark: SparkSession, cfg: JobConfig, run_dir: str, tree: Tree) -
     """Route every document down a frozen tree (no fitting); writes work/routed and tree/."""
     counts = sum_up(route(spark, run_dir, tree), tree.k, tree.depth)
     tree.save(os.path.join(run_dir, "tree"))
-    return {"tree_version": tree.version, "tree_from": cfg.tree,
-            "levels": [level_summary(l + 1, c, 0, cfg) for l, c in enumerate(counts)]}
+    return {
+        "tree_version": tree.version,
+        "tree_from": cfg.tree,
+        "levels": [level_summary(l + 1, c, 0, cfg) for l, c in enumerate(counts)],
+    }
 
 
 def go_local(counts: np.ndarray, cfg: JobConfig, slots: int) -> bool:
@@ -327,7 +371,9 @@ def fit_top_levels(spark: SparkSession, emb: DataFrame, levels: Levels, work: st
     return level
 
 
-def fit_subtree_levels(spark: SparkSession, emb: DataFrame, levels: Levels, work: str, stages, n: int, top: int) -> None:
+def fit_subtree_levels(
+    spark: SparkSession, emb: DataFrame, levels: Levels, work: str, stages, n: int, top: int
+) -> None:
     """The ``fit_subtrees`` stage: levels top+1..depth, one task per level-``top`` subtree."""
     cfg = levels.cfg
 
@@ -349,9 +395,16 @@ def fitted_tree(levels: Levels) -> Tree:
     cfg = levels.cfg
     tree = levels.tree()
     tree.counts = levels.counts[1:]
-    tree.config = {"seed": cfg.seed, "sample_per_node": cfg.sample_per_node, "balance_factor": cfg.balance_factor,
-                   "em_batch_size": cfg.em_batch_size, "em_steps": cfg.em_steps, "max_windows": cfg.max_windows,
-                   "encoder": "all-MiniLM-L6-v2", "encoder_precision": cfg.encoder_precision}
+    tree.config = {
+        "seed": cfg.seed,
+        "sample_per_node": cfg.sample_per_node,
+        "balance_factor": cfg.balance_factor,
+        "em_batch_size": cfg.em_batch_size,
+        "em_steps": cfg.em_steps,
+        "max_windows": cfg.max_windows,
+        "encoder": "all-MiniLM-L6-v2",
+        "encoder_precision": cfg.encoder_precision,
+    }
     return tree
 
 
@@ -360,8 +413,10 @@ def route_fitted(spark: SparkSession, run_dir: str, tree: Tree) -> dict:
     them; then tree/ is written."""
     leaves = route(spark, run_dir, tree)
     if not np.array_equal(leaves, tree.counts[-1]):  # the fit's own counts: the same descent, the same bits
-        raise RuntimeError(f"route: documents per leaf differ from the fit's ({np.abs(leaves - tree.counts[-1]).sum()}"
-                           " moved); the embeddings changed during the job. Delete RUN/work and rerun")
+        raise RuntimeError(
+            f"route: documents per leaf differ from the fit's ({np.abs(leaves - tree.counts[-1]).sum()}"
+            " moved); the embeddings changed during the job. Delete RUN/work and rerun"
+        )
     tree.save(os.path.join(run_dir, "tree"))
     return {"tree_version": tree.version}
 
@@ -379,5 +434,9 @@ def fit_stage(spark: SparkSession, cfg: JobConfig, run_dir: str, stages) -> dict
     tree = fitted_tree(levels)
     stages.run(spark, "route", lambda: route_fitted(spark, run_dir, tree), total_items=n)
     names = [f"fit_level_{l}" for l in range(1, top + 1)] + ["fit_subtrees"] * (top < cfg.depth) + ["route"]
-    return {"tree_version": tree.version, "levels": [levels.summary(l) for l in range(1, cfg.depth + 1)],
-            "fitted_in_subtrees_from_level": top, "stages": names}
+    return {
+        "tree_version": tree.version,
+        "levels": [levels.summary(l) for l in range(1, cfg.depth + 1)],
+        "fitted_in_subtrees_from_level": top,
+        "stages": names,
+    }

@@ -15,6 +15,7 @@ whose first token it holds, so every routed document appears exactly once.
 Shards are partitioned by level-1 node and sorted by leaf inside each file, so a trainer rank reads
 only the files and row groups of its subtrees.
 """
+
 from __future__ import annotations
 
 import functools
@@ -32,14 +33,16 @@ from pipeline.config import JobConfig
 from pipeline.spark import shuffle_partitions, with_lookup
 from pipeline.tokenizer import EOT_ID, PAD_ID
 
-SHARD_SCHEMA = T.StructType([
-    T.StructField("seq_id", T.LongType()),
-    T.StructField("path", T.ArrayType(T.IntegerType())),
-    T.StructField("leaf", T.LongType()),
-    T.StructField("tokens", T.ArrayType(T.IntegerType())),
-    T.StructField("n_valid", T.IntegerType()),
-    T.StructField("doc_ids", T.ArrayType(T.StringType())),
-])
+SHARD_SCHEMA = T.StructType(
+    [
+        T.StructField("seq_id", T.LongType()),
+        T.StructField("path", T.ArrayType(T.IntegerType())),
+        T.StructField("leaf", T.LongType()),
+        T.StructField("tokens", T.ArrayType(T.IntegerType())),
+        T.StructField("n_valid", T.IntegerType()),
+        T.StructField("doc_ids", T.ArrayType(T.StringType())),
+    ]
+)
 
 
 def load_or_train_tokenizer(spark: SparkSession, docs: DataFrame, cfg: JobConfig, n_docs: int):
@@ -50,8 +53,12 @@ def load_or_train_tokenizer(spark: SparkSession, docs: DataFrame, cfg: JobConfig
         except ValueError as e:
             raise SystemExit(f"--tokenizer {e}") from None
     frac = min(1.0, 1.2 * cfg.tokenizer_sample_docs / max(n_docs, 1))
-    sample = (docs.select("text").sample(fraction=frac, seed=cfg.seed)
-              .orderBy(F.xxhash64("text")).limit(cfg.tokenizer_sample_docs))
+    sample = (
+        docs.select("text")
+        .sample(fraction=frac, seed=cfg.seed)
+        .orderBy(F.xxhash64("text"))
+        .limit(cfg.tokenizer_sample_docs)
+    )
     return tokenizer.train_bpe((r["text"] for r in sample.toLocalIterator()), cfg.vocab_size), EOT_ID, PAD_ID
 
 
@@ -68,6 +75,7 @@ def make_tokenize_udf(tok_json: str):
     def tokenize(texts: pd.Series) -> pd.Series:
         tok = cached_tokenizer(tok_json)
         return pd.Series([np.asarray(e.ids, dtype=np.int32) for e in tok.encode_batch(texts.tolist())])
+
     return tokenize
 
 
@@ -76,28 +84,31 @@ def make_terms_udf():
     def terms(texts: pd.Series) -> pd.Series:
         """routed/ ``terms``: index/terms.py's term hashes of each document (uint32 bits stored as int32)."""
         from index.terms import term_hashes
+
         return pd.Series([term_hashes(t).view(np.int32) for t in texts])
+
     return terms
 
 
-def pack_group(doc_ids: list[str], token_lists: list[np.ndarray], seq_len: int, eot_id: int = EOT_ID,
-               pad_id: int = PAD_ID) -> list[tuple[list[int], int, list[str]]]:
+def pack_group(
+    doc_ids: list[str], token_lists: list[np.ndarray], seq_len: int, eot_id: int = EOT_ID, pad_id: int = PAD_ID
+) -> list[tuple[list[int], int, list[str]]]:
     """Pack documents (already in order) into (tokens[seq_len+1], n_valid, first-token doc ids) sequences."""
     width = seq_len + 1
     lengths = np.array([len(t) + 1 for t in token_lists], dtype=np.int64)
     stream = np.full(int(lengths.sum()), eot_id, dtype=np.int32)
     starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
     for s, t in zip(starts, token_lists):
-        stream[s:s + len(t)] = t
+        stream[s : s + len(t)] = t
     n_seq = -(-len(stream) // width)
     padded = np.full(n_seq * width, pad_id, dtype=np.int32)
-    padded[:len(stream)] = stream
+    padded[: len(stream)] = stream
     # documents are in stream order, so sequence i lists a contiguous run of them: bounds[i]..bounds[i+1]
     bounds = np.searchsorted(starts // width, np.arange(n_seq + 1))
     out = []
     for i in range(n_seq):
         n_valid = min(width, len(stream) - i * width)
-        out.append((padded[i * width:(i + 1) * width].tolist(), n_valid, doc_ids[bounds[i]:bounds[i + 1]]))
+        out.append((padded[i * width : (i + 1) * width].tolist(), n_valid, doc_ids[bounds[i] : bounds[i + 1]]))
     return out
 
 
@@ -110,9 +121,9 @@ def copy_groups(leaves: DataFrame, embeddings: DataFrame) -> DataFrame:
     from pyspark.sql import Window
 
     w = Window.partitionBy("leaf", "h")
-    return (leaves.join(embeddings.select("doc_id", F.xxhash64("embedding").alias("h")), "doc_id")
-            .select("doc_id", F.count("*").over(w).alias("copies"),
-                    (F.col("doc_id") == F.min("doc_id").over(w)).alias("first_copy")))
+    return leaves.join(embeddings.select("doc_id", F.xxhash64("embedding").alias("h")), "doc_id").select(
+        "doc_id", F.count("*").over(w).alias("copies"), (F.col("doc_id") == F.min("doc_id").over(w)).alias("first_copy")
+    )
 
 
 def write_tokens(spark: SparkSession, run_dir: str, docs: DataFrame, routed: DataFrame, tok) -> DataFrame:
@@ -120,12 +131,14 @@ def write_tokens(spark: SparkSession, run_dir: str, docs: DataFrame, routed: Dat
     so that routed/, the packing and the statistics do not tokenize again."""
     tokenize = make_tokenize_udf(tok.to_str())
     parts = shuffle_partitions(spark)
-    joined = (routed.join(docs.select("doc_id", "text"), "doc_id")
-              .repartition(parts, "doc_id")
-              .withColumn("ids", tokenize("text"))
-              .withColumn("terms", make_terms_udf()("text"))
-              .withColumn("n_tokens", F.size("ids").cast("long"))
-              .withColumn("l1", F.col("path")[0]))
+    joined = (
+        routed.join(docs.select("doc_id", "text"), "doc_id")
+        .repartition(parts, "doc_id")
+        .withColumn("ids", tokenize("text"))
+        .withColumn("terms", make_terms_udf()("text"))
+        .withColumn("n_tokens", F.size("ids").cast("long"))
+        .withColumn("l1", F.col("path")[0])
+    )
     work = os.path.join(run_dir, "work", "tokens")
     joined.drop("text").write.mode("overwrite").parquet(work)
     return spark.read.parquet(work)
@@ -137,46 +150,75 @@ def write_routed(spark: SparkSession, run_dir: str, docs: DataFrame, toks: DataF
     distinct documents (first copies)."""
     embeddings = spark.read.parquet(os.path.join(run_dir, "embeddings")).select("doc_id", "embedding")
     copies = copy_groups(toks.select("doc_id", "leaf"), embeddings)
-    (toks.join(docs.select("doc_id", F.substring("text", 1, 200).alias("preview")), "doc_id").join(embeddings, "doc_id")
-     .join(copies, "doc_id")
-     .select("doc_id", "path", "leaf", "embedding", "n_tokens", "preview", "copies", "first_copy", "terms", "l1")
-     .write.mode("overwrite").partitionBy("l1").parquet(os.path.join(run_dir, "routed")))
+    (
+        toks.join(docs.select("doc_id", F.substring("text", 1, 200).alias("preview")), "doc_id")
+        .join(embeddings, "doc_id")
+        .join(copies, "doc_id")
+        .select("doc_id", "path", "leaf", "embedding", "n_tokens", "preview", "copies", "first_copy", "terms", "l1")
+        .write.mode("overwrite")
+        .partitionBy("l1")
+        .parquet(os.path.join(run_dir, "routed"))
+    )
     return int(copies.filter("first_copy").count())
 
 
 def make_pack(seq_len: int, eot_id: int, pad_id: int):
     """The applyInPandas function packing one (leaf, group) of documents into SHARD_SCHEMA rows."""
+
     def pack(pdf: pd.DataFrame) -> pd.DataFrame:
         pdf = pdf.sort_values(["order", "doc_id"])
         leaf, group = int(pdf["leaf"].iloc[0]), int(pdf["group"].iloc[0])
-        seqs = pack_group(pdf["doc_id"].tolist(), [np.asarray(t, dtype=np.int32) for t in pdf["ids"]], seq_len,
-                          eot_id, pad_id)
+        seqs = pack_group(
+            pdf["doc_id"].tolist(), [np.asarray(t, dtype=np.int32) for t in pdf["ids"]], seq_len, eot_id, pad_id
+        )
         if len(seqs) >= 1 << 20 or group >= 1 << 11:
             raise ValueError(f"leaf {leaf}: packing group too large for seq_id numbering; lower pack_group_tokens")
         path = list(pdf["path"].iloc[0])
-        return pd.DataFrame({
-            "seq_id": [(leaf << 31) | (group << 20) | i for i in range(len(seqs))],
-            "path": [path] * len(seqs), "leaf": [leaf] * len(seqs),
-            "tokens": [s[0] for s in seqs], "n_valid": [s[1] for s in seqs], "doc_ids": [s[2] for s in seqs]})
+        return pd.DataFrame(
+            {
+                "seq_id": [(leaf << 31) | (group << 20) | i for i in range(len(seqs))],
+                "path": [path] * len(seqs),
+                "leaf": [leaf] * len(seqs),
+                "tokens": [s[0] for s in seqs],
+                "n_valid": [s[1] for s in seqs],
+                "doc_ids": [s[2] for s in seqs],
+            }
+        )
+
     return pack
 
 
 def write_shards(run_dir: str, cfg: JobConfig, toks: DataFrame, eot_id: int, pad_id: int) -> dict:
     """shards/: each leaf's documents packed in groups of at most pack_group_tokens (see the module doc).
     Returns the tokens per leaf (an end-of-text token per document included)."""
-    leaf_tokens = {r["leaf"]: int(r["t"]) for r in toks.groupBy("leaf").agg(F.sum(F.col("n_tokens") + 1).alias("t")).collect()}
+    leaf_tokens = {
+        r["leaf"]: int(r["t"]) for r in toks.groupBy("leaf").agg(F.sum(F.col("n_tokens") + 1).alias("t")).collect()
+    }
     groups = {leaf: max(1, -(-t // cfg.pack_group_tokens)) for leaf, t in leaf_tokens.items()}
     h = F.xxhash64("doc_id", F.lit(cfg.seed))
-    shards = (with_lookup(toks, "leaf", groups, "n_groups", "long")
-              .select("doc_id", "path", "leaf", "ids", F.pmod(h, F.col("n_groups")).alias("group"),
-                          F.xxhash64("doc_id", F.lit(cfg.seed + 1)).alias("order"))
-              .groupBy("leaf", "group").applyInPandas(make_pack(cfg.seq_len, eot_id, pad_id), SHARD_SCHEMA)
-              .withColumn("l1", F.col("path")[0])
-              .sortWithinPartitions("l1", "leaf", "seq_id"))  # leaf-sorted files: a subtree is a few row groups
+    shards = (
+        with_lookup(toks, "leaf", groups, "n_groups", "long")
+        .select(
+            "doc_id",
+            "path",
+            "leaf",
+            "ids",
+            F.pmod(h, F.col("n_groups")).alias("group"),
+            F.xxhash64("doc_id", F.lit(cfg.seed + 1)).alias("order"),
+        )
+        .groupBy("leaf", "group")
+        .applyInPandas(make_pack(cfg.seq_len, eot_id, pad_id), SHARD_SCHEMA)
+        .withColumn("l1", F.col("path")[0])
+        .sortWithinPartitions("l1", "leaf", "seq_id")
+    )  # leaf-sorted files: a subtree is a few row groups
     # Without a row limit a leaf-sorted file is one row group: a shuffle window of whole row groups would then
     # hold a few leaves at a time, and training would see the corpus subtree by subtree.
-    (shards.write.mode("overwrite").option("parquet.block.row.count.limit", cfg.row_group_sequences)
-     .partitionBy("l1").parquet(os.path.join(run_dir, "shards")))
+    (
+        shards.write.mode("overwrite")
+        .option("parquet.block.row.count.limit", cfg.row_group_sequences)
+        .partitionBy("l1")
+        .parquet(os.path.join(run_dir, "shards"))
+    )
     return leaf_tokens
 
 
@@ -192,13 +234,21 @@ def pack_stage(spark: SparkSession, cfg: JobConfig, run_dir: str) -> dict:
     leaf_tokens = write_shards(run_dir, cfg, toks, eot_id, pad_id)
 
     written = spark.read.parquet(os.path.join(run_dir, "shards"))
-    seq_stats = written.agg(F.count("*").alias("sequences"), F.sum("n_valid").alias("valid"),
-                            F.sum(F.size("doc_ids")).alias("docs")).first()
+    seq_stats = written.agg(
+        F.count("*").alias("sequences"), F.sum("n_valid").alias("valid"), F.sum(F.size("doc_ids")).alias("docs")
+    ).first()
     if seq_stats["docs"] != n_docs:
         raise RuntimeError(f"pack: {n_docs} routed documents but {seq_stats['docs']} listed in shards")
     leaf_seq = {r["leaf"]: r["count"] for r in written.groupBy("leaf").count().collect()}
-    return {"vocab_size": tok.get_vocab_size(), "eot_id": eot_id, "pad_id": pad_id, "documents": n_docs,
-            "documents_distinct": distinct, "sequences": seq_stats["sequences"],
-            "tokens": int(toks.agg(F.sum("n_tokens")).first()[0]), "valid_tokens": int(seq_stats["valid"]),
-            "leaf_tokens": {str(k): v for k, v in leaf_tokens.items()},
-            "leaf_sequences": {str(k): v for k, v in leaf_seq.items()}}
+    return {
+        "vocab_size": tok.get_vocab_size(),
+        "eot_id": eot_id,
+        "pad_id": pad_id,
+        "documents": n_docs,
+        "documents_distinct": distinct,
+        "sequences": seq_stats["sequences"],
+        "tokens": int(toks.agg(F.sum("n_tokens")).first()[0]),
+        "valid_tokens": int(seq_stats["valid"]),
+        "leaf_tokens": {str(k): v for k, v in leaf_tokens.items()},
+        "leaf_sequences": {str(k): v for k, v in leaf_seq.items()},
+    }

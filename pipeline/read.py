@@ -22,6 +22,7 @@ The duplicate-id check shuffles (doc_id, file index, row) only, never the text:
 the later occurrences it finds are joined back by broadcast while they are few
 (``BROADCAST_DUPLICATES``), by a shuffle join otherwise.
 """
+
 from __future__ import annotations
 
 import os
@@ -83,7 +84,7 @@ def list_inputs(spark: SparkSession, patterns: list[str]) -> list[InputFile]:
             raise InputError(f"{p}: unknown input type; expected one of {TEXT_EXT + PARQUET_EXT}")
         # as _metadata.file_path names it (re-parsed: a listed local path has an empty authority, file:///)
         uri = jvm.org.apache.spark.paths.SparkPath.fromPath(jvm.org.apache.hadoop.fs.Path(p)).urlEncoded()
-        found.append(InputFile(p, uri, p[len(root):].lstrip("/"), kind, status.getLen()))
+        found.append(InputFile(p, uri, p[len(root) :].lstrip("/"), kind, status.getLen()))
 
     for pattern in patterns:
         path = jvm.org.apache.hadoop.fs.Path(pattern)
@@ -99,14 +100,19 @@ def list_inputs(spark: SparkSession, patterns: list[str]) -> list[InputFile]:
 def with_row_numbers(df: DataFrame, files: DataFrame) -> DataFrame:
     """Add ``source`` (file URI), ``row`` (0-based line/row inside that file) and the columns of ``files``
     (keyed by ``source``: the file's index and relative path)."""
-    df = df.select("*", F.col("_metadata.file_path").alias("source"),
-                   F.col("_metadata.file_block_start").alias("_split"),
-                   F.monotonically_increasing_id().alias("_mid"))
+    df = df.select(
+        "*",
+        F.col("_metadata.file_path").alias("source"),
+        F.col("_metadata.file_block_start").alias("_split"),
+        F.monotonically_increasing_id().alias("_mid"),
+    )
     splits = df.groupBy("source", "_split").agg(F.count("*").alias("_n"), F.min("_mid").alias("_first"))
     before = Window.partitionBy("source").orderBy("_split").rowsBetween(Window.unboundedPreceding, -1)
     splits = splits.withColumn("_offset", F.coalesce(F.sum("_n").over(before), F.lit(0))).join(files, "source", "left")
     df = df.join(F.broadcast(splits.drop("_n")), ["source", "_split"])
-    return df.withColumn("row", F.col("_mid") - F.col("_first") + F.col("_offset")).drop("_split", "_mid", "_first", "_offset")
+    return df.withColumn("row", F.col("_mid") - F.col("_first") + F.col("_offset")).drop(
+        "_split", "_mid", "_first", "_offset"
+    )
 
 
 def parquet_columns(spark: SparkSession, path: str) -> list[str]:
@@ -132,22 +138,32 @@ def parquet_columns(spark: SparkSession, path: str) -> list[str]:
 def read_raw(spark: SparkSession, files: list[InputFile], cfg: JobConfig) -> DataFrame:
     """All input rows as (source, _file, rel, row, text, given_id, reason-so-far). ``given_id`` reads the
     --id-column, or with ``auto`` the ``id`` field where a row has one."""
-    table = spark.createDataFrame([(f.uri, i, f.rel) for i, f in enumerate(files)], "source string, _file int, rel string")
+    table = spark.createDataFrame(
+        [(f.uri, i, f.rel) for i, f in enumerate(files)], "source string, _file int, rel string"
+    )
     id_field = AUTO_ID if cfg.id_column == "auto" else cfg.id_column
     parts = []
     jsonl = [f.path for f in files if f.kind == "jsonl"]
     if jsonl:
         schema = f"`{cfg.text_column}` string" + (f", `{id_field}` string" if id_field else "") + ", _corrupt string"
         df = with_row_numbers(spark.read.text(jsonl), table)
-        df = df.withColumn("j", F.from_json("value", schema, {"columnNameOfCorruptRecord": "_corrupt", "mode": "PERMISSIVE"}))
-        parts.append(df.select(
-            "source", "_file", "rel", "row",
-            F.col("j")[cfg.text_column].alias("text"),
-            (F.col("j")[id_field] if id_field else F.lit(None).cast("string")).alias("given_id"),
-            F.when(~F.is_valid_utf8("value"), "invalid_utf8")
-             .when(F.col("j").isNull() | F.col("j._corrupt").isNotNull(), "invalid_json")
-             .alias("reason"),
-            F.col("j").isNull().alias("_unparsed")))
+        df = df.withColumn(
+            "j", F.from_json("value", schema, {"columnNameOfCorruptRecord": "_corrupt", "mode": "PERMISSIVE"})
+        )
+        parts.append(
+            df.select(
+                "source",
+                "_file",
+                "rel",
+                "row",
+                F.col("j")[cfg.text_column].alias("text"),
+                (F.col("j")[id_field] if id_field else F.lit(None).cast("string")).alias("given_id"),
+                F.when(~F.is_valid_utf8("value"), "invalid_utf8")
+                .when(F.col("j").isNull() | F.col("j._corrupt").isNotNull(), "invalid_json")
+                .alias("reason"),
+                F.col("j").isNull().alias("_unparsed"),
+            )
+        )
     parquet = [f for f in files if f.kind == "parquet"]
     with_id = []
     for f in parquet:  # one schema read per file, on the driver
@@ -159,16 +175,27 @@ def read_raw(spark: SparkSession, files: list[InputFile], cfg: JobConfig) -> Dat
         elif cfg.id_column != "auto" and cfg.id_column:
             raise InputError(f"{f.path}: no column {cfg.id_column!r} (columns: {cols}); set --id-column")
     if 0 < len(with_id) < len(parquet):
-        raise InputError(f"{len(with_id)} of {len(parquet)} parquet files have an {AUTO_ID!r} column (e.g. {with_id[0]}), "
-                         "the others not; give all of them one, or pass --id-column '' to derive every id from file paths")
+        raise InputError(
+            f"{len(with_id)} of {len(parquet)} parquet files have an {AUTO_ID!r} column (e.g. {with_id[0]}), "
+            "the others not; give all of them one, or pass --id-column '' to derive every id from file paths"
+        )
     if parquet:
         df = with_row_numbers(spark.read.parquet(*[f.path for f in parquet]), table)
         text = F.col(cfg.text_column).cast("string")
-        parts.append(df.select(
-            "source", "_file", "rel", "row", text.alias("text"),
-            (F.col(id_field).cast("string") if with_id else F.lit(None).cast("string")).alias("given_id"),
-            F.when(text.isNotNull() & ~F.is_valid_utf8(text), "invalid_utf8").otherwise(F.lit(None).cast("string")).alias("reason"),
-            F.lit(False).alias("_unparsed")))
+        parts.append(
+            df.select(
+                "source",
+                "_file",
+                "rel",
+                "row",
+                text.alias("text"),
+                (F.col(id_field).cast("string") if with_id else F.lit(None).cast("string")).alias("given_id"),
+                F.when(text.isNotNull() & ~F.is_valid_utf8(text), "invalid_utf8")
+                .otherwise(F.lit(None).cast("string"))
+                .alias("reason"),
+                F.lit(False).alias("_unparsed"),
+            )
+        )
     out = parts[0]
     for p in parts[1:]:
         out = out.unionByName(p)
@@ -178,20 +205,26 @@ def read_raw(spark: SparkSession, files: list[InputFile], cfg: JobConfig) -> Dat
 def file_stats(raw: DataFrame, cfg: JobConfig) -> list[dict]:
     """Per-file rows, ids and the checksum of its (source, row) keys; a file whose parsed rows all lack the
     text column is a user error, not data."""
-    stats = (raw.groupBy("source")
-             .agg(F.count("*").alias("rows"),
-                  F.sum(F.when(~F.col("_unparsed"), 1).otherwise(0)).alias("parsed"),
-                  F.sum(F.when(F.col("text").isNotNull(), 1).otherwise(0)).alias("with_text"),
-                  F.count("given_id").alias("with_id"),
-                  F.max("rel").alias("rel"),
-                  *checksum_aggs("source", "row"))
-             .collect())
+    stats = (
+        raw.groupBy("source")
+        .agg(
+            F.count("*").alias("rows"),
+            F.sum(F.when(~F.col("_unparsed"), 1).otherwise(0)).alias("parsed"),
+            F.sum(F.when(F.col("text").isNotNull(), 1).otherwise(0)).alias("with_text"),
+            F.count("given_id").alias("with_id"),
+            F.max("rel").alias("rel"),
+            *checksum_aggs("source", "row"),
+        )
+        .collect()
+    )
     for s in stats:
         if s["rel"] is None:
             raise RuntimeError(f"read: Spark read {s['source']}, which is not among the listed input files")
         if s["parsed"] > 0 and s["with_text"] == 0:
-            raise InputError(f"{s['source']}: none of its {s['rows']} rows has the text column {cfg.text_column!r}; "
-                             "set --text-column to the field that holds the document text")
+            raise InputError(
+                f"{s['source']}: none of its {s['rows']} rows has the text column {cfg.text_column!r}; "
+                "set --text-column to the field that holds the document text"
+            )
     return [dict(s.asDict(), checksum=checksum_of(s)) for s in stats]
 
 
@@ -200,16 +233,22 @@ def resolve_ids(cfg: JobConfig, files: list[InputFile], per_file: list[dict]) ->
     n_rows, n_ids = sum(s["rows"] for s in per_file), sum(s["with_id"] for s in per_file)
     given = bool(cfg.id_column) and (cfg.id_column != "auto" or n_ids > 0)
     if cfg.id_column == "auto" and given:
-        print(f"[read] ids: the input's {AUTO_ID!r} field ({n_ids:,} of {n_rows:,} rows have one; rows without are "
-              "quarantined as missing_id); --id-column '' derives ids from file paths instead", file=sys.stderr, flush=True)
+        print(
+            f"[read] ids: the input's {AUTO_ID!r} field ({n_ids:,} of {n_rows:,} rows have one; rows without are "
+            "quarantined as missing_id); --id-column '' derives ids from file paths instead",
+            file=sys.stderr,
+            flush=True,
+        )
     if not given:
         print("[read] ids: derived, sha1(path relative to its --input : row)", file=sys.stderr, flush=True)
         seen: dict[str, str] = {}
         for f in files:
             if f.rel in seen:
-                raise InputError(f"{seen[f.rel]} and {f.path} have the same path {f.rel!r} relative to their --input, "
-                                 "so their derived ids would collide; give inputs that differ below their roots, "
-                                 "or ids (--id-column)")
+                raise InputError(
+                    f"{seen[f.rel]} and {f.path} have the same path {f.rel!r} relative to their --input, "
+                    "so their derived ids would collide; give inputs that differ below their roots, "
+                    "or ids (--id-column)"
+                )
             seen[f.rel] = f.path
     return given
 
@@ -218,22 +257,31 @@ def validate(raw: DataFrame, cfg: JobConfig, given_ids: bool) -> DataFrame:
     """Assign ids and the first failing reason; duplicates keep their first (file, row) occurrence."""
     derived = F.substring(F.sha1(F.concat_ws(":", "rel", F.col("row").cast("string"))), 1, 16)
     doc_id = F.col("given_id") if given_ids else derived
-    reason = (F.when(F.col("reason").isNotNull(), F.col("reason"))
-              .when(F.col("text").isNull(), "missing_text")
-              .when(F.col("text").rlike(r"(?U)^\s*$"), "empty_text")
-              .when(F.length("text") > cfg.max_doc_chars, "too_large")
-              .when(doc_id.isNull() | (F.trim(doc_id) == ""), "missing_id"))
+    reason = (
+        F.when(F.col("reason").isNotNull(), F.col("reason"))
+        .when(F.col("text").isNull(), "missing_text")
+        .when(F.col("text").rlike(r"(?U)^\s*$"), "empty_text")
+        .when(F.length("text") > cfg.max_doc_chars, "too_large")
+        .when(doc_id.isNull() | (F.trim(doc_id) == ""), "missing_id")
+    )
     df = raw.withColumn("doc_id", doc_id).withColumn("reason", reason)
     # only valid rows compete for an id (a quarantined row never shadows a good one); the shuffle carries
     # (doc_id, _file, row), not the text
     first = Window.partitionBy("doc_id").orderBy("_file", "row")
-    later = (df.filter(F.col("reason").isNull()).select("doc_id", "_file", "row")
-             .withColumn("_n", F.row_number().over(first)).filter(F.col("_n") > 1)
-             .select("_file", "row", F.lit(True).alias("_dup")).persist())
+    later = (
+        df.filter(F.col("reason").isNull())
+        .select("doc_id", "_file", "row")
+        .withColumn("_n", F.row_number().over(first))
+        .filter(F.col("_n") > 1)
+        .select("_file", "row", F.lit(True).alias("_dup"))
+        .persist()
+    )
     if later.count() <= BROADCAST_DUPLICATES:
         later = F.broadcast(later)
     df = df.join(later, ["_file", "row"], "left")
-    return df.withColumn("reason", F.when(F.col("reason").isNull() & F.col("_dup"), "duplicate_id").otherwise(F.col("reason")))
+    return df.withColumn(
+        "reason", F.when(F.col("reason").isNull() & F.col("_dup"), "duplicate_id").otherwise(F.col("reason"))
+    )
 
 
 def read_stage(spark: SparkSession, cfg: JobConfig, run_dir: str, files: list[InputFile]) -> dict:
@@ -245,13 +293,16 @@ def read_stage(spark: SparkSession, cfg: JobConfig, run_dir: str, files: list[In
     docs = df.filter(F.col("reason").isNull()).select("doc_id", "source", "row", "text")
     docs.write.mode("overwrite").parquet(os.path.join(run_dir, "documents"))
     quarantine = df.filter(F.col("reason").isNotNull()).select(
-        "source", "row", "doc_id", "reason", F.substring(F.coalesce("text", F.lit("")), 1, 200).alias("preview"))
+        "source", "row", "doc_id", "reason", F.substring(F.coalesce("text", F.lit("")), 1, 200).alias("preview")
+    )
     quarantine.write.mode("overwrite").parquet(os.path.join(run_dir, "quarantine"))
     reasons = {r["reason"]: r["count"] for r in quarantine.groupBy("reason").count().collect()}
     df.unpersist()
     n_docs = spark.read.parquet(os.path.join(run_dir, "documents")).count()
-    inputs = [{"path": f.path, "relative": f.rel, "format": f.kind, "bytes": f.size, "rows": rows.get(f.uri, 0)}
-              for f in files]
+    inputs = [
+        {"path": f.path, "relative": f.rel, "format": f.kind, "bytes": f.size, "rows": rows.get(f.uri, 0)}
+        for f in files
+    ]
     empty = [f["path"] for f in inputs if f["rows"] == 0]
     unread = [f["path"] for f in inputs if f["rows"] == 0 and f["format"] == "jsonl" and f["bytes"] > 0]
     if unread:
@@ -259,7 +310,13 @@ def read_stage(spark: SparkSession, cfg: JobConfig, run_dir: str, files: list[In
     n_in = sum(f["rows"] for f in inputs)
     if n_docs + sum(reasons.values()) != n_in:
         raise RuntimeError(f"read: {n_in} rows in but {n_docs} documents + {sum(reasons.values())} quarantined out")
-    return {"inputs": inputs, "empty_files": empty, "documents_in": n_in, "documents_valid": n_docs,
-            "documents_quarantined": sum(reasons.values()), "quarantine_reasons": reasons,
-            "ids": cfg.id_column if cfg.id_column != "auto" else AUTO_ID if given_ids else "",
-            "input_rows_checksum": add_checksums(*[s["checksum"] for s in per_file])}
+    return {
+        "inputs": inputs,
+        "empty_files": empty,
+        "documents_in": n_in,
+        "documents_valid": n_docs,
+        "documents_quarantined": sum(reasons.values()),
+        "quarantine_reasons": reasons,
+        "ids": cfg.id_column if cfg.id_column != "auto" else AUTO_ID if given_ids else "",
+        "input_rows_checksum": add_checksums(*[s["checksum"] for s in per_file]),
+    }

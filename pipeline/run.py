@@ -1,5 +1,6 @@
 """The job: read -> embed -> fit (level by level) or route (--tree) -> tokenize and pack -> verify -> manifest.
 Each stage resumes."""
+
 from __future__ import annotations
 
 import json
@@ -45,8 +46,12 @@ def resolve_tree(cfg: JobConfig):
         if not os.path.exists(tokenizer):
             raise SystemExit(f"--tree {cfg.tree}: no {tokenizer} next to the tree; give --tokenizer")
         cfg.tokenizer = tokenizer
-    print(f"frozen tree {tree.version} from {cfg.tree}: k={tree.k} depth={tree.depth} max_windows={cfg.max_windows}, "
-          f"tokenizer {cfg.tokenizer}; nothing is fitted", file=sys.stderr, flush=True)
+    print(
+        f"frozen tree {tree.version} from {cfg.tree}: k={tree.k} depth={tree.depth} max_windows={cfg.max_windows}, "
+        f"tokenizer {cfg.tokenizer}; nothing is fitted",
+        file=sys.stderr,
+        flush=True,
+    )
     return tree
 
 
@@ -54,8 +59,9 @@ def run(cfg: JobConfig, spark: SparkSession | None = None) -> dict:
     cfg = resolve_demo(cfg)
     tree = resolve_tree(cfg)
     # recorded resolved, the router reads it; a frozen tree fixes it too: its documents were embedded so
-    cfg.encoder_precision = (tree.config.get("encoder_precision", "fp32") if tree is not None
-                             else resolve_precision(cfg.encoder_precision))
+    cfg.encoder_precision = (
+        tree.config.get("encoder_precision", "fp32") if tree is not None else resolve_precision(cfg.encoder_precision)
+    )
     spark = spark or spark_session()
     run_dir = cfg.output
     os.makedirs(run_dir, exist_ok=True)
@@ -65,13 +71,22 @@ def run(cfg: JobConfig, spark: SparkSession | None = None) -> dict:
     stages = Stages(run_dir, cfg.fingerprint())
     files = list_inputs(spark, cfg.input)
     parallelism = size_partitions(spark, sum(f.size for f in files))
-    print(f"shuffle partitions: {parallelism['shuffle_partitions']} ({parallelism['from']}); adaptive execution "
-          f"{spark.conf.get('spark.sql.adaptive.enabled')}", file=sys.stderr, flush=True)
+    print(
+        f"shuffle partitions: {parallelism['shuffle_partitions']} ({parallelism['from']}); adaptive execution "
+        f"{spark.conf.get('spark.sql.adaptive.enabled')}",
+        file=sys.stderr,
+        flush=True,
+    )
     read = stages.run(spark, "read", lambda: dict(read_stage(spark, cfg, run_dir, files), **parallelism))
     n = read["documents_valid"]
     with ItemCounter(spark.sparkContext.getConf().get("spark.driver.host", "127.0.0.1")) as counter:
-        embed = stages.run(spark, "embed", lambda: embed_stage(spark, cfg, run_dir, counter.address),
-                           total_items=n, done_items=lambda: counter.done)
+        embed = stages.run(
+            spark,
+            "embed",
+            lambda: embed_stage(spark, cfg, run_dir, counter.address),
+            total_items=n,
+            done_items=lambda: counter.done,
+        )
     if tree is None:
         fit = fit_stage(spark, cfg, run_dir, stages)
         routing = fit.pop("stages")
@@ -90,12 +105,18 @@ def run(cfg: JobConfig, spark: SparkSession | None = None) -> dict:
 
 
 def summary(m: dict) -> str:
-    lines = [f"documents: {m['documents_in']} in = {m['documents_routed']} routed + {m['documents_quarantined']} quarantined "
-             f"{m['quarantine_reasons'] or ''}; {m['documents_distinct']} distinct (copies are one document to the index)",
-             f"tree {m['tree_version']}: k={m['k']} depth={m['depth']}; {m['sequences']} sequences of {m['seq_len']}+1 tokens, "
-             f"{m['tokens']:,} document tokens"]
+    lines = [
+        f"documents: {m['documents_in']} in = {m['documents_routed']} routed + {m['documents_quarantined']} "
+        "quarantined "
+        f"{m['quarantine_reasons'] or ''}; {m['documents_distinct']} distinct (copies are one document to the index)",
+        f"tree {m['tree_version']}: k={m['k']} depth={m['depth']}; {m['sequences']} sequences of {m['seq_len']}+1 "
+        "tokens, "
+        f"{m['tokens']:,} document tokens",
+    ]
     for lv in m["levels"]:
-        lines.append(f"  level {lv['level']}: {lv['nodes']} nodes, {sum(1 for d in lv['node_documents'] if d)} non-empty, "
-                     f"largest child {lv['max_child_fraction']:.3f} of its parent (cap {lv['cap']:.3f})")
+        lines.append(
+            f"  level {lv['level']}: {lv['nodes']} nodes, {sum(1 for d in lv['node_documents'] if d)} non-empty, "
+            f"largest child {lv['max_child_fraction']:.3f} of its parent (cap {lv['cap']:.3f})"
+        )
     lines.append("stage seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in m["stages"].items()))
     return "\n".join(lines)

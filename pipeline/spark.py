@@ -6,6 +6,7 @@ Parallelism is never fixed in code. ``spark.sql.shuffle.partitions`` is what a u
 input size (about 128 MB per partition) and the cluster's default parallelism. Adaptive query
 execution is on, so Spark coalesces shuffle partitions that turn out small.
 """
+
 from __future__ import annotations
 
 import os
@@ -14,7 +15,7 @@ import sys
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
-LOG_LEVEL = "WARN"  # the job's Spark log level (the README's setup)
+LOG_LEVEL = "WARN"  # the job's Spark log level: warnings and errors, not the INFO flood
 PARTITION_BYTES = 128 << 20  # input bytes per shuffle partition when the user sets no count
 # defaults, each applied only when the user's --conf does not set the key
 DEFAULTS = {
@@ -30,12 +31,13 @@ def spark_session(app: str = "hmem-cluster-corpus", **conf: str) -> SparkSession
     builder = SparkSession.builder.appName(app)
     for key, value in conf.items():
         builder = builder.config(key, value)
-    spark = (builder
-             .config("spark.log.level", "WARN")
-             .config("spark.sql.execution.arrow.pyspark.enabled", "true")
-             .config("spark.sql.execution.arrow.maxRecordsPerBatch", "1024")
-             .config("spark.ui.showConsoleProgress", "false")
-             .getOrCreate())
+    spark = (
+        builder.config("spark.log.level", "WARN")
+        .config("spark.sql.execution.arrow.pyspark.enabled", "true")
+        .config("spark.sql.execution.arrow.maxRecordsPerBatch", "1024")
+        .config("spark.ui.showConsoleProgress", "false")
+        .getOrCreate()
+    )
     spark.sparkContext.setLogLevel(LOG_LEVEL)
     given = spark.sparkContext.getConf()
     for key, value in DEFAULTS.items():
@@ -80,7 +82,7 @@ def checksum(df: DataFrame, *cols: str) -> str:
 
 def add_checksums(*sums: str) -> str:
     """The checksum of the union of disjoint row sets, from theirs."""
-    halves = [sum(int(s[i:i + 16], 16) for s in sums) % (1 << 64) for i in (0, 16)]
+    halves = [sum(int(s[i : i + 16], 16) for s in sums) % (1 << 64) for i in (0, 16)]
     return "".join(f"{h:016x}" for h in halves)
 
 

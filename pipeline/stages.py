@@ -7,6 +7,7 @@ so a run killed mid-stage redoes that stage only; Spark's overwrite mode makes
 the redo idempotent. The marker records the config fingerprint: a rerun with a
 different config into the same directory is refused instead of mixing outputs.
 """
+
 from __future__ import annotations
 
 import json
@@ -36,7 +37,9 @@ class RecentRate:
 
     def add(self, t: float, done: float) -> float:
         self.samples.append((t, done))
-        while len(self.samples) > 2 and t - self.samples[1][0] >= self.window:  # keep one sample at or before the window start
+        while (
+            len(self.samples) > 2 and t - self.samples[1][0] >= self.window
+        ):  # keep one sample at or before the window start
             self.samples.popleft()
         (t_a, d_a), (t_b, d_b) = self.samples[0], self.samples[-1]
         return (d_b - d_a) / (t_b - t_a) if t_b > t_a else 0.0
@@ -51,8 +54,16 @@ class Progress(threading.Thread):
     exact when tasks are even and honest about what it is otherwise.
     """
 
-    def __init__(self, spark, name: str, total_items: int | None, unit: str, every: float = 10.0,
-                 done_items: Callable[[], float] | None = None, window: float = 60.0):
+    def __init__(
+        self,
+        spark,
+        name: str,
+        total_items: int | None,
+        unit: str,
+        every: float = 10.0,
+        done_items: Callable[[], float] | None = None,
+        window: float = 60.0,
+    ):
         super().__init__(daemon=True)
         self.tracker = spark.sparkContext.statusTracker()
         self.name, self.total, self.unit, self.every = name, total_items, unit, every
@@ -81,7 +92,8 @@ class Progress(threading.Thread):
                 line += self.counted_line(time.time())
             elif total and done and self.total:
                 frac = done / total
-                line += f", ~{self.total * frac / elapsed:,.0f} {self.unit}/s, ETA {fmt_duration(elapsed * (1 - frac) / frac)}"
+                eta = fmt_duration(elapsed * (1 - frac) / frac)
+                line += f", ~{self.total * frac / elapsed:,.0f} {self.unit}/s, ETA {eta}"
             print(line, file=sys.stderr, flush=True)
 
     def stop(self):
@@ -92,7 +104,9 @@ def spark_stages(spark, group: str) -> list[dict]:
     """Every Spark stage the jobs of ``group`` ran, with its task count (skipped stages, whose shuffle
     output was reused, are left out: they ran no tasks)."""
     tracker = spark.sparkContext.statusTracker()
-    ids = {sid for job in tracker.getJobIdsForGroup(group) if (info := tracker.getJobInfo(job)) for sid in info.stageIds}
+    ids = {
+        sid for job in tracker.getJobIdsForGroup(group) if (info := tracker.getJobInfo(job)) for sid in info.stageIds
+    }
     out = []
     for sid in sorted(ids):
         stage = tracker.getStageInfo(sid)
@@ -117,24 +131,43 @@ class Stages:
         with open(path) as f:
             m = json.load(f)
         if m["fingerprint"] != self.fingerprint:
-            raise SystemExit(f"{self.run_dir} holds a run with another config (stage {name}: {m['fingerprint']} != {self.fingerprint}); "
-                             "use a fresh --output or delete the directory")
+            raise SystemExit(
+                f"{self.run_dir} holds a run with another config (stage {name}: {m['fingerprint']} != "
+                f"{self.fingerprint}); "
+                "use a fresh --output or delete the directory"
+            )
         return m["stats"]
 
     def finish(self, name: str, stats: dict, seconds: float, spark_stages: list[dict]) -> None:
         os.makedirs(os.path.dirname(self.marker(name)), exist_ok=True)
         tmp = self.marker(name) + ".tmp"
         with open(tmp, "w") as f:
-            json.dump({"fingerprint": self.fingerprint, "seconds": seconds, "stats": stats,
-                       "tasks": sum(s["tasks"] for s in spark_stages), "spark_stages": spark_stages}, f, indent=2)
+            json.dump(
+                {
+                    "fingerprint": self.fingerprint,
+                    "seconds": seconds,
+                    "stats": stats,
+                    "tasks": sum(s["tasks"] for s in spark_stages),
+                    "spark_stages": spark_stages,
+                },
+                f,
+                indent=2,
+            )
         os.replace(tmp, self.marker(name))
 
     def seconds(self, name: str) -> float:
         with open(self.marker(name)) as f:
             return json.load(f)["seconds"]
 
-    def run(self, spark, name: str, fn, total_items: int | None = None, unit: str = "docs",
-            done_items: Callable[[], float] | None = None) -> dict:
+    def run(
+        self,
+        spark,
+        name: str,
+        fn,
+        total_items: int | None = None,
+        unit: str = "docs",
+        done_items: Callable[[], float] | None = None,
+    ) -> dict:
         """Run ``fn() -> stats`` unless its marker exists; print what happened (``done_items``: see Progress)."""
         stats = self.done(name)
         if stats is not None:

@@ -7,6 +7,7 @@ Two kinds are read:
 A run directory and an export hold a tokenizer.json; `save_transformers` writes one as a directory that
 transformers' AutoTokenizer reads.
 """
+
 from __future__ import annotations
 
 import json
@@ -23,8 +24,12 @@ def train_bpe(texts, vocab_size: int) -> Tokenizer:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOT, PAD],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOT, PAD],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(texts, trainer=trainer)
     return tok
 
@@ -44,8 +49,10 @@ def load(path: str) -> tuple[Tokenizer, int, int]:
     tok = read(path)
     for name, want in ((EOT, EOT_ID), (PAD, PAD_ID)):
         if tok.token_to_id(name) != want:
-            raise ValueError(f"{path}: token {name!r} must have id {want} (has {tok.token_to_id(name)}); "
-                             "add it as a special token or let the job train one")
+            raise ValueError(
+                f"{path}: token {name!r} must have id {want} (has {tok.token_to_id(name)}); "
+                "add it as a special token or let the job train one"
+            )
     return tok, EOT_ID, PAD_ID
 
 
@@ -57,8 +64,10 @@ def _special_name(value) -> str | None:
 def _load_transformers(directory: str) -> tuple[Tokenizer, int, int]:
     file = os.path.join(directory, "tokenizer.json")
     if not os.path.isfile(file):
-        raise ValueError(f"{directory}: no tokenizer.json, so not a fast (tokenizers) tokenizer; save one with "
-                         "tokenizer.json (AutoTokenizer.from_pretrained(...).save_pretrained(DIR))")
+        raise ValueError(
+            f"{directory}: no tokenizer.json, so not a fast (tokenizers) tokenizer; save one with "
+            "tokenizer.json (AutoTokenizer.from_pretrained(...).save_pretrained(DIR))"
+        )
     tok = read(file)
     names = {}
     for meta in ("special_tokens_map.json", "tokenizer_config.json"):  # the config wins, as in transformers

@@ -1,5 +1,6 @@
 """The machine's memory at the start of the run (so a CI log shows when tests ran short of it), and the
 tiny trained model that the evaluation and ask tests share."""
+
 import glob
 import os
 import subprocess
@@ -25,9 +26,13 @@ def pytest_sessionstart(session):
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = {**os.environ, "TORCH_EXTENSIONS_DIR": os.path.join(ROOT, ".cache", "torch_extensions"),
-       "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT, "HF_HUB_OFFLINE": "1"}
-
+ENV = {
+    **os.environ,
+    "TORCH_EXTENSIONS_DIR": os.path.join(ROOT, ".cache", "torch_extensions"),
+    "OMP_NUM_THREADS": "1",
+    "PYTHONPATH": ROOT,
+    "HF_HUB_OFFLINE": "1",
+}
 
 
 @pytest.fixture(scope="session")
@@ -37,20 +42,41 @@ def tiny_export(tmp_path_factory):
     root = tmp_path_factory.mktemp("evaluate")
     run = make_run_dir(str(root / "run"), k=2, depth=2, seq_len=16, dim=384)
     out = root / "model"
-    cmd = [sys.executable, os.path.join(ROOT, "train", "main.py"), "--config", "tiny", "--data", run, "--out", str(out),
-           "--set", "schedule.max_steps=3", "--set", "optim.memory.lr=0.05"]
+    cmd = [
+        sys.executable,
+        os.path.join(ROOT, "train", "main.py"),
+        "--config",
+        "tiny",
+        "--data",
+        run,
+        "--out",
+        str(out),
+        "--set",
+        "schedule.max_steps=3",
+        "--set",
+        "optim.memory.lr=0.05",
+    ]
     p = subprocess.run(cmd, env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     router = Router.load(run, documents=False)
     routes = dict(zip(PROMPTS, router.route_texts(list(PROMPTS.values())).tolist()))
     # the entity's training documents: hydrogen's on its probe's own path, tree's under the other level-1 node
     away = [1 - routes["tree"][0], routes["tree"][1]]
-    docs = [("h0", routes["hydrogen"], "hydrogen is element one"), ("h1", routes["hydrogen"], "Hydrogen: one proton"),
-            ("t0", away, "a tree of memory blocks")]
-    rows = {"doc_id": [d for d, _, _ in docs], "path": [p for _, p, _ in docs],
-            "leaf": [p[0] * 2 + p[1] for _, p, _ in docs], "l1": [p[0] for _, p, _ in docs]}
+    docs = [
+        ("h0", routes["hydrogen"], "hydrogen is element one"),
+        ("h1", routes["hydrogen"], "Hydrogen: one proton"),
+        ("t0", away, "a tree of memory blocks"),
+    ]
+    rows = {
+        "doc_id": [d for d, _, _ in docs],
+        "path": [p for _, p, _ in docs],
+        "leaf": [p[0] * 2 + p[1] for _, p, _ in docs],
+        "l1": [p[0] for _, p, _ in docs],
+    }
     pq.write_to_dataset(pa.table(rows), os.path.join(run, "routed"), partition_cols=["l1"])
     os.makedirs(os.path.join(run, "documents"))
-    pq.write_table(pa.table({"doc_id": [d for d, _, _ in docs], "text": [t for _, _, t in docs]}),
-                   os.path.join(run, "documents", "part-0.parquet"))
+    pq.write_table(
+        pa.table({"doc_id": [d for d, _, _ in docs], "text": [t for _, _, t in docs]}),
+        os.path.join(run, "documents", "part-0.parquet"),
+    )
     return run, str(out / "export"), routes

@@ -1,5 +1,6 @@
 """python -m hmem.ask on the tiny trained model: answers, p(answer) against the model's own logits, batching,
 the verdict on a bank whose leaf block was made to carry the answer, and clear errors."""
+
 import json
 import os
 import shutil
@@ -28,7 +29,7 @@ def direct_logprob(ev, prompt: str, answer: str, ids: torch.Tensor | None) -> fl
     x = torch.tensor([p + a])
     with torch.no_grad():
         logits = ev.anchor(x[:, :-1], None if ids is None else ev.bank.fetch(ids, requires_grad=False))
-    logp = F.log_softmax(logits.double(), -1)[0, len(p) - 1:, :]
+    logp = F.log_softmax(logits.double(), -1)[0, len(p) - 1 :, :]
     return float(logp[torch.arange(len(a)), torch.tensor(a)].sum())
 
 
@@ -38,18 +39,19 @@ def test_answers_and_probabilities_are_the_models(asker):
     out = asker.ask(questions, ["one", "of"], max_new=4)
     paths = ev.router.route_texts(questions)
     for q, a in enumerate(out):
-        assert a["path"] == paths[q].tolist() and a["blocks"] == path_block_ids(paths[q:q + 1], 2)[0].tolist()
+        assert a["path"] == paths[q].tolist() and a["blocks"] == path_block_ids(paths[q : q + 1], 2)[0].tolist()
         names = [r["setting"] for r in a["settings"]]
         assert names == ["fetched", "generic", "none", "off@1", "off@2"]
         for r in a["settings"]:
-            ids = ev.block_ids(paths[q:q + 1], r["setting"])
+            ids = ev.block_ids(paths[q : q + 1], r["setting"])
             assert r["logprob"] == pytest.approx(direct_logprob(ev, questions[q], a["answer"], ids), abs=1e-4)
             assert r["completion"] == ev.complete([questions[q]], ids, [4])[0]
     alone = [asker.ask([q], [ans], max_new=4)[0] for q, ans in zip(questions, ["one", "of"])]
     for batched, single in zip(out, alone):  # right padding in a batch changes nothing
         assert [r["completion"] for r in batched["settings"]] == [r["completion"] for r in single["settings"]]
-        assert np.allclose([r["logprob"] for r in batched["settings"]], [r["logprob"] for r in single["settings"]],
-                           atol=1e-5)
+        assert np.allclose(
+            [r["logprob"] for r in batched["settings"]], [r["logprob"] for r in single["settings"]], atol=1e-5
+        )
     fast = asker.ask(questions, max_new=4, compare=False)
     assert [a["settings"][0]["completion"] for a in fast] == [a["settings"][0]["completion"] for a in out]
     assert all(len(a["settings"]) == 1 and a["verdict"] is None for a in fast)
@@ -109,5 +111,10 @@ def test_bad_input_is_one_line(problem, tiny_export, tmp_path, capsys):
     assert main(args) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "\n" not in err
-    assert {"max_new": "--max-new", "empty_file": "no question", "bad_json": "q.jsonl:1", "no_field": "q.jsonl:1",
-            "not_export": "meta.json"}[problem] in err
+    assert {
+        "max_new": "--max-new",
+        "empty_file": "no question",
+        "bad_json": "q.jsonl:1",
+        "no_field": "q.jsonl:1",
+        "not_export": "meta.json",
+    }[problem] in err

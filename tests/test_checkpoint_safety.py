@@ -1,4 +1,5 @@
 """Checkpoint and export files are read without running code: a pickle in their place is refused in one line."""
+
 import json
 import os
 import pickle
@@ -54,9 +55,16 @@ def test_payload_runs_when_unpickled(tmp_path):
 
 def test_state_round_trips_bit_exactly(tmp_path):
     torch.manual_seed(3)
-    state = {"step": 7, "tokens_seen": 10**12, "world_size": 2,
-             "loader": {"epoch": 1, "position": 5, "seed": 0, "shuffle_buffer": 4096, "runs": 1},
-             "rng": {"torch": torch.get_rng_state(), "cuda": [torch.randint(0, 256, (16,), dtype=torch.uint8) for _ in range(2)]}}
+    state = {
+        "step": 7,
+        "tokens_seen": 10**12,
+        "world_size": 2,
+        "loader": {"epoch": 1, "position": 5, "seed": 0, "shuffle_buffer": 4096, "runs": 1},
+        "rng": {
+            "torch": torch.get_rng_state(),
+            "cuda": [torch.randint(0, 256, (16,), dtype=torch.uint8) for _ in range(2)],
+        },
+    }
     write_state(str(tmp_path), state)
     assert sorted(os.listdir(tmp_path)) == ["state.json", "state.safetensors"]
     back = read_state(str(tmp_path))
@@ -103,10 +111,12 @@ def test_pickled_bank_file_is_refused_and_runs_nothing(tmp_path, reader, kind):
     path = tmp_path / "bank.safetensors"
     plant(path, tmp_path / "marker", kind)
     store = TensorBlockStore.create(MEM, MODEL)
-    call = {"load_bank": lambda: load_bank(str(path), store, K, DEPTH),
-            "TensorBlockStore.load": lambda: TensorBlockStore.load(str(path)),
-            "LazyBlockStore": lambda: LazyBlockStore([str(path)]),
-            "TouchedAdamW.load": lambda: TouchedAdamW(store, K, DEPTH).load(str(path))}[reader]
+    call = {
+        "load_bank": lambda: load_bank(str(path), store, K, DEPTH),
+        "TensorBlockStore.load": lambda: TensorBlockStore.load(str(path)),
+        "LazyBlockStore": lambda: LazyBlockStore([str(path)]),
+        "TouchedAdamW.load": lambda: TouchedAdamW(store, K, DEPTH).load(str(path)),
+    }[reader]
     refused(call, path, "not a safetensors file")
     assert not (tmp_path / "marker").exists()
 

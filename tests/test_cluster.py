@@ -1,5 +1,6 @@
 """A real Spark standalone cluster on loopback (a master and two workers, each with its own work and local
 directories) gives the same outputs as local[2]."""
+
 import os
 import socket
 import subprocess
@@ -29,9 +30,21 @@ def standalone(tmp_path_factory):
     logs = tmp_path_factory.mktemp("spark-logs")
     port = free_port()
     cls = os.path.join(BIN, "spark-class")
-    master = subprocess.Popen([cls, "org.apache.spark.deploy.master.Master", "--host", "127.0.0.1", "--port", str(port),
-                               "--webui-port", str(free_port())], env=spark_env(),
-                              stdout=open(logs / "master.log", "w"), stderr=subprocess.STDOUT)
+    master = subprocess.Popen(
+        [
+            cls,
+            "org.apache.spark.deploy.master.Master",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--webui-port",
+            str(free_port()),
+        ],
+        env=spark_env(),
+        stdout=open(logs / "master.log", "w"),
+        stderr=subprocess.STDOUT,
+    )
     workers, workdirs = [], []
     try:
         wait_for_port(port)
@@ -39,9 +52,26 @@ def standalone(tmp_path_factory):
         for w in range(2):  # no directory shared between workers, or with the driver's scratch space
             env = dict(spark_env(), SPARK_WORKER_DIR=str(logs / f"work{w}"), SPARK_LOCAL_DIRS=str(logs / f"local{w}"))
             workdirs.append(logs / f"work{w}")
-            workers.append(subprocess.Popen([cls, "org.apache.spark.deploy.worker.Worker", url, "--host", "127.0.0.1",
-                                             "--cores", "1", "--memory", "2g", "--webui-port", str(free_port())], env=env,
-                                            stdout=open(logs / f"worker{w}.log", "w"), stderr=subprocess.STDOUT))
+            workers.append(
+                subprocess.Popen(
+                    [
+                        cls,
+                        "org.apache.spark.deploy.worker.Worker",
+                        url,
+                        "--host",
+                        "127.0.0.1",
+                        "--cores",
+                        "1",
+                        "--memory",
+                        "2g",
+                        "--webui-port",
+                        str(free_port()),
+                    ],
+                    env=env,
+                    stdout=open(logs / f"worker{w}.log", "w"),
+                    stderr=subprocess.STDOUT,
+                )
+            )
         time.sleep(5)
         yield url, workdirs
     finally:

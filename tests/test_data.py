@@ -150,12 +150,12 @@ def test_shuffle_buffer_bounds_the_window_and_resume_is_exact_across_windows(sma
         assert a.window.n <= 4 - 1 + largest  # a window stops growing once it reaches the buffer size
         seen.append(b.seq_ids.tolist())
         epochs.setdefault(epoch, []).extend(b.seq_ids.tolist())
-    assert sorted(epochs[0][:len(own)]) == sorted(own)
-    assert epochs[0][:len(own)] != epochs[1][:len(own)]  # a new order each epoch
+    assert sorted(epochs[0][: len(own)]) == sorted(own)
+    assert epochs[0][: len(own)] != epochs[1][: len(own)]  # a new order each epoch
     for state, step in states[3::4]:  # resume from states inside, at the start of and across windows
         resumed = ShardLoader(small_groups, o, 0, batch_size=5, seed=3, p_generic=0.2, shuffle_buffer=4)
         resumed.load_state_dict(state)
-        assert [resumed.next_batch().seq_ids.tolist() for _ in range(min(3, len(seen) - step))] == seen[step:step + 3]
+        assert [resumed.next_batch().seq_ids.tolist() for _ in range(min(3, len(seen) - step))] == seen[step : step + 3]
     with pytest.raises(ValueError, match="shuffle_buffer"):
         ShardLoader(small_groups, o, 0, batch_size=5, seed=3, p_generic=0.2, shuffle_buffer=8).load_state_dict(state)
 
@@ -191,7 +191,7 @@ def test_several_runs_with_one_tree_add_up(run, tmp_path):
             seen += list(zip(batch.runs.tolist(), batch.seq_ids.tolist()))
             for run_i, s, p in zip(batch.runs.tolist(), batch.seq_ids.tolist(), batch.paths.tolist()):
                 assert seqs[run_i][s] == p
-        assert sorted(seen[:len(own)]) == sorted(own)  # both runs, every owned sequence once per epoch
+        assert sorted(seen[: len(own)]) == sorted(own)  # both runs, every owned sequence once per epoch
 
 
 def test_runs_with_different_trees_are_refused(run, tmp_path, capsys):

@@ -1,4 +1,6 @@
-"""The encoder's precision, length bucketing and run bookkeeping; live progress counts; identical texts embedded once."""
+"""The encoder's precision, length bucketing and run bookkeeping; live progress counts; identical texts embedded
+once."""
+
 import multiprocessing
 import os
 import time
@@ -8,8 +10,7 @@ import pandas as pd
 import pytest
 
 from corpora.bbc import bbc_records
-from index.encoder import (PrecisionMismatch, cpu_has_bf16, embed_texts, load_encoder, resolve_precision,
-                           run_precision)
+from index.encoder import PrecisionMismatch, cpu_has_bf16, embed_texts, load_encoder, resolve_precision, run_precision
 from index.router import Router
 from index.rundir import write_manifest
 from index.tree import Tree
@@ -20,7 +21,7 @@ from pipeline.stages import RecentRate
 def mixed_texts(n: int = 10) -> list[str]:
     """BBC articles cut to very different lengths, so a length-sorted batch holds much padding otherwise."""
     texts = [r["text"] for _, r in zip(range(n), bbc_records())]
-    return [" ".join(t.split()[:4 + 23 * i]) for i, t in enumerate(texts)]
+    return [" ".join(t.split()[: 4 + 23 * i]) for i, t in enumerate(texts)]
 
 
 @pytest.mark.parametrize("precision,tol", [("fp32", 1e-5), ("bf16", 2e-3)])
@@ -54,13 +55,34 @@ def write_run(root, manifest_precision, tree_precision) -> str:
     """A run directory with a 2-leaf tree on real embeddings and a manifest (router without document index)."""
     run = os.path.join(str(root), "run")
     x = embed_texts(load_encoder(), ["the league match ended in a draw", "shares fell as oil prices rose"])
-    Tree(k=2, depth=1, dim=x.shape[1], centroids=[x], biases=[np.zeros(2)],
-         config={} if tree_precision is None else {"encoder_precision": tree_precision}).save(os.path.join(run, "tree"))
+    Tree(
+        k=2,
+        depth=1,
+        dim=x.shape[1],
+        centroids=[x],
+        biases=[np.zeros(2)],
+        config={} if tree_precision is None else {"encoder_precision": tree_precision},
+    ).save(os.path.join(run, "tree"))
     tree = Tree.load(os.path.join(run, "tree"))
-    config = {"max_windows": 1} if manifest_precision is None else {"max_windows": 1, "encoder_precision": manifest_precision}
+    config = (
+        {"max_windows": 1}
+        if manifest_precision is None
+        else {"max_windows": 1, "encoder_precision": manifest_precision}
+    )
     level = {"level": 1, "nodes": 2, "node_documents": [1, 1], "node_tokens": [0, 0]}
-    write_manifest(run, {"tree_version": tree.version, "k": 2, "depth": 1, "levels": [level], "config": config,
-                         "documents_in": 2, "documents_routed": 2, "documents_quarantined": 0})
+    write_manifest(
+        run,
+        {
+            "tree_version": tree.version,
+            "k": 2,
+            "depth": 1,
+            "levels": [level],
+            "config": config,
+            "documents_in": 2,
+            "documents_routed": 2,
+            "documents_quarantined": 0,
+        },
+    )
     return run
 
 
@@ -89,7 +111,9 @@ def _send(address, n):
 
 def test_item_counter_counts_reports_from_other_processes():
     with ItemCounter() as counter:
-        procs = [multiprocessing.get_context("spawn").Process(target=_send, args=(counter.address, 40)) for _ in range(3)]
+        procs = [
+            multiprocessing.get_context("spawn").Process(target=_send, args=(counter.address, 40)) for _ in range(3)
+        ]
         for p in procs:
             p.start()
         for p in procs:
@@ -120,16 +144,18 @@ def test_embed_stage_embeds_identical_texts_once_and_counts_live(tmp_path):
     distinct = mixed_texts(12)
     copies = [0] * 9 + [1] * 3 + [5] * 2  # text 0: a run of copies longer than an Arrow batch
     texts = distinct + [distinct[i] for i in copies]
-    docs = pd.DataFrame({"doc_id": [f"d{i}" for i in range(len(texts))], "source": "t", "row": range(len(texts)),
-                         "text": texts})
+    docs = pd.DataFrame(
+        {"doc_id": [f"d{i}" for i in range(len(texts))], "source": "t", "row": range(len(texts)), "text": texts}
+    )
     spark.createDataFrame(docs).write.parquet(str(tmp_path / "documents"))
     old = spark.conf.get("spark.sql.execution.arrow.maxRecordsPerBatch")
     spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", "4")
     spark.conf.set("spark.sql.shuffle.partitions", "2")
     try:
         with ItemCounter() as counter:
-            stats = embed_stage(spark, JobConfig(encoder_batch_size=4, encoder_precision="fp32"),
-                                str(tmp_path), counter.address)
+            stats = embed_stage(
+                spark, JobConfig(encoder_batch_size=4, encoder_precision="fp32"), str(tmp_path), counter.address
+            )
             deadline = time.time() + 10
             while counter.done < len(texts) and time.time() < deadline:
                 time.sleep(0.05)
@@ -143,4 +169,4 @@ def test_embed_stage_embeds_identical_texts_once_and_counts_live(tmp_path):
     for j, i in enumerate(copies):
         assert np.array_equal(x[len(distinct) + j], x[i])
     alone = np.stack([embed_texts(load_encoder(), [t])[0] for t in distinct])
-    assert np.abs(x[:len(distinct)] - alone).max() < 1e-5
+    assert np.abs(x[: len(distinct)] - alone).max() < 1e-5

@@ -1,5 +1,6 @@
 """train/evaluate.py on a model trained by the real trainer (tiny config) over a fixture run with a 384-d tree,
 routed by the real encoder and router."""
+
 import json
 import os
 
@@ -12,7 +13,7 @@ from fixtures import PROMPTS
 
 from index.router import Router
 from index.tree import path_block_ids
-from train.evaluate import (Evaluator, Probe, block_report, bucket_edges, bucket_of, is_exact_match, read_probes)
+from train.evaluate import Evaluator, Probe, block_report, bucket_edges, bucket_of, is_exact_match, read_probes
 
 
 @pytest.fixture(scope="module")
@@ -33,8 +34,12 @@ def test_buckets_and_matching():
 
 def test_read_probes_names_the_bad_line(tmp_path):
     path = tmp_path / "p.jsonl"
-    path.write_text(json.dumps({"prompt": "a", "answer": "b", "entity": "c", "frequency": 1}) + "\n"
-                    + json.dumps({"prompt": "a", "entity": "c", "frequency": 1}) + "\n")
+    path.write_text(
+        json.dumps({"prompt": "a", "answer": "b", "entity": "c", "frequency": 1})
+        + "\n"
+        + json.dumps({"prompt": "a", "entity": "c", "frequency": 1})
+        + "\n"
+    )
     with pytest.raises(ValueError, match=r"p.jsonl:2: missing \['answer'\]"):
         read_probes(str(path))
 
@@ -56,7 +61,10 @@ def test_nll_counts_every_token_once_and_matches_the_anchor(setup):
 
 def test_perplexity_settings_differ_where_memory_differs(setup):
     ev, _, _ = setup
-    docs = [{"text": "hydrogen is element one", "source": "facts"}, {"text": "a tree of memory blocks", "source": "news"}]
+    docs = [
+        {"text": "hydrogen is element one", "source": "facts"},
+        {"text": "a tree of memory blocks", "source": "news"},
+    ]
     ppl = ev.perplexity(docs)
     assert set(ppl) == {"fetched", "generic", "none", "generic@1", "off@1", "generic@2", "off@2"}
     assert all(set(row) == {"all", "facts", "news"} and row["all"] > 1 for row in ppl.values())
@@ -71,20 +79,22 @@ def test_batched_greedy_completion_equals_one_by_one(setup):
     together = ev.complete(prompts, ids, [4, 2, 3])
     for i, p in enumerate(prompts):
         seq = [ev.eot] + ev.tokenizer.encode(p).ids
-        memory = ev.bank.fetch(ids[i:i + 1], requires_grad=False)
+        memory = ev.bank.fetch(ids[i : i + 1], requires_grad=False)
         for _ in range([4, 2, 3][i]):
             with torch.no_grad():
                 seq.append(int(ev.anchor(torch.tensor([seq]), memory)[0, -1].argmax()))
-        new = seq[len(ev.tokenizer.encode(p).ids) + 1:]
-        new = new[:new.index(ev.eot) + 1] if ev.eot in new else new
+        new = seq[len(ev.tokenizer.encode(p).ids) + 1 :]
+        new = new[: new.index(ev.eot) + 1] if ev.eot in new else new
         assert together[i] == ev.tokenizer.decode([t for t in new if t != ev.eot])
 
 
 def test_probe_agreement_oracle_and_blocking(setup):
     ev, routes, _ = setup
-    probes = [Probe(PROMPTS["hydrogen"], "one", "hydrogen", 2, ["h0", "h1"]),
-              Probe(PROMPTS["tree"], "of", "tree", 1, ["t0"]),
-              Probe(PROMPTS["hydrogen"], "one", "hydrogen", 2)]  # no doc_ids: found by name in documents/
+    probes = [
+        Probe(PROMPTS["hydrogen"], "one", "hydrogen", 2, ["h0", "h1"]),
+        Probe(PROMPTS["tree"], "of", "tree", 1, ["t0"]),
+        Probe(PROMPTS["hydrogen"], "one", "hydrogen", 2),
+    ]  # no doc_ids: found by name in documents/
     res = ev.probe(probes)
     h, t, found = res["records"]
     assert h["agreement"] == 1.0 and t["agreement"] == 0.0 and found["agreement"] == 1.0
@@ -101,7 +111,7 @@ def test_two_paths_fetch_shared_blocks_once(setup):
     prompts = list(PROMPTS.values())
     one = ev.router.route_texts(prompts)
     same = ev.block_ids(np.stack([one, one], axis=1), "fetched")
-    assert same.shape == (2, 2 * ev.depth) and (same[:, ev.depth:] == -1).all()
+    assert same.shape == (2, 2 * ev.depth) and (same[:, ev.depth :] == -1).all()
     assert ev.fetch_cost(same) == pytest.approx(1.0)
     assert ev.complete(prompts, same, [3, 3]) == ev.complete(prompts, ev.block_ids(one, "fetched"), [3, 3])
     other = one.copy()
@@ -134,13 +144,29 @@ def test_entity_documents_streams_and_matches_whole_words_like_python(tmp_path):
     import re
     from types import SimpleNamespace
 
-    texts = ["Hydrogen: one proton", "hydrogens", "the Fe atom", "Fermium", "C++ rocks", "xC++y", "über café",
-             "Ü-Bahn café!", "_fe_", "a fe", "Jean-Luc Picard", "picard's", "1fe", "fe2"]
+    texts = [
+        "Hydrogen: one proton",
+        "hydrogens",
+        "the Fe atom",
+        "Fermium",
+        "C++ rocks",
+        "xC++y",
+        "über café",
+        "Ü-Bahn café!",
+        "_fe_",
+        "a fe",
+        "Jean-Luc Picard",
+        "picard's",
+        "1fe",
+        "fe2",
+    ]
     os.makedirs(tmp_path / "documents")
     for part, lo in enumerate((0, 7)):
-        rows = texts[lo:lo + 7]
-        pq.write_table(pa.table({"doc_id": [f"d{lo + i}" for i in range(len(rows))], "text": rows}),
-                       tmp_path / "documents" / f"part-{part}.parquet")
+        rows = texts[lo : lo + 7]
+        pq.write_table(
+            pa.table({"doc_id": [f"d{lo + i}" for i in range(len(rows))], "text": rows}),
+            tmp_path / "documents" / f"part-{part}.parquet",
+        )
     entities = ["hydrogen", "Fe", "C++", "café", "picard", "über", "ü-bahn"]
     probes = [Probe("p", "a", e, 1) for e in entities] + [Probe("p", "a", "given", 1, doc_ids=["x"])]
     found = Evaluator.entity_documents(SimpleNamespace(router=SimpleNamespace(run_dir=str(tmp_path))), probes)
@@ -154,6 +180,7 @@ def test_entity_documents_streams_and_matches_whole_words_like_python(tmp_path):
 def test_dense_model_routes_by_descent_and_needs_no_document_index(tmp_path):
     import json
     from train.evaluate import model_routing
+
     recorded = {"mode": "neighbours", "neighbours": 32, "nprobe": 64, "hybrid_share": 0.5}
     for memory, want in ((None, "descent"), ({"kind": "ffn"}, "neighbours")):
         (tmp_path / "meta.json").write_text(json.dumps({"memory": memory, "routing": recorded}))

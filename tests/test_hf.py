@@ -1,4 +1,5 @@
 """transformers interop (train/hf.py): project anchors as Llama checkpoints, FFN memory on Llama / Qwen2."""
+
 import json
 import os
 
@@ -17,16 +18,34 @@ def project_export(d: str, tied: bool) -> str:
     """A project export directory (train/export.py layout) holding a randomly initialised anchor."""
     os.makedirs(d, exist_ok=True)
     vocab = write_tokenizer(os.path.join(d, "tokenizer.json"), 300)
-    cfg = ModelConfig(vocab_size=vocab, d_model=48, n_layers=2, n_heads=3, ffn_hidden=96, max_seq_len=512,
-                      tied_embeddings=tied, rope_theta=500.0, norm_eps=1e-6)
+    cfg = ModelConfig(
+        vocab_size=vocab,
+        d_model=48,
+        n_layers=2,
+        n_heads=3,
+        ffn_hidden=96,
+        max_seq_len=512,
+        tied_embeddings=tied,
+        rope_theta=500.0,
+        norm_eps=1e-6,
+    )
     torch.manual_seed(0)
     anchor = Anchor(cfg)
     with torch.no_grad():  # weights well away from the init scale: a harder equality test
         for p in anchor.parameters():
             p.add_(torch.randn_like(p) * 0.1)
     save_file(anchor.state_dict(), os.path.join(d, "anchor.safetensors"))
-    meta = {"format": FORMAT, "tree_version": "none", "k": 2, "depth": 1, "seq_len": 16, "eot_id": 0, "pad_id": 1,
-            "model": cfg.to_dict(), "memory": None}
+    meta = {
+        "format": FORMAT,
+        "tree_version": "none",
+        "k": 2,
+        "depth": 1,
+        "seq_len": 16,
+        "eot_id": 0,
+        "pad_id": 1,
+        "model": cfg.to_dict(),
+        "memory": None,
+    }
     with open(os.path.join(d, "meta.json"), "w") as f:
         json.dump(meta, f)
     return d
@@ -58,12 +77,21 @@ def test_anchor_exports_as_llama_with_equal_logits(tmp_path, tied):
 
 # ---------------------------------------------------------------- memory on a transformers base
 
+
 def tiny_base(d: str, arch: str, vocab: int = 320, **extra) -> str:
     """A randomly initialised tiny Llama / Qwen2 (grouped-query attention) saved with save_pretrained."""
     from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
-    shape = dict(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=arch == "qwen2")
+    shape = dict(
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=arch == "qwen2",
+    )
     config = {"llama": LlamaConfig, "qwen2": Qwen2Config}[arch](**{**shape, **extra})
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(config).save_pretrained(d)
@@ -112,7 +140,9 @@ def test_unsupported_architectures_and_changed_bases_are_refused(tmp_path):
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=64)).save_pretrained(str(tmp_path / "gpt2"))
     with pytest.raises(ValueError, match="'gpt2'.*not supported.*llama"):
         model_config(str(tmp_path / "gpt2"))
-    with pytest.raises(ValueError, match="gelu.*not supported"):  # a GeGLU MLP: the units would use the wrong activation
+    with pytest.raises(
+        ValueError, match="gelu.*not supported"
+    ):  # a GeGLU MLP: the units would use the wrong activation
         model_config(tiny_base(str(tmp_path / "geglu"), "llama", hidden_act="gelu"))
     with pytest.raises(ValueError, match="fixes the architecture"):
         model_config(tiny_base(str(tmp_path / "llama"), "llama"), {"d_model": 64})
@@ -138,8 +168,14 @@ def test_memory_only_on_a_transformers_base(tmp_path, arch, launch):
     base = tiny_base(str(tmp_path / "base"), arch)
     base_weights = {n: t.clone() for n, t in load_file(os.path.join(base, "model.safetensors")).items()}
     out = str(tmp_path / "out")
-    sets = (f"model={{hf: {base}}}", "recipe.name=memory_only", "memory.ranks=[8,4]", "optim.memory.lr=0.05",
-            "schedule.max_steps=4", "schedule.checkpoint_every=2")
+    sets = (
+        f"model={{hf: {base}}}",
+        "recipe.name=memory_only",
+        "memory.ranks=[8,4]",
+        "optim.memory.lr=0.05",
+        "schedule.max_steps=4",
+        "schedule.checkpoint_every=2",
+    )
     nproc = 2 if launch == "deepspeed" else 1
     train(launch, run, out, *sets, nproc=nproc)
     first = losses(out)
@@ -191,19 +227,37 @@ def test_job_packs_with_a_transformers_tokenizer(tmp_path):
     docs = write_bbc_subset(str(tmp_path / "bbc.jsonl"), 30)
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.train_from_iterator([d["text"] for d in docs], trainers.BpeTrainer(
-        vocab_size=500, special_tokens=["<unk>", "<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.train_from_iterator(
+        [d["text"] for d in docs],
+        trainers.BpeTrainer(
+            vocab_size=500,
+            special_tokens=["<unk>", "<s>", "</s>"],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        ),
+    )
     PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>").save_pretrained(
-        str(tmp_path / "tok"))
+        str(tmp_path / "tok")
+    )
     out = tmp_path / "run"
-    p = submit(["--input", str(tmp_path / "bbc.jsonl"), "--id-column", "id", "--output", str(out), *SMALL,
-                "--tokenizer", str(tmp_path / "tok")])
+    p = submit(
+        [
+            "--input",
+            str(tmp_path / "bbc.jsonl"),
+            "--id-column",
+            "id",
+            "--output",
+            str(out),
+            *SMALL,
+            "--tokenizer",
+            str(tmp_path / "tok"),
+        ]
+    )
     assert p.returncode == 0, p.stdout[-4000:]
     m = manifest(out)
     assert (m["eot_id"], m["pad_id"], m["vocab_size"]) == (2, 2, tok.get_vocab_size())
     shards, routed = read_table(out / "shards"), read_table(out / "routed")
-    assert all((np.asarray(s.tokens[s.n_valid:]) == 2).all() for _, s in shards.iterrows())
-    n_eos = sum(int((np.asarray(s.tokens[:s.n_valid]) == 2).sum()) for _, s in shards.iterrows())
+    assert all((np.asarray(s.tokens[s.n_valid :]) == 2).all() for _, s in shards.iterrows())
+    n_eos = sum(int((np.asarray(s.tokens[: s.n_valid]) == 2).sum()) for _, s in shards.iterrows())
     assert n_eos == len(routed) == len(docs)  # one end-of-text after each document, none inside
 
 

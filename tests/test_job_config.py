@@ -1,4 +1,5 @@
 """The job's command line: --help documents every option, and a bad config is one line naming the field."""
+
 import dataclasses
 
 import pytest
@@ -18,15 +19,18 @@ def test_help_lists_every_option_with_meaning_and_default(capsys):
     assert "children per node (default: 8)" in text and "(default: 'auto')" in text
 
 
-@pytest.mark.parametrize("yaml_text, message", [
-    ("k: abc\n", "k: 'abc' is not int"),
-    ("balance_factor: [1]\n", "balance_factor: [1] is not float"),
-    ("input: 3\n", "input: 3 is not a list of strings"),
-    ("kk: 3\n", "unknown keys ['kk']"),
-    ("k: [\n", "--config"),
-    ("k: 1\n", "invalid job config: k=1: need at least 2 children per node"),
-    ("max_windows: 0\n", "max_windows=0: must be >= 1"),
-])
+@pytest.mark.parametrize(
+    "yaml_text, message",
+    [
+        ("k: abc\n", "k: 'abc' is not int"),
+        ("balance_factor: [1]\n", "balance_factor: [1] is not float"),
+        ("input: 3\n", "input: 3 is not a list of strings"),
+        ("kk: 3\n", "unknown keys ['kk']"),
+        ("k: [\n", "--config"),
+        ("k: 1\n", "invalid job config: k=1: need at least 2 children per node"),
+        ("max_windows: 0\n", "max_windows=0: must be >= 1"),
+    ],
+)
 def test_bad_config_is_one_line_naming_the_field(tmp_path, yaml_text, message):
     path = tmp_path / "job.yaml"
     path.write_text(yaml_text)

@@ -1,6 +1,7 @@
 """The real Spark job on input layouts a corpus has: nested directories without ids, Parquet, an ``id``
 field found automatically, several embedding windows, a user's shuffle partitions; and a second corpus
 routed into the first run's frozen tree."""
+
 import hashlib
 import json
 import os
@@ -19,6 +20,7 @@ PARTITIONS = 3  # local[2] alone would give 2 x 2 = 4
 
 def bbc(n: int, start: int) -> list[dict]:
     from corpora.bbc import bbc_records
+
     return [r for i, r in enumerate(bbc_records()) if i >= start][:n]
 
 
@@ -39,7 +41,9 @@ def layout_run(tmp_path_factory):
     os.makedirs(d / "2025")
     pq.write_table(pa.table({"text": [r["text"] for r in recs[40:]]}), d / "2025" / "part-0.parquet")
     out = tmp_path_factory.mktemp("run") / "layout"
-    p = submit(["--input", str(d), "--output", str(out), *SMALL], conf={"spark.sql.shuffle.partitions": str(PARTITIONS)})
+    p = submit(
+        ["--input", str(d), "--output", str(out), *SMALL], conf={"spark.sql.shuffle.partitions": str(PARTITIONS)}
+    )
     assert p.returncode == 0, p.stdout[-4000:]
     return out, recs, p
 
@@ -50,9 +54,11 @@ def test_derived_ids_use_the_path_below_the_input(layout_run):
     assert m["documents_in"] == len(recs) == m["documents_routed"] and m["documents_quarantined"] == 0
     assert m["ids"] == "" and "ids: derived" in p.stdout
     docs = read_table(out / "documents")
-    want = {hashlib.sha1(f"{rel}:{row}".encode()).hexdigest()[:16]
-            for rel, n in (("2023/part-0.jsonl", 20), ("2024/part-0.jsonl", 20), ("2025/part-0.parquet", 10))
-            for row in range(n)}
+    want = {
+        hashlib.sha1(f"{rel}:{row}".encode()).hexdigest()[:16]
+        for rel, n in (("2023/part-0.jsonl", 20), ("2024/part-0.jsonl", 20), ("2025/part-0.parquet", 10))
+        for row in range(n)
+    }
     assert set(docs.doc_id) == want
     # the Parquet file went all the way: its documents are routed and packed
     parquet_ids = set(docs[docs.source.str.endswith("part-0.parquet")].doc_id)
@@ -112,6 +118,7 @@ def test_id_field_is_used_when_present(id_run):
 
 def test_max_windows_embeds_the_mean_of_windows(id_run):
     from index.encoder import embed_texts, load_encoder
+
     out, recs, _ = id_run
     assert manifest(out)["config"]["max_windows"] == 2
     routed = read_table(out / "routed").sort_values("doc_id")
@@ -139,6 +146,7 @@ def frozen_run(layout_run, tmp_path_factory):
 
 def test_frozen_tree_routes_like_the_router(frozen_run):
     from index.router import Router
+
     a, b, recs, p = frozen_run
     ma, mb = manifest(a), manifest(b)
     assert mb["tree_version"] == ma["tree_version"] and mb["tree_from"] == str(a)

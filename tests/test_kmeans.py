@@ -71,8 +71,8 @@ def test_fewer_points_than_children():
 def test_descender_matches_bruteforce_greedy_descent():
     k, depth, dim = 3, 3, 16
     rng = np.random.default_rng(3)
-    cents = [rng.normal(size=(k ** l, dim)).astype(np.float32) for l in range(1, depth + 1)]
-    biases = [rng.normal(scale=0.1, size=k ** l).astype(np.float32) for l in range(1, depth + 1)]
+    cents = [rng.normal(size=(k**l, dim)).astype(np.float32) for l in range(1, depth + 1)]
+    biases = [rng.normal(scale=0.1, size=k**l).astype(np.float32) for l in range(1, depth + 1)]
     tree = Tree(k, depth, dim, cents, biases)
     x = rng.normal(size=(500, dim)).astype(np.float32)
     paths = route(tree, x)
@@ -112,6 +112,7 @@ def test_tree_save_load_roundtrip_and_corruption(tmp_path):
 
 def test_child_sums_are_the_bits_of_add_at():
     from index.kmeans import child_sums
+
     rng = np.random.default_rng(3)
     for n in (1, 7, 500):
         x = rng.normal(size=(n, 24)).astype(np.float32)

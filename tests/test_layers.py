@@ -2,6 +2,7 @@
 < corpora/ < pipeline/ < train/ < hmem/ (the CLIs that combine index and model). A module imports only
 its own layer and the ones below, lazily or not, and no chain of module imports comes back to where it
 started. jobs/, bench/ and tests/ are scripts on top and may import anything."""
+
 import ast
 import os
 
@@ -34,16 +35,22 @@ def imported(path: str) -> set[str]:
     return out
 
 
-MODULES = {module_name(os.path.join(d, f)): os.path.join(d, f)
-           for layer in LAYERS for d, _, files in os.walk(os.path.join(ROOT, layer)) for f in files if f.endswith(".py")}
+MODULES = {
+    module_name(os.path.join(d, f)): os.path.join(d, f)
+    for layer in LAYERS
+    for d, _, files in os.walk(os.path.join(ROOT, layer))
+    for f in files
+    if f.endswith(".py")
+}
 GRAPH = {m: imported(p) & set(MODULES) - {m} for m, p in MODULES.items()}
 
 
 @pytest.mark.parametrize("layer", LAYERS)
 def test_no_import_runs_back_up(layer):
-    above = set(LAYERS[LAYERS.index(layer) + 1:])
-    bad = {m: sorted(d for d in deps if d.split(".")[0] in above)
-           for m, deps in GRAPH.items() if m.split(".")[0] == layer}
+    above = set(LAYERS[LAYERS.index(layer) + 1 :])
+    bad = {
+        m: sorted(d for d in deps if d.split(".")[0] in above) for m, deps in GRAPH.items() if m.split(".")[0] == layer
+    }
     bad = {m: d for m, d in bad.items() if d}
     assert not bad, f"imports against the data flow ({' < '.join(LAYERS)}): {bad}"
 
@@ -57,7 +64,7 @@ def test_no_import_cycle():
         stack.append(m)
         for d in sorted(GRAPH[m]):
             if state.get(d) == "grey":
-                pytest.fail("import cycle: " + " -> ".join(stack[stack.index(d):] + [d]))
+                pytest.fail("import cycle: " + " -> ".join(stack[stack.index(d) :] + [d]))
             if d not in state:
                 visit(d)
         stack.pop()

@@ -1,4 +1,5 @@
 """train/lazy_store.py: a read-only BlockStore over bank files, read block by block, and its serving cache."""
+
 import math
 
 import pytest

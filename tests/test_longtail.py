@@ -1,4 +1,5 @@
 """The long-tail facts corpus: real facts, Zipf-like frequencies, varied wording, probes that match the corpus."""
+
 import json
 import os
 import re
@@ -109,7 +110,9 @@ def test_fact_passes_upsample_the_facts_not_the_news(bbc, corpus):
     up_facts = [d for d in up.train if d["source"] != "bbc"]
     assert len(up_facts) == 3 * len(facts) and len({d["id"] for d in up.train}) == len(up.train)
     # the copies are the same documents: each distinct text three times
-    assert Counter(Counter(d["text"] for d in up_facts).values()) == Counter(3 * n for n in Counter(d["text"] for d in facts).values())
+    assert Counter(Counter(d["text"] for d in up_facts).values()) == Counter(
+        3 * n for n in Counter(d["text"] for d in facts).values()
+    )
     assert sum(d["source"] == "bbc" for d in up.train) == SMALL["bbc_train"]  # the news once
     for p, q in zip(corpus.probes, up.probes):
         assert q["frequency"] == p["frequency"] and q["exposures"] == 3 * p["exposures"] == 3 * p["frequency"]
@@ -128,7 +131,8 @@ def test_fresh_passes_read_the_facts_as_often_without_identical_documents(bbc, c
         assert all(re.search(r"\b" + re.escape(p["answer"]) + r"\b", by_id[i]["text"]) for i in p["doc_ids"])
     # the first pass and everything else (news, held-out, probes' wording) are the copies variant's
     assert [d for d in fresh.train if not re.search(r"-r\d\d$", d["id"])] == [
-        d for d in up.train if not re.search(r"-r\d\d$", d["id"])]
+        d for d in up.train if not re.search(r"-r\d\d$", d["id"])
+    ]
     assert fresh.heldout == up.heldout and [p["prompt"] for p in fresh.probes] == [p["prompt"] for p in up.probes]
 
 
@@ -152,7 +156,11 @@ def test_bench_stage_reruns_exactly_when_its_inputs_change(tmp_path):
     counter = tmp_path / "runs"
 
     def stage(name, after=()):
-        cmd = [sys.executable, "-c", f"open({str(out)!r}, 'w').write('x'); open({str(counter)!r}, 'a').write('{name}\\n')"]
+        cmd = [
+            sys.executable,
+            "-c",
+            f"open({str(out)!r}, 'w').write('x'); open({str(counter)!r}, 'a').write('{name}\\n')",
+        ]
         bench.Stages(str(tmp_path), cores=1, force=False).run(name, cmd, str(out), log, files=[str(cfg)], after=after)
 
     def runs():

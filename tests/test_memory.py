@@ -1,5 +1,6 @@
 """Hierarchical memories: no-op at init, equivalence with a widened FFN, gradient isolation,
 generic switch, storage round-trip, parameter accounting, LoRA-FFN and KV variants."""
+
 import math
 
 import numpy as np
@@ -7,8 +8,7 @@ import pytest
 import torch
 
 from index.tree import generic_block_ids, n_tree_blocks, path_block_ids
-from train.memory import (Fetched, MemoryBank, MemoryConfig, TensorBlockStore, all_block_ids,
-                          block_shapes, param_counts)
+from train.memory import Fetched, MemoryBank, MemoryConfig, TensorBlockStore, all_block_ids, block_shapes, param_counts
 from train.model import Anchor, ModelConfig, load_model_config
 
 K, RANKS = 3, (6, 4, 2)
@@ -37,11 +37,12 @@ def randomise(bank, scale=0.2):
 
 
 TOK = torch.randint(0, CFG.vocab_size, (4, 10), generator=torch.Generator().manual_seed(7))
-DIFFERENT = paths_of([0, 5, 13, 26])      # four different leaves (some share level-1 blocks)
+DIFFERENT = paths_of([0, 5, 13, 26])  # four different leaves (some share level-1 blocks)
 SAME = paths_of([11, 11, 11, 11])
 
 
 # ---------------------------------------------------------------- no-op at init
+
 
 @pytest.mark.parametrize("kind", ["ffn", "lora", "kv"])
 @pytest.mark.parametrize("generic", [False, True])
@@ -54,6 +55,7 @@ def test_fresh_bank_changes_no_output(kind, generic):
 
 
 # ---------------------------------------------------------------- equals one widened FFN
+
 
 def widened(model, bank, block_ids_row):
     """An anchor whose every FFN is widened by the units of the given blocks, built directly."""
@@ -90,8 +92,8 @@ def test_concatenated_blocks_equal_widened_ffn(paths):
     out = model(TOK, fetched)
     assert not torch.allclose(out, model(TOK), atol=1e-3)  # the memory does something
     for b in range(TOK.shape[0]):
-        ref = widened(model, bank, ids[b].tolist())(TOK[b:b + 1])
-        torch.testing.assert_close(out[b:b + 1], ref, rtol=1e-5, atol=1e-5)
+        ref = widened(model, bank, ids[b].tolist())(TOK[b : b + 1])
+        torch.testing.assert_close(out[b : b + 1], ref, rtol=1e-5, atol=1e-5)
 
 
 def test_disabled_level_and_mixed_batch():
@@ -108,6 +110,7 @@ def test_disabled_level_and_mixed_batch():
 
 
 # ---------------------------------------------------------------- gradients
+
 
 def test_gradients_reach_only_the_batch_blocks():
     model, bank = make()
@@ -139,9 +142,9 @@ def test_per_sequence_gradients_do_not_mix():
     fetched = bank.fetch(ids)
     model(TOK, fetched).square().sum().backward()
     for b in range(TOK.shape[0]):
-        alone = bank.fetch(ids[b:b + 1])
+        alone = bank.fetch(ids[b : b + 1])
         assert alone.all_same
-        model(TOK[b:b + 1], alone).square().sum().backward()
+        model(TOK[b : b + 1], alone).square().sum().backward()
         row = int(fetched.index[2][b])  # level-3 blocks differ per sequence
         for n, t in fetched.params[2].items():
             torch.testing.assert_close(t.grad[row], alone.params[2][n].grad[0], rtol=1e-4, atol=1e-5)
@@ -157,6 +160,7 @@ def test_fresh_ffn_memory_learns():
 
 # ---------------------------------------------------------------- generic memory
 
+
 def test_generic_vs_fetched_switch():
     model, bank = make()
     randomise(bank)
@@ -170,7 +174,11 @@ def test_generic_vs_fetched_switch():
     assert (mixed[[0, 3]] == gen).all() and torch.equal(mixed[[1, 2]], fetched_ids[[1, 2]])
     f_gen = bank.fetch(all_gen)
     assert f_gen.all_same
-    out_gen, out_fetch, out_mixed = model(TOK, f_gen), model(TOK, bank.fetch(fetched_ids)), model(TOK, bank.fetch(mixed))
+    out_gen, out_fetch, out_mixed = (
+        model(TOK, f_gen),
+        model(TOK, bank.fetch(fetched_ids)),
+        model(TOK, bank.fetch(mixed)),
+    )
     assert not torch.allclose(out_gen, out_fetch, atol=1e-3)
     torch.testing.assert_close(out_mixed[[0, 3]], out_gen[[0, 3]], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out_mixed[[1, 2]], out_fetch[[1, 2]], rtol=1e-5, atol=1e-5)
@@ -179,6 +187,7 @@ def test_generic_vs_fetched_switch():
 
 
 # ---------------------------------------------------------------- storage
+
 
 def test_safetensors_round_trip_exact(tmp_path):
     _, bank = make()
@@ -242,6 +251,7 @@ def test_bf16_model_takes_fp32_bank():
 
 # ---------------------------------------------------------------- parameter accounting
 
+
 def test_paper_160m_counts():
     pc = param_counts(load_model_config("paper160m"), MemoryConfig(kind="ffn", ranks=(256, 64, 16, 0), k=16, depth=4))
     assert pc["fetched"] == 3 * (256 + 64 + 16) * 35 * 512
@@ -265,6 +275,7 @@ def test_counts_match_store(kind):
 
 
 # ---------------------------------------------------------------- LoRA-FFN and KV memories
+
 
 @pytest.mark.parametrize("kind", ["lora", "kv"])
 def test_other_kinds_fresh_noop_and_gradients_flow(kind):
@@ -298,7 +309,9 @@ def test_other_kinds_batched_equals_per_sequence(kind):
     ids[3, :] = -1
     out = model(TOK, bank.fetch(ids))
     for b in range(TOK.shape[0]):
-        torch.testing.assert_close(out[b:b + 1], model(TOK[b:b + 1], bank.fetch(ids[b:b + 1])), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            out[b : b + 1], model(TOK[b : b + 1], bank.fetch(ids[b : b + 1])), rtol=1e-5, atol=1e-5
+        )
     torch.testing.assert_close(out[3:4], model(TOK[3:4]), rtol=1e-5, atol=1e-5)
 
 
@@ -347,12 +360,12 @@ def test_cached_decode_equals_forward_on_each_unpadded_sequence(kind):
     steps = [model.decode(prompts, cache, memory)]
     new = torch.randint(0, CFG.vocab_size, (4, 5), generator=torch.Generator().manual_seed(1))
     for t in range(new.shape[1]):
-        steps.append(model.decode(new[:, t:t + 1], cache, memory))
+        steps.append(model.decode(new[:, t : t + 1], cache, memory))
     with torch.no_grad():
         for i in range(4):
-            seq = torch.cat([prompts[i, :lengths[i]], new[i]])[None]
-            alone = None if ids is None else bank.fetch(ids[i:i + 1], requires_grad=False)
-            full = model(seq, alone)[0, int(lengths[i]) - 1:]
+            seq = torch.cat([prompts[i, : lengths[i]], new[i]])[None]
+            alone = None if ids is None else bank.fetch(ids[i : i + 1], requires_grad=False)
+            full = model(seq, alone)[0, int(lengths[i]) - 1 :]
             assert torch.allclose(torch.stack([s[i] for s in steps]), full, atol=1e-5), i
     with pytest.raises(ValueError, match="max_seq_len"):
         for _ in range(CFG.max_seq_len):

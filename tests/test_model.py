@@ -1,4 +1,5 @@
 """The anchor transformer: configs, parameter count, causality, loss masking."""
+
 import pytest
 import torch
 

@@ -22,7 +22,9 @@ def make_store(ids=None) -> TensorBlockStore:
 
 def grads_for(store, level, ids, seed):
     g = torch.Generator().manual_seed(seed)
-    return BlockGrads(level, torch.tensor(ids), {n: torch.randn(len(ids), *s, generator=g) for n, s in store.shapes[level].items()})
+    return BlockGrads(
+        level, torch.tensor(ids), {n: torch.randn(len(ids), *s, generator=g) for n, s in store.shapes[level].items()}
+    )
 
 
 def test_always_touched_block_matches_torch_adamw():

@@ -1,4 +1,5 @@
 """End to end: the real Spark job (spark-submit, local[2]) on real BBC text plus bad rows."""
+
 import os
 
 import numpy as np
@@ -21,7 +22,7 @@ def bad_inputs(tmp_path_factory):
     rows = [
         b'{"id": "ok-1", "text": "A short but valid document about football and the league."}',
         b'{"id": "utf8", "text": "broken \xff\xfe bytes here"}',
-        b'this line is not json',
+        b"this line is not json",
         b'{"id": "blank", "text": "   \\n  "}',
         b'{"id": "ok-1", "text": "A second document that reuses the id ok-1."}',
         b'{"id": "notext", "title": "no text field on this row"}',
@@ -46,8 +47,14 @@ def test_counts_in_equal_counts_out(run):
     assert m["documents_in"] == len(good) + 7
     assert m["documents_in"] == m["documents_routed"] + m["documents_quarantined"]
     assert m["documents_routed"] == len(good) + 1
-    assert m["quarantine_reasons"] == {"invalid_utf8": 1, "invalid_json": 1, "empty_text": 1, "duplicate_id": 1,
-                                       "missing_text": 1, "too_large": 1}
+    assert m["quarantine_reasons"] == {
+        "invalid_utf8": 1,
+        "invalid_json": 1,
+        "empty_text": 1,
+        "duplicate_id": 1,
+        "missing_text": 1,
+        "too_large": 1,
+    }
     q = read_table(out / "quarantine")
     assert len(q) == m["documents_quarantined"]
     assert set(q[q.reason == "duplicate_id"].row) == {4}  # the later occurrence, by (source, row)
@@ -66,7 +73,7 @@ def test_every_routed_doc_once_in_shards(run):
     # one leaf per sequence, exact width, padding only after n_valid
     for _, s in shards.iterrows():
         assert len(s.tokens) == m["seq_len"] + 1
-        assert (np.asarray(s.tokens[s.n_valid:]) == m["pad_id"]).all()
+        assert (np.asarray(s.tokens[s.n_valid :]) == m["pad_id"]).all()
         assert int(s.l1) == s.path[0]
     docs_leaf = dict(zip(routed.doc_id, routed.leaf))
     for _, s in shards.iterrows():
@@ -159,8 +166,9 @@ def test_corrupt_parquet_is_a_one_line_error(tmp_path):
 
 def test_router_reembeds_texts_to_the_same_paths(run):
     """The job embedded in batches of 16 on Spark workers; the router re-embeds the TEXTS alone, in batches of
-    64, and must land every document on its stored path (README: "Routing that cannot disagree")."""
+    64, and must land every document on its stored path (docs/DESIGN.md: "Routing that cannot disagree")."""
     from index.router import Router
+
     out, _, _ = run
     routed = read_table(out / "routed").sort_values("doc_id")
     text = dict(read_table(out / "documents")[["doc_id", "text"]].values)
@@ -180,18 +188,24 @@ def test_checksums_catch_a_corrupted_shard(run, tmp_path):
 
     from pipeline.manifest import ChecksumError, verify
     from pipeline.spark import spark_session
+
     out, _, _ = run
     m = manifest(out)
     bad = tmp_path / "bad"
     shutil.copytree(out, bad)
     # a shard file with two sequences that list documents
-    f, t = next((f, t) for f in sorted((bad / "shards").rglob("*.parquet")) if (t := pq.read_table(f))
-                and sum(map(bool, t.column("doc_ids").to_pylist())) >= 2)
+    f, t = next(
+        (f, t)
+        for f in sorted((bad / "shards").rglob("*.parquet"))
+        if (t := pq.read_table(f)) and sum(map(bool, t.column("doc_ids").to_pylist())) >= 2
+    )
     doc_ids = t.column("doc_ids").to_pylist()
     row, other = [i for i, ids in enumerate(doc_ids) if ids][:2]
     doc_ids[other] = doc_ids[other][:-1] + [doc_ids[row][0]]  # a duplicate replaces a document: same counts
-    pq.write_table(t.set_column(t.schema.get_field_index("doc_ids"), "doc_ids",
-                                pa.array(doc_ids, t.schema.field("doc_ids").type)), f)
+    pq.write_table(
+        t.set_column(t.schema.get_field_index("doc_ids"), "doc_ids", pa.array(doc_ids, t.schema.field("doc_ids").type)),
+        f,
+    )
     (f.parent / f".{f.name}.crc").unlink(missing_ok=True)  # Hadoop's sidecar checksum would refuse the rewrite
     spark = spark_session("test-checksums", **{"spark.master": "local[1]"})
     try:

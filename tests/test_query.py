@@ -1,4 +1,5 @@
 """python -m hmem.query on the BBC fixture run: text, JSON, file/stdin input, clear errors."""
+
 from __future__ import annotations
 
 import io
@@ -31,8 +32,9 @@ def test_json_answers_match_router(run_dir, capsys):
     assert [a["blocks"] for a in answers] == r.blocks(paths).tolist()
     levels = r.manifest["levels"]
     for a in answers:
-        assert [lv["documents"] for lv in a["levels"]] == [levels[l]["node_documents"][lv["local"]]
-                                                          for l, lv in enumerate(a["levels"])]
+        assert [lv["documents"] for lv in a["levels"]] == [
+            levels[l]["node_documents"][lv["local"]] for l, lv in enumerate(a["levels"])
+        ]
         assert len(a["neighbours"]) == 3 and all({"doc_id", "score"} <= set(nb) for nb in a["neighbours"])
         assert all(nb["leaf"] == a["leaf"] for nb in a["leaf_neighbours"])
         weights = [nb["weight"] for nb in a["neighbours"]]  # listed by vote weight
@@ -80,8 +82,13 @@ def test_bad_input_exits_nonzero(problem, run_dir, tmp_path, capsys):
             shutil.rmtree(os.path.join(run, "index"))
     assert main(["--run", run, *texts]) == 1
     err = capsys.readouterr().err
-    expected = {"empty query": "empty", "missing run": "does not exist", "corrupt manifest": "corrupt",
-                "no index": "build_index.py", "no query": "no query"}[problem]
+    expected = {
+        "empty query": "empty",
+        "missing run": "does not exist",
+        "corrupt manifest": "corrupt",
+        "no index": "build_index.py",
+        "no query": "no query",
+    }[problem]
     assert err.startswith("error:") and expected in err
 
 

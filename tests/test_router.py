@@ -1,4 +1,5 @@
 """Router: real encoder, real FAISS, a run directory fitted on BBC news texts (and the demo run when present)."""
+
 from __future__ import annotations
 
 import json
@@ -38,8 +39,11 @@ def fit_tree(x: np.ndarray, k: int, depth: int, seed: int) -> Tree:
     params = KMeansParams(k=k, steps=10)
     centroids, biases = [], []
     for level in range(1, depth + 1):
-        parent = (local_index(route(Tree(k, level - 1, x.shape[1], centroids, biases), x), k, level - 1)
-                  if level > 1 else np.zeros(len(x), dtype=np.int64))
+        parent = (
+            local_index(route(Tree(k, level - 1, x.shape[1], centroids, biases), x), k, level - 1)
+            if level > 1
+            else np.zeros(len(x), dtype=np.int64)
+        )
         c, b = [], []
         for node in range(k ** (level - 1)):
             pts = x[parent == node]
@@ -62,29 +66,62 @@ def make_bbc_run(root: str, n_docs: int = 40, k: int = 3, depth: int = 2, seed: 
     paths = route(tree, x)
     leaf = local_index(paths, k, depth)
     n_tokens = np.array([len(t.split()) for t in texts])
-    schema = pa.schema([("doc_id", pa.string()), ("path", pa.list_(pa.int32())), ("leaf", pa.int64()),
-                        ("embedding", pa.list_(pa.float32())), ("n_tokens", pa.int64()), ("preview", pa.string()),
-                        ("copies", pa.int64()), ("first_copy", pa.bool_()), ("terms", pa.list_(pa.int32()))])
+    schema = pa.schema(
+        [
+            ("doc_id", pa.string()),
+            ("path", pa.list_(pa.int32())),
+            ("leaf", pa.int64()),
+            ("embedding", pa.list_(pa.float32())),
+            ("n_tokens", pa.int64()),
+            ("preview", pa.string()),
+            ("copies", pa.int64()),
+            ("first_copy", pa.bool_()),
+            ("terms", pa.list_(pa.int32())),
+        ]
+    )
     for i1 in range(k):
         rows = np.flatnonzero(paths[:, 0] == i1)
         if len(rows) == 0:
             continue
-        table = pa.table({"doc_id": [f"bbc{i:04d}" for i in rows], "path": [paths[i].tolist() for i in rows],
-                          "leaf": leaf[rows], "embedding": [x[i].tolist() for i in rows],
-                          "n_tokens": n_tokens[rows], "preview": [texts[i][:200] for i in rows],
-                          "copies": [1] * len(rows), "first_copy": [True] * len(rows),  # the BBC sample has no copies
-                          "terms": [term_hashes(texts[i]).view(np.int32) for i in rows]}, schema=schema)
+        table = pa.table(
+            {
+                "doc_id": [f"bbc{i:04d}" for i in rows],
+                "path": [paths[i].tolist() for i in rows],
+                "leaf": leaf[rows],
+                "embedding": [x[i].tolist() for i in rows],
+                "n_tokens": n_tokens[rows],
+                "preview": [texts[i][:200] for i in rows],
+                "copies": [1] * len(rows),
+                "first_copy": [True] * len(rows),  # the BBC sample has no copies
+                "terms": [term_hashes(texts[i]).view(np.int32) for i in rows],
+            },
+            schema=schema,
+        )
         os.makedirs(os.path.join(root, "routed", f"l1={i1}"))
         pq.write_table(table, os.path.join(root, "routed", f"l1={i1}", "part-00000.parquet"))
     levels = []
     for l in range(1, depth + 1):
         local = local_index(paths, k, l)
-        levels.append({"level": l, "nodes": k**l,
-                       "node_documents": np.bincount(local, minlength=k**l).tolist(),
-                       "node_tokens": np.bincount(local, weights=n_tokens, minlength=k**l).astype(int).tolist()})
-    manifest = {"documents_in": n_docs, "documents_routed": n_docs, "documents_distinct": n_docs, "documents_quarantined": 0,
-                "tree_version": tree.version, "k": k, "depth": depth, "levels": levels, "seed": seed,
-                "config": {"max_windows": 1}}
+        levels.append(
+            {
+                "level": l,
+                "nodes": k**l,
+                "node_documents": np.bincount(local, minlength=k**l).tolist(),
+                "node_tokens": np.bincount(local, weights=n_tokens, minlength=k**l).astype(int).tolist(),
+            }
+        )
+    manifest = {
+        "documents_in": n_docs,
+        "documents_routed": n_docs,
+        "documents_distinct": n_docs,
+        "documents_quarantined": 0,
+        "tree_version": tree.version,
+        "k": k,
+        "depth": depth,
+        "levels": levels,
+        "seed": seed,
+        "config": {"max_windows": 1},
+    }
     write_manifest(root, manifest)
     with open(os.path.join(root, "texts.json"), "w") as f:  # test-only: the texts by doc_id
         json.dump({f"bbc{i:04d}": t for i, t in enumerate(texts)}, f)
@@ -99,12 +136,14 @@ def run_dir(tmp_path_factory):
 
 def read_routed(run: str) -> pa.Table:
     return ds.dataset(os.path.join(run, "routed"), format="parquet", partitioning="hive").to_table(
-        columns=["doc_id", "path", "embedding"])
+        columns=["doc_id", "path", "embedding"]
+    )
 
 
 def demo_texts(run: str, doc_ids: list[str]) -> list[str]:
     docs = ds.dataset(os.path.join(run, "documents"), format="parquet").to_table(
-        columns=["doc_id", "text"], filter=ds.field("doc_id").isin(doc_ids))
+        columns=["doc_id", "text"], filter=ds.field("doc_id").isin(doc_ids)
+    )
     by_id = dict(zip(docs.column("doc_id").to_pylist(), docs.column("text").to_pylist()))
     return [by_id[d] for d in doc_ids]
 
@@ -131,7 +170,7 @@ def test_router_reproduces_routed_paths(which, run_dir):
         texts = [by_id[d] for d in ids]
     else:
         texts = demo_texts(run, ids)
-    assert np.array_equal(r.route_texts(texts, "descent"), stored[:len(ids)])
+    assert np.array_equal(r.route_texts(texts, "descent"), stored[: len(ids)])
     assert np.array_equal(r.blocks(stored), path_block_ids(stored, r.tree.k))
 
 
@@ -175,8 +214,9 @@ def test_index_is_compact_sharded_and_movable(run_dir, tmp_path, monkeypatch):
     q = np.array(read_routed(run_dir).column("embedding").to_pylist()[:6], dtype=np.float32)
     leaves = a.leaves(a.descend(q))
     for kw in ({}, {"leaves": leaves}):
-        assert ([[(nb.doc_id, nb.score) for nb in row] for row in a.neighbours(q, 3, **kw)]
-                == [[(nb.doc_id, nb.score) for nb in row] for row in b.neighbours(q, 3, **kw)])
+        assert [[(nb.doc_id, nb.score) for nb in row] for row in a.neighbours(q, 3, **kw)] == [
+            [(nb.doc_id, nb.score) for nb in row] for row in b.neighbours(q, 3, **kw)
+        ]
 
 
 def test_vote_and_leaf_paths():
@@ -228,9 +268,13 @@ def test_routing_modes(run_dir):
 def test_descent_kernel(k, depth, dim):
     """index/_descend.c: the rule, level-by-level == all at once, and the same bits in any batch."""
     rng = np.random.default_rng(k * depth)
-    tree = Tree(k=k, depth=depth, dim=dim,
-                centroids=[rng.standard_normal((k**l, dim)).astype(np.float32) for l in range(1, depth + 1)],
-                biases=[rng.random(k**l).astype(np.float32) for l in range(1, depth + 1)])
+    tree = Tree(
+        k=k,
+        depth=depth,
+        dim=dim,
+        centroids=[rng.standard_normal((k**l, dim)).astype(np.float32) for l in range(1, depth + 1)],
+        biases=[rng.random(k**l).astype(np.float32) for l in range(1, depth + 1)],
+    )
     x = rng.standard_normal((3000, dim)).astype(np.float32)
     d = Descender(tree)
     paths = d.route(x)
@@ -241,12 +285,12 @@ def test_descent_kernel(k, depth, dim):
         cols.append(d.step(x, local, level))
         local = local * k + cols[-1]
     assert np.array_equal(paths, np.stack(cols, axis=1))
-    assert np.array_equal(d.route(x, levels=depth - 1), paths[:, :depth - 1])
+    assert np.array_equal(d.route(x, levels=depth - 1), paths[:, : depth - 1])
     # a point's path does not depend on the batch around it: shuffled, sliced, alone
     perm = rng.permutation(len(x))
     assert np.array_equal(d.route(x[perm]), paths[perm])
     assert np.array_equal(d.route(x[777:1234]), paths[777:1234])
-    assert all(np.array_equal(d.route(x[i:i + 1])[0], paths[i]) for i in range(0, len(x), 97))
+    assert all(np.array_equal(d.route(x[i : i + 1])[0], paths[i]) for i in range(0, len(x), 97))
     # the rule itself: argmin of squared distance + bias among the parent's children
     for level in range(1, depth + 1):
         parent = local_index(paths, k, level - 1) if level > 1 else np.zeros(len(x), dtype=np.int64)
@@ -265,7 +309,7 @@ def fmaf_scores(x: np.ndarray, c: np.ndarray, bias: np.ndarray) -> np.ndarray:
     rounding aside, which needs a 2^-29 coincidence)."""
     acc = np.zeros((len(x), len(c)), dtype=np.float32)
     for d in range(x.shape[1]):
-        acc = (x[:, d:d + 1].astype(np.float64) * c[:, d].astype(np.float64) + acc).astype(np.float32)
+        acc = (x[:, d : d + 1].astype(np.float64) * c[:, d].astype(np.float64) + acc).astype(np.float32)
     sq = np.zeros(len(c), dtype=np.float32)  # ||c||^2 by the same fmaf chain (index/route.py:offsets)
     for d in range(c.shape[1]):
         sq = (c[:, d].astype(np.float64) ** 2 + sq).astype(np.float32)
@@ -298,7 +342,9 @@ def test_kernel_arithmetic_is_exact_on_every_instruction_set(k):
         kernel_isa(best)
     assert "scalar" in ran and best in ran
     # and the near-ties are real: float64 dot products disagree with float32 fmaf on some points
-    assert (((x.astype(np.float64) @ c.T.astype(np.float64)) - 0.5 * (c.astype(np.float64) ** 2).sum(1)).argmax(1) != want).any()
+    assert (
+        ((x.astype(np.float64) @ c.T.astype(np.float64)) - 0.5 * (c.astype(np.float64) ** 2).sum(1)).argmax(1) != want
+    ).any()
 
 
 def test_tree_version_check(run_dir):

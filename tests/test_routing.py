@@ -1,5 +1,6 @@
 """What a prompt fetches, on runs of the real job: copies of a document do not move any route, and a
 training document's own text and its sentences route to its stored leaf (the demo run too, when built)."""
+
 import json
 import os
 
@@ -14,12 +15,18 @@ from tests.spark_helpers import SMALL, manifest, read_table, submit
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO_RUN = os.path.join(ROOT, "runs", "demo")
-QUESTIONS = ["The prime minister said", "Who won the cup final?", "Shares in the bank fell",
-             "The film won an award", "A new mobile phone"]
+QUESTIONS = [
+    "The prime minister said",
+    "Who won the cup final?",
+    "Shares in the bank fell",
+    "The film won an award",
+    "A new mobile phone",
+]
 
 
 def bbc(n: int, start: int) -> list[dict]:
     from corpora.bbc import bbc_records
+
     return [r for i, r in enumerate(bbc_records()) if i >= start][:n]
 
 
@@ -62,11 +69,15 @@ def test_copies_are_one_document_and_move_no_route(pair):
     for mode in MODES:
         for vote_name in ("rerank", "linear"):
             cfg = RoutingConfig(mode=mode, vote=vote_name)
-            pa_, pb = (Router(r.run_dir, r.tree, r.tree_version, r.manifest, r.documents, cfg).route_embeddings(
-                x, texts=queries) for r in (ra, rb))
+            pa_, pb = (
+                Router(r.run_dir, r.tree, r.tree_version, r.manifest, r.documents, cfg).route_embeddings(
+                    x, texts=queries
+                )
+                for r in (ra, rb)
+            )
             assert np.array_equal(pa_, pb), (mode, vote_name)
     # a copied article's own text finds it first, listed once with its number of copies
-    full = queries[len(recs):len(recs) + 8]
+    full = queries[len(recs) : len(recs) + 8]
     for i, (r, row) in enumerate(zip(recs[:8], rb.neighbours(rb.embed(full), 3, texts=full))):
         assert (row[0].doc_id, row[0].copies) == (r["id"], 2 + i % 6)
         assert len({nb.doc_id for nb in row}) == len(row) and not any("-copy" in nb.doc_id for nb in row)
@@ -95,8 +106,9 @@ def test_own_text_and_sentence_reach_their_leaf(pair):
     assert agree["neighbours", "full"] >= 0.99 and agree["neighbours", "sentence"] >= 0.8
 
 
-@pytest.mark.skipif(not os.path.exists(os.path.join(DEMO_RUN, "index", "index.json")),
-                    reason="runs/demo has no index yet (make demo)")
+@pytest.mark.skipif(
+    not os.path.exists(os.path.join(DEMO_RUN, "index", "index.json")), reason="runs/demo has no index yet (make demo)"
+)
 def test_demo_run_own_text_and_sentence_reach_their_leaf():
     agree = own_text_agreement(DEMO_RUN, 400)
     print("demo run (2,225 articles, 512 leaves):", {f"{m}/{c}": round(v, 3) for (m, c), v in agree.items()})
@@ -123,10 +135,17 @@ def test_rerank_lets_the_clearly_nearest_document_win():
 def test_an_export_without_a_recorded_vote_keeps_the_linear_one(tmp_path):
     from train.evaluate import model_routing
 
-    (tmp_path / "meta.json").write_text(json.dumps({"memory": {"kind": "ffn"}, "routing": {
-        "mode": "neighbours", "neighbours": 32, "nprobe": 64, "hybrid_share": 0.5}}))
+    (tmp_path / "meta.json").write_text(
+        json.dumps(
+            {
+                "memory": {"kind": "ffn"},
+                "routing": {"mode": "neighbours", "neighbours": 32, "nprobe": 64, "hybrid_share": 0.5},
+            }
+        )
+    )
     assert model_routing(str(tmp_path)).vote == "linear"
     assert model_routing(str(tmp_path), vote="rerank").vote == "rerank"
-    (tmp_path / "meta.json").write_text(json.dumps({"memory": {"kind": "ffn"}, "routing": {"mode": "neighbours",
-                                                                                           "vote": "rerank"}}))
+    (tmp_path / "meta.json").write_text(
+        json.dumps({"memory": {"kind": "ffn"}, "routing": {"mode": "neighbours", "vote": "rerank"}})
+    )
     assert model_routing(str(tmp_path)).vote == "rerank"

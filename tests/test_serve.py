@@ -1,5 +1,6 @@
 """python -m hmem.serve as a subprocess on loopback, on the tiny trained model: the real openai client, the
 endpoints, bad input, a client that hangs up, concurrency, SIGTERM, and the RSS of a bank 10x the cache."""
+
 import json
 import math
 import os
@@ -27,7 +28,13 @@ from train.memory import MemoryConfig, TensorBlockStore
 from train.model import ModelConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+ENV = {
+    **os.environ,
+    "PYTHONPATH": ROOT,
+    "OMP_NUM_THREADS": "1",
+    "HF_HUB_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}
 QUESTIONS = list(PROMPTS.values()) + ["hydrogen blocks", "the tree of memory", "one proton", "a number is"]
 
 
@@ -35,8 +42,20 @@ QUESTIONS = list(PROMPTS.values()) + ["hydrogen blocks", "the tree of memory", "
 def serving(run: str, export: str, *flags: str):
     """The server on a free port (descent routing: the fixture runs have no document index), ready."""
     port = free_port()
-    cmd = [sys.executable, "-m", "hmem.serve", "--run", run, "--model", export, "--port", str(port),
-           "--routing", "descent", *flags]
+    cmd = [
+        sys.executable,
+        "-m",
+        "hmem.serve",
+        "--run",
+        run,
+        "--model",
+        export,
+        "--port",
+        str(port),
+        "--routing",
+        "descent",
+        *flags,
+    ]
     proc = subprocess.Popen(cmd, env=ENV, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 120
@@ -70,8 +89,13 @@ def client(server):
 
 def post(port: int, body, **kw) -> httpx.Response:
     content = body if isinstance(body, (str, bytes)) else json.dumps(body)
-    return httpx.post(f"http://127.0.0.1:{port}/v1/completions", content=content,
-                      headers={"content-type": "application/json"}, timeout=60, **kw)
+    return httpx.post(
+        f"http://127.0.0.1:{port}/v1/completions",
+        content=content,
+        headers={"content-type": "application/json"},
+        timeout=60,
+        **kw,
+    )
 
 
 def test_openai_client_round_trip_is_the_askers_answer(tiny_export, client):
@@ -90,7 +114,7 @@ def test_openai_client_round_trip_is_the_askers_answer(tiny_export, client):
     if text.strip():
         stop = text.strip()[-1]
         cut = client.completions.create(model="hmem", prompt=QUESTIONS[0], max_tokens=8, stop=[stop])
-        assert cut.choices[0].text == text[:text.find(stop)] and cut.choices[0].finish_reason == "stop"
+        assert cut.choices[0].text == text[: text.find(stop)] and cut.choices[0].finish_reason == "stop"
 
 
 def test_models_health_and_metrics(server, client):
@@ -99,7 +123,9 @@ def test_models_health_and_metrics(server, client):
     client.completions.create(model="hmem", prompt=QUESTIONS[2], max_tokens=2)
     post(server, {"model": "hmem", "prompt": ""})
     text = httpx.get(f"http://127.0.0.1:{server}/metrics").text
-    values = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if not line.startswith("#")}
+    values = {
+        line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if not line.startswith("#")
+    }
     assert values['hmem_requests_total{path="/v1/completions",status="200"}'] >= 1
     assert values['hmem_requests_total{path="/v1/completions",status="400"}'] >= 1
     assert values["hmem_completion_seconds_count"] >= 2 and values['hmem_completion_seconds_bucket{le="+Inf"}'] >= 2
@@ -108,18 +134,21 @@ def test_models_health_and_metrics(server, client):
     assert values["hmem_resident_bytes"] > 0 and values["hmem_cache_budget_bytes"] == 256 * 2**20
 
 
-@pytest.mark.parametrize("body, status, param", [
-    ("{not json", 400, None),
-    ({"model": "hmem", "prompt": ""}, 400, "prompt"),
-    ({"model": "hmem", "prompt": []}, 400, "prompt"),
-    ({"model": "hmem", "prompt": ["a", " "]}, 400, "prompt"),
-    ({"model": "hmem", "prompt": "hydrogen " * 200}, 400, "prompt"),  # past the tiny model's 64-token context
-    ({"model": "hmem", "prompt": "a", "max_tokens": 0}, 400, "max_tokens"),
-    ({"model": "hmem", "prompt": "a", "max_tokens": 33}, 400, "max_tokens"),
-    ({"model": "gpt-4", "prompt": "a"}, 404, "model"),
-    ({"model": "hmem", "prompt": "a", "temperature": 0.7}, 400, "temperature"),
-    ({"prompt": "a"}, 400, "model"),
-])
+@pytest.mark.parametrize(
+    "body, status, param",
+    [
+        ("{not json", 400, None),
+        ({"model": "hmem", "prompt": ""}, 400, "prompt"),
+        ({"model": "hmem", "prompt": []}, 400, "prompt"),
+        ({"model": "hmem", "prompt": ["a", " "]}, 400, "prompt"),
+        ({"model": "hmem", "prompt": "hydrogen " * 200}, 400, "prompt"),  # past the tiny model's 64-token context
+        ({"model": "hmem", "prompt": "a", "max_tokens": 0}, 400, "max_tokens"),
+        ({"model": "hmem", "prompt": "a", "max_tokens": 33}, 400, "max_tokens"),
+        ({"model": "gpt-4", "prompt": "a"}, 404, "model"),
+        ({"model": "hmem", "prompt": "a", "temperature": 0.7}, 400, "temperature"),
+        ({"prompt": "a"}, 400, "model"),
+    ],
+)
 def test_bad_input_is_a_4xx_with_one_line(server, body, status, param):
     r = post(server, body)
     assert r.status_code == status, r.text
@@ -130,8 +159,10 @@ def test_bad_input_is_a_4xx_with_one_line(server, body, status, param):
 
 def test_a_client_that_hangs_up_does_not_hurt(server, client):
     body = json.dumps({"model": "hmem", "prompt": QUESTIONS[0], "max_tokens": 16}).encode()
-    head = (f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(body)}\r\n\r\n").encode()
+    head = (
+        f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode()
     for sent in (head[:20], head + body[:10], head + body):  # half a head, half a body, a whole request
         with socket.create_connection(("127.0.0.1", server)) as s:
             s.sendall(sent)
@@ -159,10 +190,26 @@ def test_sigterm_stops_cleanly(tiny_export):
         s.bind(("127.0.0.1", port))  # released
 
 
-TOPICS = ("hydrogen", "football", "parliament", "the stock market", "a film festival", "rainfall", "a court case",
-          "a new phone")
-ANGLES = ("history of", "news about", "prices of", "the future of", "questions on", "a report on", "people and",
-          "the rules of")
+TOPICS = (
+    "hydrogen",
+    "football",
+    "parliament",
+    "the stock market",
+    "a film festival",
+    "rainfall",
+    "a court case",
+    "a new phone",
+)
+ANGLES = (
+    "history of",
+    "news about",
+    "prices of",
+    "the future of",
+    "questions on",
+    "a report on",
+    "people and",
+    "the rules of",
+)
 PROMPTS_64 = [f"{a} {t}" for t in TOPICS for a in ANGLES]  # leaf i holds prompt i; topic j is level-1 node j
 
 
@@ -174,8 +221,13 @@ def big_bank_export(tiny_export, root, ranks: tuple[int, int]) -> tuple[str, str
     _, tiny, _ = tiny_export
     run = make_run_dir(str(root / "run"), k=8, depth=2, seq_len=16, dim=384)
     x = Router.load(run, documents=False).embed(PROMPTS_64)
-    tree = Tree(k=8, depth=2, dim=384, centroids=[x.reshape(8, 8, -1).mean(1), x],
-                biases=[np.zeros(8, np.float32), np.zeros(64, np.float32)])
+    tree = Tree(
+        k=8,
+        depth=2,
+        dim=384,
+        centroids=[x.reshape(8, 8, -1).mean(1), x],
+        biases=[np.zeros(8, np.float32), np.zeros(64, np.float32)],
+    )
     tree.save(os.path.join(run, "tree"))
     with open(os.path.join(run, "manifest.json")) as f:
         manifest = json.load(f)
@@ -190,8 +242,9 @@ def big_bank_export(tiny_export, root, ranks: tuple[int, int]) -> tuple[str, str
     mem = MemoryConfig(**dict(meta["memory"], ranks=list(ranks), k=8, depth=2))
     store = TensorBlockStore.create(mem, ModelConfig(**meta["model"]))
     store.save(str(export / "bank" / "rank0.safetensors"))
-    meta.update(tree_version=tree.version, k=8, depth=2, memory=mem.to_dict(),
-                bank_files={"bank/rank0.safetensors": {}})  # load_model reads the file names only
+    meta.update(
+        tree_version=tree.version, k=8, depth=2, memory=mem.to_dict(), bank_files={"bank/rank0.safetensors": {}}
+    )  # load_model reads the file names only
     with open(export / "meta.json", "w") as f:
         json.dump(meta, f)
     return run, str(export), store.nbytes(), sum(4 * math.prod(s) for s in store.shapes[2].values())
@@ -219,9 +272,11 @@ def test_rss_stays_within_the_cache_budget_on_a_bank_10x_larger(tiny_export, tmp
             peak = max(peak, rss.memory_info().rss)
         stats = httpx.get(f"http://127.0.0.1:{port}/metrics").text
     touched_mb = len(leaves) * block_bytes / 2**20
-    print(f"bank {bank_bytes / 2**20:.0f} MiB (level-2 blocks of {block_bytes / 2**20:.1f} MiB), cache {CACHE_MB} MiB, "
-          f"{len(leaves)} leaf blocks touched ({touched_mb:.0f} MiB), RSS {base / 2**20:.0f} MiB after one request, "
-          f"peak {peak / 2**20:.0f} MiB (+{(peak - base) / 2**20:.0f} MiB; allowed +{CACHE_MB + MARGIN_MB})")
+    print(
+        f"bank {bank_bytes / 2**20:.0f} MiB (level-2 blocks of {block_bytes / 2**20:.1f} MiB), cache {CACHE_MB} MiB, "
+        f"{len(leaves)} leaf blocks touched ({touched_mb:.0f} MiB), RSS {base / 2**20:.0f} MiB after one request, "
+        f"peak {peak / 2**20:.0f} MiB (+{(peak - base) / 2**20:.0f} MiB; allowed +{CACHE_MB + MARGIN_MB})"
+    )
     assert touched_mb > 2 * (CACHE_MB + MARGIN_MB)  # an unbounded cache would fail the bound below
     assert "hmem_cache_misses_total" in stats
     assert peak - base <= (CACHE_MB + MARGIN_MB) * 2**20

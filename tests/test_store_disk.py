@@ -1,4 +1,5 @@
 """The disk store (train/store_disk.py) with its prefetcher (train/prefetch.py) against the RAM store."""
+
 import os
 import time
 
@@ -47,8 +48,14 @@ def train(store, loader, steps: int, check_untouched: bool = False) -> TouchedAd
         fetched = bank.fetch(batch.block_ids)
         logits = anchor(batch.tokens[:, :-1], fetched)
         F.cross_entropy(logits.flatten(0, 1), batch.tokens[:, 1:].flatten()).backward()
-        opt.step([BlockGrads(l + 1, ids, {n: t.grad for n, t in named.items()})
-                  for l, (ids, named) in enumerate(zip(fetched.ids, fetched.params)) if named], lr=1e-2)
+        opt.step(
+            [
+                BlockGrads(l + 1, ids, {n: t.grad for n, t in named.items()})
+                for l, (ids, named) in enumerate(zip(fetched.ids, fetched.params))
+                if named
+            ],
+            lr=1e-2,
+        )
         if check_untouched:
             after = blocks_of(store)
             changed = {b for b in after if any(not torch.equal(after[b][n], before[b][n]) for n in after[b])}
@@ -56,7 +63,8 @@ def train(store, loader, steps: int, check_untouched: bool = False) -> TouchedAd
     return opt
 
 
-# 3 records cached, nothing pinned; level 1 (3 blocks x 3 fields) pinned in half the budget, 4 of the 15 level-2 records cached
+# 3 records cached, nothing pinned; level 1 (3 blocks x 3 fields) pinned in half the budget, 4 of the 15 level-2
+# records cached
 @pytest.mark.parametrize("budget, pinned", [(BLOCK_BYTES[2] * 3, set()), (BLOCK_BYTES[1] * 3 * 3 * 2, {1})])
 def test_disk_store_trains_bit_identically_to_ram_store(run, tmp_path, budget, pinned):
     steps = 12
@@ -82,7 +90,9 @@ def test_disk_store_trains_bit_identically_to_ram_store(run, tmp_path, budget, p
         assert f.metadata()["step"] == str(steps)
     saved = blocks_of(TensorBlockStore.load(str(tmp_path / "bank.safetensors")))
     assert all(torch.equal(saved[i][n], v) for i, named in blocks_of(ram).items() for n, v in named.items())
-    fresh = DiskBlockStore.create(MEM, MODEL, ram.owned_ids(), str(tmp_path / "bank2"), budget, state=TouchedAdamW.STATE)
+    fresh = DiskBlockStore.create(
+        MEM, MODEL, ram.owned_ids(), str(tmp_path / "bank2"), budget, state=TouchedAdamW.STATE
+    )
     load_bank(str(tmp_path / "bank.safetensors"), fresh, K, DEPTH)
     fresh_opt = TouchedAdamW(fresh, K, DEPTH, weight_decay=0.1)
     fresh_opt.load(str(tmp_path / "optim.safetensors"))
@@ -98,8 +108,9 @@ def test_lazy_store_starts_at_once_and_matches_eager_init(tmp_path):
     mem = MemoryConfig(kind="ffn", ranks=(64, 64, 64), k=16, depth=3)
     logical = 3 * 4 * param_counts(model, mem)["bank"]
     t0 = time.perf_counter()
-    store = DiskBlockStore.create(mem, model, torch.arange(16 + 256 + 4096 + 3), str(tmp_path / "big"),
-                                  64 << 20, state=TouchedAdamW.STATE)
+    store = DiskBlockStore.create(
+        mem, model, torch.arange(16 + 256 + 4096 + 3), str(tmp_path / "big"), 64 << 20, state=TouchedAdamW.STATE
+    )
     seconds = time.perf_counter() - t0
     files = [os.path.join(tmp_path / "big", f) for f in os.listdir(tmp_path / "big")]
     assert sum(os.path.getsize(f) for f in files) >= logical > 10e9

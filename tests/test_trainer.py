@@ -1,4 +1,5 @@
 """End-to-end trainer tests: real launchers (deepspeed, torchrun, plain python) on gloo, tiny config."""
+
 import glob
 import json
 import os
@@ -23,8 +24,12 @@ from train.memory import TensorBlockStore
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)
-ENV = {**os.environ, "TORCH_EXTENSIONS_DIR": os.path.join(ROOT, ".cache", "torch_extensions"),
-       "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+ENV = {
+    **os.environ,
+    "TORCH_EXTENSIONS_DIR": os.path.join(ROOT, ".cache", "torch_extensions"),
+    "OMP_NUM_THREADS": "1",
+    "PYTHONPATH": ROOT,
+}
 
 
 def launcher(kind: str, nproc: int) -> list[str]:
@@ -36,7 +41,15 @@ def launcher(kind: str, nproc: int) -> list[str]:
 
 
 def train_cmd(kind: str, run: str, out: str, *sets: str, nproc: int = 2) -> list[str]:
-    cmd = launcher(kind, nproc) + [os.path.join(ROOT, "train", "main.py"), "--config", "tiny", "--data", run, "--out", out]
+    cmd = launcher(kind, nproc) + [
+        os.path.join(ROOT, "train", "main.py"),
+        "--config",
+        "tiny",
+        "--data",
+        run,
+        "--out",
+        out,
+    ]
     for s in sets:
         cmd += ["--set", s]
     return cmd
@@ -85,8 +98,16 @@ def run(tmp_path_factory):
 def test_ranks_update_only_blocks_on_their_paths(run, tmp_path):
     """3 ranks on k=2: level-2 subtrees, so level-1 blocks are shared by subgroups and generic ones by all."""
     out, world = str(tmp_path / "out"), 3
-    train("deepspeed", run, out, "schedule.max_steps=3", "schedule.checkpoint_every=1",
-          "schedule.log_batches=true", "memory.p_generic=0.25", nproc=world)
+    train(
+        "deepspeed",
+        run,
+        out,
+        "schedule.max_steps=3",
+        "schedule.checkpoint_every=1",
+        "schedule.log_batches=true",
+        "memory.p_generic=0.25",
+        nproc=world,
+    )
     t = pq.read_table(f"{run}/shards").to_pydict()
     path_of = dict(zip(t["seq_id"], t["path"]))
     batches = {}
@@ -139,8 +160,9 @@ def test_kill_and_resume_matches_uninterrupted_run(run, tmp_path, store):
     train("torchrun", run, ref, *sets)
     sets += store
     cmd = train_cmd("deepspeed", run, out, *sets)
-    p = subprocess.Popen(cmd, env=ENV, cwd=ROOT, start_new_session=True,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    p = subprocess.Popen(
+        cmd, env=ENV, cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     latest = os.path.join(out, "checkpoints", "latest")
     deadline = time.time() + 240
     while time.time() < deadline and p.poll() is None:
@@ -165,7 +187,9 @@ def test_recipes_dense_baseline_then_frozen_anchor(run, tmp_path):
     train("python", run, dense, "recipe.name=anchor_only", "schedule.max_steps=3")
     anchor, mem, meta = load_model(os.path.join(dense, "export"))
     assert mem is None and meta["memory"] is None
-    train("python", run, mem_only, "recipe.name=memory_only", f"recipe.init_anchor={dense}/export", "schedule.max_steps=3")
+    train(
+        "python", run, mem_only, "recipe.name=memory_only", f"recipe.init_anchor={dense}/export", "schedule.max_steps=3"
+    )
     before = load_file(os.path.join(dense, "export", "anchor.safetensors"))
     after = load_file(os.path.join(mem_only, "export", "anchor.safetensors"))
     assert all(torch.equal(before[n], after[n]) for n in before)  # the frozen anchor did not move
@@ -195,8 +219,14 @@ def test_config_resolves_against_the_run_and_rejects_unknown_keys(run):
 def test_input_errors_are_one_line_once_per_launch(problem, run, tmp_path):
     """Two ranks meet the same error; the launch prints it once, as one line, with no traceback."""
     data, sets = (str(tmp_path / "missing"), ()) if problem == "no_manifest" else (run, ("schedule.max_stepz=3",))
-    p = subprocess.run(train_cmd("deepspeed", data, str(tmp_path / "out"), *sets), env=ENV, cwd=ROOT,
-                       capture_output=True, text=True, timeout=300)
+    p = subprocess.run(
+        train_cmd("deepspeed", data, str(tmp_path / "out"), *sets),
+        env=ENV,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert p.returncode != 0
     errors = [line for line in (p.stdout + p.stderr).splitlines() if "error:" in line]
     assert len(errors) == 1, errors
@@ -208,11 +238,25 @@ def test_input_errors_are_one_line_once_per_launch(problem, run, tmp_path):
 def test_trains_on_two_runs_with_one_tree(run, tmp_path):
     other = make_run_dir(str(tmp_path / "b"), k=2, depth=2, seqs_per_leaf=[4, 0, 7, 3])  # seed 0: run's tree
     out = str(tmp_path / "out")
-    cmd = launcher("torchrun", 2) + [os.path.join(ROOT, "train", "main.py"), "--config", "tiny", "--data", run, other,
-                                     "--out", out, "--set", "schedule.max_steps=6", "--set", "schedule.log_batches=true"]
+    cmd = launcher("torchrun", 2) + [
+        os.path.join(ROOT, "train", "main.py"),
+        "--config",
+        "tiny",
+        "--data",
+        run,
+        other,
+        "--out",
+        out,
+        "--set",
+        "schedule.max_steps=6",
+        "--set",
+        "schedule.log_batches=true",
+    ]
     p = subprocess.run(cmd, env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    paths = [dict(zip(*pq.read_table(f"{d}/shards", columns=["seq_id", "path"]).to_pydict().values())) for d in (run, other)]
+    paths = [
+        dict(zip(*pq.read_table(f"{d}/shards", columns=["seq_id", "path"]).to_pydict().values())) for d in (run, other)
+    ]
     read = set()
     for r in range(2):
         with open(os.path.join(out, "batches", f"rank{r}.jsonl")) as f:

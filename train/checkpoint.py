@@ -12,6 +12,7 @@ A kill at any moment leaves ``latest`` pointing at a checkpoint whose files all 
 The project's own files load without unpickling (JSON, safetensors); DeepSpeed's are its own
 (docs/FORMATS.md).
 """
+
 from __future__ import annotations
 
 import json
@@ -69,8 +70,10 @@ def read_state(d: str) -> dict:
     """The state ``write_state`` wrote to ``d`` (a checkpoint's rank<r>/), refusing anything else in one line."""
     path = os.path.join(d, "state.json")
     if not os.path.exists(path) and os.path.exists(os.path.join(d, "state.pt")):
-        raise ValueError(f"{os.path.join(d, 'state.pt')}: a checkpoint in the old pickle format, not read (unpickling "
-                         f"can run code); this code reads {STATE_FORMAT} (state.json + state.safetensors)")
+        raise ValueError(
+            f"{os.path.join(d, 'state.pt')}: a checkpoint in the old pickle format, not read (unpickling "
+            f"can run code); this code reads {STATE_FORMAT} (state.json + state.safetensors)"
+        )
     try:
         with open(path) as f:
             doc = json.load(f)
@@ -99,7 +102,10 @@ def save(root: str, step: int, engine, rank: int, state: dict, store=None, mem_o
     if store is not None:
         store.save(os.path.join(d, "bank.safetensors"))
         mem_optim.save(os.path.join(d, "bank_optim.safetensors"))
-    rng = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+    rng = {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
     write_state(d, {**state, "step": step, "rng": rng})
     dist.barrier()  # every rank's files are on disk before `latest` moves
     if rank == 0:
@@ -128,19 +134,33 @@ def load_bank(path: str, store, k: int, depth: int) -> None:
                 store.write(level, lids[a:b], {n: f.get_slice(f"level{level}.{n}")[a:b] for n in named})
 
 
-def load(ckpt: str, engine, rank: int, world_size: int, trains_anchor: bool, store=None, mem_optim=None,
-         k: int = 0, depth: int = 0) -> dict:
+def load(
+    ckpt: str,
+    engine,
+    rank: int,
+    world_size: int,
+    trains_anchor: bool,
+    store=None,
+    mem_optim=None,
+    k: int = 0,
+    depth: int = 0,
+) -> dict:
     """Restore the anchor (and its optimizer), this rank's bank shard and optimizer, and RNG; returns the state."""
     d = rank_dir(ckpt, rank)
     if not os.path.isdir(d):
-        raise FileNotFoundError(f"{d} is missing: {ckpt} was written by fewer ranks; resume with the same number of ranks")
+        raise FileNotFoundError(
+            f"{d} is missing: {ckpt} was written by fewer ranks; resume with the same number of ranks"
+        )
     state = read_state(d)
     if state["world_size"] != world_size:
-        raise ValueError(f"{ckpt} was written by {state['world_size']} ranks, this job has {world_size}: "
-                         "subtree ownership depends on it; resume with the same number of ranks")
+        raise ValueError(
+            f"{ckpt} was written by {state['world_size']} ranks, this job has {world_size}: "
+            "subtree ownership depends on it; resume with the same number of ranks"
+        )
     root, tag = os.path.split(os.path.normpath(ckpt))
-    load_path, _ = engine.load_checkpoint(root, tag=tag, load_optimizer_states=trains_anchor,
-                                          load_lr_scheduler_states=False, load_module_strict=True)
+    load_path, _ = engine.load_checkpoint(
+        root, tag=tag, load_optimizer_states=trains_anchor, load_lr_scheduler_states=False, load_module_strict=True
+    )
     if load_path is None:
         raise FileNotFoundError(f"DeepSpeed found no anchor checkpoint in {ckpt}")
     if store is not None:

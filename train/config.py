@@ -4,6 +4,7 @@ A YAML file (configs/train/<name>.yaml) with CLI overrides ``--set section.key=v
 directory fixes what the data decides: vocab_size (its tokenizer), k and depth (its tree);
 ``resolve`` fills them in, so a config file is valid for any run.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -44,7 +45,9 @@ class OptimConfig:
 class DataConfig:
     batch_size: int = 8  # sequences per rank per step
     seed: int = 0
-    shuffle_buffer: int = 16384  # sequences per shuffle window (train/data.py): loader memory ~ this x (seq_len+1) x 4 B
+    shuffle_buffer: int = (
+        16384  # sequences per shuffle window (train/data.py): loader memory ~ this x (seq_len+1) x 4 B
+    )
 
 
 @dataclass
@@ -96,12 +99,16 @@ class TrainConfig:
     def __post_init__(self):
         if self.model.hf:  # a transformers base (train/hf.py): frozen, FFN units hooked onto its MLPs
             if self.recipe.name != "memory_only" or self.recipe.init_anchor or self.memory.kind != "ffn":
-                raise ValueError(f"model.hf ({self.model.hf}) trains FFN memory on the frozen base: set recipe.name="
-                                 f"memory_only (not {self.recipe.name}), no recipe.init_anchor, memory.kind=ffn "
-                                 f"(not {self.memory.kind})")
+                raise ValueError(
+                    f"model.hf ({self.model.hf}) trains FFN memory on the frozen base: set recipe.name="
+                    f"memory_only (not {self.recipe.name}), no recipe.init_anchor, memory.kind=ffn "
+                    f"(not {self.memory.kind})"
+                )
         elif self.recipe.name == "memory_only" and not self.recipe.init_anchor:
-            raise ValueError("recipe memory_only freezes the anchor: set recipe.init_anchor to an exported model "
-                             "directory, or model.hf to a transformers checkpoint")
+            raise ValueError(
+                "recipe memory_only freezes the anchor: set recipe.init_anchor to an exported model "
+                "directory, or model.hf to a transformers checkpoint"
+            )
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -129,21 +136,27 @@ def load_config(path: str | None, overrides: list[str], manifest: dict) -> Train
 
         preset, model = "hf", model_config(model_raw.pop("hf"), model_raw)
         if model.vocab_size < int(manifest["vocab_size"]):
-            raise ConfigError(f"{path}: model.hf {model.hf}: vocabulary {model.vocab_size} < the run's "
-                              f"{manifest['vocab_size']}; pack the run with the model's tokenizer "
-                              "(jobs/cluster_corpus.py --tokenizer DIR)")
+            raise ConfigError(
+                f"{path}: model.hf {model.hf}: vocabulary {model.vocab_size} < the run's "
+                f"{manifest['vocab_size']}; pack the run with the model's tokenizer "
+                "(jobs/cluster_corpus.py --tokenizer DIR)"
+            )
     else:
         model_raw["vocab_size"] = int(manifest["vocab_size"])  # the run's tokenizer decides
         model = load_model_config(preset, **model_raw)
     if model.max_seq_len < int(manifest["seq_len"]):
-        raise ConfigError(f"{path}: model max_seq_len {model.max_seq_len} < the run's seq_len {manifest['seq_len']}; "
-                          f"--set model.max_seq_len={manifest['seq_len']}")
+        raise ConfigError(
+            f"{path}: model max_seq_len {model.max_seq_len} < the run's seq_len {manifest['seq_len']}; "
+            f"--set model.max_seq_len={manifest['seq_len']}"
+        )
     mem_raw = section(raw, "memory", path)
     mem_raw.update(k=int(manifest["k"]), depth=int(manifest["depth"]))  # the run's tree decides
     try:
         memory = build(MemoryConfig, mem_raw, path, key="memory")
     except ConfigError as e:
         example = ",".join(str(max(1, 64 >> 2 * i)) for i in range(int(manifest["depth"])))
-        raise ConfigError(f"{e} (the run's tree has depth {manifest['depth']}: give one rank per level, "
-                          f"e.g. --set memory.ranks=[{example}])") from e
+        raise ConfigError(
+            f"{e} (the run's tree has depth {manifest['depth']}: give one rank per level, "
+            f"e.g. --set memory.ranks=[{example}])"
+        ) from e
     return build(TrainConfig, raw, path, fixed=dict(model=model, memory=memory, model_preset=preset))

@@ -23,6 +23,7 @@ sequences use the generic memory (probability ``p_generic``). The state is
 (epoch, position): a resumed run reads only the window holding the position
 and continues exactly where the checkpoint was taken.
 """
+
 from __future__ import annotations
 
 import os
@@ -53,18 +54,29 @@ def read_manifests(run_dirs: list[str]) -> dict:
     for d, m in zip(run_dirs[1:], manifests[1:]):
         for key in SHARED_KEYS:
             if m.get(key) != out.get(key):
-                raise ValueError(f"--data: {d} has {key} {m.get(key)!r} but {first} has {out.get(key)!r}; runs trained "
-                                 f"together must share one tree and tokenizer (route the new corpus with "
-                                 f"jobs/cluster_corpus.py --tree {first})")
+                raise ValueError(
+                    f"--data: {d} has {key} {m.get(key)!r} but {first} has {out.get(key)!r}; runs trained "
+                    f"together must share one tree and tokenizer (route the new corpus with "
+                    f"jobs/cluster_corpus.py --tree {first})"
+                )
         if _tokenizer_bytes(d) != tok:
-            raise ValueError(f"--data: {d}/tokenizer.json differs from {first}/tokenizer.json; runs trained together "
-                             f"must share one tokenizer (route the new corpus with jobs/cluster_corpus.py --tree {first})")
+            raise ValueError(
+                f"--data: {d}/tokenizer.json differs from {first}/tokenizer.json; runs trained together "
+                f"must share one tokenizer (route the new corpus with jobs/cluster_corpus.py --tree {first})"
+            )
     if len(run_dirs) > 1:
         for key in SUMMED_KEYS:
             out[key] = sum(int(m.get(key, 0)) for m in manifests)
-        out["levels"] = [{**lv, **{c: np.sum([m["levels"][i][c] for m in manifests], axis=0).tolist()
-                                   for c in ("node_documents", "node_tokens")}}
-                         for i, lv in enumerate(out["levels"])]
+        out["levels"] = [
+            {
+                **lv,
+                **{
+                    c: np.sum([m["levels"][i][c] for m in manifests], axis=0).tolist()
+                    for c in ("node_documents", "node_tokens")
+                },
+            }
+            for i, lv in enumerate(out["levels"])
+        ]
     out["runs"] = [os.path.abspath(d) for d in run_dirs]
     return out
 
@@ -185,15 +197,19 @@ class Window:
             raise ValueError(f"{where}: sequences of unequal length; every row must hold seq_len + 1 tokens")
         if path.size != rows * self.depth:
             raise ValueError(f"{where}: a path is not {self.depth} long (the run's tree depth)")
-        cols = (flat.reshape(rows, -1), path.reshape(rows, self.depth), table.column("n_valid").to_numpy(),
-                table.column("seq_id").to_numpy())
+        cols = (
+            flat.reshape(rows, -1),
+            path.reshape(rows, self.depth),
+            table.column("n_valid").to_numpy(),
+            table.column("seq_id").to_numpy(),
+        )
         if keep is not None:
             cols = tuple(c[keep] for c in cols)
         lo = self.filled
         self.filled += len(cols[-1])
         for dst, src in zip((self.tokens, self.paths, self.n_valid, self.seq_id), cols):
-            dst[lo:self.filled] = src
-        self.runs[lo:self.filled] = run
+            dst[lo : self.filled] = src
+        self.runs[lo : self.filled] = run
 
 
 class ShardLoader:
@@ -203,8 +219,16 @@ class ShardLoader:
     group being decoded; it does not grow with the amount of shard data.
     """
 
-    def __init__(self, run_dirs: str | list[str], ownership: Ownership, rank: int, batch_size: int, seed: int,
-                 p_generic: float, shuffle_buffer: int = 16384):
+    def __init__(
+        self,
+        run_dirs: str | list[str],
+        ownership: Ownership,
+        rank: int,
+        batch_size: int,
+        seed: int,
+        p_generic: float,
+        shuffle_buffer: int = 16384,
+    ):
         if shuffle_buffer < 1:
             raise ValueError(f"data.shuffle_buffer = {shuffle_buffer}: must be at least 1 sequence")
         self.run_dirs = [run_dirs] if isinstance(run_dirs, str) else list(run_dirs)
@@ -214,12 +238,14 @@ class ShardLoader:
         span = k ** (depth - ownership.level)  # a level-L subtree s holds the leaves [s*span, (s+1)*span)
         self.owned_leaf = np.zeros(k**depth, dtype=bool)
         for s in ownership.subtrees[rank]:
-            self.owned_leaf[s * span:(s + 1) * span] = True
+            self.owned_leaf[s * span : (s + 1) * span] = True
         self.row_groups = [rg for run, d in enumerate(self.run_dirs) for rg in self._scan(run, d)]
         self.n_sequences = sum(rg.rows for rg in self.row_groups)
         if self.n_sequences == 0:
-            raise ValueError(f"rank {rank} owns subtrees {ownership.subtrees[rank]} at level {ownership.level} but "
-                             f"the shards of {self.run_dirs} hold no sequence of them")
+            raise ValueError(
+                f"rank {rank} owns subtrees {ownership.subtrees[rank]} at level {ownership.level} but "
+                f"the shards of {self.run_dirs} hold no sequence of them"
+            )
         self.generic_ids = generic_block_ids(k, depth)
         self.epoch, self.position = 0, 0
         self._plan_epoch()
@@ -233,18 +259,21 @@ class ShardLoader:
         per_window = len(self.row_groups) / len(self.windows)
         if len(self.windows) == 1 or per_window >= MIN_ROW_GROUPS_PER_WINDOW:
             return None
-        return (f"rank {self.rank}: each shuffle window of ~{self.shuffle_buffer} sequences mixes only "
-                f"{per_window:.1f} of {len(self.row_groups)} row groups (~{self.n_sequences // len(self.row_groups)} "
-                f"sequences each): training sees a few leaves at a time; raise data.shuffle_buffer to "
-                f"{self.n_sequences} or re-pack with a smaller row_group_sequences")
+        return (
+            f"rank {self.rank}: each shuffle window of ~{self.shuffle_buffer} sequences mixes only "
+            f"{per_window:.1f} of {len(self.row_groups)} row groups (~{self.n_sequences // len(self.row_groups)} "
+            f"sequences each): training sees a few leaves at a time; raise data.shuffle_buffer to "
+            f"{self.n_sequences} or re-pack with a smaller row_group_sequences"
+        )
 
     def _scan(self, run: int, run_dir: str) -> list[RowGroup]:
         """This rank's row groups in one run: its level-1 partitions, then the row groups' ``leaf`` statistics."""
         k = self.ownership.k
         l1s = sorted({s // k ** (self.ownership.level - 1) for s in self.ownership.subtrees[self.rank]})
         if not any(os.path.isdir(os.path.join(run_dir, "shards", f"l1={i}")) for i in range(k)):
-            raise FileNotFoundError(f"{run_dir}/shards has no l1=<i> directory; is the cluster_corpus run complete "
-                                    "(stages/pack.json)?")
+            raise FileNotFoundError(
+                f"{run_dir}/shards has no l1=<i> directory; is the cluster_corpus run complete (stages/pack.json)?"
+            )
         out = []
         for i1 in l1s:
             d = os.path.join(run_dir, "shards", f"l1={i1}")
@@ -259,7 +288,7 @@ class ShardLoader:
                     rg = meta.row_group(i)
                     stats = rg.column(col).statistics
                     if stats is not None and stats.has_min_max:
-                        inside = self.owned_leaf[int(stats.min):int(stats.max) + 1]
+                        inside = self.owned_leaf[int(stats.min) : int(stats.max) + 1]
                         if not inside.any():
                             continue  # other ranks' leaves only: never read
                         if inside.all():
@@ -316,28 +345,48 @@ class ShardLoader:
                 self._load_window(w)
             offset = self.position - int(self.window_start[w])
             take = min(need, self.window.n - offset)
-            rows = self.order[offset:offset + take]
-            parts.append([getattr(self.window, n)[rows] for n in names] + [self.use_generic[offset:offset + take]])
+            rows = self.order[offset : offset + take]
+            parts.append([getattr(self.window, n)[rows] for n in names] + [self.use_generic[offset : offset + take]])
             self.position += take
             need -= take
         tokens, paths, n_valid, seq_id, runs, generic = (np.concatenate(c) for c in zip(*parts))
         tokens = tokens.astype(np.int64)
         mask = np.arange(1, tokens.shape[1])[None, :] < n_valid[:, None]
         block_ids = np.where(generic[:, None], self.generic_ids[None, :], path_block_ids(paths, self.ownership.k))
-        return Batch(tokens=torch.from_numpy(tokens), mask=torch.from_numpy(mask), paths=torch.from_numpy(paths),
-                     block_ids=torch.from_numpy(block_ids), generic=torch.from_numpy(generic),
-                     seq_ids=torch.from_numpy(seq_id), runs=torch.from_numpy(runs))
+        return Batch(
+            tokens=torch.from_numpy(tokens),
+            mask=torch.from_numpy(mask),
+            paths=torch.from_numpy(paths),
+            block_ids=torch.from_numpy(block_ids),
+            generic=torch.from_numpy(generic),
+            seq_ids=torch.from_numpy(seq_id),
+            runs=torch.from_numpy(runs),
+        )
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "rank": self.rank,
-                "n_sequences": self.n_sequences, "shuffle_buffer": self.shuffle_buffer, "runs": len(self.run_dirs)}
+        return {
+            "epoch": self.epoch,
+            "position": self.position,
+            "seed": self.seed,
+            "rank": self.rank,
+            "n_sequences": self.n_sequences,
+            "shuffle_buffer": self.shuffle_buffer,
+            "runs": len(self.run_dirs),
+        }
 
     def load_state_dict(self, state: dict) -> None:
-        mine = {"seed": self.seed, "rank": self.rank, "n_sequences": self.n_sequences,
-                "shuffle_buffer": self.shuffle_buffer, "runs": len(self.run_dirs)}
+        mine = {
+            "seed": self.seed,
+            "rank": self.rank,
+            "n_sequences": self.n_sequences,
+            "shuffle_buffer": self.shuffle_buffer,
+            "runs": len(self.run_dirs),
+        }
         theirs = {key: state.get(key) for key in mine}
         if theirs != mine:
-            raise ValueError(f"loader state {theirs} does not match this loader {mine}: same seed, ranks, "
-                             "data.shuffle_buffer and run directories needed")
+            raise ValueError(
+                f"loader state {theirs} does not match this loader {mine}: same seed, ranks, "
+                "data.shuffle_buffer and run directories needed"
+            )
         self.epoch, self.position = state["epoch"], state["position"]
         self._plan_epoch()

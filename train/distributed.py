@@ -10,6 +10,7 @@ whole bank is never all-reduced.
 Gradients are divided by the world size first, so every block receives the gradient of the
 global mean loss, as the anchor does under DeepSpeed's data-parallel averaging.
 """
+
 from __future__ import annotations
 
 import math
@@ -44,8 +45,9 @@ def init() -> DistInfo:
     import deepspeed
 
     if "RANK" not in os.environ:  # no launcher: a single-process world, for debugging
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(free_port()))
+        os.environ.update(
+            RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port())
+        )
     cuda = torch.cuda.is_available()
     deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
     if not cuda:
@@ -53,8 +55,12 @@ def init() -> DistInfo:
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if cuda:
         torch.cuda.set_device(local_rank)
-    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank,
-                    torch.device("cuda", local_rank) if cuda else torch.device("cpu"))
+    return DistInfo(
+        dist.get_rank(),
+        dist.get_world_size(),
+        local_rank,
+        torch.device("cuda", local_rank) if cuda else torch.device("cpu"),
+    )
 
 
 def _unlink_shm_buffer() -> None:
@@ -66,8 +72,10 @@ def _unlink_shm_buffer() -> None:
     mapped every peer's buffer; after a barrier every rank has, the names are no longer needed, and the
     mappings keep the memory until the ranks exit, however they exit (a killed run leaks nothing).
     """
-    name = (f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
-            f"{os.environ.get('MASTER_PORT', '')}_{dist.get_rank()}")
+    name = (
+        f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+        f"{os.environ.get('MASTER_PORT', '')}_{dist.get_rank()}"
+    )
     dist.barrier()
     try:
         os.unlink(name)
@@ -85,8 +93,9 @@ def teardown() -> None:
 class BlockReducer:
     """Sums the gradients of shared blocks over the subgroup of their holders; local blocks stay local."""
 
-    def __init__(self, ownership: Ownership, rank: int, device: torch.device,
-                 shapes: dict[int, dict[str, tuple[int, ...]]]):
+    def __init__(
+        self, ownership: Ownership, rank: int, device: torch.device, shapes: dict[int, dict[str, tuple[int, ...]]]
+    ):
         self.rank, self.world_size, self.device, self.shapes = rank, ownership.world_size, device, shapes
         by_set: dict[tuple[tuple[int, ...], int], list[int]] = {}
         for block, ranks in ownership.holders().items():
@@ -96,7 +105,9 @@ class BlockReducer:
         self.shared: dict[int, tuple[int, ...]] = {}  # block -> holders, for this rank's shared blocks
         self.groups = []  # (process group, level, sorted block ids) for the holder sets that include this rank
         made: dict[tuple[int, ...], object] = {}
-        for ranks, level in sorted(by_set):  # every rank creates every group, in the same order (new_group is collective)
+        for ranks, level in sorted(
+            by_set
+        ):  # every rank creates every group, in the same order (new_group is collective)
             if ranks not in made:
                 made[ranks] = dist.group.WORLD if len(ranks) == self.world_size else dist.new_group(list(ranks))
             if rank in ranks:
@@ -150,8 +161,11 @@ class BlockReducer:
         """
         sq = torch.zeros((), dtype=torch.float64, device=self.device)
         for u in updates:
-            counted = torch.tensor([self.shared.get(int(b), (self.rank,))[0] == self.rank for b in u.ids.tolist()],
-                                   dtype=torch.bool, device=self.device)
+            counted = torch.tensor(
+                [self.shared.get(int(b), (self.rank,))[0] == self.rank for b in u.ids.tolist()],
+                dtype=torch.bool,
+                device=self.device,
+            )
             for g in u.grads.values():
                 sq += (g.double().flatten(1).pow(2).sum(1) * counted).sum()
         if self.world_size > 1:

@@ -32,6 +32,7 @@ followed by a non-alphanumeric character or its end. Per probe also:
   oracle_leaf share of probes whose route is the oracle's leaf (per mode)
 Probes are grouped in 5 buckets of entity frequency, log-spaced between the smallest and largest.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -91,8 +92,10 @@ def read_jsonl(path: str, required: tuple[str, ...]) -> list[dict]:
 
 def read_probes(path: str) -> list[Probe]:
     known = set(Probe.__dataclass_fields__)
-    return [Probe(**{k: v for k, v in r.items() if k in known})
-            for r in read_jsonl(path, ("prompt", "answer", "entity", "frequency"))]
+    return [
+        Probe(**{k: v for k, v in r.items() if k in known})
+        for r in read_jsonl(path, ("prompt", "answer", "entity", "frequency"))
+    ]
 
 
 def bucket_edges(frequencies, n: int = N_BUCKETS) -> np.ndarray:
@@ -102,7 +105,9 @@ def bucket_edges(frequencies, n: int = N_BUCKETS) -> np.ndarray:
 
 
 def bucket_of(frequencies, edges: np.ndarray) -> np.ndarray:
-    return np.clip(np.searchsorted(edges, np.asarray(frequencies, dtype=np.float64), side="right") - 1, 0, len(edges) - 2)
+    return np.clip(
+        np.searchsorted(edges, np.asarray(frequencies, dtype=np.float64), side="right") - 1, 0, len(edges) - 2
+    )
 
 
 def oracle_leaf(doc_leaves: np.ndarray) -> int:
@@ -183,27 +188,29 @@ class Evaluator:
         return {mode: self.router.route_embeddings(x, mode, texts) for mode in modes}
 
     @torch.no_grad()
-    def window_nll(self, windows: list[list[int]], ids: torch.Tensor | None, skip: list[int] | None = None) -> np.ndarray:
+    def window_nll(
+        self, windows: list[list[int]], ids: torch.Tensor | None, skip: list[int] | None = None
+    ) -> np.ndarray:
         """Summed next-token NLL of each token window (input = w[:-1], target = w[1:]), leaving out the first
         ``skip[i]`` targets of window i (a prompt before its answer)."""
         out = np.zeros(len(windows))
         for s in range(0, len(windows), self.batch_size):
-            part = windows[s:s + self.batch_size]
+            part = windows[s : s + self.batch_size]
             x = self.padded(part)
             target = torch.arange(1, x.shape[1])[None, :]
             mask = target < torch.tensor([len(w) for w in part])[:, None]
             if skip is not None:
-                mask &= target > torch.tensor(skip[s:s + len(part)])[:, None]
-            logits = self.anchor(x[:, :-1], self._memory(None if ids is None else ids[s:s + len(part)]))
+                mask &= target > torch.tensor(skip[s : s + len(part)])[:, None]
+            logits = self.anchor(x[:, :-1], self._memory(None if ids is None else ids[s : s + len(part)]))
             nll = token_nll(logits, x[:, 1:])
-            out[s:s + len(part)] = (nll * mask).sum(1).numpy()
+            out[s : s + len(part)] = (nll * mask).sum(1).numpy()
         return out
 
     def padded(self, seqs: list[list[int]]) -> torch.Tensor:
         """Token lists as one right-padded [B, longest] batch (causal: padding changes no earlier position)."""
         x = torch.full((len(seqs), max(map(len, seqs))), self.pad, dtype=torch.long)
         for i, q in enumerate(seqs):
-            x[i, :len(q)] = torch.tensor(q)
+            x[i, : len(q)] = torch.tensor(q)
         return x
 
     def prompt_ids(self, prompt: str) -> list[int]:
@@ -220,14 +227,14 @@ class Evaluator:
         wins, skip = [], []
         for p, a in zip(prompts, answers):
             ans = self.answer_ids(a)
-            prompt = self.prompt_ids(p)[-max(1, self.anchor.cfg.max_seq_len + 1 - len(ans)):]
+            prompt = self.prompt_ids(p)[-max(1, self.anchor.cfg.max_seq_len + 1 - len(ans)) :]
             wins.append(prompt + ans)
             skip.append(len(prompt) - 1)
         return -self.window_nll(wins, ids, skip)
 
     def windows(self, text: str) -> list[list[int]]:
         stream = [self.eot] + self.tokenizer.encode(text).ids + [self.eot]
-        return [stream[s:s + self.seq_len + 1] for s in range(0, len(stream) - 1, self.seq_len)]
+        return [stream[s : s + self.seq_len + 1] for s in range(0, len(stream) - 1, self.seq_len)]
 
     def text_nll(self, texts: list[str], paths: np.ndarray, setting: str) -> tuple[np.ndarray, np.ndarray]:
         """(summed NLL, predicted tokens) per text under ``setting``, each text on its own path."""
@@ -239,8 +246,10 @@ class Evaluator:
         owner = np.asarray(owner)
         ids = self.block_ids(paths[owner], setting)
         nll = self.window_nll(wins, ids)
-        return (np.bincount(owner, weights=nll, minlength=len(texts)),
-                np.bincount(owner, weights=[len(w) - 1 for w in wins], minlength=len(texts)))
+        return (
+            np.bincount(owner, weights=nll, minlength=len(texts)),
+            np.bincount(owner, weights=[len(w) - 1 for w in wins], minlength=len(texts)),
+        )
 
     def perplexity(self, docs: list[dict], settings: list[str] | None = None, modes: list[str] | None = None) -> dict:
         """Per setting: perplexity over all held-out documents and per ``source``. ``modes``: routing modes,
@@ -266,15 +275,15 @@ class Evaluator:
         """Greedy continuation of each prompt (after <eot>), ``max_new[i]`` tokens or until <eot>."""
         out = []
         for s in range(0, len(prompts), self.batch_size):
-            seqs = [self.prompt_ids(p) for p in prompts[s:s + self.batch_size]]
-            want = max_new[s:s + len(seqs)]
-            memory = self._memory(None if ids is None else ids[s:s + len(seqs)])
+            seqs = [self.prompt_ids(p) for p in prompts[s : s + self.batch_size]]
+            want = max_new[s : s + len(seqs)]
+            memory = self._memory(None if ids is None else ids[s : s + len(seqs)])
             # the anchor's key/value cache when the whole answer fits its context; else re-run the window per token
             cached = hasattr(self.anchor, "decode") and max(map(len, seqs)) + max(want) <= self.anchor.cfg.max_seq_len
             new = (self._decode if cached else self._recompute)(seqs, memory, want)
             for n, m in zip(new, want):
                 n = n[:m]
-                out.append(self.tokenizer.decode(n[:n.index(self.eot)] if self.eot in n else n))
+                out.append(self.tokenizer.decode(n[: n.index(self.eot)] if self.eot in n else n))
         return out
 
     def _decode(self, seqs: list[list[int]], memory, want: list[int]) -> list[list[int]]:
@@ -292,7 +301,7 @@ class Evaluator:
     def _recompute(self, seqs: list[list[int]], memory, want: list[int]) -> list[list[int]]:
         new = [[] for _ in seqs]
         for _ in range(max(want)):
-            views = [q[-self.anchor.cfg.max_seq_len:] for q in seqs]  # a long prompt keeps its end
+            views = [q[-self.anchor.cfg.max_seq_len :] for q in seqs]  # a long prompt keeps its end
             logits = self.anchor(self.padded(views), memory)
             nxt = logits[torch.arange(len(views)), torch.tensor([len(v) - 1 for v in views])].argmax(-1)
             for i, t in enumerate(nxt.tolist()):
@@ -314,8 +323,14 @@ class Evaluator:
             import pyarrow.dataset as ds
 
             word, before, after = r"[\pL\pN_]", r"(?:^|[^\pL\pN_])", r"(?:$|[^\pL\pN_])"
-            patterns = {e: (before if re.match(r"\w", e[:1]) else word) + "(?:" + re.escape(e) + ")"
-                        + (after if re.match(r"\w", e[-1:]) else word) for e in missing}
+            patterns = {
+                e: (before if re.match(r"\w", e[:1]) else word)
+                + "(?:"
+                + re.escape(e)
+                + ")"
+                + (after if re.match(r"\w", e[-1:]) else word)
+                for e in missing
+            }
             found.update({e: [] for e in missing})
             documents = ds.dataset(os.path.join(self.router.run_dir, "documents"), format="parquet")
             for batch in documents.to_batches(columns=["doc_id", "text"]):
@@ -329,11 +344,13 @@ class Evaluator:
         import pyarrow.dataset as ds
 
         table = ds.dataset(os.path.join(self.router.run_dir, "routed"), format="parquet", partitioning="hive").to_table(
-            columns=["doc_id", "path"], filter=pc.field("doc_id").isin(sorted(doc_ids)))
+            columns=["doc_id", "path"], filter=pc.field("doc_id").isin(sorted(doc_ids))
+        )
         return dict(zip(table.column("doc_id").to_pylist(), table.column("path").to_pylist()))
 
-    def probe_oracle(self, probes: list[Probe], routes: np.ndarray, mode_leaves: dict[str, np.ndarray]
-                     ) -> tuple[np.ndarray, dict[str, np.ndarray], list[set]]:
+    def probe_oracle(
+        self, probes: list[Probe], routes: np.ndarray, mode_leaves: dict[str, np.ndarray]
+    ) -> tuple[np.ndarray, dict[str, np.ndarray], list[set]]:
         """From each probe's entity documents: (oracle paths [N, p], agreement per mode [N] (NaN without
         documents), blocked block-id sets). A probe whose entity has no routed document keeps its own route
         as its oracle and blocks nothing."""
@@ -353,15 +370,25 @@ class Evaluator:
             blocked.append(set(path_block_ids(np.asarray(doc_paths), self.k).ravel().tolist()))
         return oracle, agreement, blocked
 
-    def probe_runs(self, by_mode: dict[str, np.ndarray], modes: list[str], routes: np.ndarray, oracle: np.ndarray,
-                   blocked: list[set]) -> dict:
+    def probe_runs(
+        self,
+        by_mode: dict[str, np.ndarray],
+        modes: list[str],
+        routes: np.ndarray,
+        oracle: np.ndarray,
+        blocked: list[set],
+    ) -> dict:
         """The probes' block ids per evaluated setting (the module doc's probe settings); ``blocked``: the
         headline route with the blocks on the entity documents' paths disabled."""
         if self.bank is None:
             return {"none": None}
-        runs = {"fetched": self.block_ids(by_mode[modes[0]], "fetched"), "generic": self.block_ids(routes, "generic"),
-                "none": None, "oracle": self.block_ids(oracle, "fetched"),
-                **{f"fetched[{m}]": self.block_ids(by_mode[m], "fetched") for m in modes[1:]}}
+        runs = {
+            "fetched": self.block_ids(by_mode[modes[0]], "fetched"),
+            "generic": self.block_ids(routes, "generic"),
+            "none": None,
+            "oracle": self.block_ids(oracle, "fetched"),
+            **{f"fetched[{m}]": self.block_ids(by_mode[m], "fetched") for m in modes[1:]},
+        }
         ids = self.block_ids(routes, "fetched")
         for i, b in enumerate(blocked):
             ids[i] = torch.tensor([-1 if int(x) in b else int(x) for x in ids[i]])
@@ -393,35 +420,61 @@ class Evaluator:
         oracle_leaves = self.router.leaves(oracle)
         on_oracle = {m: mode_leaves[m] == oracle_leaves for m in modes}
         buckets = bucket_summaries(probes, freqs, bucket, agreement, mode_agreement, on_oracle, correct)
-        records = [dict(asdict(p), doc_ids=None, bucket=int(bucket[i]), leaf=int(leaves[i]),
-                        agreement=None if np.isnan(agreement[i]) else float(agreement[i]),
-                        blocked_share=len(blocked[i]) / n_blocks, **{n: bool(c[i]) for n, c in correct.items()})
-                   for i, p in enumerate(probes)]
-        return {"edges": edges.tolist(), "buckets": buckets, "records": records, "modes": modes,
-                "accuracy": {n: float(c.mean()) for n, c in correct.items()},
-                "routing_agreement": float(np.nanmean(agreement)),
-                "fetch_cost": {m: self.fetch_cost(runs["fetched" if m == modes[0] else f"fetched[{m}]"])
-                               for m in modes} if self.bank is not None else {},
-                "blocked_bank_share": float(np.mean([len(b) for b in blocked]) / n_blocks)}
+        records = [
+            dict(
+                asdict(p),
+                doc_ids=None,
+                bucket=int(bucket[i]),
+                leaf=int(leaves[i]),
+                agreement=None if np.isnan(agreement[i]) else float(agreement[i]),
+                blocked_share=len(blocked[i]) / n_blocks,
+                **{n: bool(c[i]) for n, c in correct.items()},
+            )
+            for i, p in enumerate(probes)
+        ]
+        return {
+            "edges": edges.tolist(),
+            "buckets": buckets,
+            "records": records,
+            "modes": modes,
+            "accuracy": {n: float(c.mean()) for n, c in correct.items()},
+            "routing_agreement": float(np.nanmean(agreement)),
+            "fetch_cost": {m: self.fetch_cost(runs["fetched" if m == modes[0] else f"fetched[{m}]"]) for m in modes}
+            if self.bank is not None
+            else {},
+            "blocked_bank_share": float(np.mean([len(b) for b in blocked]) / n_blocks),
+        }
 
 
-def bucket_summaries(probes: list[Probe], freqs: np.ndarray, bucket: np.ndarray, agreement: np.ndarray,
-                     mode_agreement: dict[str, np.ndarray], on_oracle: dict[str, np.ndarray],
-                     correct: dict[str, np.ndarray]) -> list[dict]:
+def bucket_summaries(
+    probes: list[Probe],
+    freqs: np.ndarray,
+    bucket: np.ndarray,
+    agreement: np.ndarray,
+    mode_agreement: dict[str, np.ndarray],
+    on_oracle: dict[str, np.ndarray],
+    correct: dict[str, np.ndarray],
+) -> list[dict]:
     """``Evaluator.probe``'s per-bucket rows: frequency range, sizes, routing agreement (headline and per mode),
     oracle-leaf share and accuracy per setting; None for an empty bucket."""
     buckets = []
     for b in range(N_BUCKETS):
         sel = bucket == b
         f = freqs[sel]
-        buckets.append({"bucket": b, "frequency_range": [int(f.min()), int(f.max())] if sel.any() else None,
-                        "probes": int(sel.sum()), "entities": len({probes[i].entity for i in np.flatnonzero(sel)}),
-                        "routing_agreement": float(np.nanmean(agreement[sel])) if sel.any() else None,
-                        "routing_agreement_by_mode": {m: float(np.nanmean(a[sel])) if sel.any() else None
-                                                      for m, a in mode_agreement.items()},
-                        "oracle_leaf_by_mode": {m: float(o[sel].mean()) if sel.any() else None
-                                                for m, o in on_oracle.items()},
-                        "accuracy": {n: float(c[sel].mean()) if sel.any() else None for n, c in correct.items()}})
+        buckets.append(
+            {
+                "bucket": b,
+                "frequency_range": [int(f.min()), int(f.max())] if sel.any() else None,
+                "probes": int(sel.sum()),
+                "entities": len({probes[i].entity for i in np.flatnonzero(sel)}),
+                "routing_agreement": float(np.nanmean(agreement[sel])) if sel.any() else None,
+                "routing_agreement_by_mode": {
+                    m: float(np.nanmean(a[sel])) if sel.any() else None for m, a in mode_agreement.items()
+                },
+                "oracle_leaf_by_mode": {m: float(o[sel].mean()) if sel.any() else None for m, o in on_oracle.items()},
+                "accuracy": {n: float(c[sel].mean()) if sel.any() else None for n, c in correct.items()},
+            }
+        )
     return buckets
 
 
@@ -441,15 +494,32 @@ def block_report(model_dir: str, router, texts: list[str]) -> list[list[dict]]:
         if setting != "none":
             total, n = ev.text_nll(texts, paths, setting)
             nll[setting] = total / n
-    return [[{"level": l, "block": int(blocks[q, l - 1]), "nll_fetched": float(nll["fetched"][q]),
-              "nll_without": float(nll[f"off@{l}"][q]), "nll_generic": float(nll[f"generic@{l}"][q]),
-              "delta": float(nll[f"off@{l}"][q] - nll["fetched"][q])}
-             for l in range(1, ev.depth + 1) if f"off@{l}" in nll] for q in range(len(texts))]
+    return [
+        [
+            {
+                "level": l,
+                "block": int(blocks[q, l - 1]),
+                "nll_fetched": float(nll["fetched"][q]),
+                "nll_without": float(nll[f"off@{l}"][q]),
+                "nll_generic": float(nll[f"generic@{l}"][q]),
+                "delta": float(nll[f"off@{l}"][q] - nll["fetched"][q]),
+            }
+            for l in range(1, ev.depth + 1)
+            if f"off@{l}" in nll
+        ]
+        for q in range(len(texts))
+    ]
 
 
-def model_routing(model_dir: str, modes: list[str] | None = None, neighbours: int | None = None,
-                  nprobe: int | None = None, vote: str | None = None, words: float | None = None,
-                  temperature: float | None = None):
+def model_routing(
+    model_dir: str,
+    modes: list[str] | None = None,
+    neighbours: int | None = None,
+    nprobe: int | None = None,
+    vote: str | None = None,
+    words: float | None = None,
+    temperature: float | None = None,
+):
     """The routing of prompts for an exported model: the one its meta.json records (index.router defaults
     for older exports; a recorded routing without ``vote`` used the linear vote, and keeps it), with the
     first of ``modes``, the given sizes and ``vote`` overriding it."""
@@ -465,15 +535,25 @@ def model_routing(model_dir: str, modes: list[str] | None = None, neighbours: in
         recorded["vote"] = "linear"  # recorded before votes had a name: the rule it was evaluated with
     if meta.get("memory") is None:  # a dense model fetches nothing: routing decides nothing, needs no document index
         recorded = dict(recorded, mode="descent")
-    given = {"mode": modes[0] if modes else None, "neighbours": neighbours, "nprobe": nprobe, "vote": vote,
-             "words": words, "temperature": temperature}
+    given = {
+        "mode": modes[0] if modes else None,
+        "neighbours": neighbours,
+        "nprobe": nprobe,
+        "vote": vote,
+        "words": words,
+        "temperature": temperature,
+    }
     return RoutingConfig(**dict(recorded, **{k: v for k, v in given.items() if v is not None}))
 
 
 def model_summary(ev: Evaluator) -> dict:
     from train.memory import param_counts
 
-    out = {"anchor_params": ev.anchor.num_params(), "step": ev.meta.get("step"), "tree_version": ev.meta["tree_version"]}
+    out = {
+        "anchor_params": ev.anchor.num_params(),
+        "step": ev.meta.get("step"),
+        "tree_version": ev.meta["tree_version"],
+    }
     if ev.bank is not None:
         counts = param_counts(ev.anchor.cfg, ev.bank.config)
         out.update(fetched_params=counts["fetched"], bank_params=counts["bank"], ranks=list(ev.bank.config.ranks))
@@ -489,9 +569,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", help="write the results JSON here (default: print it)")
     ap.add_argument("--max-docs", type=int, default=0, help="only the first N held-out documents (0: all)")
     ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--routing", nargs="+", choices=MODES, metavar="MODE",
-                    help=f"routing modes to compare ({', '.join(MODES)}); the first is the headline "
-                         "(default: the model's recorded mode)")
+    ap.add_argument(
+        "--routing",
+        nargs="+",
+        choices=MODES,
+        metavar="MODE",
+        help=f"routing modes to compare ({', '.join(MODES)}); the first is the headline "
+        "(default: the model's recorded mode)",
+    )
     ap.add_argument("--neighbours", type=int, help="documents in the neighbour vote (default: the model's)")
     ap.add_argument("--nprobe", type=int, help="leaf lists the vote searches (default: the model's)")
     ap.add_argument("--vote", choices=VOTES, help="how the neighbours weigh (index/router.py; default: the model's)")
@@ -501,15 +586,16 @@ def main(argv: list[str] | None = None) -> int:
     from index.router import Router
 
     try:
-        routing = model_routing(args.model, args.routing, args.neighbours, args.nprobe, args.vote, args.words,
-                                args.temperature)
+        routing = model_routing(
+            args.model, args.routing, args.neighbours, args.nprobe, args.vote, args.words, args.temperature
+        )
         modes = args.routing or [routing.mode]
         router = Router.load(args.run, documents=any(m != "descent" for m in modes), routing=routing)
         ev = Evaluator(args.model, router, args.batch_size)
         result = {"model": model_summary(ev), "settings": ev.settings, "routing": dataclasses.asdict(routing)}
         if args.heldout:
             docs = read_jsonl(args.heldout, ("text",))
-            result["perplexity"] = ev.perplexity(docs[:args.max_docs or None], modes=modes)
+            result["perplexity"] = ev.perplexity(docs[: args.max_docs or None], modes=modes)
         if args.probes:
             result["probes"] = ev.probe(read_probes(args.probes), modes)
     except (ValueError, FileNotFoundError) as e:

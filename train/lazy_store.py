@@ -10,6 +10,7 @@ many blocks earlier batches read (the OS page cache may keep them, outside the p
 ``CachedBlockStore`` is the serving tier over it (hmem.serve): the shallow levels held in RAM, the
 deeper blocks through an LRU cache with a byte budget, with hit / miss / read counters.
 """
+
 from __future__ import annotations
 
 import json
@@ -23,8 +24,14 @@ import torch
 
 from train.memory import BANK_FORMAT, BlockStore, TensorBlockStore
 
-_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-           "I64": torch.int64, "I32": torch.int32}
+_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+}
 
 
 class SafetensorsFile:
@@ -114,8 +121,10 @@ class LazyBlockStore(BlockStore):
                     if out[n] is None:
                         out[n] = torch.empty((len(ids), *s), dtype=part.dtype)
                     out[n][torch.from_numpy(j)] = part
-        return {n: (t if t is not None else torch.empty((0, *self.shapes[level][n]))).to(self.device)
-                for n, t in out.items()}
+        return {
+            n: (t if t is not None else torch.empty((0, *self.shapes[level][n]))).to(self.device)
+            for n, t in out.items()
+        }
 
     def write(self, level: int, ids, tensors: dict[str, torch.Tensor]) -> None:
         raise TypeError(f"LazyBlockStore over {self.files} is read-only (an exported bank); train from a checkpoint")
@@ -143,8 +152,12 @@ class CachedBlockStore(BlockStore):
         self.lazy, self.budget = lazy, int(budget_bytes)
         self.shapes = lazy.shapes
         shallow = {l: lazy.ids[l] for l in lazy.shapes if l <= resident_levels}
-        self.resident = TensorBlockStore({l: self.shapes[l] for l in shallow}, shallow,
-                                         {l: lazy.read(l, ids) for l, ids in shallow.items()}, device=lazy.device)
+        self.resident = TensorBlockStore(
+            {l: self.shapes[l] for l in shallow},
+            shallow,
+            {l: lazy.read(l, ids) for l, ids in shallow.items()},
+            device=lazy.device,
+        )
         self.cache: OrderedDict[tuple[int, int], dict[str, torch.Tensor]] = OrderedDict()  # oldest first
         self.cached_bytes = self.fetched = self.hits = self.misses = self.bytes_read = 0
         self.read_seconds = 0.0  # in ``read``, resident levels included: a request's fetch time
@@ -152,9 +165,17 @@ class CachedBlockStore(BlockStore):
     def stats(self) -> dict:
         """Counters since the start: ``fetched`` blocks asked for (resident ones included), ``hits`` / ``misses``
         of the cache (a miss is a block read from the bank files), bytes read, the cache's and RAM tier's bytes."""
-        return {"fetched": self.fetched, "hits": self.hits, "misses": self.misses, "bytes_read": self.bytes_read,
-                "cached_blocks": len(self.cache), "cached_bytes": self.cached_bytes, "budget_bytes": self.budget,
-                "resident_bytes": self.resident.nbytes(), "read_seconds": self.read_seconds}
+        return {
+            "fetched": self.fetched,
+            "hits": self.hits,
+            "misses": self.misses,
+            "bytes_read": self.bytes_read,
+            "cached_blocks": len(self.cache),
+            "cached_bytes": self.cached_bytes,
+            "budget_bytes": self.budget,
+            "resident_bytes": self.resident.nbytes(),
+            "read_seconds": self.read_seconds,
+        }
 
     def owned_ids(self) -> torch.Tensor:
         return self.lazy.owned_ids()

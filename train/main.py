@@ -10,6 +10,7 @@ gradients are reduced only among the ranks holding them (train/distributed.py) a
 blocks are updated (train/optim.py). Without --config the demo config is trained. A run resumes
 from OUT/checkpoints/latest when there is one; at the end the model is exported to OUT/export.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,10 +35,17 @@ from train.optim import BlockGrads, TouchedAdamW, lr_at
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", help="configs/train/<name>.yaml or a name in it (default: demo)")
-    ap.add_argument("--data", required=True, nargs="+", metavar="RUN",
-                    help="run directories of jobs/cluster_corpus.py; several must share one tree_version and tokenizer")
+    ap.add_argument(
+        "--data",
+        required=True,
+        nargs="+",
+        metavar="RUN",
+        help="run directories of jobs/cluster_corpus.py; several must share one tree_version and tokenizer",
+    )
     ap.add_argument("--out", required=True, help="output directory (checkpoints, logs, export)")
-    ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="config override (repeatable)")
+    ap.add_argument(
+        "--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="config override (repeatable)"
+    )
     ap.add_argument("--deepspeed_config", help="a ds_config JSON to use instead of the generated one")
     ap.add_argument("--no-resume", action="store_true", help="start fresh even if OUT/checkpoints/latest exists")
     ap.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # passed by the deepspeed launcher
@@ -49,8 +57,10 @@ def ds_config(cfg: TrainConfig, bf16: bool) -> dict:
         with open(cfg.deepspeed.config) as f:
             user = json.load(f)
         if user.get("train_micro_batch_size_per_gpu", cfg.data.batch_size) != cfg.data.batch_size:
-            raise ValueError(f"{cfg.deepspeed.config}: train_micro_batch_size_per_gpu differs from data.batch_size "
-                             f"{cfg.data.batch_size}; the loader makes batches of data.batch_size")
+            raise ValueError(
+                f"{cfg.deepspeed.config}: train_micro_batch_size_per_gpu differs from data.batch_size "
+                f"{cfg.data.batch_size}; the loader makes batches of data.batch_size"
+            )
         return user
     generated = cfg.ds_config(bf16)
     if not cfg.recipe.trains_anchor:
@@ -85,13 +95,18 @@ def build_anchor(cfg: TrainConfig) -> tuple[torch.nn.Module, torch.optim.Optimiz
     rest = [p for p in anchor.parameters() if p.dim() < 2]
     a = cfg.optim.anchor
     # plain torch AdamW as DeepSpeed's client optimizer: no fused_adam op to compile
-    return anchor, torch.optim.AdamW([{"params": decay, "weight_decay": a.weight_decay},
-                                      {"params": rest, "weight_decay": 0.0}],
-                                     lr=a.lr, betas=cfg.optim.betas, eps=cfg.optim.eps)
+    return anchor, torch.optim.AdamW(
+        [{"params": decay, "weight_decay": a.weight_decay}, {"params": rest, "weight_decay": 0.0}],
+        lr=a.lr,
+        betas=cfg.optim.betas,
+        eps=cfg.optim.eps,
+    )
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, run_dirs: list[str], out_dir: str, dist_info: DistInfo, manifest: dict, resume: bool):
+    def __init__(
+        self, cfg: TrainConfig, run_dirs: list[str], out_dir: str, dist_info: DistInfo, manifest: dict, resume: bool
+    ):
         import deepspeed
 
         self.cfg, self.out_dir = cfg, out_dir
@@ -99,8 +114,15 @@ class Trainer:
         self.k, self.depth = int(manifest["k"]), int(manifest["depth"])
         self.ownership = assign_subtrees(manifest, self.world)
         mem = cfg.memory if cfg.recipe.uses_memory else None
-        self.loader = ShardLoader(run_dirs, self.ownership, self.rank, cfg.data.batch_size, cfg.data.seed,
-                                  mem.p_generic if mem else 0.0, cfg.data.shuffle_buffer)
+        self.loader = ShardLoader(
+            run_dirs,
+            self.ownership,
+            self.rank,
+            cfg.data.batch_size,
+            cfg.data.seed,
+            mem.p_generic if mem else 0.0,
+            cfg.data.shuffle_buffer,
+        )
         if warning := self.loader.mixing():
             print(f"warning: {warning}", file=sys.stderr, flush=True)
 
@@ -131,21 +153,38 @@ class Trainer:
             from train.prefetch import Prefetcher
             from train.store_disk import DiskBlockStore
 
-            store = DiskBlockStore.create(mem, cfg.model, owned, os.path.join(self.out_dir, "bank_store", f"rank{self.rank}"),
-                                          int(mem.ram_budget_mb * 2**20), state=TouchedAdamW.STATE)
+            store = DiskBlockStore.create(
+                mem,
+                cfg.model,
+                owned,
+                os.path.join(self.out_dir, "bank_store", f"rank{self.rank}"),
+                int(mem.ram_budget_mb * 2**20),
+                state=TouchedAdamW.STATE,
+            )
             self.bank = MemoryBank(mem, cfg.model.n_layers, cfg.model.d_model, store)
             self.loader = Prefetcher(self.loader, store, mem.prefetch_batches)
         else:
             self.bank = MemoryBank.create(mem, cfg.model, owned, device=self.device)
         m = cfg.optim.memory
-        self.mem_optim = TouchedAdamW(self.bank.store, self.k, self.depth, cfg.optim.betas, cfg.optim.eps, m.weight_decay)
+        self.mem_optim = TouchedAdamW(
+            self.bank.store, self.k, self.depth, cfg.optim.betas, cfg.optim.eps, m.weight_decay
+        )
         self.reducer = BlockReducer(self.ownership, self.rank, self.device, self.bank.store.shapes)
 
     def resume_from(self, last: str) -> None:
         """The engine, this rank's blocks and moments, the loader's position and the counters from checkpoint
         ``last``."""
-        state = checkpoint.load(last, self.engine, self.rank, self.world, self.cfg.recipe.trains_anchor,
-                                self.bank and self.bank.store, self.mem_optim, self.k, self.depth)
+        state = checkpoint.load(
+            last,
+            self.engine,
+            self.rank,
+            self.world,
+            self.cfg.recipe.trains_anchor,
+            self.bank and self.bank.store,
+            self.mem_optim,
+            self.k,
+            self.depth,
+        )
         self.loader.load_state_dict(state["loader"])
         self.step, self.tokens_seen = state["step"], state["tokens_seen"]
         self.log(f"resumed from {last} at step {self.step}")
@@ -180,21 +219,36 @@ class Trainer:
 
     def describe(self) -> None:
         o = self.ownership
-        line = (f"rank {self.rank}: level-{o.level} subtrees {list(o.subtrees[self.rank])}, {human(o.tokens[self.rank])} tokens, "
-                f"{len(self.loader)} sequences, {len(o.blocks(self.rank))} blocks, bank shard {human(self.bank_bytes())}B")
+        line = (
+            f"rank {self.rank}: level-{o.level} subtrees {list(o.subtrees[self.rank])}, {human(o.tokens[self.rank])} "
+            "tokens, "
+            f"{len(self.loader)} sequences, {len(o.blocks(self.rank))} blocks, bank shard {human(self.bank_bytes())}B"
+        )
         lines = [None] * self.world
         dist.all_gather_object(lines, line)
         self.log("\n".join(lines))
-        self.log(f"recipe {self.cfg.recipe.name}, anchor {human(self.cfg.model.num_params())} params, "
-                 f"ZeRO stage {self.engine.zero_optimization_stage()}, {'bf16' if self.bf16 else 'fp32'}, {self.world} ranks on {self.device.type}")
+        self.log(
+            f"recipe {self.cfg.recipe.name}, anchor {human(self.cfg.model.num_params())} params, "
+            f"ZeRO stage {self.engine.zero_optimization_stage()}, {'bf16' if self.bf16 else 'fp32'}, {self.world} "
+            f"ranks on {self.device.type}"
+        )
 
     def train_step(self) -> dict:
         """One optimizer step; returns this rank's raw statistics."""
         cfg, step = self.cfg, self.step + 1
         batch = self.loader.next_batch()
         if self.batch_log:
-            self.batch_log.write(json.dumps({"step": step, "seq_ids": batch.seq_ids.tolist(), "runs": batch.runs.tolist(),
-                                             "generic": batch.generic.tolist()}) + "\n")
+            self.batch_log.write(
+                json.dumps(
+                    {
+                        "step": step,
+                        "seq_ids": batch.seq_ids.tolist(),
+                        "runs": batch.runs.tolist(),
+                        "generic": batch.generic.tolist(),
+                    }
+                )
+                + "\n"
+            )
             self.batch_log.flush()
         tokens = batch.tokens.to(self.device)
         mask = batch.mask.to(self.device)
@@ -216,8 +270,11 @@ class Trainer:
             loss.backward()  # gradients reach the fetched blocks only
         touched, mem_norm = 0, 0.0
         if fetched is not None:
-            local = [BlockGrads(l + 1, ids, {n: t.grad for n, t in named.items()})
-                     for l, (ids, named) in enumerate(zip(fetched.ids, fetched.params)) if named]
+            local = [
+                BlockGrads(l + 1, ids, {n: t.grad for n, t in named.items()})
+                for l, (ids, named) in enumerate(zip(fetched.ids, fetched.params))
+                if named
+            ]
             updates = self.reducer.reduce(local)
             mem_norm = self.reducer.clip(updates, cfg.optim.grad_clip)
             self.mem_optim.step(updates, lr_memory)
@@ -229,9 +286,14 @@ class Trainer:
         per_l1 = torch.zeros(2, self.k, dtype=torch.float64, device=self.device)
         per_l1[0].index_add_(0, l1, ce.sum(1).detach().double())
         per_l1[1].index_add_(0, l1, mask.sum(1).double())
-        return {"per_l1": per_l1, "tokens": tokens[:, :-1].numel(), "touched": touched, "mem_norm": mem_norm,
-                "lr_anchor": lr_anchor if cfg.recipe.trains_anchor else 0.0,
-                "lr_memory": lr_memory if self.bank else 0.0}
+        return {
+            "per_l1": per_l1,
+            "tokens": tokens[:, :-1].numel(),
+            "touched": touched,
+            "mem_norm": mem_norm,
+            "lr_anchor": lr_anchor if cfg.recipe.trains_anchor else 0.0,
+            "lr_memory": lr_memory if self.bank else 0.0,
+        }
 
     def lr(self, group: str, step: int) -> float:
         g = getattr(self.cfg.optim, group)
@@ -256,45 +318,74 @@ class Trainer:
                 self.report(stats, window, (time.time() - t_start) / (self.step - start_step))
                 window = new_window()
             if (sched.checkpoint_every and self.step % sched.checkpoint_every == 0) or (
-                    sched.save and self.step == sched.max_steps):
+                sched.save and self.step == sched.max_steps
+            ):
                 self.save()
 
     def report(self, stats: dict, window: dict, step_time: float) -> None:
         """Global statistics over the window since the last report (one small all-reduce)."""
-        vec = torch.cat([window["per_l1"].flatten(),
-                         torch.tensor([window["tokens"], window["touched"], self.bank_bytes()],
-                                      dtype=torch.float64, device=self.device)])
+        vec = torch.cat(
+            [
+                window["per_l1"].flatten(),
+                torch.tensor(
+                    [window["tokens"], window["touched"], self.bank_bytes()], dtype=torch.float64, device=self.device
+                ),
+            ]
+        )
         dist.all_reduce(vec)
         k = self.k
-        loss_sum, count = vec[:k], vec[k:2 * k]
-        tokens, touched, bank_bytes = (float(x) for x in vec[2 * k:])
+        loss_sum, count = vec[:k], vec[k : 2 * k]
+        tokens, touched, bank_bytes = (float(x) for x in vec[2 * k :])
         if self.rank != 0:
             return
         elapsed = time.time() - window["t"]
         # blocks touched: updated per step summed over ranks; bank bytes: all shards + their AdamW state
-        m = {"step": self.step, "loss": float(loss_sum.sum() / count.sum().clamp(min=1)),
-             "loss_l1": [float(s / c) if c > 0 else None for s, c in zip(loss_sum, count)],
-             "tokens_per_s": tokens / elapsed, "tokens_seen": self.tokens_seen,
-             "lr_anchor": stats["lr_anchor"], "lr_memory": stats["lr_memory"],
-             "blocks_touched_per_step": touched / window["steps"], "bank_bytes_resident": bank_bytes,
-             "memory_grad_norm": stats["mem_norm"]}
+        m = {
+            "step": self.step,
+            "loss": float(loss_sum.sum() / count.sum().clamp(min=1)),
+            "loss_l1": [float(s / c) if c > 0 else None for s, c in zip(loss_sum, count)],
+            "tokens_per_s": tokens / elapsed,
+            "tokens_seen": self.tokens_seen,
+            "lr_anchor": stats["lr_anchor"],
+            "lr_memory": stats["lr_memory"],
+            "blocks_touched_per_step": touched / window["steps"],
+            "bank_bytes_resident": bank_bytes,
+            "memory_grad_norm": stats["mem_norm"],
+        }
         with open(os.path.join(self.out_dir, "metrics.jsonl"), "a") as f:
             f.write(json.dumps(m) + "\n")
-        for key in ("loss", "tokens_per_s", "lr_anchor", "lr_memory", "blocks_touched_per_step",
-                    "bank_bytes_resident", "memory_grad_norm"):
+        for key in (
+            "loss",
+            "tokens_per_s",
+            "lr_anchor",
+            "lr_memory",
+            "blocks_touched_per_step",
+            "bank_bytes_resident",
+            "memory_grad_norm",
+        ):
             self.writer.add_scalar(f"train/{key}", m[key], self.step)
         for i, v in enumerate(m["loss_l1"]):
             if v is not None:
                 self.writer.add_scalar(f"loss_l1/{i}", v, self.step)
         eta = step_time * (self.cfg.schedule.max_steps - self.step)
-        print(f"step {self.step}/{self.cfg.schedule.max_steps} | loss {m['loss']:.4f} | {human(m['tokens_per_s'])} tok/s | "
-              f"lr {stats['lr_anchor']:.2e}/{stats['lr_memory']:.2e} | blocks/step {m['blocks_touched_per_step']:.1f} | "
-              f"bank {human(bank_bytes)}B | eta {int(eta // 60)}m{int(eta % 60):02d}s", flush=True)
+        print(
+            f"step {self.step}/{self.cfg.schedule.max_steps} | loss {m['loss']:.4f} | {human(m['tokens_per_s'])} "
+            "tok/s | "
+            f"lr {stats['lr_anchor']:.2e}/{stats['lr_memory']:.2e} | blocks/step {m['blocks_touched_per_step']:.1f} | "
+            f"bank {human(bank_bytes)}B | eta {int(eta // 60)}m{int(eta % 60):02d}s",
+            flush=True,
+        )
 
     def save(self) -> str:
-        path = checkpoint.save(self.ckpt_root, self.step, self.engine, self.rank,
-                               {"loader": self.loader.state_dict(), "tokens_seen": self.tokens_seen, "world_size": self.world},
-                               self.bank and self.bank.store, self.mem_optim)
+        path = checkpoint.save(
+            self.ckpt_root,
+            self.step,
+            self.engine,
+            self.rank,
+            {"loader": self.loader.state_dict(), "tokens_seen": self.tokens_seen, "world_size": self.world},
+            self.bank and self.bank.store,
+            self.mem_optim,
+        )
         self.log(f"checkpoint {path}")
         return path
 
@@ -333,7 +424,9 @@ def main(argv=None) -> None:
         if trainer.bank:
             write_bank_file(last, info.rank, out, trainer.ownership)
         if info.rank == 0:
-            export(last, args.data[0], out, cfg.to_dict(), anchor_weights(last, cfg.to_dict()), manifest, trainer.ownership)
+            export(
+                last, args.data[0], out, cfg.to_dict(), anchor_weights(last, cfg.to_dict()), manifest, trainer.ownership
+            )
         dist.barrier()  # the run ends when every rank's file is written
         trainer.log(f"exported {out}")
     trainer.close()

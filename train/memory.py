@@ -36,6 +36,7 @@ that axis; a fresh block is an exact no-op because the tensor on its output side
   attention output before the output projection (values start at zero, so fresh = no-op; a joint
   softmax with the causal keys could not be an exact no-op). Block size 2*r*L*A.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -83,7 +84,9 @@ class MemoryConfig:
         if self.store not in STORES:
             raise ValueError(f"memory store {self.store!r}; one of {STORES}")
         if self.ram_budget_mb <= 0 or self.prefetch_batches < 0:
-            raise ValueError(f"ram_budget_mb {self.ram_budget_mb} must be > 0, prefetch_batches {self.prefetch_batches} >= 0")
+            raise ValueError(
+                f"ram_budget_mb {self.ram_budget_mb} must be > 0, prefetch_batches {self.prefetch_batches} >= 0"
+            )
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -111,8 +114,11 @@ def _unit_shapes(kind: str, model_cfg: ModelConfig) -> dict[str, int]:
 def block_shapes(mem_cfg: MemoryConfig, model_cfg: ModelConfig) -> dict[int, dict[str, tuple[int, ...]]]:
     """Per level (1-based, levels with r_l > 0 only): the shape of each named tensor of ONE block."""
     L = model_cfg.n_layers
-    return {l: {n: (L, r, w) for n, w in _unit_shapes(mem_cfg.kind, model_cfg).items()}
-            for l, r in enumerate(mem_cfg.ranks, start=1) if r > 0}
+    return {
+        l: {n: (L, r, w) for n, w in _unit_shapes(mem_cfg.kind, model_cfg).items()}
+        for l, r in enumerate(mem_cfg.ranks, start=1)
+        if r > 0
+    }
 
 
 def param_counts(model_cfg: ModelConfig, mem_cfg: MemoryConfig) -> dict:
@@ -125,13 +131,19 @@ def param_counts(model_cfg: ModelConfig, mem_cfg: MemoryConfig) -> dict:
     per_unit = sum(_unit_shapes(mem_cfg.kind, model_cfg).values()) * model_cfg.n_layers
     per_level = []
     for l, r in enumerate(mem_cfg.ranks, start=1):
-        nodes = mem_cfg.k ** l
+        nodes = mem_cfg.k**l
         per_level.append({"level": l, "rank": r, "nodes": nodes, "block": r * per_unit, "total": nodes * r * per_unit})
     fetched = sum(x["block"] for x in per_level)
     bank = sum(x["total"] for x in per_level)
     anchor = model_cfg.num_params()
-    return {"anchor": anchor, "fetched": fetched, "bank": bank, "generic": fetched,
-            "total": anchor + bank + fetched, "per_level": per_level}
+    return {
+        "anchor": anchor,
+        "fetched": fetched,
+        "bank": bank,
+        "generic": fetched,
+        "total": anchor + bank + fetched,
+        "per_level": per_level,
+    }
 
 
 def init_block(mem_cfg: MemoryConfig, gid: int, shapes: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
@@ -139,7 +151,9 @@ def init_block(mem_cfg: MemoryConfig, gid: int, shapes: dict[str, tuple[int, ...
     output side zero (fresh = no-op). The same whichever rank or store builds it, and whenever."""
     zero = _NAMES[mem_cfg.kind][1]
     g = torch.Generator().manual_seed(mem_cfg.seed * 1_000_003 + gid)
-    return {n: torch.zeros(s) if n in zero else torch.randn(s, generator=g) * mem_cfg.init_std for n, s in shapes.items()}
+    return {
+        n: torch.zeros(s) if n in zero else torch.randn(s, generator=g) * mem_cfg.init_std for n, s in shapes.items()
+    }
 
 
 def bank_metadata(shapes: dict[int, dict[str, tuple[int, ...]]], metadata: dict | None) -> dict[str, str]:
@@ -167,6 +181,7 @@ def all_block_ids(mem_cfg: MemoryConfig, include_generic: bool = True) -> torch.
 
 
 # ---------------------------------------------------------------- storage
+
 
 class BlockStore(ABC):
     """A mapping from GLOBAL block id to the block's named tensors; blocks of one level share names/shapes.
@@ -223,9 +238,14 @@ class TensorBlockStore(BlockStore):
     ``n_tree_blocks + l - 1`` are ordinary members of level l).
     """
 
-    def __init__(self, shapes: dict[int, dict[str, tuple[int, ...]]], ids: dict[int, torch.Tensor],
-                 tensors: dict[int, dict[str, torch.Tensor]] | None = None,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None):
+    def __init__(
+        self,
+        shapes: dict[int, dict[str, tuple[int, ...]]],
+        ids: dict[int, torch.Tensor],
+        tensors: dict[int, dict[str, torch.Tensor]] | None = None,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ):
         self.shapes = {int(l): {n: tuple(s) for n, s in named.items()} for l, named in shapes.items()}
         self.ids: dict[int, torch.Tensor] = {}
         self.tensors: dict[int, dict[str, torch.Tensor]] = {}
@@ -252,8 +272,16 @@ class TensorBlockStore(BlockStore):
 
     # -- construction helpers
     @classmethod
-    def create(cls, mem_cfg: MemoryConfig, model_cfg: ModelConfig, owned_ids=None, *, init: bool = True,
-               dtype: torch.dtype = torch.float32, device=None) -> "TensorBlockStore":
+    def create(
+        cls,
+        mem_cfg: MemoryConfig,
+        model_cfg: ModelConfig,
+        owned_ids=None,
+        *,
+        init: bool = True,
+        dtype: torch.dtype = torch.float32,
+        device=None,
+    ) -> "TensorBlockStore":
         """A store holding ``owned_ids`` (default: the whole bank incl. generic blocks), freshly initialised.
 
         Input-side tensors are N(0, init_std) drawn from a generator seeded by (seed, global id), so a
@@ -318,7 +346,9 @@ class TensorBlockStore(BlockStore):
             meta = f.metadata() or {}
             if meta.get("format") != BANK_FORMAT:
                 raise ValueError(f"{path}: format {meta.get('format')!r}, this code reads {BANK_FORMAT!r}")
-            shapes = {int(l): {n: tuple(s) for n, s in named.items()} for l, named in json.loads(meta["shapes"]).items()}
+            shapes = {
+                int(l): {n: tuple(s) for n, s in named.items()} for l, named in json.loads(meta["shapes"]).items()
+            }
             ids = {l: f.get_tensor(f"level{l}.ids") for l in shapes}
             tensors = {l: {n: f.get_tensor(f"level{l}.{n}") for n in named} for l, named in shapes.items()}
         store = cls(shapes, ids, tensors, device=device)
@@ -342,6 +372,7 @@ class TensorBlockStore(BlockStore):
 
 
 # ---------------------------------------------------------------- per-layer memory math
+
 
 def _mm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """x [B, T, n] times w^T, w [m, n] (shared: one GEMM over B*T rows) or [B, m, n] (batched)."""
@@ -404,6 +435,7 @@ class KVLayerMemory(LayerMemory):
 
 # ---------------------------------------------------------------- the fetched memory of a batch
 
+
 @dataclass
 class FetchedLevel:
     level: int
@@ -453,8 +485,9 @@ class Fetched:
         valid = None  # KV only: [B, R] bool of the slots each sequence may attend to
         if self.all_same:  # one block per level for the whole batch: [L, r, w] slices, no per-sequence copy
             rows = [int(x[0]) for _, x in active]
-            tensors = [torch.cat([p[n][row] for n in group for (p, _), row in zip(active, rows)], dim=1)
-                       for group in groups]
+            tensors = [
+                torch.cat([p[n][row] for n in group for (p, _), row in zip(active, rows)], dim=1) for group in groups
+            ]
         else:
             rows = [x.clamp(min=0) for _, x in active]
             masks = [None if bool((x >= 0).all()) else x >= 0 for _, x in active]
@@ -466,12 +499,21 @@ class Fetched:
                 return t.transpose(0, 1)
 
             # one cat per group: [L, B, R (x names in the group), w], contiguous, one copy per step
-            tensors = [torch.cat([part(p, r, m, n) for n in group for (p, _), r, m in zip(active, rows, masks)], dim=2)
-                       for group in groups]
+            tensors = [
+                torch.cat([part(p, r, m, n) for n in group for (p, _), r, m in zip(active, rows, masks)], dim=2)
+                for group in groups
+            ]
             if self.kind == "kv" and any(m is not None for m in masks):
                 B = self.batch_size
-                valid = torch.cat([(torch.ones(B, dtype=torch.bool, device=r.device) if m is None else m)[:, None]
-                                   .expand(B, p["k"].shape[2]) for (p, _), r, m in zip(active, rows, masks)], dim=1)
+                valid = torch.cat(
+                    [
+                        (torch.ones(B, dtype=torch.bool, device=r.device) if m is None else m)[:, None].expand(
+                            B, p["k"].shape[2]
+                        )
+                        for (p, _), r, m in zip(active, rows, masks)
+                    ],
+                    dim=1,
+                )
                 valid = valid | ~valid.any(dim=1, keepdim=True)  # no slots at all: values are zero, keep softmax finite
         if dtype is not None:
             tensors = [t.to(dtype) for t in tensors]
@@ -529,6 +571,7 @@ _LAYER_GROUPS = {
 
 # ---------------------------------------------------------------- the bank
 
+
 class MemoryBank:
     """Routes block ids to a ``BlockStore`` and builds ``Fetched`` batches. Not an ``nn.Module``."""
 
@@ -539,7 +582,10 @@ class MemoryBank:
                 continue
             named = store.shapes.get(l)
             if named is None or set(named) != set(_NAMES[config.kind][0]):
-                raise ValueError(f"store level {l} holds {sorted(named or [])}, a {config.kind!r} memory needs {list(_NAMES[config.kind][0])}")
+                raise ValueError(
+                    f"store level {l} holds {sorted(named or [])}, a {config.kind!r} memory needs "
+                    f"{list(_NAMES[config.kind][0])}"
+                )
             for n, s in named.items():
                 if s[0] != n_layers or s[1] != r:
                     raise ValueError(f"store level {l} {n}: shape {s}, expected ({n_layers}, {r}, ...)")

@@ -13,6 +13,7 @@ is a plain transformer.
 Named presets live in ``configs/model/<name>.yaml`` and are loaded with
 ``load_model_config(name_or_path, **overrides)``.
 """
+
 from __future__ import annotations
 
 import dataclasses

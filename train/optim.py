@@ -15,6 +15,7 @@ blocks on the step's paths. This is "lazy" AdamW:
 
 With a block touched at every step this is exactly ``torch.optim.AdamW``.
 """
+
 from __future__ import annotations
 
 import math
@@ -25,8 +26,9 @@ import torch
 from index.tree import block_level
 
 
-def lr_at(step: int, peak: float, max_steps: int, warmup_steps: int = 0, decay: str = "cosine",
-          min_lr_ratio: float = 0.1) -> float:
+def lr_at(
+    step: int, peak: float, max_steps: int, warmup_steps: int = 0, decay: str = "cosine", min_lr_ratio: float = 0.1
+) -> float:
     """Learning rate at 1-based ``step``: linear warmup, then cosine (or constant) down to ``min_lr_ratio*peak``."""
     if warmup_steps and step <= warmup_steps:
         return peak * step / warmup_steps
@@ -58,14 +60,23 @@ class TouchedAdamW:
 
     STATE = ("exp_avg", "exp_avg_sq")
 
-    def __init__(self, store, k: int, depth: int, betas: tuple[float, float] = (0.9, 0.95),
-                 eps: float = 1e-8, weight_decay: float = 0.0):
+    def __init__(
+        self,
+        store,
+        k: int,
+        depth: int,
+        betas: tuple[float, float] = (0.9, 0.95),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+    ):
         self.store, self.betas, self.eps, self.weight_decay = store, betas, eps, weight_decay
         by_level: dict[int, list[int]] = {}
         for i in store.owned_ids().tolist():
             by_level.setdefault(block_level(int(i), k, depth), []).append(int(i))
         # level -> sorted owned global ids: the row order of the step counts
-        self.ids = {l: torch.tensor(sorted(v), dtype=torch.long) for l, v in sorted(by_level.items()) if l in store.shapes}
+        self.ids = {
+            l: torch.tensor(sorted(v), dtype=torch.long) for l, v in sorted(by_level.items()) if l in store.shapes
+        }
         self.steps = {l: torch.zeros(len(ids), dtype=torch.long) for l, ids in self.ids.items()}
         self.exp_avg, self.exp_avg_sq = (store.state_store(name) for name in self.STATE)
 
@@ -78,8 +89,10 @@ class TouchedAdamW:
         rows = torch.searchsorted(own, ids).clamp(max=len(own) - 1)
         bad = own[rows] != ids
         if bad.any():
-            raise KeyError(f"blocks {ids[bad].tolist()} of level {level} are not held by this rank; "
-                           "a rank may only update blocks of its own subtrees (train/data.py assign_subtrees)")
+            raise KeyError(
+                f"blocks {ids[bad].tolist()} of level {level} are not held by this rank; "
+                "a rank may only update blocks of its own subtrees (train/data.py assign_subtrees)"
+            )
         return rows
 
     @torch.no_grad()
@@ -140,9 +153,13 @@ class TouchedAdamW:
             for l, ids in self.ids.items():
                 saved = f.get_tensor(f"l{l}.ids") if f"l{l}.ids" in f.keys() else None
                 if saved is None or not torch.equal(saved, ids):
-                    raise ValueError(f"{path}: optimizer state is for other blocks than this rank holds at level {l}; "
-                                     "resume with the same number of ranks as the checkpoint")
+                    raise ValueError(
+                        f"{path}: optimizer state is for other blocks than this rank holds at level {l}; "
+                        "resume with the same number of ranks as the checkpoint"
+                    )
                 self.steps[l] = f.get_tensor(f"l{l}.steps")
                 for a, b in row_chunks(self.store.shapes[l], len(ids)):
                     for state, store in zip(self.STATE, (self.exp_avg, self.exp_avg_sq)):
-                        store.write(l, ids[a:b], {n: f.get_slice(f"l{l}.{n}.{state}")[a:b] for n in self.store.shapes[l]})
+                        store.write(
+                            l, ids[a:b], {n: f.get_slice(f"l{l}.{n}.{state}")[a:b] for n in self.store.shapes[l]}
+                        )

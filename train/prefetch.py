@@ -9,6 +9,7 @@ The batches are the loader's own, in its order, and ``state_dict`` is the loader
 the first batch not yet handed out (a snapshot taken when it was drawn), so a checkpoint resumes
 exactly as without a prefetcher.
 """
+
 from __future__ import annotations
 
 import copy

@@ -24,6 +24,7 @@ the file or materialised. ``prefetch`` (any thread) inserts clean records; ``wri
 ones. A record being loaded or written is ``busy``: whoever wants it waits, so a read never sees a
 file record older than a cached or in-flight one.
 """
+
 from __future__ import annotations
 
 import json
@@ -69,7 +70,11 @@ class SafetensorsWriter:
             header["__metadata__"] = metadata
         for name, (dtype, shape) in layout.items():
             row = dtype.itemsize * math.prod(shape[1:])
-            header[name] = {"dtype": _ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [pos, pos + row * shape[0]]}
+            header[name] = {
+                "dtype": _ST_DTYPES[dtype],
+                "shape": list(shape),
+                "data_offsets": [pos, pos + row * shape[0]],
+            }
             self.offsets[name] = (pos, row)
             pos += row * shape[0]
         text = json.dumps(header, separators=(",", ":")).encode()
@@ -116,8 +121,15 @@ class _Entry:
 class _DiskBank:
     """The shared part of the field views: files, pinned levels, the LRU of deep records, the lock."""
 
-    def __init__(self, directory: str, shapes: dict[int, dict[str, tuple[int, ...]]], ids: dict[int, torch.Tensor],
-                 mem_cfg: MemoryConfig, fields: tuple[str, ...], budget_bytes: int):
+    def __init__(
+        self,
+        directory: str,
+        shapes: dict[int, dict[str, tuple[int, ...]]],
+        ids: dict[int, torch.Tensor],
+        mem_cfg: MemoryConfig,
+        fields: tuple[str, ...],
+        budget_bytes: int,
+    ):
         self.shapes, self.ids, self.mem_cfg, self.fields = shapes, ids, mem_cfg, fields
         self.spans = {}  # level -> [(name, start, end, shape)] within a record
         for l, named in shapes.items():
@@ -260,8 +272,15 @@ class DiskBlockStore(BlockStore):
         self.bank, self.field, self.shapes, self.ids = bank, field, bank.shapes, bank.ids
 
     @classmethod
-    def create(cls, mem_cfg: MemoryConfig, model_cfg: ModelConfig, owned_ids, directory: str, budget_bytes: int,
-               state: tuple[str, ...] = ()) -> "DiskBlockStore":
+    def create(
+        cls,
+        mem_cfg: MemoryConfig,
+        model_cfg: ModelConfig,
+        owned_ids,
+        directory: str,
+        budget_bytes: int,
+        state: tuple[str, ...] = (),
+    ) -> "DiskBlockStore":
         """The store of ``owned_ids`` (all levels, generic included) under ``directory``, lazily initialised
         (the same blocks as ``TensorBlockStore.create``); ``state``: optimiser state fields it also holds."""
         shapes = block_shapes(mem_cfg, model_cfg)
