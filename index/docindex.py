@@ -141,6 +141,9 @@ def _leaves(batch: pa.RecordBatch, n_leaves: int, where: str) -> np.ndarray:
 
 
 ROUTED_COLUMNS = ["doc_id", "leaf", "embedding", "preview", "copies", "first_copy", "terms"]
+DISPLAY_SCHEMA = pa.schema(  # documents.arrow
+    [("doc_id", pa.string()), ("leaf", pa.int64()), ("preview", pa.string()), ("copies", pa.int64())]
+)
 
 
 def content_key(x: np.ndarray, chunk: int = 4096) -> np.ndarray:
@@ -200,6 +203,40 @@ def _write_terms(batch: pa.RecordBatch, bloom, df: np.ndarray) -> None:
     df[bucket] += count.astype(np.uint32)
 
 
+def _first_copies(routed_dir: str, tree: Tree, n_leaves: int):
+    """Step 2's input: routed/'s batches of first copies (copies add nothing to the index), checked, as
+    (routed rows read so far, batch, embeddings, leaves)."""
+    done = 0
+    for batch in _batches(routed_dir, ROUTED_COLUMNS):
+        where = f"{routed_dir} (rows {done}..{done + batch.num_rows - 1})"
+        done += batch.num_rows
+        batch = batch.filter(batch.column("first_copy"))
+        if batch.num_rows:
+            yield (
+                done,
+                batch,
+                embedding_matrix(batch.column("embedding"), tree.dim, where),
+                _leaves(batch, n_leaves, where),
+            )
+
+
+def _display_batch(batch: pa.RecordBatch, leaf: np.ndarray) -> pa.RecordBatch:
+    """A batch's rows of documents.arrow: the routed columns a query displays, with the checked leaves."""
+    return pa.record_batch(
+        [batch.column(c) for c in ("doc_id",)] + [pa.array(leaf)] + [batch.column(c) for c in ("preview", "copies")],
+        schema=DISPLAY_SCHEMA,
+    )
+
+
+def _log_progress(log, done: int, n: int, n_routed: int, t1: float) -> None:
+    """Step 2's progress line after each batch: a build over billions of documents runs for hours."""
+    rate = done / max(time.time() - t1, 1e-9)
+    log(
+        f"index: {done:,}/{n_routed:,} routed documents read, {n:,} distinct encoded, {rate:,.0f} docs/s, "
+        f"ETA {(n_routed - done) / rate:.0f}s"
+    )
+
+
 def _encode_shards(
     index: faiss.IndexIVFPQ,
     routed_dir: str,
@@ -216,49 +253,32 @@ def _encode_shards(
     shard_dir = os.path.join(out_dir, "shards")
     shutil.rmtree(shard_dir, ignore_errors=True)
     os.makedirs(shard_dir)
-    schema = pa.schema(
-        [("doc_id", pa.string()), ("leaf", pa.int64()), ("preview", pa.string()), ("copies", pa.int64())]
-    )
     arrow_tmp, terms_tmp = os.path.join(out_dir, "documents.arrow.tmp"), os.path.join(out_dir, "terms.bin.tmp")
     df = np.zeros(lexical.DF_BUCKETS, dtype=np.uint32)
-    shards, shard, n, done, t1 = [], None, 0, 0, time.time()
+    shards, shard, n, t1 = [], None, 0, time.time()
 
     def flush():
         path = os.path.join(shard_dir, f"shard-{len(shards):05d}.faiss")
         faiss.write_index(shard, path)
         shards.append(path)
 
-    with pa.OSFile(arrow_tmp, "wb") as sink, pa.ipc.new_file(sink, schema) as writer, open(terms_tmp, "wb") as bloom:
-        for batch in _batches(routed_dir, ROUTED_COLUMNS):
-            where = f"{routed_dir} (rows {done}..{done + batch.num_rows - 1})"
-            done += batch.num_rows
-            batch = batch.filter(batch.column("first_copy"))
-            if not batch.num_rows:
-                continue
-            x = embedding_matrix(batch.column("embedding"), tree.dim, where)
-            leaf = _leaves(batch, n_leaves, where)
+    with (
+        pa.OSFile(arrow_tmp, "wb") as sink,
+        pa.ipc.new_file(sink, DISPLAY_SCHEMA) as writer,
+        open(terms_tmp, "wb") as bloom,
+    ):
+        for done, batch, x, leaf in _first_copies(routed_dir, tree, n_leaves):
             if shard is None:
                 shard = faiss.clone_index(index)
             ids = (leaf << LEAF_SHIFT) | np.arange(n, n + len(leaf), dtype=np.int64)
             shard.add_core(len(leaf), faiss.swig_ptr(x), faiss.swig_ptr(ids), faiss.swig_ptr(leaf))
-            writer.write_batch(
-                pa.record_batch(
-                    [batch.column(c) for c in ("doc_id",)]
-                    + [pa.array(leaf)]
-                    + [batch.column(c) for c in ("preview", "copies")],
-                    schema=schema,
-                )
-            )
+            writer.write_batch(_display_batch(batch, leaf))
             _write_terms(batch, bloom, df)
             n += len(leaf)
             if shard.ntotal >= shard_rows:
                 flush()
                 shard = None
-            rate = done / max(time.time() - t1, 1e-9)
-            log(
-                f"index: {done:,}/{n_routed:,} routed documents read, {n:,} distinct encoded, {rate:,.0f} docs/s, "
-                f"ETA {(n_routed - done) / rate:.0f}s"
-            )
+            _log_progress(log, done, n, n_routed, t1)
     if shard is not None:
         flush()
     return shards, n, df

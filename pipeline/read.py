@@ -135,38 +135,36 @@ def parquet_columns(spark: SparkSession, path: str) -> list[str]:
         spark.sparkContext.setLogLevel(LOG_LEVEL)
 
 
-def read_raw(spark: SparkSession, files: list[InputFile], cfg: JobConfig) -> DataFrame:
-    """All input rows as (source, _file, rel, row, text, given_id, reason-so-far). ``given_id`` reads the
-    --id-column, or with ``auto`` the ``id`` field where a row has one."""
-    table = spark.createDataFrame(
-        [(f.uri, i, f.rel) for i, f in enumerate(files)], "source string, _file int, rel string"
+def read_jsonl_rows(
+    spark: SparkSession, paths: list[str], table: DataFrame, cfg: JobConfig, id_field: str
+) -> DataFrame:
+    """The JSONL inputs' rows in read_raw's columns: each line parsed permissively, so a line that is not
+    UTF-8 or not JSON becomes a row with a reason instead of failing the job."""
+    schema = f"`{cfg.text_column}` string" + (f", `{id_field}` string" if id_field else "") + ", _corrupt string"
+    df = with_row_numbers(spark.read.text(paths), table)
+    df = df.withColumn(
+        "j", F.from_json("value", schema, {"columnNameOfCorruptRecord": "_corrupt", "mode": "PERMISSIVE"})
     )
-    id_field = AUTO_ID if cfg.id_column == "auto" else cfg.id_column
-    parts = []
-    jsonl = [f.path for f in files if f.kind == "jsonl"]
-    if jsonl:
-        schema = f"`{cfg.text_column}` string" + (f", `{id_field}` string" if id_field else "") + ", _corrupt string"
-        df = with_row_numbers(spark.read.text(jsonl), table)
-        df = df.withColumn(
-            "j", F.from_json("value", schema, {"columnNameOfCorruptRecord": "_corrupt", "mode": "PERMISSIVE"})
-        )
-        parts.append(
-            df.select(
-                "source",
-                "_file",
-                "rel",
-                "row",
-                F.col("j")[cfg.text_column].alias("text"),
-                (F.col("j")[id_field] if id_field else F.lit(None).cast("string")).alias("given_id"),
-                F.when(~F.is_valid_utf8("value"), "invalid_utf8")
-                .when(F.col("j").isNull() | F.col("j._corrupt").isNotNull(), "invalid_json")
-                .alias("reason"),
-                F.col("j").isNull().alias("_unparsed"),
-            )
-        )
-    parquet = [f for f in files if f.kind == "parquet"]
+    return df.select(
+        "source",
+        "_file",
+        "rel",
+        "row",
+        F.col("j")[cfg.text_column].alias("text"),
+        (F.col("j")[id_field] if id_field else F.lit(None).cast("string")).alias("given_id"),
+        F.when(~F.is_valid_utf8("value"), "invalid_utf8")
+        .when(F.col("j").isNull() | F.col("j._corrupt").isNotNull(), "invalid_json")
+        .alias("reason"),
+        F.col("j").isNull().alias("_unparsed"),
+    )
+
+
+def parquet_id_files(spark: SparkSession, parquet: list[InputFile], cfg: JobConfig, id_field: str) -> list[str]:
+    """The paths of the Parquet inputs that have the id column. Every file's columns are checked on the driver
+    (one footer read per file): a missing text column or --id-column, or ``auto`` ids in only some of the
+    files, is an InputError that says what to fix."""
     with_id = []
-    for f in parquet:  # one schema read per file, on the driver
+    for f in parquet:
         cols = parquet_columns(spark, f.path)
         if cfg.text_column not in cols:
             raise InputError(f"{f.path}: no column {cfg.text_column!r} (columns: {cols}); set --text-column")
@@ -179,23 +177,44 @@ def read_raw(spark: SparkSession, files: list[InputFile], cfg: JobConfig) -> Dat
             f"{len(with_id)} of {len(parquet)} parquet files have an {AUTO_ID!r} column (e.g. {with_id[0]}), "
             "the others not; give all of them one, or pass --id-column '' to derive every id from file paths"
         )
+    return with_id
+
+
+def read_parquet_rows(
+    spark: SparkSession, parquet: list[InputFile], table: DataFrame, cfg: JobConfig, id_field: str, with_id: bool
+) -> DataFrame:
+    """The Parquet inputs' rows in read_raw's columns (``with_id``: they have the id column)."""
+    df = with_row_numbers(spark.read.parquet(*[f.path for f in parquet]), table)
+    text = F.col(cfg.text_column).cast("string")
+    return df.select(
+        "source",
+        "_file",
+        "rel",
+        "row",
+        text.alias("text"),
+        (F.col(id_field).cast("string") if with_id else F.lit(None).cast("string")).alias("given_id"),
+        F.when(text.isNotNull() & ~F.is_valid_utf8(text), "invalid_utf8")
+        .otherwise(F.lit(None).cast("string"))
+        .alias("reason"),
+        F.lit(False).alias("_unparsed"),
+    )
+
+
+def read_raw(spark: SparkSession, files: list[InputFile], cfg: JobConfig) -> DataFrame:
+    """All input rows as (source, _file, rel, row, text, given_id, reason-so-far). ``given_id`` reads the
+    --id-column, or with ``auto`` the ``id`` field where a row has one."""
+    table = spark.createDataFrame(
+        [(f.uri, i, f.rel) for i, f in enumerate(files)], "source string, _file int, rel string"
+    )
+    id_field = AUTO_ID if cfg.id_column == "auto" else cfg.id_column
+    parts = []
+    jsonl = [f.path for f in files if f.kind == "jsonl"]
+    if jsonl:
+        parts.append(read_jsonl_rows(spark, jsonl, table, cfg, id_field))
+    parquet = [f for f in files if f.kind == "parquet"]
+    with_id = parquet_id_files(spark, parquet, cfg, id_field)
     if parquet:
-        df = with_row_numbers(spark.read.parquet(*[f.path for f in parquet]), table)
-        text = F.col(cfg.text_column).cast("string")
-        parts.append(
-            df.select(
-                "source",
-                "_file",
-                "rel",
-                "row",
-                text.alias("text"),
-                (F.col(id_field).cast("string") if with_id else F.lit(None).cast("string")).alias("given_id"),
-                F.when(text.isNotNull() & ~F.is_valid_utf8(text), "invalid_utf8")
-                .otherwise(F.lit(None).cast("string"))
-                .alias("reason"),
-                F.lit(False).alias("_unparsed"),
-            )
-        )
+        parts.append(read_parquet_rows(spark, parquet, table, cfg, id_field, bool(with_id)))
     out = parts[0]
     for p in parts[1:]:
         out = out.unionByName(p)

@@ -560,7 +560,8 @@ def model_summary(ev: Evaluator) -> dict:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """hmem-evaluate's command line: the model, its run, what to evaluate on and how to route it."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", required=True, help="export directory (OUT/export of train/main.py)")
     ap.add_argument("--run", required=True, help="the run directory the model was trained on")
@@ -582,7 +583,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--vote", choices=VOTES, help="how the neighbours weigh (index/router.py; default: the model's)")
     ap.add_argument("--words", type=float, help="rerank vote: weight of the query's words (default: the model's)")
     ap.add_argument("--temperature", type=float, help="rerank vote: temperature (default: the model's)")
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
+
+
+def summary_line(out: str, result: dict) -> str:
+    """What main prints when the results went to a file: where, and the headline numbers."""
+    line = [f"wrote {out}"]
+    if "perplexity" in result:
+        line.append("held-out perplexity " + ", ".join(f"{k} {v['all']:.2f}" for k, v in result["perplexity"].items()))
+    if "probes" in result:
+        line.append("probe accuracy " + ", ".join(f"{k} {v:.1%}" for k, v in result["probes"]["accuracy"].items()))
+    return "; ".join(line)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     from index.router import Router
 
     try:
@@ -607,12 +622,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     with open(args.out, "w") as f:
         f.write(text)
-    line = [f"wrote {args.out}"]
-    if "perplexity" in result:
-        line.append("held-out perplexity " + ", ".join(f"{k} {v['all']:.2f}" for k, v in result["perplexity"].items()))
-    if "probes" in result:
-        line.append("probe accuracy " + ", ".join(f"{k} {v:.1%}" for k, v in result["probes"]["accuracy"].items()))
-    print("; ".join(line))
+    print(summary_line(args.out, result))
     return 0
 
 

@@ -290,38 +290,73 @@ def _check_saved(model, directory: str) -> None:
         raise RuntimeError(f"{directory}: weights {untied} were not written")
 
 
-def from_gguf(gguf_path: str, out_dir: str) -> str:
-    """Dequantise a Llama / Qwen2 GGUF file to an fp32 transformers checkpoint (model, tokenizer with eos
-    and pad, gguf_source.json); skipped when OUT already holds this file's conversion, unchanged."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
-
-    fields = _gguf_fields(gguf_path)
+def _gguf_source(gguf_path: str, fields: dict) -> dict:
+    """gguf_source.json's description of the file (name, size, sha256, architecture): what tells a later run
+    that OUT is this file's conversion. An architecture transformers cannot convert is refused here."""
     arch = fields.get("general.architecture")
     if arch not in SUPPORTED:
         raise ValueError(f"{gguf_path}: GGUF architecture {arch!r} is not supported; supported: {list(SUPPORTED)}")
-    source = {
+    return {
         "file": os.path.basename(gguf_path),
         "bytes": os.path.getsize(gguf_path),
         "sha256": _hash_file(hashlib.sha256(), gguf_path).hexdigest(),
         "architecture": arch,
     }
+
+
+def _converted(out_dir: str, source: dict) -> bool:
+    """Whether OUT already holds this file's conversion, unchanged since; refuses an OUT that holds anything
+    else, which the conversion would replace."""
     record = os.path.join(out_dir, SOURCE_RECORD)
     if os.path.isfile(record):
         with open(record) as f:
             old = json.load(f)
         if old["sha256"] == source["sha256"] and content_hash(out_dir) == old["hf_sha256"]:
             print(f"{out_dir}: already converted from {source['file']} (sha256 {source['sha256'][:16]}...)")
-            return out_dir
+            return True
     elif os.path.exists(out_dir) and os.listdir(out_dir):
         raise FileExistsError(
             f"{out_dir} exists and is not a from-gguf output ({SOURCE_RECORD} missing); give a new directory"
         )
+    return False
+
+
+def _special_ids(gguf_path: str, fields: dict) -> tuple[int, int]:
+    """The eos and pad token ids the GGUF names, set on the converted tokenizer and configs (pad = eos where
+    it names none); a GGUF without an eos token is refused."""
     if "tokenizer.ggml.eos_token_id" not in fields:
         raise ValueError(f"{gguf_path}: the GGUF names no eos token (tokenizer.ggml.eos_token_id)")
     eos_id = int(fields["tokenizer.ggml.eos_token_id"])
     pad_id = int(fields.get("tokenizer.ggml.padding_token_id", eos_id))
     if "tokenizer.ggml.padding_token_id" not in fields:
         print(f"{gguf_path}: no padding token in the GGUF; pad = eos (id {eos_id})")
+    return eos_id, pad_id
+
+
+def _save_conversion(model, tok, record: dict, out_dir: str) -> None:
+    """The checked checkpoint and its gguf_source.json ``record`` written beside OUT and moved in whole: an
+    interrupted conversion leaves no half-written checkpoint."""
+    tmp = out_dir.rstrip("/") + ".partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    _check_saved(model, tmp)
+    with open(os.path.join(tmp, SOURCE_RECORD), "w") as f:
+        json.dump({**record, "hf_sha256": content_hash(tmp)}, f, indent=1)
+    shutil.rmtree(out_dir, ignore_errors=True)  # a previous conversion (checked by _converted)
+    os.replace(tmp, out_dir)
+
+
+def from_gguf(gguf_path: str, out_dir: str) -> str:
+    """Dequantise a Llama / Qwen2 GGUF file to an fp32 transformers checkpoint (model, tokenizer with eos
+    and pad, gguf_source.json); skipped when OUT already holds this file's conversion, unchanged."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    fields = _gguf_fields(gguf_path)
+    source = _gguf_source(gguf_path, fields)
+    if _converted(out_dir, source):
+        return out_dir
+    eos_id, pad_id = _special_ids(gguf_path, fields)
 
     src_dir, name = os.path.split(os.path.abspath(gguf_path))
     tok = AutoTokenizer.from_pretrained(src_dir, gguf_file=name)
@@ -333,17 +368,7 @@ def from_gguf(gguf_path: str, out_dir: str) -> str:
     )
     for config in (model.config, model.generation_config):
         config.eos_token_id, config.pad_token_id = eos_id, pad_id
-
-    # written beside OUT and moved in whole: an interrupted conversion leaves no half-written checkpoint
-    tmp = out_dir.rstrip("/") + ".partial"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    _check_saved(model, tmp)
-    with open(os.path.join(tmp, SOURCE_RECORD), "w") as f:
-        json.dump({**source, "eos_id": eos_id, "pad_id": pad_id, "hf_sha256": content_hash(tmp)}, f, indent=1)
-    shutil.rmtree(out_dir, ignore_errors=True)  # a previous conversion (checked above)
-    os.replace(tmp, out_dir)
+    _save_conversion(model, tok, {**source, "eos_id": eos_id, "pad_id": pad_id}, out_dir)
     return out_dir
 
 

@@ -233,23 +233,49 @@ class Trainer:
             f"ranks on {self.device.type}"
         )
 
+    def log_batch(self, step: int, batch) -> None:
+        """One line of this rank's batch log (schedule.log_batches): which sequences step ``step`` trained on,
+        from which runs, and which went with the generic block."""
+        self.batch_log.write(
+            json.dumps(
+                {
+                    "step": step,
+                    "seq_ids": batch.seq_ids.tolist(),
+                    "runs": batch.runs.tolist(),
+                    "generic": batch.generic.tolist(),
+                }
+            )
+            + "\n"
+        )
+        self.batch_log.flush()
+
+    def update_memory(self, fetched, lr_memory: float) -> tuple[int, float]:
+        """The fetched blocks' gradients reduced among the ranks holding them, clipped and applied; returns the
+        blocks updated and the memory gradient norm."""
+        local = [
+            BlockGrads(l + 1, ids, {n: t.grad for n, t in named.items()})
+            for l, (ids, named) in enumerate(zip(fetched.ids, fetched.params))
+            if named
+        ]
+        updates = self.reducer.reduce(local)
+        mem_norm = self.reducer.clip(updates, self.cfg.optim.grad_clip)
+        self.mem_optim.step(updates, lr_memory)
+        return sum(len(u.ids) for u in updates), mem_norm
+
+    def loss_per_l1(self, batch, ce: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """This step's token loss and token count per level-1 subtree (float64 [2, k]), for the loss_l1 report."""
+        l1 = batch.paths[:, 0].to(self.device)
+        per_l1 = torch.zeros(2, self.k, dtype=torch.float64, device=self.device)
+        per_l1[0].index_add_(0, l1, ce.sum(1).detach().double())
+        per_l1[1].index_add_(0, l1, mask.sum(1).double())
+        return per_l1
+
     def train_step(self) -> dict:
         """One optimizer step; returns this rank's raw statistics."""
         cfg, step = self.cfg, self.step + 1
         batch = self.loader.next_batch()
         if self.batch_log:
-            self.batch_log.write(
-                json.dumps(
-                    {
-                        "step": step,
-                        "seq_ids": batch.seq_ids.tolist(),
-                        "runs": batch.runs.tolist(),
-                        "generic": batch.generic.tolist(),
-                    }
-                )
-                + "\n"
-            )
-            self.batch_log.flush()
+            self.log_batch(step, batch)
         tokens = batch.tokens.to(self.device)
         mask = batch.mask.to(self.device)
         fetched = self.bank.fetch(batch.block_ids, device=self.device) if self.bank else None
@@ -270,24 +296,12 @@ class Trainer:
             loss.backward()  # gradients reach the fetched blocks only
         touched, mem_norm = 0, 0.0
         if fetched is not None:
-            local = [
-                BlockGrads(l + 1, ids, {n: t.grad for n, t in named.items()})
-                for l, (ids, named) in enumerate(zip(fetched.ids, fetched.params))
-                if named
-            ]
-            updates = self.reducer.reduce(local)
-            mem_norm = self.reducer.clip(updates, cfg.optim.grad_clip)
-            self.mem_optim.step(updates, lr_memory)
-            touched = sum(len(u.ids) for u in updates)
+            touched, mem_norm = self.update_memory(fetched, lr_memory)
         if cfg.recipe.trains_anchor:
             self.engine.step()
         self.step = step
-        l1 = batch.paths[:, 0].to(self.device)
-        per_l1 = torch.zeros(2, self.k, dtype=torch.float64, device=self.device)
-        per_l1[0].index_add_(0, l1, ce.sum(1).detach().double())
-        per_l1[1].index_add_(0, l1, mask.sum(1).double())
         return {
-            "per_l1": per_l1,
+            "per_l1": self.loss_per_l1(batch, ce, mask),
             "tokens": tokens[:, :-1].numel(),
             "touched": touched,
             "mem_norm": mem_norm,
@@ -322,8 +336,9 @@ class Trainer:
             ):
                 self.save()
 
-    def report(self, stats: dict, window: dict, step_time: float) -> None:
-        """Global statistics over the window since the last report (one small all-reduce)."""
+    def reduce_window(self, window: dict) -> tuple[torch.Tensor, torch.Tensor, float, float, float]:
+        """The window's sums over all ranks in one small all-reduce (every rank takes part): loss and token
+        count per level-1 subtree, tokens, blocks touched and bank bytes."""
         vec = torch.cat(
             [
                 window["per_l1"].flatten(),
@@ -334,8 +349,30 @@ class Trainer:
         )
         dist.all_reduce(vec)
         k = self.k
-        loss_sum, count = vec[:k], vec[k : 2 * k]
         tokens, touched, bank_bytes = (float(x) for x in vec[2 * k :])
+        return vec[:k], vec[k : 2 * k], tokens, touched, bank_bytes
+
+    def write_metrics(self, m: dict) -> None:
+        """Rank 0: a report's line of metrics.jsonl and its TensorBoard scalars."""
+        with open(os.path.join(self.out_dir, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps(m) + "\n")
+        for key in (
+            "loss",
+            "tokens_per_s",
+            "lr_anchor",
+            "lr_memory",
+            "blocks_touched_per_step",
+            "bank_bytes_resident",
+            "memory_grad_norm",
+        ):
+            self.writer.add_scalar(f"train/{key}", m[key], self.step)
+        for i, v in enumerate(m["loss_l1"]):
+            if v is not None:
+                self.writer.add_scalar(f"loss_l1/{i}", v, self.step)
+
+    def report(self, stats: dict, window: dict, step_time: float) -> None:
+        """Global statistics over the window since the last report (one small all-reduce)."""
+        loss_sum, count, tokens, touched, bank_bytes = self.reduce_window(window)
         if self.rank != 0:
             return
         elapsed = time.time() - window["t"]
@@ -352,21 +389,7 @@ class Trainer:
             "bank_bytes_resident": bank_bytes,
             "memory_grad_norm": stats["mem_norm"],
         }
-        with open(os.path.join(self.out_dir, "metrics.jsonl"), "a") as f:
-            f.write(json.dumps(m) + "\n")
-        for key in (
-            "loss",
-            "tokens_per_s",
-            "lr_anchor",
-            "lr_memory",
-            "blocks_touched_per_step",
-            "bank_bytes_resident",
-            "memory_grad_norm",
-        ):
-            self.writer.add_scalar(f"train/{key}", m[key], self.step)
-        for i, v in enumerate(m["loss_l1"]):
-            if v is not None:
-                self.writer.add_scalar(f"loss_l1/{i}", v, self.step)
+        self.write_metrics(m)
         eta = step_time * (self.cfg.schedule.max_steps - self.step)
         print(
             f"step {self.step}/{self.cfg.schedule.max_steps} | loss {m['loss']:.4f} | {human(m['tokens_per_s'])} "
