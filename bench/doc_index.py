@@ -174,11 +174,10 @@ def routing_quality(run: str, probes: list[dict], leaves: dict[str, np.ndarray])
 
 def run_with_index(run: str, pq_m: int | None, tmp: str) -> str:
     """``run`` if its index has ``pq_m`` bytes of code (or pq_m is None), else a view of it in ``tmp`` indexed so."""
-    from index.docindex import build_document_index
+    from index.docindex import build_document_index, read_index_meta
 
-    with open(os.path.join(run, "index", "index.json")) as f:
-        if pq_m is None or json.load(f)["pq_m"] == pq_m:
-            return run
+    if pq_m is None or read_index_meta(run)["pq_m"] == pq_m:
+        return run
     view = os.path.join(tmp, f"view-{len(os.listdir(tmp))}")
     os.makedirs(view)
     for name in os.listdir(run):
@@ -234,7 +233,7 @@ def main() -> None:
 
 
 def bench(args, tmp: str) -> None:
-    from index.docindex import PQ_M, build_document_index
+    from index.docindex import PQ_M, build_document_index, read_index_meta
     from index.router import Router
 
     real_agree = []
@@ -264,11 +263,7 @@ def bench(args, tmp: str) -> None:
     gen_s = time.time() - t
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     t = time.time()
-    meta = (
-        json.load(open(os.path.join(run, "index", "index.json")))
-        if reuse
-        else build_document_index(run, args.pq_m or PQ_M, log=lambda m: None)
-    )
+    meta = read_index_meta(run) if reuse else build_document_index(run, args.pq_m or PQ_M, log=lambda m: None)
     if args.pq_m and meta["pq_m"] != args.pq_m:
         raise SystemExit(
             f"--keep {run}: its index has pq_m {meta['pq_m']}, not --pq-m {args.pq_m}; give another --keep"

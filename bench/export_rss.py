@@ -55,7 +55,7 @@ def make_export(run: str, out: str, ranks: tuple[int, ...]) -> int:
 
     from index.rundir import read_manifest
     from train.data import assign_subtrees
-    from train.export import FORMAT, bank_files, export_blocks
+    from train.export import bank_files, export_blocks, write_meta
     from train.memory import MemoryConfig, TensorBlockStore, block_shapes
     from train.model import Anchor, load_model_config
 
@@ -79,7 +79,6 @@ def make_export(run: str, out: str, ranks: tuple[int, ...]) -> int:
         )
     levels = sorted(block_shapes(mem, model_cfg))
     meta = {
-        "format": FORMAT,
         "tree_version": read_manifest(run)["tree_version"],
         "k": K,
         "depth": DEPTH,
@@ -94,8 +93,7 @@ def make_export(run: str, out: str, ranks: tuple[int, ...]) -> int:
         "runs": [run],
         "bank_files": bank_files(ownership, levels),
     }
-    with open(os.path.join(out, "meta.json"), "w") as f:
-        json.dump(meta, f)
+    write_meta(out, meta)
     return full.nbytes()
 
 

@@ -3,7 +3,7 @@
 Per seed, via the real CLIs (bench/longtail.py's corpus and configs):
 1. the long-tail corpus (jobs/build_longtail.py); its BBC articles alone -> the Spark job -> a dense
    anchor pretrained on them (configs/longtail/anchor.yaml, --pretrain-epochs), so the facts are new to it;
-   exported as a transformers Llama checkpoint (python -m train.hf export);
+   exported as a transformers Llama checkpoint (hmem-hf export);
 2. the whole long-tail corpus -> the Spark job packed with that checkpoint's tokenizer (--tokenizer DIR);
 3. FFN memory on the frozen checkpoint (model.hf, recipe memory_only: configs/longtail/posthoc.yaml) and
    4. the fair dense baseline, a full fine-tune of the same base (anchor_only from the BBC anchor), both
@@ -139,7 +139,7 @@ def run_seed(out: str, seed: int, epochs: float, pretrain_epochs: float, cores: 
     hf_dir = os.path.join(models, "base_hf")
     st.run(
         "export base",
-        [sys.executable, "-m", "train.hf", "export", "--model", f"{base}/export", "--out", hf_dir],
+        [sys.executable, "-m", "train.hf_cli", "export", "--model", f"{base}/export", "--out", hf_dir],
         os.path.join(hf_dir, "model.safetensors"),
         f"{logs}/export_base.log",
         after=["pretrain base"],

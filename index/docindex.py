@@ -85,6 +85,12 @@ def read_json(path: str, what: str) -> dict:
         raise ValueError(f"{path} is corrupt ({e}): {what}") from e
 
 
+def read_index_meta(run_dir: str) -> dict:
+    """RUN/index/index.json (the caller checks its format against the tree it holds)."""
+    fix = f"build it with: python jobs/build_index.py --run {run_dir}"
+    return read_json(os.path.join(run_dir, "index", "index.json"), f"the run has no document index; {fix}")
+
+
 def embedding_matrix(column: pa.ChunkedArray | pa.Array, dim: int, where: str) -> np.ndarray:
     """list<float32> column -> float32 [n, dim], without a Python loop over rows."""
     arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
@@ -387,7 +393,7 @@ class DocumentIndex:
         """``tree_version``: ``tree.version``, which the caller has already computed."""
         index_dir = os.path.join(run_dir, "index")
         fix = f"build it with: python jobs/build_index.py --run {run_dir}"
-        meta = read_json(os.path.join(index_dir, "index.json"), f"the run has no document index; {fix}")
+        meta = read_index_meta(run_dir)
         if meta.get("format") != FORMAT or meta.get("tree_version") != tree_version:
             raise TreeVersionError(
                 f"{index_dir}/index.json: built for tree {meta.get('tree_version')!r} (format "

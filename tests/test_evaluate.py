@@ -178,11 +178,11 @@ def test_entity_documents_streams_and_matches_whole_words_like_python(tmp_path):
 
 
 def test_dense_model_routes_by_descent_and_needs_no_document_index(tmp_path):
-    import json
     from train.evaluate import model_routing
+    from train.export import write_meta
 
     recorded = {"mode": "neighbours", "neighbours": 32, "nprobe": 64, "hybrid_share": 0.5}
     for memory, want in ((None, "descent"), ({"kind": "ffn"}, "neighbours")):
-        (tmp_path / "meta.json").write_text(json.dumps({"memory": memory, "routing": recorded}))
+        write_meta(str(tmp_path), {"memory": memory, "routing": recorded})
         assert model_routing(str(tmp_path)).mode == want
     assert model_routing(str(tmp_path), ["two_paths"]).mode == "two_paths"  # the user's choice wins

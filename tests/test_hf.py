@@ -9,8 +9,8 @@ import torch
 from fixtures import write_tokenizer
 from safetensors.torch import load_file, save_file
 
-from train.export import FORMAT, load_model
-from train.hf import main as hf_main
+from train.export import load_model, write_meta
+from train.hf_cli import main as hf_main
 from train.model import Anchor, ModelConfig
 
 
@@ -36,7 +36,6 @@ def project_export(d: str, tied: bool) -> str:
             p.add_(torch.randn_like(p) * 0.1)
     save_file(anchor.state_dict(), os.path.join(d, "anchor.safetensors"))
     meta = {
-        "format": FORMAT,
         "tree_version": "none",
         "k": 2,
         "depth": 1,
@@ -46,8 +45,7 @@ def project_export(d: str, tied: bool) -> str:
         "model": cfg.to_dict(),
         "memory": None,
     }
-    with open(os.path.join(d, "meta.json"), "w") as f:
-        json.dump(meta, f)
+    write_meta(d, meta)
     return d
 
 
@@ -58,7 +56,7 @@ def test_anchor_exports_as_llama_with_equal_logits(tmp_path, tied):
 
     src = project_export(str(tmp_path / "export"), tied)
     hf_dir = str(tmp_path / "hf")
-    hf_main(["export", "--model", src, "--out", hf_dir])  # python -m train.hf export
+    hf_main(["export", "--model", src, "--out", hf_dir])  # hmem-hf export
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(os.listdir(hf_dir))
     anchor, _, _ = load_model(src)
     model = AutoModelForCausalLM.from_pretrained(hf_dir, local_files_only=True).eval()

@@ -134,18 +134,16 @@ def test_rerank_lets_the_clearly_nearest_document_win():
 
 def test_an_export_without_a_recorded_vote_keeps_the_linear_one(tmp_path):
     from train.evaluate import model_routing
+    from train.export import write_meta
 
-    (tmp_path / "meta.json").write_text(
-        json.dumps(
-            {
-                "memory": {"kind": "ffn"},
-                "routing": {"mode": "neighbours", "neighbours": 32, "nprobe": 64, "hybrid_share": 0.5},
-            }
-        )
+    write_meta(
+        str(tmp_path),
+        {
+            "memory": {"kind": "ffn"},
+            "routing": {"mode": "neighbours", "neighbours": 32, "nprobe": 64, "hybrid_share": 0.5},
+        },
     )
     assert model_routing(str(tmp_path)).vote == "linear"
     assert model_routing(str(tmp_path), vote="rerank").vote == "rerank"
-    (tmp_path / "meta.json").write_text(
-        json.dumps({"memory": {"kind": "ffn"}, "routing": {"mode": "neighbours", "vote": "rerank"}})
-    )
+    write_meta(str(tmp_path), {"memory": {"kind": "ffn"}, "routing": {"mode": "neighbours", "vote": "rerank"}})
     assert model_routing(str(tmp_path)).vote == "rerank"

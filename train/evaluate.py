@@ -525,11 +525,9 @@ def model_routing(
     first of ``modes``, the given sizes and ``vote`` overriding it."""
     from index.routing import RoutingConfig
 
-    path = os.path.join(model_dir, "meta.json")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} is missing: --model must be an export directory written by train/main.py")
-    with open(path) as f:
-        meta = json.load(f)
+    from train.export import read_meta
+
+    meta = read_meta(model_dir)
     recorded = dict(meta.get("routing") or {})
     if recorded and "vote" not in recorded:
         recorded["vote"] = "linear"  # recorded before votes had a name: the rule it was evaluated with

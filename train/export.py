@@ -109,7 +109,6 @@ def export(
     memory = cfg_dict["memory"] if cfg_dict["recipe"]["name"] != "anchor_only" else None
     levels = [l for l, r in enumerate(memory["ranks"], start=1) if r > 0] if memory else []
     meta = {
-        "format": FORMAT,
         "tree_version": manifest["tree_version"],
         "k": ownership.k,
         "depth": ownership.depth,
@@ -125,9 +124,29 @@ def export(
         "runs": manifest.get("runs", [os.path.abspath(run_dir)]),
         "bank_files": bank_files(ownership, levels) if memory else {},
     }
-    with open(os.path.join(out_dir, "meta.json"), "w") as f:
-        json.dump(meta, f, indent=2)
+    write_meta(out_dir, meta)
     return out_dir
+
+
+def write_meta(directory: str, meta: dict) -> None:
+    """An export's meta.json, stamped with FORMAT."""
+    with open(os.path.join(directory, "meta.json"), "w") as f:
+        json.dump({**meta, "format": FORMAT}, f, indent=2)
+
+
+def read_meta(directory: str) -> dict:
+    """An export's meta.json, refusing a missing file or another format in one line."""
+    path = os.path.join(directory, "meta.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(
+            f"{path} is missing: --model must be an export directory written by train/main.py "
+            "(OUT/export) or python -m train.export"
+        )
+    with open(path) as f:
+        meta = json.load(f)
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{path}: format {meta.get('format')!r}, this code reads {FORMAT!r}")
+    return meta
 
 
 def anchor_weights(checkpoint: str, cfg_dict: dict) -> dict[str, torch.Tensor] | None:
@@ -161,16 +180,7 @@ def load_model(directory: str, device: str | torch.device = "cpu"):
     """(anchor, bank, meta) from an export directory; ``bank`` is None for an anchor-only model."""
     from train.memory import MemoryBank, MemoryConfig
 
-    path = os.path.join(directory, "meta.json")
-    if not os.path.exists(path):
-        raise FileNotFoundError(
-            f"{path} is missing: --model must be an export directory written by train/main.py "
-            "(OUT/export) or python -m train.export"
-        )
-    with open(path) as f:
-        meta = json.load(f)
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{path}: format {meta.get('format')!r}, this code reads {FORMAT!r}")
+    meta = read_meta(directory)
     model_cfg = ModelConfig(**meta["model"])
     if model_cfg.hf:  # memory on a transformers base: load it, refusing one whose content hash differs
         from train.hf import load_base
@@ -202,6 +212,34 @@ def load_model(directory: str, device: str | torch.device = "cpu"):
                 )
         bank = MemoryBank(mem_cfg, anchor.cfg.n_layers, anchor.cfg.d_model, store)
     return anchor, bank, meta
+
+
+def export_transformers(export_dir: str, out_dir: str) -> str:
+    """Write a project export's anchor as a transformers Llama checkpoint (a bank, if any, is not part of it)."""
+    from transformers import LlamaForCausalLM
+
+    from pipeline import tokenizer
+    from train.hf import llama_config, llama_state_dict
+
+    meta = read_meta(export_dir)
+    if meta["model"].get("hf"):
+        raise ValueError(
+            f"{export_dir} is a memory on the transformers model {meta['model']['hf']}: that base is "
+            "already a transformers checkpoint"
+        )
+    cfg = ModelConfig(**meta["model"])
+    anchor = Anchor(cfg)
+    anchor.load_state_dict(load_file(os.path.join(export_dir, "anchor.safetensors")))
+    eos_id, pad_id = int(meta["eot_id"]), int(meta["pad_id"])
+    model = LlamaForCausalLM(llama_config(cfg, eos_id, pad_id))
+    missing, unexpected = model.load_state_dict(llama_state_dict(anchor.state_dict()), strict=False)
+    if unexpected or set(missing) - ({"lm_head.weight"} if cfg.tied_embeddings else set()):
+        raise RuntimeError(f"weight names do not map onto LlamaForCausalLM: missing {missing}, unexpected {unexpected}")
+    if cfg.tied_embeddings:
+        model.tie_weights()
+    model.save_pretrained(out_dir)
+    tokenizer.save_transformers(os.path.join(export_dir, "tokenizer.json"), out_dir, eos_id, pad_id)
+    return out_dir
 
 
 def main(argv: list[str] | None = None) -> None:

