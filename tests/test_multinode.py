@@ -12,6 +12,7 @@ When node 1 dies, node 0 must exit non-zero within 90 s: its rank's next gloo co
 closed connections ("Connection reset by peer", a few seconds here) and its launcher stops. A peer lost
 without closing them would be caught by DeepSpeed's process-group timeout (DEEPSPEED_TIMEOUT, 10 minutes).
 """
+
 import os
 import signal
 import subprocess
@@ -36,14 +37,33 @@ def launch_nodes(run: str, out: str, logs: str) -> tuple[list[subprocess.Popen],
         f.write("node0 slots=1\nnode1 slots=1\n")
     port, procs, cmds = free_port(), [], []
     for node in range(2):
-        cmd = [f"{BIN}/deepspeed", "--no_ssh", "--num_nodes", "2", "--node_rank", str(node), "--hostfile", hostfile,
-               "--master_addr", "127.0.0.1", "--master_port", str(port), os.path.join(ROOT, "train", "main.py"),
-               "--config", "tiny", "--data", run, "--out", out]
+        cmd = [
+            f"{BIN}/deepspeed",
+            "--no_ssh",
+            "--num_nodes",
+            "2",
+            "--node_rank",
+            str(node),
+            "--hostfile",
+            hostfile,
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            str(port),
+            os.path.join(ROOT, "train", "main.py"),
+            "--config",
+            "tiny",
+            "--data",
+            run,
+            "--out",
+            out,
+        ]
         for s in SETS:
             cmd += ["--set", s]
         with open(os.path.join(logs, f"node{node}.{port}.log"), "w") as log:
-            procs.append(subprocess.Popen(cmd, env=ENV, cwd=ROOT, start_new_session=True, stdout=log,
-                                          stderr=subprocess.STDOUT))
+            procs.append(
+                subprocess.Popen(cmd, env=ENV, cwd=ROOT, start_new_session=True, stdout=log, stderr=subprocess.STDOUT)
+            )
         cmds.append(cmd)
     return procs, cmds
 
