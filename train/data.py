@@ -26,7 +26,6 @@ and continues exactly where the checkpoint was taken.
 
 from __future__ import annotations
 
-import functools
 import os
 from dataclasses import dataclass
 
@@ -434,14 +433,16 @@ class ShardLoader:
 
         Each old rank's sequences read in its current epoch are read again by no new rank until that epoch
         ends, so a change of world size reads every sequence exactly once per epoch. Reading the old ranks'
-        progress costs their shards' seq_id and leaf columns, not the tokens.
+        progress costs their shards' seq_id and leaf columns, not the tokens; memory: 8 B per sequence of this
+        rank and per sequence one old rank has read, one old rank at a time.
         """
-        consumed = [
-            ShardLoader(self.run_dirs, ownership, r, self.batch_size, self.seed, self.p_generic, self.shuffle_buffer)
-            for r in range(ownership.world_size)
-        ]
-        for old, state in zip(consumed, states):
+        mine = np.sort(np.concatenate([self._keys(g) for g in self.row_groups]))
+        self.skip = np.zeros(0, dtype=np.int64)
+        for r, state in enumerate(states):
+            old = ShardLoader(
+                self.run_dirs, ownership, r, self.batch_size, self.seed, self.p_generic, self.shuffle_buffer
+            )
             old.load_state_dict(state)
+            self.skip = np.union1d(self.skip, np.intersect1d(old.consumed(), mine, assume_unique=True))
         self.epoch, self.position = max(s["epoch"] for s in states), 0
-        self.skip = functools.reduce(np.union1d, (old.consumed() for old in consumed))
         self._plan_epoch()
