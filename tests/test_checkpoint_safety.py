@@ -112,10 +112,10 @@ def test_pickled_bank_file_is_refused_and_runs_nothing(tmp_path, reader, kind):
     plant(path, tmp_path / "marker", kind)
     store = TensorBlockStore.create(MEM, MODEL)
     call = {
-        "load_bank": lambda: load_bank(str(path), store, K, DEPTH),
+        "load_bank": lambda: load_bank([str(path)], store, K, DEPTH),
         "TensorBlockStore.load": lambda: TensorBlockStore.load(str(path)),
         "LazyBlockStore": lambda: LazyBlockStore([str(path)]),
-        "TouchedAdamW.load": lambda: TouchedAdamW(store, K, DEPTH).load(str(path)),
+        "TouchedAdamW.load": lambda: TouchedAdamW(store, K, DEPTH).load([str(path)]),
     }[reader]
     refused(call, path, "not a safetensors file")
     assert not (tmp_path / "marker").exists()

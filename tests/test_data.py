@@ -202,3 +202,44 @@ def test_runs_with_different_trees_are_refused(run, tmp_path, capsys):
         main(["--data", run, other, "--out", str(tmp_path / "out")])
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and re.match(r"error: .*tree_version .* --tree", err) and "\n" not in err
+
+
+@pytest.mark.parametrize("new_world", [1, 3])
+def test_a_change_of_world_size_reads_every_sequence_once_per_epoch(small_groups, new_world):
+    """2 ranks read part of an epoch (one of them into a partial shuffle window); after resuming on
+    ``new_world`` ranks, each new rank first reads exactly its sequences the old ranks had not read, then
+    full epochs of its own."""
+    seqs = all_sequences(small_groups)
+    m = read_manifest(small_groups)
+    old = assign_subtrees(m, 2)
+    args = dict(batch_size=3, seed=5, p_generic=0.0, shuffle_buffer=4)
+    read_before, states = [], []
+    for r, steps in ((0, 2), (1, 3)):
+        loader = ShardLoader(small_groups, old, r, **args)
+        for _ in range(steps):
+            read_before += loader.next_batch().seq_ids.tolist()
+        states.append(loader.state_dict())
+    assert len(set(read_before)) == len(read_before)
+    new = assign_subtrees(m, new_world)
+    after = set()
+    for r in range(new_world):
+        loader = ShardLoader(small_groups, new, r, **args)
+        loader.resume(old, states)
+        own = {s for s, p in seqs.items() if new.owns(r, np.array([p]))[0]}
+        left = own - set(read_before)
+        stream = []
+        while len(stream) < len(left) + len(own):
+            stream += loader.next_batch().seq_ids.tolist()
+        assert sorted(stream[: len(left)]) == sorted(left)  # the rest of the epoch, each once
+        assert sorted(stream[len(left) : len(left) + len(own)]) == sorted(own)  # then a whole epoch
+        after |= set(stream[: len(left)])
+        # a checkpoint inside the remainder resumes it exactly (same world size)
+        again = ShardLoader(small_groups, new, r, **args)
+        again.resume(old, states)
+        again.next_batch()
+        copy = ShardLoader(small_groups, new, r, **args)
+        copy.load_state_dict(again.state_dict())
+        assert [copy.next_batch().seq_ids.tolist() for _ in range(3)] == [
+            again.next_batch().seq_ids.tolist() for _ in range(3)
+        ]
+    assert sorted(set(read_before) | after) == sorted(seqs) and not set(read_before) & after

@@ -93,10 +93,10 @@ def test_disk_store_trains_bit_identically_to_ram_store(run, tmp_path, budget, p
     fresh = DiskBlockStore.create(
         MEM, MODEL, ram.owned_ids(), str(tmp_path / "bank2"), budget, state=TouchedAdamW.STATE
     )
-    load_bank(str(tmp_path / "bank.safetensors"), fresh, K, DEPTH)
+    load_bank([str(tmp_path / "bank.safetensors")], fresh, K, DEPTH)
     fresh_opt = TouchedAdamW(fresh, K, DEPTH, weight_decay=0.1)
-    fresh_opt.load(str(tmp_path / "optim.safetensors"))
-    ram_opt.load(str(tmp_path / "optim.safetensors"))  # the RAM optimizer reads the same file
+    fresh_opt.load([str(tmp_path / "optim.safetensors")])
+    ram_opt.load([str(tmp_path / "optim.safetensors")])  # the RAM optimizer reads the same file
     for a, b in ((disk, fresh), (disk_opt.exp_avg_sq, fresh_opt.exp_avg_sq), (ram_opt.exp_avg, fresh_opt.exp_avg)):
         sa, sb = blocks_of(a), blocks_of(b)
         assert all(torch.equal(sa[i][n], sb[i][n]) for i in sa for n in sa[i])
@@ -122,3 +122,53 @@ def test_lazy_store_starts_at_once_and_matches_eager_init(tmp_path):
         got = store.read(level, lids)
         assert all(torch.equal(got[n], t) for n, t in eager.read(level, lids).items())
         assert not any(t.any() for t in store.state_store("exp_avg").read(level, lids).values())
+
+
+@pytest.mark.parametrize("new_world", [1, 3])
+def test_another_world_size_gathers_blocks_and_moments_from_the_old_shards(run, tmp_path, new_world):
+    """Each old rank saves its shard and optimizer state; each new rank's store and moments then equal,
+    block by block, the old shards' (blocks held by two old ranks hold the same values, as training keeps them)."""
+    m = read_manifest(run)
+    value = {}  # block id -> (params, exp_avg, exp_avg_sq, step), drawn once per block
+
+    def fill(store, opt):
+        for level in store.shapes:
+            ids = store.ids[level]
+            for b in ids.tolist():
+                g = torch.Generator().manual_seed(b)
+                value.setdefault(
+                    b,
+                    tuple({n: torch.randn(s, generator=g) for n, s in store.shapes[level].items()} for _ in range(3))
+                    + (b + 1,),
+                )
+            for target, i in ((store, 0), (opt.exp_avg, 1), (opt.exp_avg_sq, 2)):
+                target.write(
+                    level, ids, {n: torch.stack([value[b][i][n] for b in ids.tolist()]) for n in store.shapes[level]}
+                )
+            opt.steps[level] = torch.tensor([value[b][3] for b in ids.tolist()])
+
+    old = assign_subtrees(m, 2)
+    banks, optims = [], []
+    for r in range(2):
+        store = TensorBlockStore.create(MEM, MODEL, torch.from_numpy(old.blocks(r)))
+        opt = TouchedAdamW(store, K, DEPTH)
+        fill(store, opt)
+        banks.append(str(tmp_path / f"bank{r}.safetensors"))
+        optims.append(str(tmp_path / f"optim{r}.safetensors"))
+        store.save(banks[-1])
+        opt.save(optims[-1])
+    new = assign_subtrees(m, new_world)
+    for r in range(new_world):
+        store = TensorBlockStore.create(MEM, MODEL, torch.from_numpy(new.blocks(r)))
+        opt = TouchedAdamW(store, K, DEPTH)
+        load_bank(banks, store, K, DEPTH)
+        opt.load(optims)
+        for level in store.shapes:
+            ids = store.ids[level]
+            for got, i in ((store, 0), (opt.exp_avg, 1), (opt.exp_avg_sq, 2)):
+                rows = got.read(level, ids)
+                for j, b in enumerate(ids.tolist()):
+                    assert all(torch.equal(rows[n][j], value[b][i][n]) for n in rows), (r, b, i)
+            assert opt.steps[level].tolist() == [value[b][3] for b in ids.tolist()]
+    with pytest.raises(ValueError, match="in none of"):
+        load_bank(banks[:1], TensorBlockStore.create(MEM, MODEL, torch.from_numpy(old.blocks(1))), K, DEPTH)

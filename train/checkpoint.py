@@ -116,22 +116,83 @@ def save(root: str, step: int, engine, rank: int, state: dict, store=None, mem_o
     return os.path.join(root, tag)
 
 
-def load_bank(path: str, store, k: int, depth: int) -> None:
-    """Overwrite every block of ``store`` from a bank file (``BlockStore.save``), a chunk of blocks at a time."""
+def gather_rows(paths: list[str], id_key: str, want: torch.Tensor, keys: list[str], shapes: dict, put) -> None:
+    """Call ``put(ids, {key: rows})`` for every global block id of ``want`` (sorted), taking each from the first of
+    ``paths`` (safetensors files keyed by ``id_key``) that holds it, a chunk of rows at a time. The same code loads
+    a rank's own shard (one file) and, after a change of world size, its new blocks from the old shards."""
     from train.store_disk import row_chunks
 
+    found = torch.zeros(len(want), dtype=torch.bool)
+    for path in paths:
+        with open_safetensors(path) as f:
+            if id_key not in f.keys() or not len(want):
+                continue
+            have = f.get_tensor(id_key)
+            pos = torch.searchsorted(want, have).clamp(max=len(want) - 1)
+            take = (want[pos] == have) & ~found[pos]
+            for a, b in row_chunks(shapes, len(have)):
+                rows = torch.nonzero(take[a:b]).flatten()
+                if len(rows):
+                    put(have[a:b][rows], {key: f.get_slice(key)[a:b][rows] for key in keys})
+            found[pos[take]] = True
+    if not found.all():
+        raise ValueError(
+            f"blocks {want[~found][:8].tolist()} are in none of {paths}: the checkpoint is incomplete "
+            "or was written for another run directory"
+        )
+
+
+def bank_files(ckpt: str, ranks: list[int], name: str) -> list[str]:
+    return [os.path.join(rank_dir(ckpt, r), name) for r in ranks]
+
+
+def load_bank(paths: list[str], store, k: int, depth: int) -> None:
+    """Overwrite every block of ``store`` from bank files (``BlockStore.save``) that together hold them."""
     ids = store.owned_ids()
     levels = torch.tensor([block_level(int(i), k, depth) for i in ids.tolist()])
-    with open_safetensors(path) as f:
-        if (f.metadata() or {}).get("format") != BANK_FORMAT:
-            raise ValueError(f"{path}: not a {BANK_FORMAT} file")
-        saved = [f.get_tensor(f"level{l}.ids") for l in store.shapes if f"level{l}.ids" in f.keys()]
-        if len(saved) != len(store.shapes) or not torch.equal(torch.sort(torch.cat(saved))[0], ids):
-            raise ValueError(f"{path} holds other blocks than this rank owns; same ranks and run directory needed")
-        for level, named in store.shapes.items():
-            lids = ids[levels == level]
-            for a, b in row_chunks(named, len(lids)):
-                store.write(level, lids[a:b], {n: f.get_slice(f"level{level}.{n}")[a:b] for n in named})
+    for path in paths:
+        with open_safetensors(path) as f:
+            if (f.metadata() or {}).get("format") != BANK_FORMAT:
+                raise ValueError(f"{path}: not a {BANK_FORMAT} file")
+    for level, named in store.shapes.items():
+
+        def put(lids, rows, level=level, named=named):
+            store.write(level, lids, {n: rows[f"level{level}.{n}"] for n in named})
+
+        gather_rows(paths, f"level{level}.ids", ids[levels == level], [f"level{level}.{n}" for n in named], named, put)
+
+
+def load_anchor(ckpt: str, engine, trains_anchor: bool, elastic: bool) -> None:
+    """The anchor and, when it trains, its optimizer. With ``elastic`` (another world size) DeepSpeed's engine
+    loads the module only: it refuses ZeRO optimizer partitions of another data-parallel size. The partitions
+    are then re-cut by the ZeRO-1/2 optimizer's own elastic routines (zero_optimization.elastic_checkpoint,
+    train/config.py), which take any number of old partitions; its public load_state_dict would too, but it
+    indexes the old list by the new rank, so a grown world fails there (DeepSpeed 0.19.8)."""
+    root, tag = os.path.split(os.path.normpath(ckpt))
+    partitioned = trains_anchor and engine.zero_optimization_stage() in (1, 2)
+    load_path, _ = engine.load_checkpoint(
+        root,
+        tag=tag,
+        load_optimizer_states=trains_anchor and not (elastic and partitioned),
+        load_lr_scheduler_states=False,
+        load_module_strict=True,
+    )
+    if load_path is None:
+        raise FileNotFoundError(f"DeepSpeed found no anchor checkpoint in {ckpt}")
+    if elastic and partitioned:
+        opt = engine.optimizer
+        steps = ("_load_global_state", "_restore_from_elastic_fp32_weights", "_restore_elastic_base_optimizer_state")
+        if not all(hasattr(opt, name) for name in steps + ("_link_all_hp_params",)):
+            raise RuntimeError(
+                f"{ckpt}: resuming on another number of ranks needs DeepSpeed's ZeRO-1/2 elastic "
+                f"routines ({', '.join(steps)}), which this DeepSpeed lacks; resume with "
+                "the checkpoint's number of ranks, or use DeepSpeed 0.19"
+            )
+        partitions = engine._get_all_zero_checkpoints(root, tag)  # DeepSpeed's reader of its own files
+        opt._load_global_state(partitions[0])  # loss scale, clipping: the same on every old rank
+        opt._restore_from_elastic_fp32_weights(partitions)
+        opt._restore_elastic_base_optimizer_state(partitions)
+        opt._link_all_hp_params()
 
 
 def load(
@@ -145,28 +206,33 @@ def load(
     k: int = 0,
     depth: int = 0,
 ) -> dict:
-    """Restore the anchor (and its optimizer), this rank's bank shard and optimizer, and RNG; returns the state."""
-    d = rank_dir(ckpt, rank)
-    if not os.path.isdir(d):
+    """Restore the anchor (and its optimizer), this rank's bank shard and optimizer, and RNG; returns the state.
+
+    With another world size than the checkpoint's (elastic), each rank gathers the blocks it now owns from the
+    old ranks' shards, DeepSpeed re-partitions the anchor's optimizer (ZeRO ``elastic_checkpoint``), and the
+    returned ``state["loader"]`` holds every old rank's loader state under ``"elastic"`` (ShardLoader.resume).
+    """
+    first = rank_dir(ckpt, 0)
+    if not os.path.isdir(first):
+        raise FileNotFoundError(f"{first} is missing: {ckpt} is not a complete checkpoint")
+    saved = read_state(first)["world_size"]
+    old = list(range(saved))
+    missing = [r for r in old if not os.path.isdir(rank_dir(ckpt, r))]
+    if missing:
         raise FileNotFoundError(
-            f"{d} is missing: {ckpt} was written by fewer ranks; resume with the same number of ranks"
+            f"{rank_dir(ckpt, missing[0])} is missing: {ckpt} was written by {saved} ranks; copy "
+            "every rank<r>/ directory of it"
         )
-    state = read_state(d)
-    if state["world_size"] != world_size:
-        raise ValueError(
-            f"{ckpt} was written by {state['world_size']} ranks, this job has {world_size}: "
-            "subtree ownership depends on it; resume with the same number of ranks"
-        )
-    root, tag = os.path.split(os.path.normpath(ckpt))
-    load_path, _ = engine.load_checkpoint(
-        root, tag=tag, load_optimizer_states=trains_anchor, load_lr_scheduler_states=False, load_module_strict=True
-    )
-    if load_path is None:
-        raise FileNotFoundError(f"DeepSpeed found no anchor checkpoint in {ckpt}")
+    states = [read_state(rank_dir(ckpt, r)) for r in old] if saved != world_size else None
+    state = read_state(rank_dir(ckpt, rank)) if saved == world_size else dict(states[min(rank, saved - 1)])
+    load_anchor(ckpt, engine, trains_anchor, elastic=saved != world_size)
     if store is not None:
-        load_bank(os.path.join(d, "bank.safetensors"), store, k, depth)
-        mem_optim.load(os.path.join(d, "bank_optim.safetensors"))
+        ranks = [rank] if saved == world_size else old
+        load_bank(bank_files(ckpt, ranks, "bank.safetensors"), store, k, depth)
+        mem_optim.load(bank_files(ckpt, ranks, "bank_optim.safetensors"))
     torch.set_rng_state(state["rng"]["torch"])
-    if state["rng"]["cuda"] is not None:
+    if state["rng"]["cuda"] is not None and saved == world_size:  # another world: another device count
         torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    if states is not None:
+        state["loader"] = {"elastic": [s["loader"] for s in states]}
     return state

@@ -119,7 +119,11 @@ class TrainConfig:
             "train_micro_batch_size_per_gpu": self.data.batch_size,
             "gradient_accumulation_steps": 1,
             "gradient_clipping": self.optim.grad_clip,
-            "zero_optimization": {"stage": self.deepspeed.zero_stage},
+            # elastic: ZeRO-1/2 optimizer partitions saved so that another world size can load them
+            "zero_optimization": {
+                "stage": self.deepspeed.zero_stage,
+                **({"elastic_checkpoint": True} if self.deepspeed.zero_stage in (1, 2) else {}),
+            },
             "bf16": {"enabled": bf16},
             "steps_per_print": 10**9,  # the trainer logs
         }

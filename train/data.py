@@ -163,6 +163,11 @@ class Batch:
 
 
 MIN_ROW_GROUPS_PER_WINDOW = 16  # fewer, and a window is a handful of leaves (see ShardLoader.mixing)
+RUN_SHIFT = 40  # a sequence's key across runs: run << RUN_SHIFT | seq_id (seq_id < 2^40 within one run)
+
+
+def sequence_keys(runs: np.ndarray, seq_ids: np.ndarray) -> np.ndarray:
+    return (np.asarray(runs, dtype=np.int64) << RUN_SHIFT) | np.asarray(seq_ids, dtype=np.int64)
 
 
 @dataclass(frozen=True)
@@ -248,6 +253,7 @@ class ShardLoader:
             )
         self.generic_ids = generic_block_ids(k, depth)
         self.epoch, self.position = 0, 0
+        self.skip = np.zeros(0, dtype=np.int64)  # sorted keys this epoch does not read again (``resume``)
         self._plan_epoch()
 
     def mixing(self) -> str | None:
@@ -305,6 +311,7 @@ class ShardLoader:
 
     def _plan_epoch(self) -> None:
         """Row-group order of this epoch, cut into windows of >= shuffle_buffer sequences."""
+        rows = self._rows_left() if len(self.skip) else [rg.rows for rg in self.row_groups]
         order = np.random.default_rng([self.seed, self.rank, self.epoch]).permutation(len(self.row_groups))
         self.windows, size = [[]], 0
         for i in order:
@@ -312,18 +319,45 @@ class ShardLoader:
                 self.windows.append([])
                 size = 0
             self.windows[-1].append(int(i))
-            size += self.row_groups[i].rows
-        sizes = [sum(self.row_groups[i].rows for i in w) for w in self.windows]
+            size += rows[i]
+        sizes = [sum(rows[i] for i in w) for w in self.windows]
         self.window_start = np.concatenate([[0], np.cumsum(sizes)])
+        self.epoch_size = int(self.window_start[-1])
         self.window = None
+
+    def _keys(self, g: RowGroup) -> np.ndarray:
+        """Keys of this rank's sequences in row group ``g``, in the order a window appends them."""
+        table = pq.ParquetFile(g.file).read_row_group(g.index, columns=["seq_id", "leaf"])
+        keys = sequence_keys(np.full(table.num_rows, g.run), table.column("seq_id").to_numpy())
+        return keys[self.owned_leaf[table.column("leaf").to_numpy()]] if g.partial else keys
+
+    def _rows_left(self) -> list[int]:
+        """Per row group, this rank's sequences not in ``skip`` (reads the seq_id and leaf columns only)."""
+        return [int((~np.isin(self._keys(g), self.skip, assume_unique=True)).sum()) for g in self.row_groups]
+
+    def consumed(self) -> np.ndarray:
+        """Sorted keys of the sequences this loader has read in its current epoch."""
+        w = int(np.searchsorted(self.window_start, self.position, side="right")) - 1
+        done = [self._keys(self.row_groups[i]) for win in self.windows[:w] for i in win]
+        if self.position > self.window_start[w]:
+            keys = np.concatenate([self._keys(self.row_groups[i]) for i in self.windows[w]])
+            keys = keys[~np.isin(keys, self.skip, assume_unique=True)]
+            order = np.random.default_rng([self.seed, self.rank, self.epoch, w]).permutation(len(keys))
+            done.append(keys[order[: self.position - int(self.window_start[w])]])
+        done = np.concatenate(done) if done else np.zeros(0, dtype=np.int64)
+        return np.union1d(done[~np.isin(done, self.skip, assume_unique=True)], self.skip)
 
     def _load_window(self, w: int) -> None:
         groups = [self.row_groups[i] for i in self.windows[w]]
-        win = Window(sum(g.rows for g in groups), self.ownership.depth)
+        win = Window(int(self.window_start[w + 1] - self.window_start[w]), self.ownership.depth)
         columns = ["seq_id", "path", "leaf", "tokens", "n_valid"]
         for g in groups:
             table = pq.ParquetFile(g.file).read_row_group(g.index, columns=columns)
             keep = self.owned_leaf[table.column("leaf").to_numpy()] if g.partial else None
+            if len(self.skip):
+                keys = sequence_keys(np.full(table.num_rows, g.run), table.column("seq_id").to_numpy())
+                fresh = ~np.isin(keys, self.skip, assume_unique=True)
+                keep = fresh if keep is None else keep & fresh
             win.append(table, g.run, keep, f"{g.file} row group {g.index}")
             del table
         rng = np.random.default_rng([self.seed, self.rank, self.epoch, w])
@@ -336,8 +370,9 @@ class ShardLoader:
         parts = []  # rows copied out of each window the batch spans (it may cross windows and epochs)
         need = self.batch_size
         while need:
-            if self.position == self.n_sequences:
+            if self.position == self.epoch_size:
                 self.epoch, self.position = self.epoch + 1, 0
+                self.skip = self.skip[:0]
                 self._plan_epoch()
             w = int(np.searchsorted(self.window_start, self.position, side="right")) - 1
             if self.window is None or self.window_index != w:
@@ -372,6 +407,7 @@ class ShardLoader:
             "n_sequences": self.n_sequences,
             "shuffle_buffer": self.shuffle_buffer,
             "runs": len(self.run_dirs),
+            "skip": torch.from_numpy(self.skip),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -389,4 +425,24 @@ class ShardLoader:
                 "data.shuffle_buffer and run directories needed"
             )
         self.epoch, self.position = state["epoch"], state["position"]
+        self.skip = state["skip"].numpy() if "skip" in state else np.zeros(0, dtype=np.int64)
+        self._plan_epoch()
+
+    def resume(self, ownership: Ownership, states: list[dict]) -> None:
+        """Continue from a checkpoint of another world size: ``ownership`` and ``states`` are the old ranks'.
+
+        Each old rank's sequences read in its current epoch are read again by no new rank until that epoch
+        ends, so a change of world size reads every sequence exactly once per epoch. Reading the old ranks'
+        progress costs their shards' seq_id and leaf columns, not the tokens; memory: 8 B per sequence of this
+        rank and per sequence one old rank has read, one old rank at a time.
+        """
+        mine = np.sort(np.concatenate([self._keys(g) for g in self.row_groups]))
+        self.skip = np.zeros(0, dtype=np.int64)
+        for r, state in enumerate(states):
+            old = ShardLoader(
+                self.run_dirs, ownership, r, self.batch_size, self.seed, self.p_generic, self.shuffle_buffer
+            )
+            old.load_state_dict(state)
+            self.skip = np.union1d(self.skip, np.intersect1d(old.consumed(), mine, assume_unique=True))
+        self.epoch, self.position = max(s["epoch"] for s in states), 0
         self._plan_epoch()

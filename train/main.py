@@ -94,12 +94,11 @@ def build_anchor(cfg: TrainConfig) -> tuple[torch.nn.Module, torch.optim.Optimiz
     decay = [p for p in anchor.parameters() if p.dim() >= 2]  # matrices decay; norms do not
     rest = [p for p in anchor.parameters() if p.dim() < 2]
     a = cfg.optim.anchor
-    # plain torch AdamW as DeepSpeed's client optimizer: no fused_adam op to compile
+    # plain torch AdamW as DeepSpeed's client optimizer: no fused_adam op to compile. "step" in each group: ZeRO's
+    # elastic checkpoint (another world size on resume) records it there; torch keeps its own per parameter.
+    groups = [{"params": decay, "weight_decay": a.weight_decay}, {"params": rest, "weight_decay": 0.0}]
     return anchor, torch.optim.AdamW(
-        [{"params": decay, "weight_decay": a.weight_decay}, {"params": rest, "weight_decay": 0.0}],
-        lr=a.lr,
-        betas=cfg.optim.betas,
-        eps=cfg.optim.eps,
+        [{**g, "step": 0} for g in groups], lr=a.lr, betas=cfg.optim.betas, eps=cfg.optim.eps
     )
 
 
@@ -109,7 +108,7 @@ class Trainer:
     ):
         import deepspeed
 
-        self.cfg, self.out_dir = cfg, out_dir
+        self.cfg, self.out_dir, self.manifest = cfg, out_dir, manifest
         self.rank, self.world, self.device = dist_info.rank, dist_info.world_size, dist_info.device
         self.k, self.depth = int(manifest["k"]), int(manifest["depth"])
         self.ownership = assign_subtrees(manifest, self.world)
@@ -185,7 +184,12 @@ class Trainer:
             self.k,
             self.depth,
         )
-        self.loader.load_state_dict(state["loader"])
+        if "elastic" in state["loader"]:  # written by another number of ranks: their subtrees were others
+            old = state["loader"]["elastic"]
+            self.loader.resume(assign_subtrees(self.manifest, len(old)), old)
+            self.log(f"{last} was written by {len(old)} ranks; blocks and loader positions regathered for {self.world}")
+        else:
+            self.loader.load_state_dict(state["loader"])
         self.step, self.tokens_seen = state["step"], state["tokens_seen"]
         self.log(f"resumed from {last} at step {self.step}")
 

@@ -145,21 +145,18 @@ class TouchedAdamW:
                         for n, t in store.read(l, ids[a:b]).items():
                             w.write(f"l{l}.{n}.{state}", a, t)
 
-    def load(self, path: str) -> None:
-        from train.memory import open_safetensors
-        from train.store_disk import row_chunks
+    def load(self, paths: list[str]) -> None:
+        """Moments and step counts of this rank's blocks from ``save``'s files that together hold them (one
+        file: the rank's own; after a change of world size, every old rank's)."""
+        from train.checkpoint import gather_rows
 
-        with open_safetensors(path) as f:
-            for l, ids in self.ids.items():
-                saved = f.get_tensor(f"l{l}.ids") if f"l{l}.ids" in f.keys() else None
-                if saved is None or not torch.equal(saved, ids):
-                    raise ValueError(
-                        f"{path}: optimizer state is for other blocks than this rank holds at level {l}; "
-                        "resume with the same number of ranks as the checkpoint"
-                    )
-                self.steps[l] = f.get_tensor(f"l{l}.steps")
-                for a, b in row_chunks(self.store.shapes[l], len(ids)):
-                    for state, store in zip(self.STATE, (self.exp_avg, self.exp_avg_sq)):
-                        store.write(
-                            l, ids[a:b], {n: f.get_slice(f"l{l}.{n}.{state}")[a:b] for n in self.store.shapes[l]}
-                        )
+        for l, ids in self.ids.items():
+            names = self.store.shapes[l]
+            keys = [f"l{l}.steps"] + [f"l{l}.{n}.{state}" for n in names for state in self.STATE]
+
+            def put(got, rows, l=l, names=names):
+                self.steps[l][self.rows(l, got)] = rows[f"l{l}.steps"]
+                for state, store in zip(self.STATE, (self.exp_avg, self.exp_avg_sq)):
+                    store.write(l, got, {n: rows[f"l{l}.{n}.{state}"] for n in names})
+
+            gather_rows(paths, f"l{l}.ids", ids, keys, names, put)

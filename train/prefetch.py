@@ -56,6 +56,10 @@ class Prefetcher:
         self.loader.load_state_dict(state)
         self.ahead.clear()  # queued loads only warm the cache
 
+    def resume(self, ownership, states: list[dict]) -> None:
+        self.loader.resume(ownership, states)
+        self.ahead.clear()
+
     def __len__(self) -> int:
         return len(self.loader)
 
