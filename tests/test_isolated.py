@@ -106,23 +106,42 @@ def test_a_subtree_does_not_see_another_subtree_change(runs, one_rank, tmp_path)
     assert all(same(other[i], fresh[i]) for i in generic_block_ids(K, DEPTH).tolist())  # generic: untrained
 
 
-@pytest.mark.slow
-def test_one_rank_and_two_ranks_and_a_resume_train_the_same_blocks(runs, one_rank, tmp_path):
-    """2 ranks (one subtree each) checkpoint at step 4 and 8; the run then resumes from step 4 and must end
-    where the 1-rank run (both subtrees on one rank) ended, bit for bit."""
+@pytest.fixture(scope="module")
+def two_ranks(runs, tmp_path_factory):
+    """A 2-rank run (one subtree each) with checkpoints at steps 4 and 8."""
     a, _, anchor = runs
-    out = str(tmp_path / "two")
+    out = str(tmp_path_factory.mktemp("two_ranks") / "out")
     train("deepspeed", a, out, *isolated(anchor, "schedule.checkpoint_every=4"), nproc=2)
-    tree = subtree_blocks(0) | subtree_blocks(1)
-    two = exported(out)
-    assert all(same(one_rank[i], two[i]) for i in tree)
-    shutil.rmtree(os.path.join(out, "checkpoints", "step00000008"))
-    shutil.rmtree(os.path.join(out, "export"))
+    return out
+
+
+def resume_from_step_4(ckpts: str, out: str, nproc: int, runs) -> dict:
+    """The blocks at the end of a run of ``nproc`` ranks resumed from ``ckpts``'s step-4 checkpoint in ``out``."""
+    a, _, anchor = runs
+    shutil.copytree(os.path.join(ckpts, "step00000004"), os.path.join(out, "checkpoints", "step00000004"))
     with open(os.path.join(out, "checkpoints", "latest"), "w") as f:
         f.write("step00000004")
-    assert "resumed from" in train("deepspeed", a, out, *isolated(anchor, "schedule.checkpoint_every=4"), nproc=2)
-    resumed = exported(out)
-    assert all(same(one_rank[i], resumed[i]) for i in tree)
+    launcher = "deepspeed" if nproc > 1 else "python"
+    assert "resumed from" in train(launcher, a, out, *isolated(anchor, "schedule.checkpoint_every=4"), nproc=nproc)
+    return exported(out)
+
+
+TREE = subtree_blocks(0) | subtree_blocks(1)
+
+
+@pytest.mark.slow
+def test_one_rank_and_two_ranks_and_a_resume_train_the_same_blocks(runs, one_rank, two_ranks, tmp_path):
+    """Both subtrees on one rank, or one each on two, and two resumed from step 4: the same blocks, bit for bit."""
+    assert all(same(one_rank[i], exported(two_ranks)[i]) for i in TREE)
+    resumed = resume_from_step_4(os.path.join(two_ranks, "checkpoints"), str(tmp_path / "out"), 2, runs)
+    assert all(same(one_rank[i], resumed[i]) for i in TREE)
+
+
+@pytest.mark.slow
+def test_a_resume_on_another_number_of_ranks_trains_the_same_blocks(runs, one_rank, two_ranks, tmp_path):
+    """The 2-rank step-4 checkpoint finished on 1 rank: each subtree's stream state moves with its subtree."""
+    resumed = resume_from_step_4(os.path.join(two_ranks, "checkpoints"), str(tmp_path / "out"), 1, runs)
+    assert all(same(one_rank[i], resumed[i]) for i in TREE)
 
 
 @pytest.mark.parametrize(
