@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from index.config import ConfigError, apply_overrides, build, find_yaml, read_yaml, section
 from index.routing import RoutingConfig
+from train.data import nonempty_l1
 from train.memory import MemoryConfig
 from train.model import ModelConfig, load_model_config
 
@@ -48,6 +49,8 @@ class DataConfig:
     shuffle_buffer: int = (
         16384  # sequences per shuffle window (train/data.py): loader memory ~ this x (seq_len+1) x 4 B
     )
+    # each level-1 subtree an independent stream: its blocks a function of its sequences alone (docs/DESIGN.md)
+    isolated: bool = False
 
 
 @dataclass
@@ -109,6 +112,20 @@ class TrainConfig:
                 "recipe memory_only freezes the anchor: set recipe.init_anchor to an exported model "
                 "directory, or model.hf to a transformers checkpoint"
             )
+        if self.data.isolated:
+            self.check_isolated()
+
+    def check_isolated(self) -> None:
+        """data.isolated: nothing a subtree's blocks depend on may be shared with other subtrees."""
+        fix = None
+        if self.recipe.name != "memory_only":
+            fix = f"a frozen anchor: set recipe.name=memory_only (not {self.recipe.name})"
+        elif self.memory.p_generic != 0:
+            fix = f"memory.p_generic=0 (not {self.memory.p_generic}): the generic blocks, shared by all, stay untrained"
+        elif self.memory.store != "ram":
+            fix = "memory.store=ram (the disk store's prefetcher reads one batch a step)"
+        if fix:
+            raise ValueError(f"data.isolated trains each level-1 subtree on its own and needs {fix}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -127,6 +144,17 @@ class TrainConfig:
             "bf16": {"enabled": bf16},
             "steps_per_print": 10**9,  # the trainer logs
         }
+
+
+def check_world(cfg: TrainConfig, manifest: dict, world_size: int) -> None:
+    """What the number of ranks decides, refused before the launch: data.isolated needs each level-1 subtree on
+    exactly one rank (level-1 ownership, train/data.py assign_subtrees)."""
+    n = len(nonempty_l1(manifest))
+    if cfg.data.isolated and world_size > n:
+        raise ConfigError(
+            f"data.isolated: {world_size} ranks but the run has {n} non-empty level-1 subtrees, and each must be "
+            f"on one rank: launch at most {n} ranks (or set data.isolated=false)"
+        )
 
 
 def load_config(path: str | None, overrides: list[str], manifest: dict) -> TrainConfig:

@@ -22,10 +22,14 @@ generator seeded by (seed, rank, epoch, window), which also draws which
 sequences use the generic memory (probability ``p_generic``). The state is
 (epoch, position): a resumed run reads only the window holding the position
 and continues exactly where the checkpoint was taken.
+
+Isolated subtrees (``data.isolated``, ``IsolatedLoader``): each level-1 subtree of the rank is its own
+stream (``SubtreeStream``), ordered from its own sequences alone, and gives its own batch every step.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 
@@ -147,6 +151,11 @@ def assign_subtrees(manifest: dict, world_size: int) -> Ownership:
         subtrees[r].append(int(node))
         load[r] += tokens[node]
     return Ownership(k, depth, level, tuple(tuple(sorted(s)) for s in subtrees), tuple(int(x) for x in load))
+
+
+def nonempty_l1(manifest: dict) -> list[int]:
+    """The level-1 nodes holding tokens: data.isolated's streams, and the most ranks it can use."""
+    return [i for i, t in enumerate(manifest["levels"][0]["node_tokens"]) if t > 0]
 
 
 @dataclass
@@ -309,10 +318,18 @@ class ShardLoader:
     def __len__(self) -> int:
         return self.n_sequences
 
+    def _rng(self, *window: int) -> np.random.Generator:
+        """The generator of this epoch's order (with ``window``: of that window's shuffle)."""
+        return np.random.default_rng([self.seed, self.rank, self.epoch, *window])
+
     def _plan_epoch(self) -> None:
         """Row-group order of this epoch, cut into windows of >= shuffle_buffer sequences."""
-        rows = self._rows_left() if len(self.skip) else [rg.rows for rg in self.row_groups]
-        order = np.random.default_rng([self.seed, self.rank, self.epoch]).permutation(len(self.row_groups))
+        self._cut_windows(self._rows_left() if len(self.skip) else [rg.rows for rg in self.row_groups])
+
+    def _cut_windows(self, rows: list[int]) -> None:
+        """This epoch's order of the pieces (row groups, or a stream's chunks) of ``rows`` sequences each, cut
+        into windows of >= shuffle_buffer sequences."""
+        order = self._rng().permutation(len(rows))
         self.windows, size = [[]], 0
         for i in order:
             if size >= self.shuffle_buffer:
@@ -342,7 +359,7 @@ class ShardLoader:
         if self.position > self.window_start[w]:
             keys = np.concatenate([self._keys(self.row_groups[i]) for i in self.windows[w]])
             keys = keys[~np.isin(keys, self.skip, assume_unique=True)]
-            order = np.random.default_rng([self.seed, self.rank, self.epoch, w]).permutation(len(keys))
+            order = self._rng(w).permutation(len(keys))
             done.append(keys[order[: self.position - int(self.window_start[w])]])
         done = np.concatenate(done) if done else np.zeros(0, dtype=np.int64)
         return np.union1d(done[~np.isin(done, self.skip, assume_unique=True)], self.skip)
@@ -360,7 +377,7 @@ class ShardLoader:
                 keep = fresh if keep is None else keep & fresh
             win.append(table, g.run, keep, f"{g.file} row group {g.index}")
             del table
-        rng = np.random.default_rng([self.seed, self.rank, self.epoch, w])
+        rng = self._rng(w)
         self.order = rng.permutation(win.n)
         self.use_generic = rng.random(win.n) < self.p_generic
         self.window, self.window_index = win, w
@@ -446,3 +463,108 @@ class ShardLoader:
             self.skip = np.union1d(self.skip, np.intersect1d(old.consumed(), mine, assume_unique=True))
         self.epoch, self.position = max(s["epoch"] for s in states), 0
         self._plan_epoch()
+
+
+class SubtreeStream(ShardLoader):
+    """One level-1 subtree's own endless batches (data.isolated): their order is a function of the subtree's
+    sequences alone, whatever the other subtrees, the rank that reads it or the layout of its shard files.
+
+    The subtree's keys (run, seq_id) are sorted and cut into chunks of shuffle_buffer / 16 consecutive keys
+    (so a window mixes >= 16 of them); each epoch permutes the chunks (seeded by seed, subtree, epoch) into
+    windows of >= shuffle_buffer sequences, and a window's rows, taken in key order from whichever row groups
+    hold them, are shuffled (seed, subtree, epoch, window). Only the order of the keys matters, not their
+    values: pipeline/pack.py numbers a sequence by (leaf, packing group, index), from its leaf's documents.
+    """
+
+    def __init__(self, run_dirs, k: int, depth: int, subtree: int, batch_size: int, seed: int, shuffle_buffer: int):
+        self.subtree = subtree
+        self.chunk = max(1, shuffle_buffer // MIN_ROW_GROUPS_PER_WINDOW)
+        ownership = Ownership(k, depth, 1, ((subtree,),), (0,))
+        super().__init__(run_dirs, ownership, 0, batch_size, seed, 0.0, shuffle_buffer)
+
+    @functools.cached_property
+    def group_keys(self) -> list[np.ndarray]:
+        """Per row group, the keys of this subtree's sequences in it."""
+        return [self._keys(g) for g in self.row_groups]
+
+    @functools.cached_property
+    def sorted_keys(self) -> np.ndarray:
+        return np.sort(np.concatenate(self.group_keys))
+
+    def _rng(self, *window: int) -> np.random.Generator:
+        return np.random.default_rng([self.seed, self.subtree, self.epoch, *window])
+
+    def _plan_epoch(self) -> None:
+        n = len(self.sorted_keys)
+        self._cut_windows([min(self.chunk, n - lo) for lo in range(0, n, self.chunk)])
+
+    def _load_window(self, w: int) -> None:
+        want = np.sort(
+            np.concatenate([self.sorted_keys[c * self.chunk : (c + 1) * self.chunk] for c in self.windows[w]])
+        )
+        win, keys = Window(len(want), self.ownership.depth), []
+        for g, have in zip(self.row_groups, self.group_keys):
+            i = np.searchsorted(want, have.min())
+            if i == len(want) or want[i] > have.max():
+                continue  # none of this window's keys in this row group
+            table = pq.ParquetFile(g.file).read_row_group(g.index, columns=["seq_id", "path", "tokens", "n_valid"])
+            got = sequence_keys(np.full(table.num_rows, g.run), table.column("seq_id").to_numpy())
+            keep = np.isin(got, want, assume_unique=True)
+            win.append(table, g.run, keep, f"{g.file} row group {g.index}")
+            keys.append(got[keep])
+        # key order first, so that the shuffle does not depend on which files and row groups held the rows
+        self.order = np.argsort(np.concatenate(keys))[self._rng(w).permutation(win.n)]
+        self.use_generic = np.zeros(win.n, dtype=bool)
+        self.window, self.window_index = win, w
+
+
+class IsolatedLoader:
+    """data.isolated: a SubtreeStream per level-1 subtree of this rank; each step, each gives its own batch.
+
+    The state is each stream's, keyed by subtree, so a checkpoint resumes on any number of ranks: a rank
+    takes its subtrees' states from whichever old rank held them.
+    """
+
+    def __init__(
+        self,
+        run_dirs,
+        ownership: Ownership,
+        rank: int,
+        subtrees: list[int],
+        batch_size: int,
+        seed: int,
+        shuffle_buffer: int,
+    ):
+        if ownership.level != 1:
+            raise ValueError(f"data.isolated needs level-1 ownership, not level {ownership.level}: use fewer ranks")
+        self.streams = {
+            s: SubtreeStream(run_dirs, ownership.k, ownership.depth, s, batch_size, seed, shuffle_buffer)
+            for s in ownership.subtrees[rank]
+            if s in subtrees
+        }
+
+    def __len__(self) -> int:
+        return sum(len(s) for s in self.streams.values())
+
+    def mixing(self) -> None:
+        """Never a warning: a stream's chunks hold at most shuffle_buffer / 16 sequences, so a window mixes >= 16
+        of them (or single sequences)."""
+
+    def next_batches(self) -> list[Batch]:
+        """One batch from each of this rank's subtrees, in subtree order."""
+        return [s.next_batch() for s in self.streams.values()]
+
+    def state_dict(self) -> dict:
+        return {"streams": {str(s): stream.state_dict() for s, stream in self.streams.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        for s, stream in self.streams.items():
+            if str(s) not in state.get("streams", {}):
+                raise ValueError(
+                    f"the checkpoint's loader state has no stream of subtree {s}: not written with data.isolated"
+                )
+            stream.load_state_dict(state["streams"][str(s)])
+
+    def resume(self, ownership: Ownership, states: list[dict]) -> None:
+        """From a checkpoint of another world size (``ownership`` unused: a stream does not depend on its rank)."""
+        self.load_state_dict({"streams": {s: st for state in states for s, st in state.get("streams", {}).items()}})

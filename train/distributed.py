@@ -153,11 +153,12 @@ class BlockReducer:
             out.append(BlockGrads(level, ids, grads))
         return out
 
-    def clip(self, updates: list[BlockGrads], max_norm: float) -> float:
+    def clip(self, updates: list[BlockGrads], max_norm: float, local: bool = False) -> float:
         """Scale all block gradients by one factor so their global norm is <= max_norm; returns the norm.
 
         Each block is counted once: a shared block by its lowest-ranked holder only. The factor is
-        the same on every rank, so replicas of a shared block stay identical.
+        the same on every rank, so replicas of a shared block stay identical. ``local``: the norm of
+        ``updates`` alone, no collective (data.isolated: one subtree's blocks, held by no other rank).
         """
         sq = torch.zeros((), dtype=torch.float64, device=self.device)
         for u in updates:
@@ -168,7 +169,7 @@ class BlockReducer:
             )
             for g in u.grads.values():
                 sq += (g.double().flatten(1).pow(2).sum(1) * counted).sum()
-        if self.world_size > 1:
+        if self.world_size > 1 and not local:
             dist.all_reduce(sq)  # one scalar: the norm, not the bank
         norm = float(sq.sqrt())
         if max_norm > 0 and norm > max_norm:

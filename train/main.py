@@ -7,7 +7,8 @@
 One step on rank r: a batch from r's own subtrees (train/data.py) fetches only the blocks on its
 paths from r's bank shard; the anchor's gradients go through DeepSpeed (ZeRO), the blocks'
 gradients are reduced only among the ranks holding them (train/distributed.py) and only those
-blocks are updated (train/optim.py). Without --config the demo config is trained. A run resumes
+blocks are updated (train/optim.py); with data.isolated each of r's level-1 subtrees takes its own step
+(docs/DESIGN.md, "Isolated subtrees"). Without --config the demo config is trained. A run resumes
 from OUT/checkpoints/latest when there is one; at the end the model is exported to OUT/export.
 """
 
@@ -24,8 +25,8 @@ import torch.distributed as dist
 from safetensors.torch import load_file
 
 from train import checkpoint
-from train.config import TrainConfig, load_config
-from train.data import ShardLoader, assign_subtrees, read_manifests
+from train.config import TrainConfig, check_world, load_config
+from train.data import IsolatedLoader, ShardLoader, assign_subtrees, nonempty_l1, read_manifests
 from train.distributed import BlockReducer, DistInfo, init, teardown
 from train.export import anchor_weights, export, write_bank_file
 from train.model import Anchor, token_nll
@@ -112,16 +113,9 @@ class Trainer:
         self.rank, self.world, self.device = dist_info.rank, dist_info.world_size, dist_info.device
         self.k, self.depth = int(manifest["k"]), int(manifest["depth"])
         self.ownership = assign_subtrees(manifest, self.world)
-        mem = cfg.memory if cfg.recipe.uses_memory else None
-        self.loader = ShardLoader(
-            run_dirs,
-            self.ownership,
-            self.rank,
-            cfg.data.batch_size,
-            cfg.data.seed,
-            mem.p_generic if mem else 0.0,
-            cfg.data.shuffle_buffer,
-        )
+        self.loader = self.make_loader(run_dirs)
+        # batches of one shape in the whole world per step: one per rank, or one per subtree when isolated
+        self.batches_per_step = len(nonempty_l1(manifest)) if cfg.data.isolated else self.world
         if warning := self.loader.mixing():
             print(f"warning: {warning}", file=sys.stderr, flush=True)
 
@@ -130,7 +124,7 @@ class Trainer:
         self.engine, *_ = deepspeed.initialize(model=anchor, optimizer=optimizer, config=ds_config(cfg, self.bf16))
 
         self.bank = self.mem_optim = self.reducer = None
-        if mem:
+        if cfg.recipe.uses_memory:
             self.build_bank()
 
         self.step, self.tokens_seen = 0, 0
@@ -140,6 +134,15 @@ class Trainer:
             self.resume_from(last)
         self.open_logs("a" if last else "w")  # a resumed run appends (replayed steps log again; the last line wins)
         self.describe()
+
+    def make_loader(self, run_dirs: list[str]):
+        """This rank's ShardLoader, or with data.isolated one stream per level-1 subtree it owns."""
+        d = self.cfg.data
+        if d.isolated:
+            subtrees = nonempty_l1(self.manifest)
+            return IsolatedLoader(run_dirs, self.ownership, self.rank, subtrees, d.batch_size, d.seed, d.shuffle_buffer)
+        p_generic = self.cfg.memory.p_generic if self.cfg.recipe.uses_memory else 0.0
+        return ShardLoader(run_dirs, self.ownership, self.rank, d.batch_size, d.seed, p_generic, d.shuffle_buffer)
 
     def build_bank(self) -> None:
         """This rank's bank shard, the touched-block AdamW that updates it and the reducer of its blocks'
@@ -257,12 +260,14 @@ class Trainer:
         """The fetched blocks' gradients reduced among the ranks holding them, clipped and applied; returns the
         blocks updated and the memory gradient norm."""
         local = [
-            BlockGrads(l + 1, ids, {n: t.grad for n, t in named.items()})
+            BlockGrads(l + 1, ids, {n: t.grad.float() for n, t in named.items()})
             for l, (ids, named) in enumerate(zip(fetched.ids, fetched.params))
             if named
         ]
-        updates = self.reducer.reduce(local)
-        mem_norm = self.reducer.clip(updates, self.cfg.optim.grad_clip)
+        isolated = self.cfg.data.isolated
+        # isolated: a subtree's blocks are on no other rank and its loss is its own: no reduction, its own norm
+        updates = local if isolated else self.reducer.reduce(local)
+        mem_norm = self.reducer.clip(updates, self.cfg.optim.grad_clip, local=isolated)
         self.mem_optim.step(updates, lr_memory)
         return sum(len(u.ids) for u in updates), mem_norm
 
@@ -274,22 +279,27 @@ class Trainer:
         per_l1[1].index_add_(0, l1, mask.sum(1).double())
         return per_l1
 
-    def train_step(self) -> dict:
-        """One optimizer step; returns this rank's raw statistics."""
-        cfg, step = self.cfg, self.step + 1
-        batch = self.loader.next_batch()
-        if self.batch_log:
-            self.log_batch(step, batch)
+    def forward(self, batch) -> tuple:
+        """(the fetched blocks, the masked token losses [B, T], the mask, the mean loss) of one batch."""
         tokens = batch.tokens.to(self.device)
         mask = batch.mask.to(self.device)
         fetched = self.bank.fetch(batch.block_ids, device=self.device) if self.bank else None
         # A frozen anchor runs as the bare module: DeepSpeed's forward arms a hook that refuses a backward
         # not driven by engine.backward, which needs an optimizer the frozen anchor does not have.
-        model = self.engine if cfg.recipe.trains_anchor else self.engine.module
+        model = self.engine if self.cfg.recipe.trains_anchor else self.engine.module
         logits = model(tokens[:, :-1], fetched)
         ce = token_nll(logits, tokens[:, 1:]) * mask
-        loss = ce.sum() / mask.sum().clamp(min=1)
+        return fetched, ce, mask, ce.sum() / mask.sum().clamp(min=1)
 
+    def train_step(self) -> dict:
+        """One optimizer step; returns this rank's raw statistics."""
+        cfg, step = self.cfg, self.step + 1
+        if cfg.data.isolated:
+            return self.isolated_step(step)
+        batch = self.loader.next_batch()
+        if self.batch_log:
+            self.log_batch(step, batch)
+        fetched, ce, mask, loss = self.forward(batch)
         lr_anchor = self.lr("anchor", step)
         lr_memory = self.lr("memory", step)
         if cfg.recipe.trains_anchor:
@@ -306,11 +316,36 @@ class Trainer:
         self.step = step
         return {
             "per_l1": self.loss_per_l1(batch, ce, mask),
-            "tokens": tokens[:, :-1].numel(),
+            "tokens": mask.numel(),
+            "batches": 1,
             "touched": touched,
             "mem_norm": mem_norm,
             "lr_anchor": lr_anchor if cfg.recipe.trains_anchor else 0.0,
             "lr_memory": lr_memory if self.bank else 0.0,
+        }
+
+    def isolated_step(self, step: int) -> dict:
+        """data.isolated: each of this rank's level-1 subtrees its own batch, forward, backward, gradient norm
+        and update, as if it trained alone (frozen anchor, blocks of no other subtree, no generic memory)."""
+        lr_memory = self.lr("memory", step)
+        per_l1, touched, norms = 0, 0, []
+        for batch in self.loader.next_batches():
+            if self.batch_log:
+                self.log_batch(step, batch)
+            fetched, ce, mask, loss = self.forward(batch)
+            loss.backward()
+            n, norm = self.update_memory(fetched, lr_memory)
+            per_l1, touched = per_l1 + self.loss_per_l1(batch, ce, mask), touched + n
+            norms.append(norm)
+        self.step = step
+        return {
+            "per_l1": per_l1,
+            "tokens": len(norms) * mask.numel(),
+            "batches": len(norms),
+            "touched": touched,
+            "mem_norm": max(norms),  # the largest of this rank's subtrees' own norms
+            "lr_anchor": 0.0,
+            "lr_memory": lr_memory,
         }
 
     def lr(self, group: str, step: int) -> float:
@@ -327,7 +362,7 @@ class Trainer:
         t_start, start_step = time.time(), self.step
         while self.step < sched.max_steps:
             stats = self.train_step()
-            self.tokens_seen += stats["tokens"] * self.world  # every rank runs batches of one shape
+            self.tokens_seen += stats["tokens"] // stats["batches"] * self.batches_per_step  # batches of one shape
             window["tokens"] += stats["tokens"]
             window["steps"] += 1
             window["per_l1"] = window["per_l1"] + stats["per_l1"]
@@ -437,6 +472,7 @@ def main(argv=None) -> None:
     try:  # before any process group starts: a bad --data or --set costs no launch
         manifest = read_manifests(args.data)
         cfg = load_config(args.config, args.set, manifest)
+        check_world(cfg, manifest, int(os.environ.get("WORLD_SIZE", "1")))
     except (ValueError, FileNotFoundError) as e:
         fail(e)
     info = init()
