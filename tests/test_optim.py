@@ -93,7 +93,9 @@ def test_save_load_continues_identically(tmp_path):
     for l in b.shapes:
         b.write(l, b.ids[l], a.read(l, a.ids[l]))
     opt_b = TouchedAdamW(b, K, DEPTH, weight_decay=0.1)
-    opt_b.load(str(tmp_path / "opt.safetensors"))
+    with pytest.raises(TypeError, match="list of files"):  # one path as a str would be read as its characters
+        opt_b.load(str(tmp_path / "opt.safetensors"))
+    opt_b.load([str(tmp_path / "opt.safetensors")])
     for opt in (opt_a, opt_b):
         opt.step([grads_for(a, 2, [3, 4], seed=7)], lr=1e-2)
     for l in a.shapes:

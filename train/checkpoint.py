@@ -116,12 +116,19 @@ def save(root: str, step: int, engine, rank: int, state: dict, store=None, mem_o
     return os.path.join(root, tag)
 
 
+def check_file_list(paths) -> None:
+    """A str is iterable too: one path given where a list is expected would be read as its characters."""
+    if isinstance(paths, str):
+        raise TypeError(f"expected a list of files, got the string {paths!r}: pass [{paths!r}]")
+
+
 def gather_rows(paths: list[str], id_key: str, want: torch.Tensor, keys: list[str], shapes: dict, put) -> None:
     """Call ``put(ids, {key: rows})`` for every global block id of ``want`` (sorted), taking each from the first of
     ``paths`` (safetensors files keyed by ``id_key``) that holds it, a chunk of rows at a time. The same code loads
     a rank's own shard (one file) and, after a change of world size, its new blocks from the old shards."""
     from train.store_disk import row_chunks
 
+    check_file_list(paths)
     found = torch.zeros(len(want), dtype=torch.bool)
     for path in paths:
         with open_safetensors(path) as f:
@@ -148,6 +155,7 @@ def bank_files(ckpt: str, ranks: list[int], name: str) -> list[str]:
 
 def load_bank(paths: list[str], store, k: int, depth: int) -> None:
     """Overwrite every block of ``store`` from bank files (``BlockStore.save``) that together hold them."""
+    check_file_list(paths)
     ids = store.owned_ids()
     levels = torch.tensor([block_level(int(i), k, depth) for i in ids.tolist()])
     for path in paths:
