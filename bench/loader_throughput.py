@@ -26,7 +26,7 @@ import time
 
 import numpy as np
 
-from index.rundir import read_manifest, write_manifest
+from index.rundir import SHARD_SCHEMA, read_manifest, write_manifest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 K, DEPTH, SEQ_LEN, VOCAB = 8, 3, 512, 8192
@@ -45,23 +45,13 @@ def write_run(root: str, n_seq: int, row_group: int, seed: int = 0) -> None:
     leaf_of = np.repeat(np.arange(n_leaves), per_leaf)  # sorted by leaf
     os.makedirs(root, exist_ok=True)
     write_tokenizer(os.path.join(root, "tokenizer.json"), 300)
-    schema = pa.schema(
-        [
-            ("seq_id", pa.int64()),
-            ("path", pa.list_(pa.int32())),
-            ("leaf", pa.int64()),
-            ("tokens", pa.list_(pa.int32())),
-            ("n_valid", pa.int32()),
-            ("doc_ids", pa.list_(pa.string())),
-        ]
-    )
     leaf_per_l1 = n_leaves // K
     for i1 in range(K):
         sel = np.flatnonzero(leaf_of // leaf_per_l1 == i1)
         d = os.path.join(root, "shards", f"l1={i1}")
         os.makedirs(d, exist_ok=True)
         for part, rows in enumerate(np.array_split(sel, 2)):
-            with pq.ParquetWriter(os.path.join(d, f"part-{part:05d}.parquet"), schema) as w:
+            with pq.ParquetWriter(os.path.join(d, f"part-{part:05d}.parquet"), SHARD_SCHEMA) as w:
                 for lo in range(0, len(rows), row_group):
                     r = rows[lo : lo + row_group]
                     leaf = leaf_of[r]
@@ -82,7 +72,7 @@ def write_run(root: str, n_seq: int, row_group: int, seed: int = 0) -> None:
                                 "n_valid": pa.array(np.full(n, SEQ_LEN + 1, dtype=np.int32)),
                                 "doc_ids": pa.array([[] for _ in range(n)], type=pa.list_(pa.string())),
                             },
-                            schema=schema,
+                            schema=SHARD_SCHEMA,
                         ),
                         row_group_size=row_group,
                     )

@@ -10,12 +10,27 @@ from __future__ import annotations
 import json
 import os
 
+import pyarrow as pa
+
 FORMAT = "hmem-run/1"
 MANIFEST = "manifest.json"
 # the keys every reader relies on, and their JSON types (docs/FORMATS.md lists the rest) ...
 REQUIRED = {"tree_version": str, "k": int, "depth": int, "levels": list, "config": dict}
 # ... and those a trainer or an evaluator also needs (the router alone does not)
 TRAINING = {"seq_len": int, "vocab_size": int, "eot_id": int, "pad_id": int, "documents_routed": int}
+
+
+# shards/l1=<i1>/*.parquet: packed sequences (docs/FORMATS.md); the job writes it through Spark's equivalent
+SHARD_SCHEMA = pa.schema(
+    [
+        ("seq_id", pa.int64()),
+        ("path", pa.list_(pa.int32())),
+        ("leaf", pa.int64()),
+        ("tokens", pa.list_(pa.int32())),
+        ("n_valid", pa.int32()),
+        ("doc_ids", pa.list_(pa.string())),
+    ]
+)
 
 
 def read_manifest(run_dir: str, need: dict | None = None) -> dict:

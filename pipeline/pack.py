@@ -25,24 +25,16 @@ import numpy as np
 import pandas as pd
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
-from pyspark.sql import types as T
 from pyspark.sql.functions import pandas_udf
+from pyspark.sql.pandas.types import from_arrow_schema
 
+from index import rundir
 from pipeline import tokenizer
 from pipeline.config import JobConfig
 from pipeline.spark import shuffle_partitions, with_lookup
 from pipeline.tokenizer import EOT_ID, PAD_ID
 
-SHARD_SCHEMA = T.StructType(
-    [
-        T.StructField("seq_id", T.LongType()),
-        T.StructField("path", T.ArrayType(T.IntegerType())),
-        T.StructField("leaf", T.LongType()),
-        T.StructField("tokens", T.ArrayType(T.IntegerType())),
-        T.StructField("n_valid", T.IntegerType()),
-        T.StructField("doc_ids", T.ArrayType(T.StringType())),
-    ]
-)
+SHARD_SCHEMA = from_arrow_schema(rundir.SHARD_SCHEMA)  # the format's owner is index/rundir.py
 
 
 def load_or_train_tokenizer(spark: SparkSession, docs: DataFrame, cfg: JobConfig, n_docs: int):

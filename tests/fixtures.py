@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from index.rundir import write_manifest
+from index.rundir import SHARD_SCHEMA, write_manifest
 from index.tree import Tree, local_index
 from pipeline import tokenizer
 from pipeline.tokenizer import EOT_ID, PAD_ID
@@ -73,23 +73,13 @@ def make_run_dir(
                 }
             )
             seq_id += 1
-    schema = pa.schema(
-        [
-            ("seq_id", pa.int64()),
-            ("path", pa.list_(pa.int32())),
-            ("leaf", pa.int64()),
-            ("tokens", pa.list_(pa.int32())),
-            ("n_valid", pa.int32()),
-            ("doc_ids", pa.list_(pa.string())),
-        ]
-    )
     for i1 in range(k):
         part = [r for r in rows if r["path"][0] == i1]
         if part:
             d = os.path.join(root, "shards", f"l1={i1}")
             os.makedirs(d, exist_ok=True)
             pq.write_table(
-                pa.Table.from_pylist(part[::-1], schema=schema),
+                pa.Table.from_pylist(part[::-1], schema=SHARD_SCHEMA),
                 os.path.join(d, "part-00000.parquet"),
                 row_group_size=row_group_size,
             )
