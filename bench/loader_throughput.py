@@ -28,7 +28,6 @@ import numpy as np
 
 from index.rundir import SHARD_SCHEMA, read_manifest, write_manifest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 K, DEPTH, SEQ_LEN, VOCAB = 8, 3, 512, 8192
 
 
@@ -142,24 +141,13 @@ def child(run: str, buffer: int, epochs: int) -> None:
 def training_consumption(run: str, out: str, steps: int) -> float:
     """Sequences/s the demo training consumes over both ranks (deepspeed launcher, 2 CPU ranks)."""
     from bench import ds_launch  # not at the top: the --child process measures its RSS with the loader's imports only
+    from tests.fixtures import trainer_args
 
     ds_launch.run(
         ds_launch.deepspeed_cmd()
-        + [
-            os.path.join(ROOT, "train", "main.py"),
-            "--config",
-            "demo",
-            "--data",
-            run,
-            "--out",
-            out,
-            "--set",
-            f"schedule.max_steps={steps}",
-            "--set",
-            "schedule.save=false",
-            "--set",
-            "schedule.log_every=5",
-        ]
+        + trainer_args(
+            run, out, f"schedule.max_steps={steps}", "schedule.save=false", "schedule.log_every=5", config="demo"
+        )
     )
     with open(os.path.join(out, "metrics.jsonl")) as f:
         rates = [m["tokens_per_s"] for m in map(json.loads, f)][1:]  # the first window holds start-up

@@ -10,7 +10,7 @@ import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from fixtures import PROMPTS, make_run_dir
+from fixtures import PROMPTS, make_run_dir, trainer_args
 
 from index.router import Router
 
@@ -42,20 +42,7 @@ def tiny_export(tmp_path_factory):
     root = tmp_path_factory.mktemp("evaluate")
     run = make_run_dir(str(root / "run"), k=2, depth=2, seq_len=16, dim=384)
     out = root / "model"
-    cmd = [
-        sys.executable,
-        os.path.join(ROOT, "train", "main.py"),
-        "--config",
-        "tiny",
-        "--data",
-        run,
-        "--out",
-        str(out),
-        "--set",
-        "schedule.max_steps=3",
-        "--set",
-        "optim.memory.lr=0.05",
-    ]
+    cmd = [sys.executable] + trainer_args(run, out, "schedule.max_steps=3", "optim.memory.lr=0.05")
     p = subprocess.run(cmd, env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     router = Router.load(run, documents=False)

@@ -18,6 +18,16 @@ from pipeline import tokenizer
 from pipeline.tokenizer import EOT_ID, PAD_ID
 
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def trainer_args(runs: str | list[str], out: str, *sets: str, config: str = "tiny") -> list[str]:
+    """train/main.py and its arguments (``sets``: ``section.key=value`` overrides), after any launcher."""
+    runs = [runs] if isinstance(runs, str) else list(runs)
+    args = [os.path.join(ROOT, "train", "main.py"), "--config", config, "--data", *runs, "--out", str(out)]
+    return args + [a for s in sets for a in ("--set", s)]
+
+
 PROMPTS = {"hydrogen": "the atomic number of hydrogen is", "tree": "memory blocks on a tree"}  # tiny_export's probes
 
 

@@ -20,7 +20,7 @@ import time
 
 import numpy as np
 import pytest
-from fixtures import PROMPTS, make_run_dir
+from fixtures import PROMPTS, make_run_dir, trainer_args
 from test_trainer import BIN, ENV, ROOT, losses, shm_buffers, train
 
 from index.router import Router
@@ -50,16 +50,8 @@ def launch_nodes(run: str, out: str, logs: str) -> tuple[list[subprocess.Popen],
             "127.0.0.1",
             "--master_port",
             str(port),
-            os.path.join(ROOT, "train", "main.py"),
-            "--config",
-            "tiny",
-            "--data",
-            run,
-            "--out",
-            out,
+            *trainer_args(run, out, *SETS),
         ]
-        for s in SETS:
-            cmd += ["--set", s]
         with open(os.path.join(logs, f"node{node}.{port}.log"), "w") as log:
             procs.append(
                 subprocess.Popen(cmd, env=ENV, cwd=ROOT, start_new_session=True, stdout=log, stderr=subprocess.STDOUT)

@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-from fixtures import make_run_dir
+from fixtures import make_run_dir, trainer_args
 from safetensors.torch import load_file
 
 from index.tree import generic_block_ids, n_tree_blocks, path_block_ids
@@ -41,18 +41,7 @@ def launcher(kind: str, nproc: int) -> list[str]:
 
 
 def train_cmd(kind: str, run: str, out: str, *sets: str, nproc: int = 2) -> list[str]:
-    cmd = launcher(kind, nproc) + [
-        os.path.join(ROOT, "train", "main.py"),
-        "--config",
-        "tiny",
-        "--data",
-        run,
-        "--out",
-        out,
-    ]
-    for s in sets:
-        cmd += ["--set", s]
-    return cmd
+    return launcher(kind, nproc) + trainer_args(run, out, *sets)
 
 
 def shm_buffers(cmd: list[str]) -> list[str]:
@@ -238,20 +227,7 @@ def test_input_errors_are_one_line_once_per_launch(problem, run, tmp_path):
 def test_trains_on_two_runs_with_one_tree(run, tmp_path):
     other = make_run_dir(str(tmp_path / "b"), k=2, depth=2, seqs_per_leaf=[4, 0, 7, 3])  # seed 0: run's tree
     out = str(tmp_path / "out")
-    cmd = launcher("torchrun", 2) + [
-        os.path.join(ROOT, "train", "main.py"),
-        "--config",
-        "tiny",
-        "--data",
-        run,
-        other,
-        "--out",
-        out,
-        "--set",
-        "schedule.max_steps=6",
-        "--set",
-        "schedule.log_batches=true",
-    ]
+    cmd = launcher("torchrun", 2) + trainer_args([run, other], out, "schedule.max_steps=6", "schedule.log_batches=true")
     p = subprocess.run(cmd, env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     paths = [
