@@ -175,8 +175,9 @@ MIN_ROW_GROUPS_PER_WINDOW = 16  # fewer, and a window is a handful of leaves (se
 RUN_SHIFT = 40  # a sequence's key across runs: run << RUN_SHIFT | seq_id (seq_id < 2^40 within one run)
 
 
-def sequence_keys(runs: np.ndarray, seq_ids: np.ndarray) -> np.ndarray:
-    return (np.asarray(runs, dtype=np.int64) << RUN_SHIFT) | np.asarray(seq_ids, dtype=np.int64)
+def sequence_keys(run: int, table) -> np.ndarray:
+    """The keys of a shard table's rows (its ``seq_id`` column), read from run directory ``run``."""
+    return (np.int64(run) << RUN_SHIFT) | table.column("seq_id").to_numpy().astype(np.int64)
 
 
 @dataclass(frozen=True)
@@ -345,7 +346,7 @@ class ShardLoader:
     def _keys(self, g: RowGroup) -> np.ndarray:
         """Keys of this rank's sequences in row group ``g``, in the order a window appends them."""
         table = pq.ParquetFile(g.file).read_row_group(g.index, columns=["seq_id", "leaf"])
-        keys = sequence_keys(np.full(table.num_rows, g.run), table.column("seq_id").to_numpy())
+        keys = sequence_keys(g.run, table)
         return keys[self.owned_leaf[table.column("leaf").to_numpy()]] if g.partial else keys
 
     def _rows_left(self) -> list[int]:
@@ -372,7 +373,7 @@ class ShardLoader:
             table = pq.ParquetFile(g.file).read_row_group(g.index, columns=columns)
             keep = self.owned_leaf[table.column("leaf").to_numpy()] if g.partial else None
             if len(self.skip):
-                keys = sequence_keys(np.full(table.num_rows, g.run), table.column("seq_id").to_numpy())
+                keys = sequence_keys(g.run, table)
                 fresh = ~np.isin(keys, self.skip, assume_unique=True)
                 keep = fresh if keep is None else keep & fresh
             win.append(table, g.run, keep, f"{g.file} row group {g.index}")
@@ -508,7 +509,7 @@ class SubtreeStream(ShardLoader):
             if i == len(want) or want[i] > have.max():
                 continue  # none of this window's keys in this row group
             table = pq.ParquetFile(g.file).read_row_group(g.index, columns=["seq_id", "path", "tokens", "n_valid"])
-            got = sequence_keys(np.full(table.num_rows, g.run), table.column("seq_id").to_numpy())
+            got = sequence_keys(g.run, table)
             keep = np.isin(got, want, assume_unique=True)
             win.append(table, g.run, keep, f"{g.file} row group {g.index}")
             keys.append(got[keep])
