@@ -66,6 +66,7 @@ class ScheduleConfig:
 class RecipeConfig:
     name: str = "cotrain"  # cotrain | memory_only (frozen anchor) | anchor_only (dense baseline)
     init_anchor: str | None = None  # an exported model directory whose anchor starts the run
+    init_memory: str | None = None  # an exported model directory whose bank starts the run (hmem.learn)
 
     def __post_init__(self):
         if self.name not in RECIPES:
@@ -112,6 +113,8 @@ class TrainConfig:
                 "recipe memory_only freezes the anchor: set recipe.init_anchor to an exported model "
                 "directory, or model.hf to a transformers checkpoint"
             )
+        if self.recipe.init_memory and not self.recipe.uses_memory:
+            raise ValueError(f"recipe.init_memory {self.recipe.init_memory}: recipe {self.recipe.name} has no memory")
         if self.data.isolated:
             self.check_isolated()
 

@@ -129,9 +129,12 @@ def export(
 
 
 def write_meta(directory: str, meta: dict) -> None:
-    """An export's meta.json, stamped with FORMAT."""
-    with open(os.path.join(directory, "meta.json"), "w") as f:
+    """An export's meta.json, stamped with FORMAT; written to a new file and renamed, so a crash leaves the old
+    one and a hard link to another export's meta.json (hmem.forget, hmem.learn) is replaced, never written."""
+    path = os.path.join(directory, "meta.json")
+    with open(path + ".tmp", "w") as f:
         json.dump({**meta, "format": FORMAT}, f, indent=2)
+    os.replace(path + ".tmp", path)
 
 
 def read_meta(directory: str) -> dict:

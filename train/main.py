@@ -167,11 +167,36 @@ class Trainer:
             self.loader = Prefetcher(self.loader, store, mem.prefetch_batches)
         else:
             self.bank = MemoryBank.create(mem, cfg.model, owned, device=self.device)
+        if cfg.recipe.init_memory:
+            self.load_init_memory(cfg.recipe.init_memory)
         m = cfg.optim.memory
         self.mem_optim = TouchedAdamW(
             self.bank.store, self.k, self.depth, cfg.optim.betas, cfg.optim.eps, m.weight_decay
         )
         self.reducer = BlockReducer(self.ownership, self.rank, self.device, self.bank.store.shapes)
+
+    def load_init_memory(self, export: str) -> None:
+        """recipe.init_memory: this rank's blocks from an export's bank (same tree and memory shapes), read
+        lazily, level by level; the moments start at zero."""
+        from train.export import read_meta
+        from train.lazy_store import LazyBlockStore
+
+        meta = read_meta(export)
+        if meta["tree_version"] != self.manifest["tree_version"] or meta["memory"] is None:
+            raise ValueError(
+                f"recipe.init_memory {export}: a model with memory on tree {meta['tree_version']} is needed, the run "
+                f"has tree {self.manifest['tree_version']}"
+            )
+        src = LazyBlockStore([os.path.join(export, f) for f in sorted(meta["bank_files"])])
+        store = self.bank.store
+        for level, ids in store.ids.items():
+            if not len(ids):
+                continue
+            if src.shapes.get(level) != store.shapes[level]:
+                raise ValueError(
+                    f"recipe.init_memory {export}: level {level} blocks differ in shape from this config's"
+                )
+            store.write(level, torch.as_tensor(ids), src.read(level, torch.as_tensor(ids)))
 
     def resume_from(self, last: str) -> None:
         """The engine, this rank's blocks and moments, the loader's position and the counters from checkpoint
