@@ -6,8 +6,9 @@
 Fetch. The first words of ``--prompts`` of the run's documents, routed by the model's routing, make two
 streams: topic-coherent (sorted by path: consecutive prompts in one level-1 subtree) and random. Each
 prompt's blocks are fetched (MemoryBank.fetch) through a CachedBlockStore of ``--cache-mb`` over the
-export's bank, level 1 resident, and through the same cache over a flat bank of the same fetched size
-(one block per leaf holding a whole path's units: no shared ancestors), cold (the cache empty and the
+export's bank, levels <= ``--resident-levels`` resident, and over a flat bank of the same fetched size (one
+block per leaf holding a whole path's units: no shared ancestors) through a cache of the same RAM (``--cache-mb``
+plus the resident levels' bytes), cold (the cache empty and the
 bank files dropped from the OS page cache) and warm (the same stream again). Per case: p50 / p95 ms, the
 cache hit rate and the MiB read from the bank files per prompt (the figure a loaded machine does not blur).
 
@@ -84,7 +85,11 @@ def fetch_bench(asker, model: str, prompts: list[str], cache_mb: float, resident
         for name, order in streams.items():
             for kind in ("hierarchical", "flat"):
                 files = hier_files if kind == "hierarchical" else [flat_path]
-                store = CachedBlockStore(LazyBlockStore(files), budget, resident if kind == "hierarchical" else 0)
+                if kind == "hierarchical":
+                    store = CachedBlockStore(LazyBlockStore(files), budget, resident)
+                    same_ram = budget + store.resident.nbytes()  # the flat bank's cache gets the resident bytes too
+                else:
+                    store = CachedBlockStore(LazyBlockStore(files), same_ram, 0)
                 cfg = ev.bank.config if kind == "hierarchical" else flat_cfg
                 bank = MemoryBank(cfg, ev.anchor.cfg.n_layers, ev.anchor.cfg.d_model, store)
                 ids = torch.from_numpy(

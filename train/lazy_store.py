@@ -22,7 +22,7 @@ from collections import OrderedDict
 import numpy as np
 import torch
 
-from train.memory import BANK_FORMAT, BlockStore, TensorBlockStore
+from train.memory import BANK_FORMAT, BlockStore, TensorBlockStore, store_rows
 
 _DTYPES = {
     "F64": torch.float64,
@@ -186,6 +186,9 @@ class CachedBlockStore(BlockStore):
         self.fetched += ids.numel()
         try:
             if level in self.resident.shapes:
+                if ids.numel() == 1:  # one prompt's block: a view, no copy (nothing writes through this store)
+                    row = int(store_rows(self.resident.ids, level, ids)[0])
+                    return {n: t.narrow(0, row, 1) for n, t in self.resident.tensors[level].items()}
                 return self.resident.read(level, ids)
             ids = ids.tolist()
             if not ids:
@@ -200,7 +203,10 @@ class CachedBlockStore(BlockStore):
                 if i not in got:
                     got[i] = self.cache[(level, i)]
                     self.cache.move_to_end((level, i))
-            out = {n: torch.stack([got[i][n] for i in ids]) for n in self.shapes[level]}
+            if len(ids) == 1:  # the cached block itself, viewed: no copy
+                out = {n: got[ids[0]][n].unsqueeze(0) for n in self.shapes[level]}
+            else:
+                out = {n: torch.stack([got[i][n] for i in ids]) for n in self.shapes[level]}
             for i in missing:
                 self._keep((level, i), got[i])
             return out
