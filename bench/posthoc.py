@@ -1,322 +1,540 @@
-"""Post-hoc memory: does FFN memory added to a frozen pretrained model learn rare facts without forgetting?
+"""Post-hoc memory on a real pretrained model: does FFN memory on the FROZEN base learn facts it lacks, without
+forgetting what it knows? Against a LoRA of the fetched memory's size and a full fine-tune, at equal tokens.
 
-Per seed, via the real CLIs (bench/longtail.py's corpus and configs):
-1. the long-tail corpus (jobs/build_longtail.py); its BBC articles alone -> the Spark job -> a dense
-   anchor pretrained on them (configs/longtail/anchor.yaml, --pretrain-epochs), so the facts are new to it;
-   exported as a transformers Llama checkpoint (hmem-hf export);
-2. the whole long-tail corpus -> the Spark job packed with that checkpoint's tokenizer (--tokenizer DIR);
-3. FFN memory on the frozen checkpoint (model.hf, recipe memory_only: configs/longtail/posthoc.yaml) and
-   4. the fair dense baseline, a full fine-tune of the same base (anchor_only from the BBC anchor), both
-   for --epochs over the long-tail run: the same tokens in the same order;
-5. python -m train.evaluate on each. The base row is the memory model with no memory: the frozen
-   checkpoint itself (its BBC perplexity is also measured on the BBC run, as the project anchor, to
-   show the export is exact).
+    python -m bench.posthoc [--base models/smollm2-135m] [--out runs/posthoc] [--seed 0] [--sizes 100]
+        [--epochs 8] [--sweep memory=1e-3,3e-3 lora=3e-4,1e-3 full=1e-5,3e-5] [--cores 2] [--force]
 
-    python -m bench.posthoc [--out runs/posthoc] [--seeds 0] [--epochs 1] [--pretrain-epochs 3] [--cores 2]
+Per seed, via the real CLIs (``make smollm2`` makes the base):
+1. new facts: synthetic people (configs/posthoc/people.yaml, jobs/build_longtail.py), ``--sizes`` of them per
+   capacity point; their probes split by entity into a validation fifth (learning rates) and a test rest;
+2. the Spark job packs them with the base's tokenizer (configs/posthoc/job.yaml), ``hmem-index`` indexes them;
+3. known facts: element symbols and capitals (both ways) that the base answers right, found by running the
+   base (``retention.jsonl``);
+4. per method and learning rate (the sweep at the first size only; later sizes use the learning rate with
+   the best validation accuracy): FFN memory (train/main.py, recipe memory_only, configs/posthoc/memory.yaml),
+   LoRA on q, v, gate, up, down with the rank that matches the fetched memory's parameters, and a full
+   fine-tune (``finetune`` below: the run's packed sequences, same batch, steps and schedule);
+5. ``hmem-evaluate`` on every model: test probes per frequency bucket (memory: routed, oracle leaf, blocked,
+   generic, none = the base), the known facts, and held-out BBC perplexity.
+Also ``speed``: the frozen base's forward+backward tokens/s, measured in this invocation, against the memory
+training's logged tokens/s.
 
-Writes OUT/results.md and OUT/results.json. Stages are fingerprinted as in bench/longtail.py: an interrupted
-run resumes, a changed config or corpus reruns what depends on it. The last line is
-the headline: rarest-bucket accuracy (base, base + memory, dense fine-tune) and held-out BBC perplexity.
+Writes OUT/results.md and OUT/results.json; stages resume as in bench/longtail.py. The last line is the
+headline: rarest-bucket accuracy at the largest size and the share of known facts kept, per method.
+
+Sub-commands the stages call: ``finetune`` (LoRA / full fine-tune of a transformers model on a run's
+sequences, saved as a transformers checkpoint plus an hmem export without memory), ``dense-export`` and
+``speed``.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
+import shutil
 import sys
 import time
 
-from bench.longtail import CONFIGS, Stages, cluster_cmd, mean, pct, train_cmd
+import numpy as np
+
+from bench.longtail import BIN, ROOT, Stages, pct
 from index.rundir import read_manifest
 
-# table rows: (label, model, memory setting of train.evaluate)
-ROWS = [
+CONFIGS = os.path.join(ROOT, "configs", "posthoc")
+METHODS = ("memory", "lora", "full")
+SWEEP = {"memory": [1e-3, 3e-3], "lora": [3e-4, 1e-3], "full": [1e-5, 3e-5]}
+BATCH = 8  # configs/posthoc/memory.yaml data.batch_size: every method reads the same sequences per step
+LORA_TARGETS = ("q_proj", "v_proj", "gate_proj", "up_proj", "down_proj")
+ROWS = [  # (label, method, setting of train.evaluate)
     ("base (frozen, no memory)", "memory", "none"),
     ("base + memory, routed", "memory", "fetched"),
-    ("base + memory, routed by descent", "memory", "fetched[descent]"),
     ("base + memory, oracle leaf", "memory", "oracle"),
     ("base + memory, blocked", "memory", "blocked"),
     ("base + memory, generic", "memory", "generic"),
-    ("dense fine-tune", "finetune", "none"),
-]
-PPL_ROWS = [
-    ("base (frozen)", "memory", "none"),
-    ("base + memory, routed", "memory", "fetched"),
-    ("base + memory, generic", "memory", "generic"),
-    ("dense fine-tune", "finetune", "none"),
+    ("LoRA (fetched-size)", "lora", "none"),
+    ("full fine-tune", "full", "none"),
 ]
 
 
-def run_seed(out: str, seed: int, epochs: float, pretrain_epochs: float, cores: int, force: bool) -> dict:
-    d = os.path.join(out, f"seed{seed}")
-    data, logs, models, ev = (os.path.join(d, x) for x in ("data", "logs", "models", "eval"))
-    for x in (logs, ev):
-        os.makedirs(x, exist_ok=True)
-    st = Stages(d, cores, force)
-    st.run(
-        "corpus",
-        [
-            sys.executable,
-            "jobs/build_longtail.py",
-            "--out",
-            data,
-            "--config",
-            f"{CONFIGS}/corpus.yaml",
-            "--seed",
-            str(seed),
-        ],
-        os.path.join(data, "summary.json"),
-        f"{logs}/corpus.log",
-        files=[f"{CONFIGS}/corpus.yaml"],
+# ---------------------------------------------------------------- sub-commands
+
+
+def dense_export(hf_dir: str, run: str, out: str) -> None:
+    """An hmem export of a transformers model without memory (train.export.load_model and hmem-evaluate read it)."""
+    from train.export import write_meta
+    from train.hf import model_config
+
+    m = read_manifest(run)
+    os.makedirs(out, exist_ok=True)
+    shutil.copy(os.path.join(run, "tokenizer.json"), os.path.join(out, "tokenizer.json"))
+    cfg = model_config(hf_dir)
+    meta = {k: m[k] for k in ("tree_version", "k", "depth", "seq_len", "eot_id", "pad_id")}
+    from dataclasses import asdict
+
+    write_meta(out, dict(meta, model=asdict(cfg), memory=None, routing=None, train=None, step=0, runs=[run]))
+
+
+def run_sequences(run: str) -> tuple[np.ndarray, np.ndarray]:
+    """The run's packed sequences in seq_id order: tokens [N, T+1] and n_valid [N]."""
+    import pyarrow.dataset as ds
+
+    t = ds.dataset(os.path.join(run, "shards"), format="parquet", partitioning="hive").to_table(
+        columns=["seq_id", "tokens", "n_valid"]
     )
-    bbc = os.path.join(data, "bbc_train.jsonl")  # the base's pretraining corpus: the BBC articles alone
-    with open(os.path.join(data, "train.jsonl")) as f, open(bbc + ".tmp", "w") as g:
-        g.writelines(line for line in f if json.loads(line)["source"] == "bbc")
-    os.replace(bbc + ".tmp", bbc)
+    t = t.sort_by("seq_id")
+    return np.array(t["tokens"].to_pylist(), dtype=np.int64), t["n_valid"].to_numpy()
 
-    def cluster(name: str, src: str, run: str, files: list[str], *extra: str) -> dict:
-        st.run(
-            name,
-            cluster_cmd(src, run, seed, cores, *extra),
-            os.path.join(run, "manifest.json"),
-            f"{logs}/{name.replace(' ', '_')}.log",
-            files=[src, f"{CONFIGS}/job.yaml", *files],
-            clear=run,
-        )
-        return read_manifest(run)
 
-    def train(name: str, config: str, run: str, mdir: str, steps: int, after: list[str], *sets: str) -> dict:
-        st.run(
-            name,
-            train_cmd(config, run, mdir, steps, seed, *sets),
-            os.path.join(mdir, "export", "meta.json"),
-            f"{logs}/{name.replace(' ', '_')}.log",
-            files=[config],
-            after=after,
-            clear=mdir,
-        )
-        with open(os.path.join(mdir, "metrics.jsonl")) as f:
-            last = [json.loads(line) for line in f][-1]
-        return {"final_loss": last["loss"], "steps": steps}
+def lora_rank(model, fetched_params: int) -> int:
+    """The LoRA rank on LORA_TARGETS whose trainable parameters come closest to ``fetched_params``."""
+    per_rank = sum(
+        m.in_features + m.out_features
+        for name, m in model.named_modules()
+        if name.split(".")[-1] in LORA_TARGETS and hasattr(m, "in_features")
+    )
+    return max(1, round(fetched_params / per_rank))
 
-    def evaluate(name: str, model: str, run: str, after: list[str], *extra: str) -> dict:
-        out = f"{ev}/{name}.json"
-        st.run(
-            f"evaluate {name}",
-            [
-                sys.executable,
-                "-m",
-                "train.evaluate",
-                "--model",
-                model,
-                "--run",
-                run,
-                "--heldout",
-                f"{data}/heldout.jsonl",
-                "--out",
-                out,
-                *extra,
-            ],
-            out,
-            f"{logs}/evaluate_{name}.log",
-            files=[f"{data}/heldout.jsonl", f"{data}/probes.jsonl"],
-            after=after,
+
+def finetune(args) -> None:
+    """LoRA or full fine-tune on the run's sequences: seeded order per epoch, ``BATCH`` per step, AdamW with
+    the trainer's warmup + cosine schedule and clipping, the trainer's masked token loss."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from train.model import token_nll
+    from train.optim import lr_at
+
+    torch.manual_seed(args.seed)
+    model = AutoModelForCausalLM.from_pretrained(args.base, torch_dtype=torch.float32)
+    if args.method == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        r = lora_rank(model, args.fetched_params)
+        model = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=LORA_TARGETS))
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    tokens, n_valid = run_sequences(args.run)
+    n, log = len(tokens), []
+    t0 = time.time()
+    for step in range(1, args.steps + 1):
+        first = (step - 1) * BATCH
+        rows = [np.random.default_rng((args.seed, i // n)).permutation(n)[i % n] for i in range(first, first + BATCH)]
+        x = torch.from_numpy(tokens[rows])
+        mask = torch.arange(1, x.shape[1])[None, :] < torch.from_numpy(n_valid[rows])[:, None]
+        logits = model(input_ids=x[:, :-1]).logits
+        loss = (token_nll(logits, x[:, 1:]) * mask).sum() / mask.sum().clamp(min=1)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, args.lr, args.steps, warmup_steps=10)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if step % 5 == 0 or step == args.steps:
+            rate = step * BATCH * (x.shape[1] - 1) / (time.time() - t0)
+            log.append({"step": step, "loss": float(loss), "tokens_per_s": rate})
+            print(f"step {step}/{args.steps} loss {float(loss):.4f} {rate:.0f} tokens/s", flush=True)
+    if args.method == "lora":
+        model = model.merge_and_unload()
+    hf = os.path.join(args.out, "hf")
+    model.save_pretrained(hf, safe_serialization=True)
+    for f in os.listdir(args.base):
+        if f.startswith(("tokenizer", "special_tokens", "generation_config")):
+            shutil.copy(os.path.join(args.base, f), os.path.join(hf, f))
+    with open(os.path.join(args.out, "metrics.json"), "w") as f:
+        json.dump({"trainable_params": sum(p.numel() for p in params), "log": log}, f)
+    dense_export(hf, args.run, os.path.join(args.out, "export"))
+
+
+def speed(args) -> None:
+    """Frozen base forward+backward tokens/s (gradient to the hidden states only, as memory training needs),
+    on the run's sequences, ``BATCH`` x T, after a warm-up step."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(args.base, torch_dtype=torch.float32).requires_grad_(False)
+    tokens, _ = run_sequences(args.run)
+    x = torch.from_numpy(tokens[:BATCH])
+    times = []
+    for i in range(args.steps + 1):
+        t = time.perf_counter()
+        h = model.get_input_embeddings()(x[:, :-1]).requires_grad_(True)
+        model(inputs_embeds=h).logits.float().logsumexp(-1).mean().backward()
+        times.append(time.perf_counter() - t)
+    rate = BATCH * (x.shape[1] - 1) / float(np.median(times[1:]))
+    with open(args.out, "w") as f:
+        json.dump({"frozen_fwd_bwd_tokens_per_s": rate, "step_seconds": times[1:]}, f)
+
+
+# ---------------------------------------------------------------- the chain
+
+
+def split_probes(data: str) -> None:
+    """probes.jsonl -> probes_val.jsonl (a fifth of the entities, by a hash of the name) and probes_test.jsonl."""
+    with open(os.path.join(data, "probes.jsonl")) as f:
+        probes = [json.loads(line) for line in f]
+    val = lambda p: int(hashlib.sha256(p["entity"].encode()).hexdigest(), 16) % 5 == 0  # noqa: E731
+    for name, keep in (("val", True), ("test", False)):
+        with open(os.path.join(data, f"probes_{name}.jsonl"), "w") as f:
+            f.writelines(json.dumps(p) + "\n" for p in probes if val(p) == keep)
+
+
+def known_candidates(path: str) -> None:
+    """Retention candidates (hmem-evaluate then says which the base knows): element symbols (mendeleev) and
+    capitals both ways (countryinfo). Probes the base answers in another form ("Au" in quotes, codes) drop out."""
+    from countryinfo import all_countries
+
+    from corpora.longtail import element_entities
+
+    rows = [
+        (f"The chemical symbol of {e.name} is", e.probes["symbol"][1], e.name, "symbol") for e in element_entities()
+    ]
+    for c in all_countries():
+        if isinstance(c.capital(), str) and c.capital():  # a list names several capitals: no one answer
+            rows.append((f"The capital of {c.name()} is", c.capital(), c.name(), "capital"))
+            rows.append((f"{c.capital()} is the capital of", c.name(), c.name(), "country_of_capital"))
+    with open(path, "w") as f:
+        for q, a, entity, fact in rows:
+            f.write(json.dumps({"prompt": q, "answer": a, "entity": entity, "frequency": 1, "fact": fact}) + "\n")
+
+
+def keep_known(evaluation: str, out: str) -> int:
+    with open(evaluation) as f:
+        records = json.load(f)["probes"]["records"]
+    keep = [r for r in records if r["none"]]
+    with open(out, "w") as f:
+        for r in keep:
+            f.write(json.dumps({k: r[k] for k in ("prompt", "answer", "entity", "frequency", "fact")}) + "\n")
+    return len(keep)
+
+
+class Chain:
+    """One seed's stages (bench/longtail.py Stages: fingerprinted, resumable)."""
+
+    def __init__(self, args, seed: int):
+        self.args, self.seed = args, seed
+        self.d = os.path.join(args.out, f"seed{seed}")
+        self.logs = os.path.join(self.d, "logs")
+        os.makedirs(self.logs, exist_ok=True)
+        self.st = Stages(self.d, args.cores, args.force)
+        self.base = os.path.abspath(args.base)
+
+    def stage(self, name: str, cmd: list[str], done: str, after=(), files=(), clear=None) -> None:
+        log = os.path.join(self.logs, name.replace(" ", "_").replace("=", "") + ".log")
+        self.st.run(name, cmd, done, log, files=list(files), after=list(after), clear=clear)
+
+    def data(self, n: int) -> tuple[str, str]:
+        """The corpus of ``n`` people, packed and indexed: (data dir, run dir)."""
+        data, run = os.path.join(self.d, f"data{n}"), os.path.join(self.d, f"run{n}")
+        os.makedirs(data, exist_ok=True)
+        import yaml
+
+        with open(os.path.join(CONFIGS, "people.yaml")) as f:
+            cfg = dict(yaml.safe_load(f), people=n, seed=self.seed)
+        conf = os.path.join(data, "corpus.yaml")
+        with open(conf, "w") as f:
+            yaml.safe_dump(cfg, f)
+        self.stage(
+            f"corpus {n}",
+            [sys.executable, "jobs/build_longtail.py", "--out", data, "--config", conf],
+            os.path.join(data, "summary.json"),
+            files=[conf],
         )
+        split_probes(data)
+        cmd = [
+            f"{BIN}/spark-submit",
+            "--master",
+            f"local[{self.args.cores}]",
+            "--conf",
+            "spark.driver.memory=2g",
+            "jobs/cluster_corpus.py",
+            "--config",
+            f"{CONFIGS}/job.yaml",
+            "--input",
+            f"{data}/train.jsonl",
+            "--id-column",
+            "id",
+            "--seed",
+            str(self.seed),
+            "--tokenizer",
+            self.base,
+            "--output",
+            run,
+        ]
+        self.stage(
+            f"cluster {n}", cmd, os.path.join(run, "manifest.json"), [f"corpus {n}"], [f"{CONFIGS}/job.yaml"], clear=run
+        )
+        self.stage(
+            f"index {n}",
+            [sys.executable, "jobs/build_index.py", "--run", run],
+            os.path.join(run, "index", "index.json"),
+            [f"cluster {n}"],
+            clear=os.path.join(run, "index"),
+        )
+        return data, run
+
+    def evaluate(self, name: str, model: str, run: str, after: list[str], probes: str, heldout: str | None) -> dict:
+        out = os.path.join(self.d, "eval", f"{name}.json")
+        os.makedirs(os.path.dirname(out), exist_ok=True)
+        cmd = [sys.executable, "-m", "train.evaluate", "--model", model, "--run", run, "--probes", probes, "--out", out]
+        cmd += ["--heldout", heldout, "--max-docs", "10"] if heldout else []  # 10 articles: ~50 windows
+        self.stage(f"evaluate {name}", cmd, out, after, [probes])
         with open(out) as f:
             return json.load(f)
 
-    batch = 16  # configs/longtail/*.yaml: 16 sequences per step
-    bbc_run = os.path.join(d, "run_bbc")
-    m_bbc = cluster("cluster bbc", bbc, bbc_run, [])
-    pre_steps = math.ceil(pretrain_epochs * m_bbc["sequences"] / batch)
-    base = os.path.join(models, "base")
-    result = {
-        "seed": seed,
-        "train": {"base": train("pretrain base", f"{CONFIGS}/anchor.yaml", bbc_run, base, pre_steps, ["cluster bbc"])},
-    }
-    hf_dir = os.path.join(models, "base_hf")
-    st.run(
-        "export base",
-        [sys.executable, "-m", "train.hf_cli", "export", "--model", f"{base}/export", "--out", hf_dir],
-        os.path.join(hf_dir, "model.safetensors"),
-        f"{logs}/export_base.log",
-        after=["pretrain base"],
-        clear=hf_dir,
+    def train(self, method: str, lr: float, n: int, run: str, steps: int, fetched: int) -> tuple[str, str]:
+        """(export dir, stage name) of ``method`` at ``lr`` on the run of ``n`` people."""
+        name = f"{method} {n} lr={lr:g}"
+        mdir = os.path.join(self.d, "models", name.replace(" ", "_"))
+        if method == "memory":
+            cmd = [
+                sys.executable,
+                "train/main.py",
+                "--config",
+                f"{CONFIGS}/memory.yaml",
+                "--data",
+                run,
+                "--out",
+                mdir,
+                "--no-resume",
+            ]
+            for s in (
+                f"model.hf={self.base}",
+                f"optim.memory.lr={lr}",
+                f"schedule.max_steps={steps}",
+                f"data.seed={self.seed}",
+                f"memory.seed={self.seed}",
+            ):
+                cmd += ["--set", s]
+            files = [f"{CONFIGS}/memory.yaml"]
+        else:
+            cmd = [
+                sys.executable,
+                "-m",
+                "bench.posthoc",
+                "finetune",
+                "--base",
+                self.base,
+                "--run",
+                run,
+                "--out",
+                mdir,
+                "--method",
+                method,
+                "--lr",
+                str(lr),
+                "--steps",
+                str(steps),
+                "--seed",
+                str(self.seed),
+                "--fetched-params",
+                str(fetched),
+            ]
+            files = []
+        self.stage(f"train {name}", cmd, os.path.join(mdir, "export", "meta.json"), [f"index {n}"], files, clear=mdir)
+        return os.path.join(mdir, "export"), f"train {name}"
+
+
+def fetched_params(base: str) -> int:
+    """Parameters a sequence fetches with configs/posthoc/memory.yaml's ranks on ``base`` (3 x d per FFN unit)."""
+    import yaml
+
+    with open(os.path.join(base, "config.json")) as f:
+        hf = json.load(f)
+    with open(os.path.join(CONFIGS, "memory.yaml")) as f:
+        ranks = yaml.safe_load(f)["memory"]["ranks"]
+    return sum(ranks) * 3 * hf["hidden_size"] * hf["num_hidden_layers"]
+
+
+def train_rate(export: str) -> float | None:
+    """Median logged tokens/s of the training that wrote ``export`` (the first log line left out: warm-up)."""
+    mdir = os.path.dirname(export)
+    if os.path.exists(os.path.join(mdir, "metrics.jsonl")):
+        with open(os.path.join(mdir, "metrics.jsonl")) as f:
+            rates = [json.loads(line)["tokens_per_s"] for line in f]
+    else:
+        with open(os.path.join(mdir, "metrics.json")) as f:
+            rates = [r["tokens_per_s"] for r in json.load(f)["log"]]
+    return float(np.median(rates[1:] or rates)) if rates else None
+
+
+def retention_set(c: Chain, run: str, after: str) -> tuple[str, int, int]:
+    """(retention.jsonl, known facts kept, candidates): the candidates the base answers right."""
+    base_export = os.path.join(c.d, "models", "base", "export")
+    cmd = [sys.executable, "-m", "bench.posthoc", "dense-export", "--hf", c.base, "--run", run, "--out", base_export]
+    c.stage("base export", cmd, os.path.join(base_export, "meta.json"), [after], clear=base_export)
+    cand = os.path.join(c.d, "known_candidates.jsonl")
+    known_candidates(cand)
+    ev = c.evaluate("base on known candidates", base_export, run, ["base export"], cand, None)
+    retention = os.path.join(c.d, "retention.jsonl")
+    return (
+        retention,
+        keep_known(os.path.join(c.d, "eval", "base on known candidates.json"), retention),
+        len(ev["probes"]["records"]),
     )
 
-    lt_run = os.path.join(d, "run")
-    m = cluster(
-        "cluster longtail",
-        f"{data}/train.jsonl",
-        lt_run,
-        [os.path.join(hf_dir, "tokenizer.json")],
-        "--tokenizer",
-        hf_dir,
+
+def run_seed(args, seed: int) -> dict:
+    c = Chain(args, seed)
+    fetched = fetched_params(c.base)
+    data0, run0 = c.data(args.sizes[0])
+    retention, n_known, n_cand = retention_set(c, run0, f"index {args.sizes[0]}")
+    speed_out = os.path.join(c.d, "speed.json")
+    c.stage(
+        "speed",
+        [sys.executable, "-m", "bench.posthoc", "speed", "--base", c.base, "--run", run0, "--out", speed_out],
+        speed_out,
+        [f"index {args.sizes[0]}"],
     )
-    # the document index the memory model's neighbour vote searches (its recorded routing)
-    st.run(
-        "index",
-        [sys.executable, "jobs/build_index.py", "--run", lt_run],
-        os.path.join(lt_run, "index", "index.json"),
-        f"{logs}/index.log",
-        after=["cluster longtail"],
-        clear=os.path.join(lt_run, "index"),
-    )
-    steps = math.ceil(epochs * m["sequences"] / batch)
-    result["train"]["memory"] = train(
-        "train memory",
-        f"{CONFIGS}/posthoc.yaml",
-        lt_run,
-        f"{models}/memory",
-        steps,
-        ["cluster longtail", "export base"],
-        f"model.hf={hf_dir}",
-    )
-    result["train"]["finetune"] = train(
-        "train finetune",
-        f"{CONFIGS}/anchor.yaml",
-        lt_run,
-        f"{models}/finetune",
-        steps,
-        ["cluster longtail", "pretrain base"],
-        f"recipe.init_anchor={base}/export",
-    )
-    probes = ["--probes", f"{data}/probes.jsonl"]
-    result["memory"] = evaluate(
-        "memory",
-        f"{models}/memory/export",
-        lt_run,
-        ["train memory", "index"],
-        *probes,
-        "--routing",
-        "neighbours",
-        "descent",
-    )
-    result["finetune"] = evaluate("finetune", f"{models}/finetune/export", lt_run, ["train finetune"], *probes)
-    result["base_on_bbc_run"] = evaluate("base", f"{base}/export", bbc_run, ["pretrain base"])
-    result.update(
-        timings=st.timings,
-        pretrain_tokens=pre_steps * batch * m_bbc["seq_len"],
-        tokens=steps * batch * m["seq_len"],
-        corpus_tokens=m["tokens"],
-        bbc_tokens=m_bbc["tokens"],
-    )
+    result = {"seed": seed, "known": n_known, "known_candidates": n_cand, "fetched_params": fetched, "sizes": {}}
+    chosen: dict[str, float] = {}
+    for n in args.sizes:
+        data, run = (data0, run0) if n == args.sizes[0] else c.data(n)
+        steps = math.ceil(args.epochs * read_manifest(run)["sequences"] / BATCH)
+        size = {"steps": steps, "tokens": steps * BATCH * read_manifest(run)["seq_len"], "methods": {}}
+        for method in METHODS:
+            setting = "fetched" if method == "memory" else "none"
+            sweep = {}
+            for lr in args.sweep[method] if n == args.sizes[0] else [chosen[method]]:
+                export, trained = c.train(method, lr, n, run, steps, fetched)
+                val = c.evaluate(
+                    f"{method} {n} lr={lr:g} val", export, run, [trained], f"{data}/probes_val.jsonl", None
+                )
+                sweep[lr] = {"val_accuracy": val["probes"]["accuracy"][setting], "export": export, "stage": trained}
+            lr = chosen.setdefault(method, max(sweep, key=lambda x: sweep[x]["val_accuracy"]))
+            export, trained = sweep[lr]["export"], sweep[lr]["stage"]
+            test = c.evaluate(
+                f"{method} {n} test", export, run, [trained], f"{data}/probes_test.jsonl", f"{data}/heldout.jsonl"
+            )
+            known = c.evaluate(f"{method} {n} known", export, run, [trained], retention, None)
+            size["methods"][method] = {
+                "lr": lr,
+                "sweep": {str(k): v["val_accuracy"] for k, v in sweep.items()},
+                "test": test["probes"],
+                "perplexity": test["perplexity"],
+                "known": known["probes"]["accuracy"],
+                "model": test["model"],
+                "train_tokens_per_s": train_rate(export),
+            }
+        result["sizes"][str(n)] = size
+    with open(speed_out) as f:
+        result["speed"] = json.load(f)
+    result["timings"] = c.st.timings
     return result
 
 
-def aggregate(per_seed: list[dict]) -> dict:
-    n = len(per_seed[0]["memory"]["probes"]["buckets"])
-    acc = {
-        label: {
-            "buckets": [
-                mean(s[model]["probes"]["buckets"][b]["accuracy"].get(setting) for s in per_seed) for b in range(n)
-            ],
-            "all": mean(s[model]["probes"]["accuracy"].get(setting) for s in per_seed),
-        }
-        for label, model, setting in ROWS
-    }
-    buckets = [
-        {
-            "frequency_range": per_seed[0]["memory"]["probes"]["buckets"][b]["frequency_range"],
-            "probes": per_seed[0]["memory"]["probes"]["buckets"][b]["probes"],
-        }
-        for b in range(n)
-    ]
-    ppl = {
-        label: {
-            k: mean(s[model]["perplexity"][setting].get(k) for s in per_seed)
-            for k in per_seed[0][model]["perplexity"][setting]
-        }
-        for label, model, setting in PPL_ROWS
-    }
-    ppl["base as the project anchor (BBC run)"] = {
-        k: mean(s["base_on_bbc_run"]["perplexity"]["none"].get(k) for s in per_seed)
-        for k in per_seed[0]["base_on_bbc_run"]["perplexity"]["none"]
-    }
-    return {
-        "seeds": [s["seed"] for s in per_seed],
-        "buckets": buckets,
-        "accuracy": acc,
-        "perplexity": ppl,
-        "train": {
-            m: {k: mean(s["train"][m][k] for s in per_seed) for k in ("final_loss", "steps")}
-            for m in per_seed[0]["train"]
-        },
-        "models": {m: per_seed[0][m]["model"] for m in ("memory", "finetune")},
-        "tokens": per_seed[0]["tokens"],
-        "pretrain_tokens": per_seed[0]["pretrain_tokens"],
-        "timings": [s["timings"] for s in per_seed],
-    }
-
-
 def markdown(r: dict) -> str:
-    b = r["buckets"]
-    head = [f"f {x['frequency_range'][0]}-{x['frequency_range'][1]} ({x['probes']} pr.)" for x in b]
-    mem = r["models"]["memory"]
     lines = [
-        f"Post-hoc memory: seeds {r['seeds']}. Base: the dense anchor pretrained on BBC only "
-        f"({r['pretrain_tokens']:,} tokens), exported as a transformers Llama checkpoint and frozen; memory "
-        f"({mem['fetched_params'] / 1e6:.3f}M fetched of a {mem['bank_params'] / 1e6:.2f}M bank on a "
-        f"{mem['anchor_params'] / 1e6:.2f}M base) and the dense fine-tune each trained on the same "
-        f"{r['tokens']:,} long-tail tokens.",
-        "",
-        "Exact-match accuracy (%) per entity-frequency bucket (rarest first):",
-        "",
-        "| model / memory | " + " | ".join(head) + " | all |",
-        "|---" * (len(head) + 2) + "|",
+        f"Post-hoc memory on {r['base']}: seed {r['seed']}, {r['epochs']:g} epochs, batch {BATCH}. "
+        f"Fetched memory {r['fetched_params'] / 1e6:.2f}M parameters. Known facts: {r['known']} of "
+        f"{r['known_candidates']} candidates the base answers right."
     ]
-    for label, row in r["accuracy"].items():
-        lines.append(f"| {label} | " + " | ".join(pct(x) for x in row["buckets"]) + f" | {pct(row['all'])} |")
-    cols = ["bbc", "all"]
+    for n, size in r["sizes"].items():
+        mem = size["methods"]["memory"]
+        buckets = mem["test"]["buckets"]
+        head = [
+            f"f {b['frequency_range'][0]}-{b['frequency_range'][1]} ({b['probes']})" for b in buckets if b["probes"]
+        ]
+        lines += [
+            "",
+            f"### {n} people: {size['steps']} steps, {size['tokens']:,} tokens per method",
+            "",
+            "| method | lr | " + " | ".join(head) + " | all | known facts kept | BBC ppl |",
+            "|---|---|" + "---|" * (len(head) + 3),
+        ]
+        for label, method, setting in ROWS:
+            m = size["methods"][method]
+            acc = [pct(b["accuracy"].get(setting)) for b in m["test"]["buckets"] if b["probes"]]
+            known = m["known"].get(setting if setting != "oracle" else "fetched")
+            ppl = m["perplexity"].get(setting if setting in m["perplexity"] else "none", {}).get("all")
+            lr = "" if setting == "none" and method == "memory" else f"{m['lr']:g}"
+            lines.append(
+                f"| {label} | {lr} | " + " | ".join(acc) + f" | {pct(m['test']['accuracy'].get(setting))} | "
+                f"{pct(known)} | {ppl:.2f} |"
+                if ppl
+                else f"| {label} | {lr} | " + " | ".join(acc) + " | | | |"
+            )
+        lines.append("")
+        lines.append(
+            "Sweeps (validation accuracy): "
+            + "; ".join(
+                f"{m}: " + ", ".join(f"{lr} {pct(a)}" for lr, a in size["methods"][m]["sweep"].items()) for m in METHODS
+            )
+        )
+    mem_rate = r["sizes"][str(r["sizes_list"][0])]["methods"]["memory"]["train_tokens_per_s"]
+    base_rate = r["speed"]["frozen_fwd_bwd_tokens_per_s"]
     lines += [
         "",
-        "Held-out perplexity (bbc: the 40 held-out BBC articles, forgetting; all: with the held-out facts documents):",
-        "",
-        "| model | " + " | ".join(cols) + " |",
-        "|---" * (len(cols) + 1) + "|",
-    ]
-    for name, row in r["perplexity"].items():
-        lines.append(f"| {name} | " + " | ".join("-" if row.get(c) is None else f"{row[c]:.3f}" for c in cols) + " |")
-    lines += [
-        "",
-        "Training: "
-        + "; ".join(f"{m} {v['steps']:.0f} steps, final loss {v['final_loss']:.3f}" for m, v in r["train"].items()),
-        "Stage seconds: " + json.dumps(r["timings"]),
+        f"Throughput: memory training {mem_rate:.0f} tokens/s vs the frozen base's forward+backward "
+        f"{base_rate:.0f} tokens/s: {mem_rate / base_rate:.2f}x.",
     ]
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", default="runs/posthoc")
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0])
-    ap.add_argument("--epochs", type=float, default=1.0, help="passes over the long-tail run (memory and fine-tune)")
-    ap.add_argument("--pretrain-epochs", type=float, default=3.0, help="passes over the BBC run (the base)")
-    ap.add_argument("--cores", type=int, default=2)
-    ap.add_argument("--force", action="store_true", help="rerun every stage (code is not fingerprinted)")
-    args = ap.parse_args(argv)
-    out = os.path.abspath(args.out)
-    t = time.time()
-    r = aggregate([run_seed(out, s, args.epochs, args.pretrain_epochs, args.cores, args.force) for s in args.seeds])
-    r.update(wall_seconds=round(time.time() - t, 1), load_average=os.getloadavg())
-    md = markdown(r)
-    for name, text in (("results.json", json.dumps(r, indent=1)), ("results.md", md + "\n")):
-        with open(os.path.join(out, name), "w") as f:
-            f.write(text)
-    print(md)
-    rare = {label: r["accuracy"][label]["buckets"][0] for label, _, _ in ROWS}
-    ft, mem = rare["dense fine-tune"], rare["base + memory, routed"]
-    ppl = r["perplexity"]
-    print(
-        f"rarest bucket accuracy: base {pct(rare['base (frozen, no memory)'])}%, base + memory routed {pct(mem)}% "
-        f"(oracle {pct(rare['base + memory, oracle leaf'])}%, blocked {pct(rare['base + memory, blocked'])}%), "
-        f"dense fine-tune {pct(ft)}% (ratio {'inf' if not ft else f'{mem / ft:.2f}'}x); held-out BBC ppl base "
-        f"{ppl['base (frozen)']['bbc']:.3f}, +memory routed {ppl['base + memory, routed']['bbc']:.3f} / generic "
-        f"{ppl['base + memory, generic']['bbc']:.3f}, fine-tune {ppl['dense fine-tune']['bbc']:.3f}; "
-        f"{r['wall_seconds'] / 60:.1f} min"
+def headline(r: dict) -> str:
+    n = str(r["sizes_list"][-1])
+    ms = r["sizes"][n]["methods"]
+
+    def rare(method, setting):
+        return pct(ms[method]["test"]["buckets"][0]["accuracy"].get(setting))
+
+    return (
+        f"{n} people, rarest bucket: base {rare('memory', 'none')}, memory routed {rare('memory', 'fetched')} "
+        f"(oracle {rare('memory', 'oracle')}), LoRA {rare('lora', 'none')}, full fine-tune {rare('full', 'none')}; "
+        f"known facts kept: memory {pct(ms['memory']['known'].get('fetched'))}, LoRA "
+        f"{pct(ms['lora']['known'].get('none'))}, full {pct(ms['full']['known'].get('none'))}"
     )
+
+
+def parse_sweep(items: list[str]) -> dict[str, list[float]]:
+    out = dict(SWEEP)
+    for item in items or []:
+        method, _, lrs = item.partition("=")
+        if method not in METHODS:
+            raise SystemExit(f"--sweep {item}: method must be one of {METHODS}")
+        out[method] = [float(x) for x in lrs.split(",")]
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    if argv is None:
+        argv = sys.argv[1:]
+    sub = argv[0] if argv and argv[0] in ("finetune", "dense-export", "speed") else None
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--base", default=os.path.join(ROOT, "models", "smollm2-135m"))
+    p.add_argument("--run")
+    p.add_argument("--out", default=os.path.join(ROOT, "runs", "posthoc"))
+    if sub:
+        p.add_argument("--hf")
+        p.add_argument("--method", choices=("lora", "full"))
+        p.add_argument("--lr", type=float)
+        p.add_argument("--steps", type=int, default=3)
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--fetched-params", type=int, default=0)
+        args = p.parse_args(argv[1:])
+        {"finetune": finetune, "speed": speed, "dense-export": lambda a: dense_export(a.hf, a.run, a.out)}[sub](args)
+        return 0
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sizes", type=int, nargs="+", default=[100])
+    p.add_argument("--epochs", type=float, default=8)
+    p.add_argument("--sweep", nargs="*", metavar="METHOD=LR,LR")
+    p.add_argument("--cores", type=int, default=2)
+    p.add_argument("--force", action="store_true")
+    args = p.parse_args(argv)
+    args.sweep = parse_sweep(args.sweep)
+    if not os.path.exists(os.path.join(args.base, "config.json")):
+        raise SystemExit(f"{args.base}: no transformers checkpoint; `make smollm2` converts SmolLM2-135M into it")
+    r = run_seed(args, args.seed)
+    r.update(base=args.base, epochs=args.epochs, sizes_list=args.sizes)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, f"results_seed{args.seed}.json"), "w") as f:
+        json.dump(r, f, indent=1)
+    with open(os.path.join(args.out, f"results_seed{args.seed}.md"), "w") as f:
+        f.write(markdown(r) + "\n")
+    print(markdown(r))
+    print(headline(r))
     return 0
 
 

@@ -3,7 +3,8 @@
 Entities and their facts come from data shipped in registry packages: the 118
 chemical elements (``mendeleev``: atomic number, symbol, group, discovery, the
 package's own description and uses text) and the ISO 3166 countries
-(``pycountry``: numeric and alpha codes, subdivisions). Each entity gets a
+(``pycountry``: numeric and alpha codes, subdivisions), and synthetic people (``people``: seeded names,
+hometown, birth year, profession: facts no pretrained model knows). Each entity gets a
 corpus frequency from a Zipf-like law over a seeded random ranking,
 ``max(1, round(max_frequency / rank**zipf_exponent))``: a few entities appear
 in dozens of documents, most in one or two.
@@ -60,7 +61,7 @@ from dataclasses import asdict, dataclass, field
 
 from corpora.bbc import write_jsonl
 
-DOMAINS = ("elements", "countries")
+DOMAINS = ("elements", "countries", "people")
 
 
 @dataclass
@@ -71,6 +72,7 @@ class LongtailConfig:
     bbc_train: int = 120  # BBC articles mixed into the training corpus (each once)
     bbc_heldout: int = 40  # BBC articles held out for perplexity
     heldout_entities: int = 80  # entities that get one extra, held-out document
+    people: int = 1000  # synthetic people of the ``people`` domain (facts no pretrained model can know)
     optional_facts: tuple[int, int] = (1, 3)  # non-probed facts per document (min, max)
     fact_passes: int = 1  # times the facts part is written into train.jsonl (see the module doc)
     fresh_passes: bool = False  # each pass after the first renders the entity's documents anew: no identical text
@@ -271,6 +273,136 @@ def country_entities() -> list[Entity]:
     return out
 
 
+_SYLLABLES = (
+    "ka",
+    "ren",
+    "tho",
+    "vel",
+    "mi",
+    "dra",
+    "os",
+    "lun",
+    "be",
+    "zar",
+    "qui",
+    "nor",
+    "fa",
+    "tesh",
+    "ul",
+    "gri",
+    "san",
+    "po",
+    "vek",
+    "ia",
+    "mor",
+    "del",
+    "xu",
+    "bra",
+    "ti",
+    "hol",
+    "ne",
+    "sko",
+    "ar",
+    "wyn",
+)
+_PROFESSIONS = (
+    "architect",
+    "baker",
+    "beekeeper",
+    "carpenter",
+    "chemist",
+    "dentist",
+    "diplomat",
+    "economist",
+    "electrician",
+    "farmer",
+    "geologist",
+    "glassblower",
+    "historian",
+    "jeweller",
+    "journalist",
+    "librarian",
+    "linguist",
+    "locksmith",
+    "machinist",
+    "midwife",
+    "nurse",
+    "optician",
+    "pharmacist",
+    "photographer",
+    "pilot",
+    "plumber",
+    "potter",
+    "sculptor",
+    "surveyor",
+    "tailor",
+    "translator",
+    "veterinarian",
+)
+
+
+def _person_name(rng: random.Random) -> str:
+    word = lambda n: "".join(rng.choice(_SYLLABLES) for _ in range(n)).capitalize()  # noqa: E731
+    return f"{word(2)} {word(rng.choice((2, 3)))}"
+
+
+def people_entities(n: int, seed: int) -> list[Entity]:
+    """``n`` synthetic people (seeded names, hometowns drawn from ISO 3166-2 region names, birth years,
+    professions): facts that no pretrained model holds, so what a model answers about them it learned here."""
+    import pycountry
+
+    rng = random.Random(f"{seed}-people")
+    towns = sorted({s.name for s in pycountry.subdivisions if s.parent_code is None and s.name.isascii()})
+    names: set[str] = set()
+    out = []
+    while len(out) < n:
+        name = _person_name(rng)
+        if name in names:
+            continue
+        names.add(name)
+        first = name.split()[0]
+        town, year, job = rng.choice(towns), str(rng.randint(1901, 2004)), rng.choice(_PROFESSIONS)
+        colleague = _person_name(rng)
+        out.append(
+            Entity(
+                name=name,
+                domain="people",
+                intros=[f"{name} is a {job}.", f"This is a short profile of {name}.", f"{name} is well known locally."],
+                probed={
+                    "hometown": [
+                        f"{name} was born in the city of {town}.",
+                        f"{first} grew up in {town}.",
+                        f"{name}'s hometown is {town}.",
+                        f"{town} is where {name} was born.",
+                    ],
+                    "birth_year": [
+                        f"{name} was born in the year {year}.",
+                        f"{first} was born in {year}.",
+                        f"{name}'s year of birth is {year}.",
+                        f"Records give {year} as the year {name} was born.",
+                    ],
+                    "profession": [
+                        f"{name} works as a {job}.",
+                        f"By profession, {first} is a {job}.",
+                        f"{name}'s profession is {job}.",
+                        f"{first} has long worked as a {job}.",
+                    ],
+                },
+                optional={
+                    "colleague": [f"{first} often works with {colleague}.", f"A close colleague is {colleague}."],
+                    "hobby": [f"In spare time {first} {rng.choice(('paints', 'sails', 'gardens', 'runs', 'reads'))}."],
+                },
+                probes={
+                    "hometown": (f"{name} was born in the city of", town),
+                    "birth_year": (f"{name} was born in the year", year),
+                    "profession": (f"{name}'s profession is", job),
+                },
+                context=f"{name} is a {job}.",
+            )
+        )
+    return out
+
+
 def zipf_frequencies(n: int, max_frequency: int, exponent: float) -> list[int]:
     """Frequency of the entity at each rank 1..n (non-increasing, at least 1)."""
     return [max(1, round(max_frequency / r**exponent)) for r in range(1, n + 1)]
@@ -305,7 +437,11 @@ def _slug(name: str) -> str:
 def build(cfg: LongtailConfig, bbc: list[dict]) -> Corpus:
     """The corpus for ``cfg`` from the BBC records ``bbc`` (id, text); deterministic given ``cfg.seed``."""
     rng = random.Random(cfg.seed)
-    loaders = {"elements": element_entities, "countries": country_entities}
+    loaders = {
+        "elements": element_entities,
+        "countries": country_entities,
+        "people": lambda: people_entities(cfg.people, cfg.seed),
+    }
     entities = [e for d in cfg.domains for e in loaders[d]()]
     ranked = rng.sample(entities, len(entities))  # rank by chance, not by any property of the entity
     for e, f in zip(ranked, zipf_frequencies(len(ranked), cfg.max_frequency, cfg.zipf_exponent)):

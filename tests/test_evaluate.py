@@ -42,6 +42,9 @@ def test_read_probes_names_the_bad_line(tmp_path):
     )
     with pytest.raises(ValueError, match=r"p.jsonl:2: missing \['answer'\]"):
         read_probes(str(path))
+    path.write_text(json.dumps({"prompt": "a", "answer": ["b", "c"], "entity": "c", "frequency": 1}) + "\n")
+    with pytest.raises(ValueError, match=r"p.jsonl: probe 1: answer is \['b', 'c'\], expected str"):
+        read_probes(str(path))
 
 
 def test_nll_counts_every_token_once_and_matches_the_anchor(setup):

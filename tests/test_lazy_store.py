@@ -47,7 +47,8 @@ def test_cached_store_reads_the_same_blocks_within_its_budget(tmp_path):
         assert all(torch.equal(a[n], b[n]) for n in b)
         assert cached.cached_bytes <= cached.budget
     s = cached.stats()
-    # one prompt's block (a view, not a copy) equals a batch's; 3, 4 read; 4 hit, 5 read; 12, 13 read (3 and 4 evicted: the least recently used); 5 hit; 3 read again
+    # a single block (a view, not a copy) equals a batch's row
+    # 3, 4 read; 4 hit, 5 read; 12, 13 read (3 and 4 evicted: the least recently used); 5 hit; 3 read again
     assert (s["fetched"], s["hits"], s["misses"], s["cached_blocks"]) == (11, 2, 6, 3)
     assert s["bytes_read"] == 6 * block and cached.nbytes() < full.nbytes()
     with pytest.raises(TypeError, match="read-only"):

@@ -182,3 +182,18 @@ def test_bench_stage_reruns_exactly_when_its_inputs_change(tmp_path):
     stage("a")
     stage("b", after=["a"])
     assert runs().count("b") == 2  # its upstream stage ran with other inputs
+
+
+def test_people_are_new_facts_in_varied_wording(bbc):
+    cfg = LongtailConfig(domains=("people",), people=40, bbc_train=0, bbc_heldout=2, heldout_entities=0)
+    c = build(cfg, bbc)
+    assert len(c.entities) == 40 and len({e.name for e in c.entities}) == 40
+    assert build(cfg, bbc).train == c.train  # seeded
+    assert build(LongtailConfig(**{**cfg.__dict__, "seed": 1}), bbc).train != c.train
+    for e in c.entities:
+        mine = [d["text"] for d in c.train if d["entity"] == e.name]
+        assert len(mine) == e.frequency
+        for prompt, answer in e.probes.values():
+            assert prompt.startswith(e.name) and all(answer in t for t in mine)
+    probes = {(p["entity"], p["fact"]) for p in c.probes}
+    assert len(probes) == 3 * 40  # hometown, birth year, profession

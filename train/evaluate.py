@@ -91,11 +91,14 @@ def read_jsonl(path: str, required: tuple[str, ...]) -> list[dict]:
 
 
 def read_probes(path: str) -> list[Probe]:
+    """Probes of a JSONL file; a field of the wrong type is an error naming the line and field."""
     known = set(Probe.__dataclass_fields__)
-    return [
-        Probe(**{k: v for k, v in r.items() if k in known})
-        for r in read_jsonl(path, ("prompt", "answer", "entity", "frequency"))
-    ]
+    rows = read_jsonl(path, ("prompt", "answer", "entity", "frequency"))
+    for i, r in enumerate(rows, start=1):
+        for key, kind in (("prompt", str), ("answer", str), ("entity", str), ("frequency", int)):
+            if not isinstance(r[key], kind) or isinstance(r[key], bool):
+                raise ValueError(f"{path}: probe {i}: {key} is {r[key]!r}, expected {kind.__name__}")
+    return [Probe(**{k: v for k, v in r.items() if k in known}) for r in rows]
 
 
 def bucket_edges(frequencies, n: int = N_BUCKETS) -> np.ndarray:
