@@ -27,6 +27,7 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -120,47 +121,45 @@ def rss_mib(pid: int) -> tuple[float, float]:
     return kb["RssAnon"] / 1024, kb["RssFile"] / 1024
 
 
-def start_server(run: str, model: str, cache_mb: float, resident: int):
+@contextmanager
+def serving(run: str, model: str, *flags: str, env: dict | None = None, timeout: float = 180):
+    """``python -m hmem.serve`` on a free loopback port, ready (its /health answers): yields (port, process);
+    terminated on exit. Shared with tests/test_serve.py."""
     import httpx
 
     from train.distributed import free_port
 
     port = free_port()
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "hmem.serve",
-            "--run",
-            run,
-            "--model",
-            model,
-            "--port",
-            str(port),
-            "--cache-mb",
-            str(cache_mb),
-            "--resident-levels",
-            str(resident),
-        ],
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                return proc, port
-        except httpx.TransportError:
-            time.sleep(0.3)
-    proc.kill()
-    raise RuntimeError("hmem.serve did not come up in 180 s")
+    cmd = [sys.executable, "-m", "hmem.serve", "--run", run, "--model", model, "--port", str(port), *flags]
+    log = tempfile.TemporaryFile("w+")  # a file, not a pipe: an unread pipe fills up and stalls the server
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if proc.poll() is not None:
+                log.seek(0)
+                raise RuntimeError(f"hmem.serve exited {proc.returncode}: {log.read()[-3000:]}")
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"hmem.serve did not come up in {timeout:.0f} s")
+            time.sleep(0.2)
+        yield port, proc
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            proc.wait(60)
+        log.close()
 
 
 def server_bench(run: str, model: str, prompts: list[str], args) -> tuple[list[str], dict]:
     import openai
 
-    proc, port = start_server(run, model, args.cache_mb, args.resident_levels)
-    try:
+    flags = ("--cache-mb", str(args.cache_mb), "--resident-levels", str(args.resident_levels))
+    with serving(run, model, *flags) as (port, proc):
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0, timeout=120)
         client.completions.create(model="hmem", prompt="warm up", max_tokens=2)
         base = rss_mib(proc.pid)
@@ -181,9 +180,6 @@ def server_bench(run: str, model: str, prompts: list[str], args) -> tuple[list[s
             results = list(pool.map(one, stream))
         wall = time.perf_counter() - t
         peak = rss_mib(proc.pid)
-    finally:
-        proc.terminate()
-        proc.wait(60)
     ms = np.array([m for m, _ in results])
     errors = sum(not ok for _, ok in results)
     bank = sum(os.path.getsize(os.path.join(model, "bank", f)) for f in os.listdir(os.path.join(model, "bank")))

@@ -7,11 +7,7 @@ import os
 import shutil
 import signal
 import socket
-import subprocess
-import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 
 import httpx
 import numpy as np
@@ -20,10 +16,10 @@ import psutil
 import pytest
 from fixtures import PROMPTS, make_run_dir
 
+from bench.serve import serving as bench_serving
 from hmem.ask import Asker
 from index.router import Router
 from index.tree import Tree
-from train.distributed import free_port
 from train.memory import MemoryConfig, TensorBlockStore
 from train.model import ModelConfig
 
@@ -38,41 +34,9 @@ ENV = {
 QUESTIONS = list(PROMPTS.values()) + ["hydrogen blocks", "the tree of memory", "one proton", "a number is"]
 
 
-@contextmanager
 def serving(run: str, export: str, *flags: str):
     """The server on a free port (descent routing: the fixture runs have no document index), ready."""
-    port = free_port()
-    cmd = [
-        sys.executable,
-        "-m",
-        "hmem.serve",
-        "--run",
-        run,
-        "--model",
-        export,
-        "--port",
-        str(port),
-        "--routing",
-        "descent",
-        *flags,
-    ]
-    proc = subprocess.Popen(cmd, env=ENV, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, proc.stdout.read()[-3000:]
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "the server did not come up in 120 s"
-            time.sleep(0.2)
-        yield port, proc
-    finally:
-        if proc.poll() is None:
-            proc.terminate()
-            proc.wait(30)
+    return bench_serving(run, export, "--routing", "descent", *flags, env=ENV, timeout=120)
 
 
 @pytest.fixture(scope="module")
