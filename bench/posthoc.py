@@ -448,14 +448,11 @@ def markdown(r: dict) -> str:
             m = size["methods"][method]
             acc = [pct(b["accuracy"].get(setting)) for b in m["test"]["buckets"] if b["probes"]]
             known = m["known"].get(setting if setting != "oracle" else "fetched")
-            ppl = m["perplexity"].get(setting if setting in m["perplexity"] else "none", {}).get("all")
+            ppl = m["perplexity"].get(setting, {}).get("all")  # oracle / blocked: no held-out perplexity
+            ppl = "" if ppl is None else f"{ppl:.2f}"
             lr = "" if setting == "none" and method == "memory" else f"{m['lr']:g}"
-            lines.append(
-                f"| {label} | {lr} | " + " | ".join(acc) + f" | {pct(m['test']['accuracy'].get(setting))} | "
-                f"{pct(known)} | {ppl:.2f} |"
-                if ppl
-                else f"| {label} | {lr} | " + " | ".join(acc) + " | | | |"
-            )
+            all_ = pct(m["test"]["accuracy"].get(setting))
+            lines.append(f"| {label} | {lr} | " + " | ".join(acc) + f" | {all_} | {pct(known)} | {ppl} |")
         lines.append("")
         lines.append(
             "Sweeps (validation accuracy): "
