@@ -149,13 +149,16 @@ def run_logged(cmd: list[str], log: str, what: str, env: dict) -> None:
         raise RuntimeError(f"{what} failed (exit {p.returncode}); the end of {log}:\n{tail}")
 
 
-def repack(run: str, src: str, out: str, master: str, log: str, id_column: str = "id") -> dict:
-    """The job on ``src`` with RUN's frozen tree and RUN's job config: the same routes, packing and seq_ids."""
+def repack(run: str, src: str, out: str, master: str, log: str, id_column: str = "id", stored: bool = False) -> dict:
+    """The job on ``src`` with RUN's frozen tree and RUN's job config: the same routes, packing and seq_ids.
+    ``stored``: RUN's documents keep RUN's embeddings (embeddings_from), so they keep RUN's routes exactly."""
     with open(os.path.join(run, "config.json")) as f:
         job = json.load(f)
-    for key in ("input", "output", "tree", "tokenizer"):
+    for key in ("input", "output", "tree", "tokenizer", "embeddings_from"):
         job.pop(key, None)
     job["id_column"] = id_column
+    if stored:
+        job["embeddings_from"] = os.path.abspath(run)
     conf = out + ".job.yaml"
     with open(conf, "w") as f:
         yaml.safe_dump(job, f)
@@ -167,15 +170,15 @@ def repack(run: str, src: str, out: str, master: str, log: str, id_column: str =
 
 
 def check_routes(run: str, new: str, subtrees: list[int]) -> None:
-    """Every re-packed document must land in the leaf RUN stored for it (the frozen tree, the same embedding)."""
+    """Every re-packed document must land in the leaf RUN stored for it (the frozen tree, its stored embedding)."""
     old = routed(run, pc.field("l1").isin(subtrees), ("doc_id", "leaf"))
     fresh = routed(new, None, ("doc_id", "leaf"))
     stored = dict(zip(old["doc_id"].to_pylist(), old["leaf"].to_pylist()))
     moved = [d for d, lf in zip(fresh["doc_id"].to_pylist(), fresh["leaf"].to_pylist()) if stored.get(d) != lf]
     if moved:
         raise RuntimeError(
-            f"{len(moved)} re-packed documents left their stored leaf (e.g. {moved[:3]}): this machine embeds "
-            "them differently from the one that built RUN; re-pack on that machine, or forget with --mode reset"
+            f"{len(moved)} re-packed documents left their stored leaf (e.g. {moved[:3]}) although they kept RUN's "
+            "embeddings: RUN's documents/ or routed/ changed since its job; forget with --mode reset"
         )
 
 
@@ -411,7 +414,7 @@ def forget(args) -> dict:
     # the run loses the documents in either mode: the job re-packs their subtrees without them
     src, new = os.path.join(work, "input.jsonl"), os.path.join(work, "repack")
     record["documents_repacked"] = remaining_input(args.run, subtrees, set(ids), src)
-    repack(args.run, src, new, args.master, os.path.join(work, "repack.log"))
+    repack(args.run, src, new, args.master, os.path.join(work, "repack.log"), stored=True)
     check_routes(args.run, new, subtrees)
     trained = None
     if args.mode == "exact":

@@ -50,6 +50,12 @@ class JobConfig:
         "route into this finished run's tree (its directory or its tree/) instead of fitting one; "
         "its tokenizer is used unless --tokenizer is given",
     )
+    embeddings_from: str = opt(
+        "",
+        "with --tree: a run of that tree whose documents keep their stored embedding where id and text match "
+        "(hmem.forget re-packs so: a vector depends on the batch it was embedded in, and a re-embedded document "
+        "near a boundary could change leaf)",
+    )
     # tree (paper: k=16, depth=4, 128k-point samples, 6,400-point batches, 20 steps, balance 1.5)
     k: int = opt(8, "children per node")
     depth: int = opt(3, "levels of the tree (the root is level 0)")
@@ -118,6 +124,8 @@ class JobConfig:
             problems.append(f"encoder_threads={self.encoder_threads}: must be >= 0")
         if self.encoder_precision not in ("auto",) + PRECISIONS:
             problems.append(f"encoder_precision={self.encoder_precision!r}: choose auto, {', '.join(PRECISIONS)}")
+        if self.embeddings_from and not self.tree:
+            problems.append(f"embeddings_from={self.embeddings_from}: needs --tree (the vectors of the tree's encoder)")
         if problems:
             raise SystemExit("invalid job config: " + "; ".join(problems))
 

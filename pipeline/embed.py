@@ -10,6 +10,9 @@ remembers the last text and vector of the batch before it (the same task) for a
 run of copies that crosses the batch boundary. Memory: one Arrow batch
 (spark.sql.execution.arrow.maxRecordsPerBatch rows) plus one vector. The
 ``reused`` column marks the rows whose vector was copied, not computed.
+
+``embeddings_from`` (with a frozen tree): documents that run holds with the same id and text (xxhash64) take
+its stored vector (its routed/ column) and skip the encoder, so their routes are the run's exactly.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from pyspark.sql import functions as F
 from pyspark.sql.functions import pandas_udf
 
 from pipeline.config import JobConfig
+from pipeline.counter import report
 from pipeline.spark import shuffle_partitions
 
 _last: dict = {}  # per worker process: the previous batch's last (task attempt, text, vector)
@@ -44,7 +48,6 @@ def make_embed_udf(cfg: JobConfig, precision: str, threads: int, counter: tuple[
         import torch
         from pyspark import TaskContext
         from index.encoder import embed_texts, load_encoder
-        from pipeline.counter import report
 
         if threads:
             torch.set_num_threads(threads)
@@ -85,6 +88,12 @@ def worker_threads(spark: SparkSession, cfg: JobConfig) -> int:
     return max(1, cores_per_task)
 
 
+def stored_embeddings(spark: SparkSession, run: str):
+    """(doc_id, h = xxhash64 of the text, embedding) of ``run``'s routed documents."""
+    text = spark.read.parquet(os.path.join(run, "documents")).select("doc_id", F.xxhash64("text").alias("h"))
+    return text.join(spark.read.parquet(os.path.join(run, "routed")).select("doc_id", "embedding"), "doc_id")
+
+
 def embed_stage(spark: SparkSession, cfg: JobConfig, run_dir: str, counter: tuple[str, int] | None = None) -> dict:
     """``counter``: the driver's ItemCounter address (pipeline/counter.py) for live progress."""
     from index.encoder import resolve_precision
@@ -95,13 +104,22 @@ def embed_stage(spark: SparkSession, cfg: JobConfig, run_dir: str, counter: tupl
     parts = shuffle_partitions(spark)
     udf = make_embed_udf(cfg, precision, worker_threads(spark, cfg), counter)
     h = F.xxhash64("text")
+    todo, kept, n_kept = docs.select("doc_id", "text"), None, 0
+    if cfg.embeddings_from:
+        joined = todo.withColumn("h", h).join(stored_embeddings(spark, cfg.embeddings_from), ["doc_id", "h"], "left")
+        joined = joined.persist()
+        kept = joined.filter(F.col("embedding").isNotNull()).select("doc_id", "embedding", F.lit(True).alias("reused"))
+        todo = joined.filter(F.col("embedding").isNull()).select("doc_id", "text")
+        n_kept = kept.count()
+        report(counter, n_kept)
     out = (
-        docs.select("doc_id", "text")
-        .repartition(parts, h)
+        todo.repartition(parts, h)
         .sortWithinPartitions(h)
         .select("doc_id", udf("text").alias("e"))
         .select("doc_id", "e.embedding", "e.reused")
     )
+    if kept is not None:
+        out = out.unionByName(kept)
     out.write.mode("overwrite").parquet(os.path.join(run_dir, "embeddings"))
     written = (
         spark.read.parquet(os.path.join(run_dir, "embeddings"))
@@ -115,4 +133,5 @@ def embed_stage(spark: SparkSession, cfg: JobConfig, run_dir: str, counter: tupl
         "partitions": parts,
         "encoder_precision": precision,
         "embeddings_reused": int(written["reused"] or 0),
+        "embeddings_from_run": n_kept,
     }

@@ -11,7 +11,7 @@ import time
 from pyspark.sql import SparkSession
 
 from index.encoder import resolve_precision
-from index.rundir import write_manifest
+from index.rundir import read_manifest, write_manifest
 from pipeline import manifest
 from pipeline.config import JobConfig
 from corpora.bbc import write_bbc
@@ -58,6 +58,8 @@ def resolve_tree(cfg: JobConfig):
 def run(cfg: JobConfig, spark: SparkSession | None = None) -> dict:
     cfg = resolve_demo(cfg)
     tree = resolve_tree(cfg)
+    if cfg.embeddings_from and read_manifest(cfg.embeddings_from)["tree_version"] != tree.version:
+        raise SystemExit(f"embeddings_from={cfg.embeddings_from}: not a run of the tree {tree.version} (--tree)")
     # recorded resolved, the router reads it; a frozen tree fixes it too: its documents were embedded so
     cfg.encoder_precision = (
         tree.config.get("encoder_precision", "fp32") if tree is not None else resolve_precision(cfg.encoder_precision)
@@ -99,6 +101,7 @@ def run(cfg: JobConfig, spark: SparkSession | None = None) -> dict:
     checksums = manifest.verify(spark, run_dir, read["input_rows_checksum"])
     m = manifest.build(cfg, read, fit, pack, seconds, checksums)
     m["embeddings_reused"] = embed.get("embeddings_reused", 0)  # identical texts embedded once (pipeline/embed.py)
+    m["embeddings_from_run"] = embed.get("embeddings_from_run", 0)  # of them, stored vectors of embeddings_from
     write_manifest(run_dir, m)
     print(summary(m) + f"\ntotal {fmt_duration(time.time() - t0)} (this invocation)", file=sys.stderr, flush=True)
     return m

@@ -1,5 +1,6 @@
-"""The machine's memory at the start of the run (so a CI log shows when tests ran short of it), and the
-tiny trained model that the evaluation and ask tests share."""
+"""The machine's memory at the start of the run (so a CI log shows when tests ran short of it), the tiny
+trained model that the evaluation and ask tests share, and the job's run that the routing, forget and cluster
+tests share."""
 
 import glob
 import os
@@ -12,7 +13,9 @@ import pyarrow.parquet as pq
 import pytest
 from fixtures import PROMPTS, make_run_dir, trainer_args
 
+from index.docindex import build_document_index
 from index.router import Router
+from tests.spark_helpers import SMALL, bbc, submit, write_jsonl
 
 
 def pytest_sessionstart(session):
@@ -67,3 +70,16 @@ def tiny_export(tmp_path_factory):
         os.path.join(run, "documents", "part-0.parquet"),
     )
     return run, str(out / "export"), routes
+
+
+@pytest.fixture(scope="session")
+def bbc_run(tmp_path_factory):
+    """The job (SMALL) on 48 BBC articles with their ids, and its document index: {input, run, recs}. One job
+    for every test that needs a run of real documents; read only (a test writes its outputs elsewhere)."""
+    d = tmp_path_factory.mktemp("bbc48")
+    recs = [{"id": r["id"], "text": r["text"]} for r in bbc(48, start=900)]
+    write_jsonl(d / "input.jsonl", recs)
+    p = submit(["--input", str(d / "input.jsonl"), "--id-column", "id", "--output", str(d / "run"), *SMALL])
+    assert p.returncode == 0, p.stdout[-4000:]
+    build_document_index(str(d / "run"), log=lambda m: None)
+    return {"input": d / "input.jsonl", "run": d / "run", "recs": recs}

@@ -58,6 +58,18 @@ def submit(
     )
 
 
+def bbc(n: int, start: int) -> list[dict]:
+    """``n`` consecutive BBC records from index ``start``."""
+    from corpora.bbc import bbc_records
+
+    return [r for i, r in enumerate(bbc_records()) if i >= start][:n]
+
+
+def write_jsonl(path, rows) -> None:
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+
+
 def write_bbc_subset(path: str, n: int, start: int = 0) -> list[dict]:
     from corpora.bbc import bbc_records
 

@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-from tests.spark_helpers import BIN, SMALL, manifest, read_table, spark_env, submit, write_bbc_subset
+from tests.spark_helpers import BIN, SMALL, manifest, read_table, spark_env, submit
 from train.distributed import free_port
 
 pytestmark = pytest.mark.slow
@@ -80,25 +80,22 @@ def standalone(tmp_path_factory):
             p.wait(30)
 
 
-def test_standalone_cluster_matches_local(standalone, tmp_path):
+def test_standalone_cluster_matches_local(standalone, bbc_run, tmp_path):
     url, workdirs = standalone
-    inp = tmp_path / "bbc.jsonl"
-    write_bbc_subset(str(inp), 40, start=3)
-    args = ["--input", str(inp), "--id-column", "id", *SMALL]
-    local = submit([*args, "--output", str(tmp_path / "local")])
-    assert local.returncode == 0, local.stdout[-3000:]
+    local = bbc_run["run"]  # the same job on local[2] (conftest.py)
+    args = ["--input", str(bbc_run["input"]), "--id-column", "id", *SMALL]
     cluster = submit([*args, "--output", str(tmp_path / "cluster")], master=url)
     assert cluster.returncode == 0, cluster.stdout[-3000:]
     # both workers really ran executors for the job (an application folder appears in each one's work dir)
     for workdir in workdirs:
         assert any(name.startswith("app-") for name in os.listdir(workdir)), workdir
-    ml, mc = manifest(tmp_path / "local"), manifest(tmp_path / "cluster")
+    ml, mc = manifest(local), manifest(tmp_path / "cluster")
     assert mc["tree_version"] == ml["tree_version"] and mc["checksums"] == ml["checksums"]
     assert mc["levels"] == ml["levels"] and mc["sequences"] == ml["sequences"]
-    rl = read_table(tmp_path / "local" / "routed").sort_values("doc_id")
+    rl = read_table(local / "routed").sort_values("doc_id")
     rc = read_table(tmp_path / "cluster" / "routed").sort_values("doc_id")
     assert rl.doc_id.tolist() == rc.doc_id.tolist()
     assert np.array_equal(np.stack(rl.path.to_numpy()), np.stack(rc.path.to_numpy()))
-    sl = read_table(tmp_path / "local" / "shards").sort_values("seq_id")
+    sl = read_table(local / "shards").sort_values("seq_id")
     sc = read_table(tmp_path / "cluster" / "shards").sort_values("seq_id")
     assert [list(t) for t in sl.tokens] == [list(t) for t in sc.tokens]

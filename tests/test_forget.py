@@ -9,13 +9,11 @@ import pyarrow.dataset as ds
 import pytest
 import torch
 from safetensors.torch import save_file
-from test_routing import bbc, write_jsonl
 from test_trainer import blocks_of, train
 
 from hmem.forget import main as forget_main
 from hmem.forget import path_blocks, subtree_blocks
 from hmem.learn import main as learn_main
-from index.docindex import build_document_index
 from index.router import Router
 from index.rundir import read_manifest
 from index.tree import generic_block_ids, level_offset
@@ -23,7 +21,7 @@ from train.config import load_config
 from train.export import load_model, read_meta
 from train.memory import MemoryConfig, init_block
 from train.model import Anchor
-from tests.spark_helpers import SMALL, submit
+from tests.spark_helpers import SMALL, bbc, submit, write_jsonl
 
 K, DEPTH = 3, 2  # SMALL's tree
 
@@ -50,14 +48,11 @@ def model_blocks(export: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    """Run A (36 BBC articles) with its index, a frozen-anchor isolated model on it, the two documents to
-    forget (one subtree), and run B: the corpus without them, routed into A's tree, with its model."""
+def world(bbc_run, tmp_path_factory):
+    """Run A (48 BBC articles, conftest.py bbc_run) with its index, a frozen-anchor isolated model on it, the two
+    documents to forget (one subtree), and run B: the corpus without them, routed into A's tree, with its model."""
     d = tmp_path_factory.mktemp("forget")
-    recs = [{"id": r["id"], "text": r["text"]} for r in bbc(36, start=600)]
-    write_jsonl(d / "a.jsonl", recs)
-    a = job(d / "a.jsonl", d / "a")
-    build_document_index(a, log=lambda m: None)
+    a, recs = str(bbc_run["run"]), bbc_run["recs"]
     anchor = str(d / "anchor")
     os.makedirs(anchor)
     torch.manual_seed(0)
@@ -101,6 +96,8 @@ def test_exact_forget_equals_training_from_scratch_without_the_documents(world, 
     record = read_meta(os.path.join(exact, "export"))["forgotten"][0]
     assert moved and set(moved) <= set(subtree_blocks(K, DEPTH, record["subtrees"]).tolist())
     assert shard_rows(os.path.join(exact, "run")) == shard_rows(world["b"])  # the run is B's, sequence for sequence
+    repacked = read_manifest(os.path.join(exact, "work", "repack"))
+    assert repacked["embeddings_from_run"] == record["documents_repacked"] > 0  # A's vectors: none re-embedded
     mf, mb = read_manifest(os.path.join(exact, "run")), read_manifest(world["b"])
     for key in ("documents_routed", "documents_distinct", "sequences", "tokens", "valid_tokens"):
         assert mf[key] == mb[key], key
@@ -109,7 +106,7 @@ def test_exact_forget_equals_training_from_scratch_without_the_documents(world, 
     assert record["doc_ids"] == world["gone"] and record["mode"] == "exact"
     active = sum(1 for n in mb["levels"][0]["node_documents"] if n)
     assert record["share_of_full"] == pytest.approx(len(record["subtrees"]) / active)
-    assert all(c == 1.0 for doc in record["fit_sample"] for c in doc)  # 36 documents: all in every fit sample
+    assert all(c == 1.0 for doc in record["fit_sample"] for c in doc)  # 48 documents: all in every fit sample
 
 
 @pytest.mark.slow

@@ -1,6 +1,6 @@
 """The real Spark job on input layouts a corpus has: nested directories without ids, Parquet, an ``id``
-field found automatically, several embedding windows, a user's shuffle partitions; and a second corpus
-routed into the first run's frozen tree."""
+field found automatically, several embedding windows, a user's shuffle partitions. (A corpus routed into another
+run's frozen tree: tests/test_routing.py.)"""
 
 import hashlib
 import json
@@ -11,17 +11,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tests.spark_helpers import SMALL, manifest, read_table, submit, write_bbc_subset
+from tests.spark_helpers import SMALL, bbc, manifest, read_table, submit
 
 pytestmark = pytest.mark.slow
 
 PARTITIONS = 3  # local[2] alone would give 2 x 2 = 4
-
-
-def bbc(n: int, start: int) -> list[dict]:
-    from corpora.bbc import bbc_records
-
-    return [r for i, r in enumerate(bbc_records()) if i >= start][:n]
 
 
 def stage(out, name: str) -> dict:
@@ -130,33 +124,3 @@ def test_max_windows_embeds_the_mean_of_windows(id_run):
     assert np.abs(stored - two).max() < 1e-4
     # BBC articles run past one 256-piece window: the second window changed most embeddings
     assert (np.abs(stored - one).max(1) > 1e-3).mean() > 0.5
-
-
-@pytest.fixture(scope="module")
-def frozen_run(layout_run, tmp_path_factory):
-    """Corpus B routed into corpus A's (layout_run's) tree."""
-    a, _, _ = layout_run
-    inp = tmp_path_factory.mktemp("corpus_b") / "b.jsonl"
-    recs = write_bbc_subset(str(inp), 30, start=7)
-    out = tmp_path_factory.mktemp("run") / "b"
-    p = submit(["--input", str(inp), "--output", str(out), "--tree", str(a), *SMALL])
-    assert p.returncode == 0, p.stdout[-4000:]
-    return a, out, recs, p
-
-
-def test_frozen_tree_routes_like_the_router(frozen_run):
-    from index.router import Router
-
-    a, b, recs, p = frozen_run
-    ma, mb = manifest(a), manifest(b)
-    assert mb["tree_version"] == ma["tree_version"] and mb["tree_from"] == str(a)
-    assert "nothing is fitted" in p.stdout and "[fit_level_1]" not in p.stdout
-    assert open(b / "tokenizer.json").read() == open(a / "tokenizer.json").read()
-    assert mb["documents_routed"] == len(recs) and mb["checksums"]["shard_ids"] == mb["checksums"]["validated_ids"]
-    assert sum(mb["levels"][-1]["node_documents"]) == len(recs)
-    routed = read_table(b / "routed").sort_values("doc_id")
-    text = {r["id"]: r["text"] for r in recs}
-    want = Router.load(str(a), documents=False).route_texts([text[i] for i in routed.doc_id])
-    same = (np.stack(routed.path.to_numpy()) == want).all(1)
-    print(f"frozen tree: {same.sum()}/{len(same)} documents of B on the path the router gives on RUN_A")
-    assert same.all()

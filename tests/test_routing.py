@@ -1,7 +1,6 @@
 """What a prompt fetches, on runs of the real job: copies of a document do not move any route, and a
 training document's own text and its sentences route to its stored leaf (the demo run too, when built)."""
 
-import json
 import os
 
 import numpy as np
@@ -11,7 +10,7 @@ from bench.routing_check import sample_documents, second_sentence
 from index.docindex import Hits, build_document_index
 from index.router import Router, leading_path, vote, vote_weights
 from index.routing import MODES, RoutingConfig
-from tests.spark_helpers import SMALL, manifest, read_table, submit
+from tests.spark_helpers import SMALL, manifest, read_table, submit, write_jsonl
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO_RUN = os.path.join(ROOT, "runs", "demo")
@@ -24,37 +23,24 @@ QUESTIONS = [
 ]
 
 
-def bbc(n: int, start: int) -> list[dict]:
-    from corpora.bbc import bbc_records
-
-    return [r for i, r in enumerate(bbc_records()) if i >= start][:n]
-
-
-def write_jsonl(path, rows):
-    with open(path, "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
-
-
 @pytest.fixture(scope="module")
-def pair(tmp_path_factory):
-    """Run A: 48 BBC articles. Run B: the same corpus, eight of them with 1-6 extra copies (new ids), routed
-    into A's frozen tree (so every document keeps its leaf). Both indexed."""
+def pair(bbc_run, tmp_path_factory):
+    """Run A: 48 BBC articles (conftest.py bbc_run). Run B: the same corpus, eight of them with 1-6 extra copies
+    (new ids), routed into A's frozen tree (so every document keeps its leaf). Both indexed."""
     d = tmp_path_factory.mktemp("copies")
-    recs = [{"id": r["id"], "text": r["text"]} for r in bbc(48, start=900)]
+    a, recs = bbc_run["run"], bbc_run["recs"]
     copies = [{"id": f"{r['id']}-copy{j}", "text": r["text"]} for i, r in enumerate(recs[:8]) for j in range(1 + i % 6)]
-    write_jsonl(d / "a.jsonl", recs)
     write_jsonl(d / "b.jsonl", recs + copies)
-    a, b = tmp_path_factory.mktemp("run") / "a", tmp_path_factory.mktemp("run") / "b"
-    for inp, out, extra in ((d / "a.jsonl", a, []), (d / "b.jsonl", b, ["--tree", str(a)])):
-        p = submit(["--input", str(inp), "--id-column", "id", "--output", str(out), *SMALL, *extra])
-        assert p.returncode == 0, p.stdout[-4000:]
-        build_document_index(str(out), log=lambda m: None)
-    return a, b, recs, copies
+    b = tmp_path_factory.mktemp("run") / "b"
+    p = submit(["--input", str(d / "b.jsonl"), "--id-column", "id", "--output", str(b), *SMALL, "--tree", str(a)])
+    assert p.returncode == 0, p.stdout[-4000:]
+    build_document_index(str(b), log=lambda m: None)
+    return a, b, recs, copies, p.stdout
 
 
 @pytest.mark.slow
 def test_copies_are_one_document_and_move_no_route(pair):
-    a, b, recs, copies = pair
+    a, b, recs, copies, _ = pair
     ma, mb = manifest(a), manifest(b)
     assert mb["documents_routed"] == len(recs) + len(copies) and mb["documents_distinct"] == ma["documents_distinct"]
     routed = read_table(b / "routed").set_index("doc_id")
@@ -99,8 +85,26 @@ def own_text_agreement(run: str, n: int) -> dict:
 
 
 @pytest.mark.slow
+def test_frozen_tree_routes_like_the_router(pair):
+    a, b, recs, copies, stdout = pair
+    ma, mb = manifest(a), manifest(b)
+    assert mb["tree_version"] == ma["tree_version"] and mb["tree_from"] == str(a)
+    assert "nothing is fitted" in stdout and "[fit_level_1]" not in stdout
+    assert open(b / "tokenizer.json").read() == open(a / "tokenizer.json").read()
+    n = len(recs) + len(copies)
+    assert mb["documents_routed"] == n and mb["checksums"]["shard_ids"] == mb["checksums"]["validated_ids"]
+    assert sum(mb["levels"][-1]["node_documents"]) == n
+    routed = read_table(b / "routed").sort_values("doc_id")
+    text = {r["id"]: r["text"] for r in recs + copies}
+    want = Router.load(str(a), documents=False).route_texts([text[i] for i in routed.doc_id])
+    same = (np.stack(routed.path.to_numpy()) == want).all(1)
+    print(f"frozen tree: {same.sum()}/{len(same)} documents of B on the path the router gives on RUN_A")
+    assert same.all()
+
+
+@pytest.mark.slow
 def test_own_text_and_sentence_reach_their_leaf(pair):
-    a, _, _, _ = pair
+    a, _, _, _, _ = pair
     agree = own_text_agreement(str(a), 48)
     print("run A (48 articles, 9 leaves):", {f"{m}/{c}": round(v, 3) for (m, c), v in agree.items()})
     assert agree["neighbours", "full"] >= 0.99 and agree["neighbours", "sentence"] >= 0.8
