@@ -30,6 +30,7 @@ sequences, saved as a transformers checkpoint plus an hmem export without memory
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import math
@@ -118,10 +119,11 @@ def finetune(args) -> None:
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
     tokens, n_valid = run_sequences(args.run)
     n, log = len(tokens), []
+    order = functools.cache(lambda epoch: np.random.default_rng((args.seed, epoch)).permutation(n))
     t0 = time.time()
     for step in range(1, args.steps + 1):
         first = (step - 1) * BATCH
-        rows = [np.random.default_rng((args.seed, i // n)).permutation(n)[i % n] for i in range(first, first + BATCH)]
+        rows = [order(i // n)[i % n] for i in range(first, first + BATCH)]
         x = torch.from_numpy(tokens[rows])
         mask = torch.arange(1, x.shape[1])[None, :] < torch.from_numpy(n_valid[rows])[:, None]
         logits = model(input_ids=x[:, :-1]).logits
