@@ -10,7 +10,7 @@ export TORCH_EXTENSIONS_DIR := $(abspath .cache/torch_extensions)
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install smollm2 demo longtail posthoc test test-quick lint bench bench-scale gpu-smoke clean
+.PHONY: install smollm2 demo longtail posthoc forget test test-quick lint bench bench-scale gpu-smoke clean
 
 install: $(STAMP)
 
@@ -44,6 +44,9 @@ demo: install
 
 longtail: install  # the long-tail knowledge benchmark, 3 seeds as docs/RESULTS.md reports: corpus, job, index, 3 models, tables + plot
 	$(BIN)/python -m bench.longtail --out runs/longtail --seeds 0 1 2
+
+forget: install  # deletion requests and learn on the long-tail corpus (bench/forget.py), 3 seeds
+	$(BIN)/python -m bench.forget --out runs/forget --seeds 0 1 2
 
 posthoc: smollm2  # post-hoc memory on SmolLM2-135M vs LoRA and a full fine-tune (bench/posthoc.py), 3 seeds
 	for s in 0 1 2; do $(BIN)/python -m bench.posthoc --seed $$s --out runs/posthoc || exit 1; done

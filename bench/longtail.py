@@ -183,6 +183,46 @@ def step(name: str, cmd: list[str], done: str, log: str, cores: int, timings: di
     print(f"[{name}] {timings[name]:.0f}s", flush=True)
 
 
+def corpus_stage(st: Stages, data: str, seed: int, corpus_cfg: str, logs: str) -> None:
+    """jobs/build_longtail.py into ``data`` (stage ``corpus``)."""
+    st.run(
+        "corpus",
+        [sys.executable, "jobs/build_longtail.py", "--out", data, "--config", corpus_cfg, "--seed", str(seed)],
+        os.path.join(data, "summary.json"),
+        f"{logs}/corpus.log",
+        files=[corpus_cfg],
+    )
+
+
+def cluster_stage(st: Stages, name: str, src: str, run: str, seed: int, logs: str, *extra: str, after=()) -> None:
+    """The clustering job on the corpus file ``src`` into ``run``; its fingerprint covers the file and the job
+    config (the corpus's content, not its stage: new probes alone do not re-cluster)."""
+    st.run(
+        name,
+        cluster_cmd(src, run, seed, st.cores, *extra),
+        os.path.join(run, "manifest.json"),
+        f"{logs}/{name.replace(' ', '_')}.log",
+        files=[src, f"{CONFIGS}/job.yaml"],
+        after=list(after),
+        clear=run,
+    )
+
+
+def train_stage(
+    st: Stages, model: str, config: str, run: str, mdir: str, steps: int, seed: int, logs: str, after, *sets
+):
+    """train/main.py (``train_cmd``) as stage ``train MODEL``, into ``mdir``."""
+    st.run(
+        f"train {model}",
+        train_cmd(config, run, mdir, steps, seed, *sets),
+        os.path.join(mdir, "export", "meta.json"),
+        f"{logs}/train_{model}.log",
+        files=[config],
+        after=list(after),
+        clear=mdir,
+    )
+
+
 def run_seed(
     out: str,
     seed: int,
@@ -199,22 +239,8 @@ def run_seed(
     data, run, logs = os.path.join(d, "data"), os.path.join(d, "run"), os.path.join(d, "logs")
     os.makedirs(logs, exist_ok=True)
     st = Stages(d, cores, force)
-    st.run(
-        "corpus",
-        [sys.executable, "jobs/build_longtail.py", "--out", data, "--config", corpus_cfg, "--seed", str(seed)],
-        os.path.join(data, "summary.json"),
-        f"{logs}/corpus.log",
-        files=[corpus_cfg],
-    )
-    # the job's input is the corpus's content, not the corpus stage: new probes alone do not re-cluster
-    st.run(
-        "cluster",
-        cluster_cmd(f"{data}/train.jsonl", run, seed, cores),
-        os.path.join(run, "manifest.json"),
-        f"{logs}/cluster.log",
-        files=[f"{data}/train.jsonl", f"{CONFIGS}/job.yaml"],
-        clear=run,
-    )
+    corpus_stage(st, data, seed, corpus_cfg, logs)
+    cluster_stage(st, "cluster", f"{data}/train.jsonl", run, seed, logs)
     manifest = read_manifest(run)
     batch = 16  # every configs/longtail/*.yaml trains on batches of 16 sequences: equal tokens per step
     steps = math.ceil(epochs * manifest["sequences"] / batch)
@@ -234,15 +260,7 @@ def run_seed(
     }
     for m in models:
         mdir = os.path.join(d, "models", m)
-        st.run(
-            f"train {m}",
-            train_cmd(f"{CONFIGS}/{m}.yaml", run, mdir, steps, seed),
-            os.path.join(mdir, "export", "meta.json"),
-            f"{logs}/train_{m}.log",
-            files=[f"{CONFIGS}/{m}.yaml"],
-            after=["cluster"],
-            clear=mdir,
-        )
+        train_stage(st, m, f"{CONFIGS}/{m}.yaml", run, mdir, steps, seed, logs, ["cluster"])
         with open(os.path.join(mdir, "metrics.jsonl")) as f:
             metrics = [json.loads(line) for line in f]
         results["train"][m] = {
