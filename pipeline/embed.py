@@ -104,8 +104,9 @@ def embed_stage(spark: SparkSession, cfg: JobConfig, run_dir: str, counter: tupl
     parts = shuffle_partitions(spark)
     udf = make_embed_udf(cfg, precision, worker_threads(spark, cfg), counter)
     h = F.xxhash64("text")
-    todo, kept, n_kept = docs.select("doc_id", "text"), None, 0
+    todo, kept, n_kept, joined = docs.select("doc_id", "text"), None, 0, None
     if cfg.embeddings_from:
+        # persisted for the count and the write: the join is read twice, not run twice
         joined = todo.withColumn("h", h).join(stored_embeddings(spark, cfg.embeddings_from), ["doc_id", "h"], "left")
         joined = joined.persist()
         kept = joined.filter(F.col("embedding").isNotNull()).select("doc_id", "embedding", F.lit(True).alias("reused"))
@@ -121,6 +122,8 @@ def embed_stage(spark: SparkSession, cfg: JobConfig, run_dir: str, counter: tupl
     if kept is not None:
         out = out.unionByName(kept)
     out.write.mode("overwrite").parquet(os.path.join(run_dir, "embeddings"))
+    if joined is not None:
+        joined.unpersist()
     written = (
         spark.read.parquet(os.path.join(run_dir, "embeddings"))
         .agg(F.count("*").alias("n"), F.sum(F.col("reused").cast("long")).alias("reused"))
