@@ -140,7 +140,10 @@ def run_seed(out: str, seed: int, args) -> dict:
     os.makedirs(logs, exist_ok=True)
     st = Stages(d, args.cores, args.force)
     timings_path = os.path.join(d, "timings.json")
-    timings = json.load(open(timings_path)) if os.path.exists(timings_path) else {}
+    timings = {}
+    if os.path.exists(timings_path):
+        with open(timings_path) as f:
+            timings = json.load(f)
     corpus_stage(st, data, seed, f"{CONFIGS}/corpus.yaml", logs)
     info = split(data, d, seed, args.never, args.requests)
     cluster_stage(st, "cluster", f"{d}/memory.jsonl", run, seed, logs)

@@ -10,12 +10,13 @@ OUT/forget.json. Files the change does not touch are hard links into RUN and EXP
 
 ``exact`` needs a model trained with ``data.isolated=true`` (recipe memory_only: the anchor never saw the
 documents and each level-1 subtree's blocks are a function of that subtree's sequences alone). The
-subtrees that held the documents are re-packed by the job with RUN's frozen tree (only their remaining
-documents go in), and their blocks are retrained from their seeded init with the model's own training
-config; every other block is kept. The result equals training from scratch, with the same tree, on the
-corpus without the documents (tests/test_forget.py), at 1/(non-empty level-1 subtrees) of the memory
-training per subtree retrained. What stays shaped by the documents is the tree: its centroids are means
-over a fit sample that may hold their embeddings (forget.json says which were in the sample).
+subtrees that held the documents are re-packed by the job with RUN's frozen tree and RUN's stored
+embeddings (only their remaining documents go in; none is re-embedded, so none changes leaf), and their
+blocks are retrained from their seeded init with the model's own training config; every other block is kept.
+The result equals training from scratch, with the same tree, on the corpus without the documents
+(tests/test_forget.py), at 1/(non-empty level-1 subtrees) of the memory training per subtree retrained.
+What stays shaped by the documents is the tree: its centroids are means over a fit sample that may hold
+their embeddings (forget.json says which were in the sample).
 
 ``reset`` re-initialises the blocks on the documents' paths from ``--from-level`` down (default: the leaf)
 and retrains nothing. It is approximate: those blocks also held the other documents of their nodes,
