@@ -39,7 +39,9 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
 from bench.longtail import CONFIGS, Stages, cluster_cmd, cluster_stage, corpus_stage, mean, pct, train_stage
+from corpora.bbc import write_jsonl
 from index.rundir import read_manifest
+from train.evaluate import read_jsonl
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MEMORY = os.path.join(ROOT, "configs", "forget", "memory.yaml")
@@ -47,21 +49,10 @@ RARE = 3  # an entity with at most this many documents is rare: the anchor never
 BATCH = 16  # configs/longtail/anchor.yaml and configs/forget/memory.yaml
 
 
-def read_jsonl(path: str) -> list[dict]:
-    with open(path) as f:
-        return [json.loads(line) for line in f]
-
-
-def write_jsonl(path: str, rows) -> None:
-    with open(path + ".tmp", "w") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
-    os.replace(path + ".tmp", path)
-
-
 def split(data: str, out: str, seed: int, never: int, requests: int) -> dict:
     """memory.jsonl, anchor.jsonl, probes.jsonl (all entities, the never-seen ones included) and split.json."""
-    rows, probes = read_jsonl(f"{data}/train.jsonl"), read_jsonl(f"{data}/probes.jsonl")
+    rows = read_jsonl(f"{data}/train.jsonl", ("id", "text"))
+    probes = read_jsonl(f"{data}/probes.jsonl", ("prompt", "answer", "entity", "frequency"))
     freq = {p["entity"]: p["frequency"] for p in probes}
     rare = sorted(e for e, f in freq.items() if f <= RARE)
     rng = random.Random(f"forget-{seed}")
@@ -123,8 +114,8 @@ def compare(before: dict, after: dict, forgotten: set[str], subtrees: set[int], 
     rest = [e for e in where if e not in forgotten and e not in never]
     same = {e for e in rest if where[e] & subtrees}
     other = set(rest) - same
-    out = {"forgotten_before": accuracy(b, forgotten)[0], "forgotten_after": accuracy(a, forgotten)[0]}
-    out["forgotten_probes"] = accuracy(a, forgotten)[1]
+    out = {"forgotten_before": accuracy(b, forgotten)[0]}
+    out["forgotten_after"], out["forgotten_probes"] = accuracy(a, forgotten)
     for key, group in (("same", same), ("other", other)):
         out[f"{key}_before"], out[f"{key}_probes"] = accuracy(b, group)
         out[f"{key}_after"] = accuracy(a, group)[0]
@@ -177,7 +168,7 @@ def run_seed(out: str, seed: int, args) -> dict:
     )
     export = os.path.join(mdir, "export")
     original = evaluate(st, "original", export, run, d, ["train memory", "index"])
-    probes = read_jsonl(f"{d}/probes.jsonl")
+    probes = read_jsonl(f"{d}/probes.jsonl", ("entity", "doc_ids"))
     where = entity_subtrees(run, probes)
     never = set(info["never"])
     result = {

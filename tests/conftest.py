@@ -15,7 +15,8 @@ from fixtures import PROMPTS, make_run_dir, trainer_args
 
 from index.docindex import build_document_index
 from index.router import Router
-from tests.spark_helpers import SMALL, bbc, submit, write_jsonl
+from corpora.bbc import write_jsonl
+from tests.spark_helpers import SMALL, bbc, submit
 
 
 def pytest_sessionstart(session):

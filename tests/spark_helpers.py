@@ -65,18 +65,11 @@ def bbc(n: int, start: int) -> list[dict]:
     return [r for i, r in enumerate(bbc_records()) if i >= start][:n]
 
 
-def write_jsonl(path, rows) -> None:
-    with open(path, "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
-
-
 def write_bbc_subset(path: str, n: int, start: int = 0) -> list[dict]:
-    from corpora.bbc import bbc_records
+    from corpora.bbc import bbc_records, write_jsonl
 
     recs = [r for i, r in enumerate(bbc_records()) if start <= i < start + n * 20 and (i - start) % 20 == 0][:n]
-    with open(path, "w") as f:
-        for r in recs:
-            f.write(json.dumps(r) + "\n")
+    write_jsonl(path, recs)
     return recs
 
 

@@ -21,7 +21,8 @@ from train.config import load_config
 from train.export import load_model, read_meta
 from train.memory import MemoryConfig, init_block
 from train.model import Anchor
-from tests.spark_helpers import SMALL, bbc, submit, write_jsonl
+from corpora.bbc import write_jsonl
+from tests.spark_helpers import SMALL, bbc, submit
 
 K, DEPTH = 3, 2  # SMALL's tree
 

@@ -10,7 +10,8 @@ from bench.routing_check import sample_documents, second_sentence
 from index.docindex import Hits, build_document_index
 from index.router import Router, leading_path, vote, vote_weights
 from index.routing import MODES, RoutingConfig
-from tests.spark_helpers import SMALL, manifest, read_table, submit, write_jsonl
+from corpora.bbc import write_jsonl
+from tests.spark_helpers import SMALL, manifest, read_table, submit
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO_RUN = os.path.join(ROOT, "runs", "demo")
