@@ -21,7 +21,7 @@ def bbc_records():
 def write_jsonl(path: str, rows) -> None:
     """Write ``rows`` (dicts) as JSONL, atomically: a killed run never leaves half a file."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = path + ".tmp"
+    tmp = f"{path}.tmp"  # path may be a str or a pathlib.Path
     with open(tmp, "w", encoding="utf-8") as f:
         for r in rows:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
