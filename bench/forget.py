@@ -11,9 +11,11 @@ Per seed (OUT/seedN; stages resume as in bench/longtail.py):
            (configs/forget/memory.yaml: memory_only on the frozen anchor, data.isolated, ``--epochs``
            passes over the median level-1 subtree's sequences: each subtree trains as many steps, and the
            news, long articles, fills one subtree with several times the sequences of a facts subtree):
-           the full memory training each request is measured against, timed in this invocation's stage
-           (or in the one that built it)
   index    jobs/build_index.py on run; evaluate the original model (train.evaluate)
+  control  the memory trained again with another data order (data.seed + 1000; the same init): the full
+           training each request is measured against, timed in this invocation just before the requests,
+           and the noise of retraining, since an exact forget's retrained subtree sees its sequences in
+           another order too
   requests each on its own, as requests arrive, on the original model: python -m hmem.forget (exact), evaluate
   batch    all requests in one hmem.forget, exact and (for comparison) reset; evaluate
   learn    the batch's model learns the requests' documents back (python -m hmem.learn, ``--epochs`` passes
@@ -155,9 +157,6 @@ def run_seed(out: str, seed: int, args) -> dict:
     mdir = os.path.join(d, "models", "memory")
     init = f"recipe.init_anchor={anchor}/export"
     train_stage(st, "memory", MEMORY, run, mdir, mem_steps, seed, logs, ["train anchor"], init)
-    timings.update({k: v for k, v in st.timings.items() if k.startswith(("train", "forget", "learn"))})
-    with open(timings_path, "w") as f:
-        json.dump(timings, f, indent=1)
     st.run(
         "index",
         [sys.executable, "jobs/build_index.py", "--run", run],
@@ -168,6 +167,14 @@ def run_seed(out: str, seed: int, args) -> dict:
     )
     export = os.path.join(mdir, "export")
     original = evaluate(st, "original", export, run, d, ["train memory", "index"])
+    cdir = os.path.join(d, "models", "control")
+    train_stage(
+        st, "control", MEMORY, run, cdir, mem_steps, seed, logs, ["train memory"], init, f"data.seed={seed + 1000}"
+    )
+    control = evaluate(st, "control", os.path.join(cdir, "export"), run, d, ["train control", "index"])
+    timings.update({k: v for k, v in st.timings.items() if k.startswith("train")})
+    with open(timings_path, "w") as f:
+        json.dump(timings, f, indent=1)
     probes = read_jsonl(f"{d}/probes.jsonl", ("entity", "doc_ids"))
     where = entity_subtrees(run, probes)
     never = set(info["never"])
@@ -177,6 +184,9 @@ def run_seed(out: str, seed: int, args) -> dict:
         "never_seen": accuracy(correct(original), never),
         "original": {k: original["probes"]["accuracy"][k] for k in ("fetched", "blocked", "none")},
         "memory_steps": mem_steps,
+        "control": {
+            s: compare(original, control, set(), {s}, where, never) for s in sorted(set().union(*where.values()))
+        },
         "active_subtrees": sum(1 for n in m["levels"][0]["node_documents"] if n),
         "requests": [],
     }
@@ -198,11 +208,13 @@ def run_seed(out: str, seed: int, args) -> dict:
             rec = json.load(f)
         return rec, evaluate(st, name, os.path.join(o, "export"), os.path.join(o, "run"), d, [f"forget {name}"])
 
-    full_seconds = timings["train memory"]
+    full_seconds = timings["train control"]  # the full memory training, just before the requests
     for i, entity in enumerate(info["requests"]):
         rec, ev = forget(f"request{i:02d}", f"{d}/request{i:02d}.ids")
         row = {"entity": entity, "documents": len(rec["doc_ids"]), "subtrees": rec["subtrees"]}
         row.update(compare(original, ev, {entity}, set(rec["subtrees"]), where, never))
+        noise = compare(original, control, {entity}, set(rec["subtrees"]), where, never)
+        row["same_control"] = None if noise["same_before"] is None else noise["same_after"] - noise["same_before"]
         row.update(token_share=rec["share_of_full"], seconds=rec["seconds"], retrain_seconds=rec["retrain_seconds"])
         row["time_share"] = rec["seconds"] / full_seconds
         result["requests"].append(row)
@@ -222,6 +234,7 @@ def run_seed(out: str, seed: int, args) -> dict:
     result["learn"] = learned(original, evals["batch"], lev, asked, never)
     result["learn"].update(token_share=lrec["share_of_full"], seconds=lrec["seconds"], epochs=lrec["epochs"])
     result["full_memory_seconds"] = full_seconds
+    result["original_memory_seconds"] = timings.get("train memory")
     return result
 
 
@@ -259,8 +272,13 @@ def summary(r: dict) -> dict:
         return float(np.sum(n * np.array([q[key] for q in reqs])) / n.sum())
 
     same = [q["same_after"] - q["same_before"] for q in reqs if q["same_probes"]]
+    control = [q["same_control"] for q in reqs if q["same_control"] is not None]
+    per_subtree = [c["same_after"] - c["same_before"] for c in r["control"].values() if c["same_probes"]]
     return {
         "never_seen": r["never_seen"][0],
+        "control_change_mean": mean(control),
+        "control_change_worst": min(control) if control else None,
+        "control_subtree_abs_mean": mean(abs(x) for x in per_subtree),
         "forgotten_before": pooled("forgotten_before"),
         "forgotten_after": pooled("forgotten_after"),
         "same_change_mean": mean(same),
@@ -287,13 +305,15 @@ def markdown(per_seed: list[dict]) -> str:
         "## Deletion requests, each on its own (accuracy %, routed; medians of the cost)",
         "",
         "| seed | never-seen | forgotten before | forgotten after | same subtree change (mean / worst) "
+        "| same subtree, control (mean / worst) "
         "| other subtrees: probes changed | ppl before / after | tokens retrained | time | forget s (retrain s) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r, s in zip(per_seed, sums):
         lines.append(
             f"| {r['seed']} | {pct(s['never_seen'])} | {pct(s['forgotten_before'])} | {pct(s['forgotten_after'])} "
             f"| {points(s['same_change_mean'])} / {points(s['same_change_worst'])} "
+            f"| {points(s['control_change_mean'])} / {points(s['control_change_worst'])} "
             f"| {s['other_changed']} of {s['other_probes']} | {s['ppl_before']:.2f} / {s['ppl_after_mean']:.2f} "
             f"| {s['token_share_median']:.1%} | {s['time_share_median']:.1%} of {r['full_memory_seconds']:.0f} s "
             f"| {s['seconds_median']:.0f} ({s['retrain_seconds_median']:.0f}) |"
@@ -302,7 +322,8 @@ def markdown(per_seed: list[dict]) -> str:
         m = {k: mean(s[k] for s in sums) for k in ("never_seen", "forgotten_before", "forgotten_after")}
         lines.append(
             f"| mean | {pct(m['never_seen'])} | {pct(m['forgotten_before'])} | {pct(m['forgotten_after'])} "
-            f"| {points(mean(s['same_change_mean'] for s in sums))} | {sum(s['other_changed'] for s in sums)} "
+            f"| {points(mean(s['same_change_mean'] for s in sums))} "
+            f"| {points(mean(s['control_change_mean'] for s in sums))} | {sum(s['other_changed'] for s in sums)} "
             "| | | | |"
         )
     lines += [
@@ -340,15 +361,17 @@ def markdown(per_seed: list[dict]) -> str:
         )
     lines += ["", "## Requests", ""]
     lines += [
-        "| seed | entity | docs | subtree | before | after | same subtree change | other changed | tokens | time |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| seed | entity | docs | subtree | before | after | same subtree change | control | other changed | tokens "
+        "| time |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in per_seed:
         for q in r["requests"]:
             same = None if q["same_before"] is None else q["same_after"] - q["same_before"]
             lines.append(
                 f"| {r['seed']} | {q['entity']} | {q['documents']} | {q['subtrees']} | {pct(q['forgotten_before'])} "
-                f"| {pct(q['forgotten_after'])} | {points(same)} | {q['other_changed']} | {q['token_share']:.1%} "
+                f"| {pct(q['forgotten_after'])} | {points(same)} | {points(q['same_control'])} | {q['other_changed']} "
+                f"| {q['token_share']:.1%} "
                 f"| {q['time_share']:.1%} |"
             )
     return "\n".join(lines) + "\n"

@@ -16,7 +16,8 @@ blocks are retrained from their seeded init with the model's own training config
 The result equals training from scratch, with the same tree, on the corpus without the documents
 (tests/test_forget.py), at 1/(non-empty level-1 subtrees) of the memory training per subtree retrained.
 What stays shaped by the documents is the tree: its centroids are means over a fit sample that may hold
-their embeddings (forget.json says which were in the sample).
+their embeddings (forget.json says which were in the sample); and likewise the document index's PQ codebooks,
+kept from RUN so that no other document's code, and no route that did not weigh the documents, changes.
 
 ``reset`` re-initialises the blocks on the documents' paths from ``--from-level`` down (default: the leaf)
 and retrains nothing. It is approximate: those blocks also held the other documents of their nodes,
@@ -95,7 +96,7 @@ def query_documents(run: str, model: str, text: str, top: int) -> list[str]:
     router = Router.load(run, routing=model_routing(model, None))
     nbs = router.neighbours(router.embed([text]), top, texts=[text])[0]
     for nb in nbs:
-        print(f"query picks {nb.doc_id} (leaf {nb.leaf}, similarity {nb.similarity:.3f}): {nb.preview!r}")
+        print(f"query picks {nb.doc_id} (leaf {nb.leaf}, similarity {nb.score:.3f}): {nb.preview!r}")
     return [nb.doc_id for nb in nbs]
 
 
@@ -198,11 +199,11 @@ def train_yaml(meta: dict, path: str) -> None:
         yaml.safe_dump(cfg, f)
 
 
-def retrain(meta: dict, run: str, out: str, log: str) -> float:
-    """train/main.py with the model's config on ``run`` (its other subtrees are empty); returns the seconds."""
+def retrain(meta: dict, runs: list[str], out: str, log: str) -> float:
+    """train/main.py with the model's config on ``runs`` (their other subtrees are empty); returns the seconds."""
     conf = out + ".train.yaml"
     train_yaml(meta, conf)
-    cmd = [sys.executable, os.path.join(ROOT, "train", "main.py"), "--config", conf, "--data", run]
+    cmd = [sys.executable, os.path.join(ROOT, "train", "main.py"), "--config", conf, "--data", *runs]
     cmd += ["--out", out, "--no-resume"]
     t0 = time.time()
     run_logged(cmd, log, "retrain", job_env(int(os.environ.get("OMP_NUM_THREADS", "0")) or None))
@@ -287,7 +288,9 @@ def subtree_counts(run: str, subtrees: list[int]) -> dict:
 
 def build_run(run: str, new: str, out: str, subtrees: list[int], gone: set[str], record: dict) -> dict:
     """OUT/run: RUN's files for the untouched subtrees (hard links), the re-packed subtrees' shards and routes,
-    RUN's documents less ``gone``, a manifest that counts it all, and a document index built without them."""
+    RUN's documents less ``gone``, a manifest that counts it all, and a document index built without them (with
+    RUN's PQ codebooks: the other documents keep their codes, so only a query that had them as neighbours can
+    change route)."""
     os.makedirs(out)
     for name in ("config.json", "tokenizer.json"):
         if os.path.exists(os.path.join(run, name)):
@@ -319,7 +322,7 @@ def build_run(run: str, new: str, out: str, subtrees: list[int], gone: set[str],
     m["forgotten"] = m.get("forgotten", []) + [record]
     m["derived_from"] = os.path.abspath(run)
     write_manifest(out, m)
-    build_document_index(out, log=lambda s: print(s, file=sys.stderr))
+    build_document_index(out, log=lambda s: print(s, file=sys.stderr), codebooks_from=run)
     return m
 
 
@@ -420,7 +423,7 @@ def forget(args) -> dict:
     trained = None
     if args.mode == "exact":
         trained = os.path.join(work, "train")
-        record["retrain_seconds"] = round(retrain(meta, new, trained, os.path.join(work, "train.log")), 1)
+        record["retrain_seconds"] = round(retrain(meta, [new], trained, os.path.join(work, "train.log")), 1)
         record["tokens_retrained"] = per_subtree * len(subtrees)
     else:
         record.update(

@@ -1,13 +1,19 @@
 """Learn new documents: route them into the model's frozen tree and train only the blocks on their paths.
 
     python -m hmem.learn --run RUN --model EXPORT --out OUT new.jsonl [--id-column id] [--epochs E]
+                         [--from-level L] [--replay R]
 
 The job routes and packs the new documents with RUN's tree, tokenizer and job config. The model's memory then
-trains on them alone (recipe memory_only: the anchor stays as it is; ``data.isolated``: each level-1 subtree
-its own stream; the generic memory untouched), starting from EXPORT's bank (``recipe.init_memory``). The
-touched-block optimizer moves only blocks that a new sequence fetches, and only those are copied into the new
-export, so a prompt routed to any other block gets bit-identical logits. ``--epochs`` (default: as many passes
-as the model's own training gave an average subtree's sequences) sets the steps.
+trains on them (recipe memory_only: the anchor stays as it is; ``data.isolated``: each level-1 subtree its own
+stream; the generic memory untouched), starting from EXPORT's bank (``recipe.init_memory``):
+  - only the blocks of levels ``--from-level`` and deeper train (default: the leaves). A shallower block is
+    shared by every document under its node, which a few new documents would overwrite;
+  - beside the new sequences, ``--replay`` R of RUN's own sequences per new one, drawn (seeded) from the leaves
+    the new documents reach: the blocks that learn the new facts keep reading the old ones they hold.
+The touched-block optimizer moves only blocks that a training sequence fetches at those levels, and only
+those are copied into the new export, so a prompt routed to any other block gets bit-identical logits.
+``--epochs`` (default: as many passes as the model's own training gave an average subtree's sequences) passes
+over the new and replayed sequences set the steps.
 
 Writes OUT/run (RUN plus the new documents, its document index rebuilt, so prompts find them), OUT/export
 (meta.json ``learned`` records the documents, steps and cost) and OUT/learn.json.
@@ -22,7 +28,9 @@ import sys
 import time
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from hmem.forget import (
@@ -34,11 +42,12 @@ from hmem.forget import (
     repack,
     retrain,
     routed,
+    shard_totals,
     subtree_counts,
 )
 from hmem.cli import respond
 from index.docindex import build_document_index
-from index.rundir import read_manifest, write_manifest
+from index.rundir import SHARD_SCHEMA, read_manifest, write_manifest
 from train.export import read_meta
 
 GROUP_SHIFT, LEAF_SHIFT = 20, 31  # seq_id = leaf << 31 | group << 20 | i (pipeline/pack.py make_pack)
@@ -82,6 +91,52 @@ def add_shards(run: str, new: str, out: str, subtree: int, tag: str) -> None:
         pq.write_table(t, os.path.join(dst, f"{tag}-{f}"))
 
 
+def replay_run(run: str, new: str, out: str, ratio: float, seed: int) -> int:
+    """OUT: a run directory of RUN's own sequences from the leaves ``new``'s sequences reach, ``ceil(ratio x``
+    the leaf's new sequences``)`` of them per leaf (all where it has fewer), drawn by (seed, leaf); the trainer
+    reads it beside ``new``. Returns its sequences. Memory: one level-1 subtree's rows of those leaves."""
+    m = read_manifest(run)
+    k, depth = m["k"], m["depth"]
+    parts, docs_per_leaf, tokens_per_leaf = [], {}, {}
+    for d in sorted(x for x in os.listdir(os.path.join(new, "shards")) if x.startswith("l1=")):
+        fresh = ds.dataset(os.path.join(new, "shards", d), format="parquet").to_table(columns=["leaf"])
+        want = pc.value_counts(fresh["leaf"]).to_pylist()
+        old = ds.dataset(os.path.join(run, "shards", d), format="parquet")
+        rows = old.to_table(filter=pc.field("leaf").isin([w["values"] for w in want]))
+        for w in want:
+            leaf = w["values"]
+            mine = pc.indices_nonzero(pc.equal(rows["leaf"], leaf)).to_numpy()
+            n = min(len(mine), math.ceil(ratio * w["counts"]))
+            pick = np.sort(np.random.default_rng([seed, leaf]).choice(mine, n, replace=False))
+            part = rows.take(pa.array(pick, type=pa.int64())).select(SHARD_SCHEMA.names)
+            parts.append((d, part))
+            docs_per_leaf[leaf] = len({x for ids in part["doc_ids"].to_pylist() for x in ids})
+            tokens_per_leaf[leaf] = int(pc.sum(part["n_valid"]).as_py() or 0)
+    os.makedirs(os.path.join(out, "shards"))
+    for name in ("tokenizer.json", "config.json"):
+        if os.path.exists(os.path.join(run, name)):
+            _link(os.path.join(run, name), os.path.join(out, name))
+    n = 0
+    for d in sorted({d for d, p in parts if p.num_rows}):
+        table = pa.concat_tables([p for dd, p in parts if dd == d]).sort_by(
+            [("leaf", "ascending"), ("seq_id", "ascending")]
+        )
+        os.makedirs(os.path.join(out, "shards", d))
+        pq.write_table(table.cast(SHARD_SCHEMA), os.path.join(out, "shards", d, "replay.parquet"), row_group_size=256)
+        n += table.num_rows
+    docs, tokens = sum(docs_per_leaf.values()), sum(tokens_per_leaf.values())
+    for lv in m["levels"]:
+        width = k ** (depth - lv["level"])  # leaves under one node of this level
+        nodes = len(lv["node_documents"])
+        lv["node_documents"] = [sum(docs_per_leaf.get(j * width + i, 0) for i in range(width)) for j in range(nodes)]
+        lv["node_tokens"] = [sum(tokens_per_leaf.get(j * width + i, 0) for i in range(width)) for j in range(nodes)]
+    m.pop("checksums", None)
+    m.update(documents_in=docs, documents_routed=docs, documents_distinct=docs, documents_quarantined=0)
+    m.update(sequences=n, tokens=tokens, valid_tokens=tokens, replay_of=os.path.abspath(run))
+    write_manifest(out, m)
+    return n
+
+
 def build_run(run: str, new: str, out: str, tag: str, record: dict) -> dict:
     """OUT/run: RUN (hard links) plus the new run's documents, routes and shards; counts summed; indexed."""
     link_tree(run, out, ignore=("index", "work", "stages", "embeddings", "manifest.json"))
@@ -113,7 +168,7 @@ def build_run(run: str, new: str, out: str, tag: str, record: dict) -> dict:
     m["learned"] = m.get("learned", []) + [record]
     m["derived_from"] = os.path.abspath(run)
     write_manifest(out, m)
-    build_document_index(out, log=lambda s: print(s, file=sys.stderr))
+    build_document_index(out, log=lambda s: print(s, file=sys.stderr), codebooks_from=run)
     return m
 
 
@@ -133,25 +188,35 @@ def learn(args) -> dict:
     docs = routed(new, None, ("doc_id", "path"))
     paths = docs["path"].to_pylist()
     cfg = meta["train"]
+    data = [new]
+    replayed = 0
+    if args.replay > 0:
+        replayed = replay_run(args.run, new, os.path.join(work, "replay"), args.replay, cfg["data"]["seed"])
+        data += [os.path.join(work, "replay")] if replayed else []  # new leaves hold no old sequences
     batch, active = cfg["data"]["batch_size"], sum(1 for d in manifest["levels"][0]["node_documents"] if d)
     epochs = args.epochs or cfg["schedule"]["max_steps"] * batch * active / manifest["sequences"]
-    per_subtree = [subtree_counts(new, [s])["sequences"] for s in sorted({p[0] for p in paths})]
+    subtrees = sorted({p[0] for p in paths})
+    per_subtree = [sum(shard_totals(r, [s])["sequences"] for r in data) for s in subtrees]
     steps = max(1, math.ceil(epochs * max(per_subtree) / batch))
     learn_cfg = json.loads(json.dumps(meta))
     anchor = None if meta["model"].get("hf") else args.model  # a transformers base is referenced, not exported
-    learn_cfg["train"]["recipe"].update(name="memory_only", init_anchor=anchor, init_memory=args.model)
+    learn_cfg["train"]["recipe"].update(
+        name="memory_only", init_anchor=anchor, init_memory=args.model, memory_from_level=args.from_level
+    )
     learn_cfg["train"]["data"]["isolated"] = True
     learn_cfg["train"]["memory"]["p_generic"] = 0.0
     learn_cfg["train"]["schedule"].update(max_steps=steps, checkpoint_every=0)
     trained = os.path.join(work, "train")
-    seconds = retrain(learn_cfg, new, trained, os.path.join(work, "train.log"))
-    blocks = path_blocks(manifest["k"], paths, 1)
+    seconds = retrain(learn_cfg, data, trained, os.path.join(work, "train.log"))
+    blocks = path_blocks(manifest["k"], paths, args.from_level)
     tokens = steps * batch * manifest["seq_len"] * len(per_subtree)
     full = cfg["schedule"]["max_steps"] * batch * manifest["seq_len"] * active
     record = {
         "doc_ids": docs["doc_id"].to_pylist(),
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "sequences": mn["sequences"],
+        "replayed_sequences": replayed,
+        "from_level": args.from_level,
         "epochs": epochs,
         "steps": steps,
         "blocks": blocks.tolist(),
@@ -172,7 +237,11 @@ def main(argv: list[str] | None = None) -> int:
     p = command_line("learn", __doc__, "job")
     p.add_argument("input", help="the new documents: JSONL or Parquet, as the job reads them")
     p.add_argument("--id-column", default="id", help="the documents' id field (default id)")
-    p.add_argument("--epochs", type=float, default=None, help="passes over the new sequences")
+    p.add_argument("--epochs", type=float, default=None, help="passes over the new (and replayed) sequences")
+    p.add_argument("--from-level", type=int, default=0, help="the first level whose blocks train (default: the leaf)")
+    p.add_argument(
+        "--replay", type=float, default=1.0, help="RUN's sequences of the same leaves per new sequence (default 1)"
+    )
     args = p.parse_args(argv)
 
     def summary(r: dict) -> str:
@@ -182,7 +251,16 @@ def main(argv: list[str] | None = None) -> int:
             f"memory's training, {r['seconds']} s; new run {args.out}/run, new model {args.out}/export"
         )
 
-    return respond(lambda: [learn(args)], args.json, summary)
+    def work() -> list[dict]:
+        depth = read_manifest(args.run)["depth"]
+        args.from_level = args.from_level or depth
+        if not 1 <= args.from_level <= depth:
+            raise ValueError(f"--from-level {args.from_level}: the tree has levels 1..{depth}")
+        if args.replay < 0:
+            raise ValueError(f"--replay {args.replay}: a number of sequences per new one, >= 0")
+        return [learn(args)]
+
+    return respond(work, args.json, summary)
 
 
 if __name__ == "__main__":

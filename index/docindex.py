@@ -261,7 +261,7 @@ def _encode_shards(
     os.makedirs(shard_dir)
     arrow_tmp, terms_tmp = os.path.join(out_dir, "documents.arrow.tmp"), os.path.join(out_dir, "terms.bin.tmp")
     df = np.zeros(lexical.DF_BUCKETS, dtype=np.uint32)
-    shards, shard, n, t1 = [], None, 0, time.time()
+    shards, shard, n, done, t1 = [], None, 0, 0, time.time()
 
     def flush():
         path = os.path.join(shard_dir, f"shard-{len(shards):05d}.faiss")
@@ -287,6 +287,8 @@ def _encode_shards(
             _log_progress(log, done, n, n_routed, t1)
     if shard is not None:
         flush()
+    if done != n_routed:
+        raise ValueError(f"{routed_dir} holds {done} documents, manifest.json says {n_routed}: the run is incomplete")
     return shards, n, df
 
 
@@ -322,10 +324,34 @@ def _index_meta(out_dir: str, tree: Tree, n: int, n_routed: int, pq_m: int) -> d
     }
 
 
+def _codebooks_of(src_run: str, tree: Tree, pq_m: int) -> np.ndarray:
+    """The PQ centroids of ``src_run``'s index, which must be built on the same tree with the same ``pq_m``."""
+    meta = read_index_meta(src_run)
+    if meta.get("format") != FORMAT or meta.get("tree_version") != tree.version or meta.get("pq_m") != pq_m:
+        raise TreeVersionError(
+            f"{src_run}/index: format {meta.get('format')!r}, tree {meta.get('tree_version')!r}, pq_m "
+            f"{meta.get('pq_m')}; its codebooks fit an index of {FORMAT}, tree {tree.version!r}, pq_m {pq_m} only"
+        )
+    with _quiet():
+        src = faiss.read_index(
+            os.path.join(src_run, "index", "documents.faiss"), faiss.IO_FLAG_ONDISK_SAME_DIR | faiss.IO_FLAG_READ_ONLY
+        )
+    return faiss.vector_to_array(faiss.downcast_index(src).pq.centroids)
+
+
 def build_document_index(
-    run_dir: str, pq_m: int = PQ_M, train_sample: int = 100_000, shard_rows: int = 4_000_000, log=print
+    run_dir: str,
+    pq_m: int = PQ_M,
+    train_sample: int = 100_000,
+    shard_rows: int = 4_000_000,
+    log=print,
+    codebooks_from: str | None = None,
 ) -> dict:
-    """Write RUN/index/ from RUN/tree/ and RUN/routed/ (see the module doc). Returns index.json."""
+    """Write RUN/index/ from RUN/tree/ and RUN/routed/ (see the module doc). Returns index.json.
+
+    ``codebooks_from``: a run on the same tree whose index's PQ codebooks are taken instead of trained (hmem.forget
+    and hmem.learn): every document both runs hold gets the same code, so a query's similarity to it is unchanged
+    and only the documents that came or went can move a route."""
     t0 = time.time()
     tree = Tree.load(os.path.join(run_dir, "tree"))
     routed_dir = os.path.join(run_dir, "routed")
@@ -338,14 +364,18 @@ def build_document_index(
     manifest = read_manifest(run_dir, {"documents_routed": int, "documents_distinct": int})
     n_routed, n_distinct = manifest["documents_routed"], manifest["documents_distinct"]
 
-    # 1. codebooks from a content-chosen sample of the distinct documents' residuals
-    residuals = _codebook_sample(routed_dir, tree, n_leaves, n_routed, n_distinct, train_sample)
+    # 1. codebooks from a content-chosen sample of the distinct documents' residuals (or another run's)
     index = _empty_index(tree, pq_m)
-    if len(residuals) < 256:  # fewer points than centroids: FAISS would refuse; repeat them (small corpora only)
-        residuals = np.tile(residuals, (-(-256 // len(residuals)), 1))
-    index.pq.train(residuals)
+    if codebooks_from:
+        faiss.copy_array_to_vector(_codebooks_of(codebooks_from, tree, pq_m), index.pq.centroids)
+        log(f"index: PQ {pq_m}x8 bits from {codebooks_from}/index")
+    else:
+        residuals = _codebook_sample(routed_dir, tree, n_leaves, n_routed, n_distinct, train_sample)
+        if len(residuals) < 256:  # fewer points than centroids: FAISS would refuse; repeat them (small corpora)
+            residuals = np.tile(residuals, (-(-256 // len(residuals)), 1))
+        index.pq.train(residuals)
+        log(f"index: PQ {pq_m}x8 bits trained on {len(residuals)} residuals ({time.time() - t0:.1f}s)")
     index.is_trained = True  # the coarse lists are the tree's leaves: nothing else to train
-    log(f"index: PQ {pq_m}x8 bits trained on {len(residuals)} residuals ({time.time() - t0:.1f}s)")
 
     # 2. shards of codes, the display table and the Bloom filters, streamed
     out_dir = os.path.join(run_dir, "index")
@@ -361,6 +391,7 @@ def build_document_index(
     for name in ("documents.faiss", "documents.arrow", "terms.bin"):
         os.replace(os.path.join(out_dir, name + ".tmp"), os.path.join(out_dir, name))
     meta = _index_meta(out_dir, tree, n, n_routed, pq_m)
+    meta["codebooks_from"] = os.path.abspath(codebooks_from) if codebooks_from else None
     # index.json last: its presence marks a complete index
     with open(os.path.join(out_dir, "index.json"), "w") as f:
         json.dump(meta, f, indent=2)

@@ -135,6 +135,10 @@ def test_the_three_users_raise_the_one_error(tmp_path):
     assert "tiny.yaml: optim.anchor: unknown keys ['lrr']" in message
     assert "tiny.yaml: recipe: recipe.name 'x'" in one_line_error(load_config, "tiny", ["recipe.name=x"], manifest)
     assert "one rank per level" in one_line_error(load_config, "tiny", ["memory.ranks=[1,2,3]"], manifest)
+    assert "memory_from_level 3: the tree has levels 1..2" in one_line_error(
+        load_config, "tiny", ["recipe.memory_from_level=3"], manifest
+    )
+    assert load_config("tiny", ["recipe.memory_from_level=2"], manifest).recipe.memory_from_level == 2
     with pytest.raises(ConfigNotFound, match="train config 'nope'"):
         load_config("nope", [], manifest)
     assert "tiny.yaml: d_model: 'wide' is not int" in one_line_error(load_model_config, "tiny", d_model="wide")

@@ -126,11 +126,37 @@ def test_forgotten_documents_leave_the_run_and_every_neighbour_list(world, exact
 
 
 @pytest.mark.slow
+def test_other_documents_keep_their_codes_and_routes_after_a_forget(world, exact):
+    """The rebuilt index reuses A's PQ codebooks: a query's similarity to every remaining document is what it was,
+    so a query whose neighbours held none of the forgotten documents routes as before, in every mode."""
+    run = os.path.join(exact, "run")
+    assert json.load(open(os.path.join(run, "index", "index.json")))["codebooks_from"] == os.path.abspath(world["a"])
+    texts = [r["text"].split(". ")[1] for r in world["recs"] if r["id"] not in world["gone"]]
+    old, new = Router.load(world["a"]), Router.load(run)
+    x = old.embed(texts)
+    before, after = old.neighbours(x, 32, texts=texts), new.neighbours(x, 32, texts=texts)
+    gone, untouched = set(world["gone"]), []
+    for i, (b, a) in enumerate(zip(before, after)):
+        sims = {nb.doc_id: nb.score for nb in b}
+        assert all(sims[nb.doc_id] == nb.score for nb in a if nb.doc_id in sims)
+        if not {nb.doc_id for nb in b} & gone:
+            untouched.append(i)
+    assert untouched
+    for mode in ("neighbours", "descent", "hybrid", "levels"):
+        ra = old.route_embeddings(x[untouched], mode, [texts[i] for i in untouched])
+        rb = new.route_embeddings(x[untouched], mode, [texts[i] for i in untouched])
+        assert (ra == rb).all(), mode
+
+
+@pytest.mark.slow
 def test_reset_puts_the_blocks_on_the_documents_paths_back_to_init(world, tmp_path):
+    """Through --query: the document whose own text is the query is the one forgotten."""
     out = str(tmp_path / "reset")
-    args = ["--run", world["a"], "--model", world["model_a"], "--out", out, "--mode", "reset", *world["gone"]]
+    text = next(r["text"] for r in world["recs"] if r["id"] == world["gone"][0])
+    args = ["--run", world["a"], "--model", world["model_a"], "--out", out, "--mode", "reset", "--query", text]
     assert forget_main(args) == 0
     record = json.load(open(os.path.join(out, "forget.json")))
+    assert record["doc_ids"] == world["gone"][:1]
     blocks = set(path_blocks(K, record["paths"], DEPTH).tolist())
     after, before = model_blocks(os.path.join(out, "export")), model_blocks(world["model_a"])
     mem = MemoryConfig(**read_meta(world["model_a"])["memory"])
@@ -163,7 +189,9 @@ def test_learn_moves_only_the_new_documents_blocks_and_no_other_prompts_logits(w
     learned = set(record["blocks"])
     before, after = model_blocks(world["model_a"]), model_blocks(os.path.join(out, "export"))
     moved = {i for i in before if not all(torch.equal(before[i][n], after[i][n]) for n in before[i])}
-    assert moved and moved <= learned  # only blocks on the new documents' paths
+    assert moved and moved <= learned  # only blocks on the new documents' paths ...
+    assert all(i >= level_offset(DEPTH, K) for i in learned)  # ... and, by default, only their leaves
+    assert record["from_level"] == DEPTH and record["replayed_sequences"] > 0
     anchor, bank_a, _ = load_model(world["model_a"])
     _, bank_b, _ = load_model(os.path.join(out, "export"))
     x = torch.randint(2, 300, (1, 24))

@@ -67,6 +67,9 @@ class RecipeConfig:
     name: str = "cotrain"  # cotrain | memory_only (frozen anchor) | anchor_only (dense baseline)
     init_anchor: str | None = None  # an exported model directory whose anchor starts the run
     init_memory: str | None = None  # an exported model directory whose bank starts the run (hmem.learn)
+    # the first tree level whose blocks train; shallower fetched blocks stay as they are (hmem.learn trains the
+    # leaves: a level-1 block is shared by a whole subtree, whose other facts a few new documents would overwrite)
+    memory_from_level: int = 1
 
     def __post_init__(self):
         if self.name not in RECIPES:
@@ -115,6 +118,10 @@ class TrainConfig:
             )
         if self.recipe.init_memory and not self.recipe.uses_memory:
             raise ValueError(f"recipe.init_memory {self.recipe.init_memory}: recipe {self.recipe.name} has no memory")
+        if not 1 <= self.recipe.memory_from_level <= self.memory.depth:
+            raise ValueError(
+                f"recipe.memory_from_level {self.recipe.memory_from_level}: the tree has levels 1..{self.memory.depth}"
+            )
         if self.data.isolated:
             self.check_isolated()
 

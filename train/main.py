@@ -284,10 +284,11 @@ class Trainer:
     def update_memory(self, fetched, lr_memory: float) -> tuple[int, float]:
         """The fetched blocks' gradients reduced among the ranks holding them, clipped and applied; returns the
         blocks updated and the memory gradient norm."""
+        first = self.cfg.recipe.memory_from_level
         local = [
             BlockGrads(l + 1, ids, {n: t.grad.float() for n, t in named.items()})
             for l, (ids, named) in enumerate(zip(fetched.ids, fetched.params))
-            if named
+            if named and l + 1 >= first
         ]
         isolated = self.cfg.data.isolated
         # isolated: a subtree's blocks are on no other rank and its loss is its own: no reduction, its own norm
