@@ -273,12 +273,10 @@ def summary(r: dict) -> dict:
 
     same = [q["same_after"] - q["same_before"] for q in reqs if q["same_probes"]]
     control = [q["same_control"] for q in reqs if q["same_control"] is not None]
-    per_subtree = [c["same_after"] - c["same_before"] for c in r["control"].values() if c["same_probes"]]
     return {
         "never_seen": r["never_seen"][0],
         "control_change_mean": mean(control),
         "control_change_worst": min(control) if control else None,
-        "control_subtree_abs_mean": mean(abs(x) for x in per_subtree),
         "forgotten_before": pooled("forgotten_before"),
         "forgotten_after": pooled("forgotten_after"),
         "same_change_mean": mean(same),

@@ -449,6 +449,14 @@ def finish(args, meta: dict, key: str, record: dict, blocks: np.ndarray, source,
     return record
 
 
+def resolve_from_level(args) -> None:
+    """``--from-level``: 0 (the default) is the leaf level of RUN's tree; anything else must be one of its levels."""
+    depth = read_manifest(args.run)["depth"]
+    args.from_level = args.from_level or depth
+    if not 1 <= args.from_level <= depth:
+        raise ValueError(f"--from-level {args.from_level}: the tree has levels 1..{depth}")
+
+
 def command_line(prog: str, doc: str, what: str) -> argparse.ArgumentParser:
     """The arguments hmem-forget and hmem-learn share."""
     p = argparse.ArgumentParser(prog=f"hmem-{prog}", description=doc.split("\n")[0])
@@ -475,10 +483,7 @@ def main(argv: list[str] | None = None) -> int:
             args.ids += [line.strip() for line in f if line.strip()]
 
     def work() -> list[dict]:
-        depth = read_manifest(args.run)["depth"]
-        args.from_level = args.from_level or depth
-        if not 1 <= args.from_level <= depth:
-            raise ValueError(f"--from-level {args.from_level}: the tree has levels 1..{depth}")
+        resolve_from_level(args)
         return [forget(args)]
 
     def summary(r: dict) -> str:

@@ -40,6 +40,7 @@ from hmem.forget import (
     link_tree,
     path_blocks,
     repack,
+    resolve_from_level,
     retrain,
     routed,
     shard_totals,
@@ -97,33 +98,35 @@ def replay_run(run: str, new: str, out: str, ratio: float, seed: int) -> int:
     reads it beside ``new``. Returns its sequences. Memory: one level-1 subtree's rows of those leaves."""
     m = read_manifest(run)
     k, depth = m["k"], m["depth"]
-    parts, docs_per_leaf, tokens_per_leaf = [], {}, {}
-    for d in sorted(x for x in os.listdir(os.path.join(new, "shards")) if x.startswith("l1=")):
-        fresh = ds.dataset(os.path.join(new, "shards", d), format="parquet").to_table(columns=["leaf"])
-        want = pc.value_counts(fresh["leaf"]).to_pylist()
-        old = ds.dataset(os.path.join(run, "shards", d), format="parquet")
-        rows = old.to_table(filter=pc.field("leaf").isin([w["values"] for w in want]))
-        for w in want:
-            leaf = w["values"]
-            mine = pc.indices_nonzero(pc.equal(rows["leaf"], leaf)).to_numpy()
-            n = min(len(mine), math.ceil(ratio * w["counts"]))
-            pick = np.sort(np.random.default_rng([seed, leaf]).choice(mine, n, replace=False))
-            part = rows.take(pa.array(pick, type=pa.int64())).select(SHARD_SCHEMA.names)
-            parts.append((d, part))
-            docs_per_leaf[leaf] = len({x for ids in part["doc_ids"].to_pylist() for x in ids})
-            tokens_per_leaf[leaf] = int(pc.sum(part["n_valid"]).as_py() or 0)
     os.makedirs(os.path.join(out, "shards"))
     for name in ("tokenizer.json", "config.json"):
         if os.path.exists(os.path.join(run, name)):
             _link(os.path.join(run, name), os.path.join(out, name))
-    n = 0
-    for d in sorted({d for d, p in parts if p.num_rows}):
-        table = pa.concat_tables([p for dd, p in parts if dd == d]).sort_by(
-            [("leaf", "ascending"), ("seq_id", "ascending")]
-        )
+    n, docs_per_leaf, tokens_per_leaf = 0, {}, {}
+    for d in sorted(x for x in os.listdir(os.path.join(new, "shards")) if x.startswith("l1=")):
+        if not os.path.isdir(os.path.join(run, "shards", d)):
+            continue  # a subtree RUN never filled: nothing to replay
+        fresh = ds.dataset(os.path.join(new, "shards", d), format="parquet").to_table(columns=["leaf"])
+        want = pc.value_counts(fresh["leaf"]).to_pylist()
+        old = ds.dataset(os.path.join(run, "shards", d), format="parquet")
+        rows = old.to_table(filter=pc.field("leaf").isin([w["values"] for w in want]))
+        picks = []
+        for w in want:
+            leaf = w["values"]
+            mine = pc.indices_nonzero(pc.equal(rows["leaf"], leaf)).to_numpy()
+            n_leaf = min(len(mine), math.ceil(ratio * w["counts"]))
+            picks.append(np.sort(np.random.default_rng([seed, leaf]).choice(mine, n_leaf, replace=False)))
+        table = rows.take(pa.array(np.concatenate(picks), type=pa.int64())).select(SHARD_SCHEMA.names)
+        if not table.num_rows:
+            continue
+        table = table.sort_by([("leaf", "ascending"), ("seq_id", "ascending")]).cast(SHARD_SCHEMA)
         os.makedirs(os.path.join(out, "shards", d))
-        pq.write_table(table.cast(SHARD_SCHEMA), os.path.join(out, "shards", d, "replay.parquet"), row_group_size=256)
+        pq.write_table(table, os.path.join(out, "shards", d, "replay.parquet"), row_group_size=256)
         n += table.num_rows
+        for leaf, ids, valid in zip(*(table[c].to_pylist() for c in ("leaf", "doc_ids", "n_valid"))):
+            docs_per_leaf.setdefault(leaf, set()).update(ids)
+            tokens_per_leaf[leaf] = tokens_per_leaf.get(leaf, 0) + valid
+    docs_per_leaf = {leaf: len(ids) for leaf, ids in docs_per_leaf.items()}
     docs, tokens = sum(docs_per_leaf.values()), sum(tokens_per_leaf.values())
     for lv in m["levels"]:
         width = k ** (depth - lv["level"])  # leaves under one node of this level
@@ -252,10 +255,7 @@ def main(argv: list[str] | None = None) -> int:
         )
 
     def work() -> list[dict]:
-        depth = read_manifest(args.run)["depth"]
-        args.from_level = args.from_level or depth
-        if not 1 <= args.from_level <= depth:
-            raise ValueError(f"--from-level {args.from_level}: the tree has levels 1..{depth}")
+        resolve_from_level(args)
         if args.replay < 0:
             raise ValueError(f"--replay {args.replay}: a number of sequences per new one, >= 0")
         return [learn(args)]
