@@ -50,8 +50,10 @@ demo: install
 	$(BIN)/hmem-query --run runs/demo --model runs/demo/model/export "$(QUERY)"
 	$(BIN)/hmem-ask --run runs/demo --model runs/demo/model/export "$(ASK)" --answer "$(ASK_ANSWER)"
 
+LONGTAIL ?= corpus
 longtail: install  # the long-tail knowledge benchmark, 3 seeds as docs/RESULTS.md reports: corpus, job, index, 3 models, tables + plot
-	$(BIN)/python -m bench.longtail --out runs/longtail --seeds 0 1 2
+	# LONGTAIL=corpus_mix: no fact document copied (the job's data mix reads them 16x); corpus_fresh: 16 renderings
+	$(BIN)/python -m bench.longtail --corpus configs/longtail/$(LONGTAIL).yaml --out runs/longtail$(subst corpus,,$(LONGTAIL)) --seeds 0 1 2
 
 forget: install  # deletion requests and learn on the long-tail corpus (bench/forget.py), 3 seeds
 	$(BIN)/python -m bench.forget --out runs/forget --seeds 0 1 2

@@ -139,10 +139,10 @@ def run_seed(out: str, seed: int, args) -> dict:
             timings = json.load(f)
     corpus_stage(st, data, seed, f"{CONFIGS}/corpus.yaml", logs)
     info = split(data, d, seed, args.never, args.requests)
-    cluster_stage(st, "cluster", f"{d}/memory.jsonl", run, seed, logs)
+    cluster_stage(st, "cluster", [f"{d}/memory.jsonl"], run, seed, logs)
     st.run(
         "cluster anchor",
-        cluster_cmd(f"{d}/anchor.jsonl", arun, seed, args.cores, "--tree", run),
+        cluster_cmd([f"{d}/anchor.jsonl"], arun, seed, args.cores, "--tree", run),
         os.path.join(arun, "manifest.json"),
         f"{logs}/cluster_anchor.log",
         files=[f"{d}/anchor.jsonl"],

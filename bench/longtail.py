@@ -31,6 +31,7 @@ import time
 
 import numpy as np
 
+from corpora.longtail import job_input
 from index.routing import RoutingConfig
 from index.rundir import read_manifest
 
@@ -61,8 +62,8 @@ def rows(bare: bool = True) -> list[tuple[str, str, str]]:
     )
 
 
-def cluster_cmd(src: str, run: str, seed: int, cores: int, *extra: str) -> list[str]:
-    """The clustering job on a long-tail corpus file (configs/longtail/job.yaml), as every long-tail bench runs it."""
+def cluster_cmd(src: list[str], run: str, seed: int, cores: int, *extra: str) -> list[str]:
+    """The clustering job on long-tail corpus files (configs/longtail/job.yaml), as every long-tail bench runs it."""
     return [
         f"{BIN}/spark-submit",
         "--master",
@@ -73,7 +74,7 @@ def cluster_cmd(src: str, run: str, seed: int, cores: int, *extra: str) -> list[
         "--config",
         f"{CONFIGS}/job.yaml",
         "--input",
-        src,
+        *src,
         "--id-column",
         "id",
         "--seed",
@@ -194,15 +195,15 @@ def corpus_stage(st: Stages, data: str, seed: int, corpus_cfg: str, logs: str) -
     )
 
 
-def cluster_stage(st: Stages, name: str, src: str, run: str, seed: int, logs: str, *extra: str, after=()) -> None:
-    """The clustering job on the corpus file ``src`` into ``run``; its fingerprint covers the file and the job
+def cluster_stage(st: Stages, name: str, src: list[str], run: str, seed: int, logs: str, *extra: str, after=()) -> None:
+    """The clustering job on the corpus files ``src`` into ``run``; its fingerprint covers the files and the job
     config (the corpus's content, not its stage: new probes alone do not re-cluster)."""
     st.run(
         name,
         cluster_cmd(src, run, seed, st.cores, *extra),
         os.path.join(run, "manifest.json"),
         f"{logs}/{name.replace(' ', '_')}.log",
-        files=[src, f"{CONFIGS}/job.yaml"],
+        files=[*src, f"{CONFIGS}/job.yaml"],
         after=list(after),
         clear=run,
     )
@@ -240,21 +241,23 @@ def run_seed(
     os.makedirs(logs, exist_ok=True)
     st = Stages(d, cores, force)
     corpus_stage(st, data, seed, corpus_cfg, logs)
-    cluster_stage(st, "cluster", f"{data}/train.jsonl", run, seed, logs)
+    with open(os.path.join(data, "summary.json")) as f:
+        corpus = json.load(f)
+    files, mix = job_input(data, corpus)  # a mix corpus: the news once, the facts --passes times
+    cluster_stage(st, "cluster", files, run, seed, logs, *mix)
     manifest = read_manifest(run)
     batch = 16  # every configs/longtail/*.yaml trains on batches of 16 sequences: equal tokens per step
     steps = math.ceil(epochs * manifest["sequences"] / batch)
-    with open(os.path.join(data, "summary.json")) as f:
-        corpus = json.load(f)
     results = {
         "seed": seed,
         "steps": steps,
         "tokens": steps * batch * manifest["seq_len"],
-        "corpus_tokens": manifest["tokens"],
+        "corpus_tokens": manifest["valid_tokens"],  # as packed: with a mix's passes
         "sequences": manifest["sequences"],
         "fact_passes": corpus["config"]["fact_passes"],
         "bbc_train": corpus["config"]["bbc_train"],
         "fresh_passes": corpus["config"].get("fresh_passes", False),
+        "mix": corpus["config"].get("mix", False),
         "timings": st.timings,
         "train": {},
     }
@@ -407,6 +410,7 @@ def aggregate(per_seed: list[dict]) -> dict:
         "fact_passes": per_seed[0]["fact_passes"],
         "bbc_train": per_seed[0]["bbc_train"],
         "fresh_passes": per_seed[0]["fresh_passes"],
+        "mix": per_seed[0].get("mix", False),
         "corpus_tokens": mean(s["corpus_tokens"] for s in per_seed),
         "routing_modes": list(ROUTING),
         "vote": dataclasses.asdict(RoutingConfig()),
@@ -462,9 +466,15 @@ def accuracy_md(t: dict, seeds: list[int], title: str) -> list[str]:
 def markdown(r: dict) -> str:
     lines = [
         f"Long-tail benchmark: seeds {r['seeds']}, {r['steps']} steps = {r['tokens']:,} training tokens per model "
-        f"({r['tokens'] / r['corpus_tokens']:.1f} epochs of {r['corpus_tokens']:.0f} tokens: {r['bbc_train']} BBC "
-        f"articles once, the facts part {r['fact_passes']}x, "
-        + ("each pass a fresh rendering: no identical documents)." if r["fresh_passes"] else "as identical copies)."),
+        f"({r['tokens'] / r['corpus_tokens']:.1f} epochs of {r['corpus_tokens']:.0f} packed tokens: {r['bbc_train']} "
+        f"BBC articles once, the facts part {r['fact_passes']}x, "
+        + (
+            "each pass a fresh rendering: no identical documents)."
+            if r["fresh_passes"]
+            else "through the job's data mix (--passes): every document once in the corpus, the tree and the index)."
+            if r.get("mix")
+            else "as identical copies)."
+        ),
         "",
         "Models: "
         + "; ".join(
@@ -583,8 +593,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--corpus",
         default=f"{CONFIGS}/corpus.yaml",
-        help="corpus config (corpora/longtail.py LongtailConfig); configs/longtail/corpus_fresh.yaml: "
-        "no identical documents",
+        help="corpus config (corpora/longtail.py LongtailConfig); configs/longtail/corpus_mix.yaml: each "
+        "document once, the facts read 16x through the job's data mix; corpus_fresh.yaml: 16 renderings",
     )
     ap.add_argument(
         "--models",

@@ -36,6 +36,12 @@ the rendering repeats, ``fresh_repeats`` in summary.json counts them; the BBC ne
 duplicate articles of its own too). The document index counts any repeat once.
 ``frequency`` stays the documents per pass, so the buckets of the two variants match.
 
+``mix`` reads the facts ``fact_passes`` times the way a pretraining mix upweights a source, with no copy in
+the corpus at all: every fact document is written once, to ``train_facts.jsonl`` (the news to
+``train_news.jsonl``), and the clustering job packs that input ``fact_passes`` times (its ``--passes``; summary.json's
+``job_inputs`` lists each input with its passes). The corpus, the tree and the router's index then hold each
+document once, as in a deduplicated corpus, and training reads the facts as often as with copies.
+
 Probes come in two files. ``probes.jsonl`` holds the bare question a user asks ("The atomic
 number of iron is"), as in the paper's probe: the primary benchmark. ``probes_context.jsonl``
 prefixes each question with the entity's context sentence (one of its documents' openings: "Iron
@@ -44,8 +50,8 @@ neighbourhood; it is reported separately, labelled as such. Greedy descent of a 
 left most rare entities' probes outside their documents' leaf; the neighbour vote
 (index/router.py) is what makes bare questions reach their blocks.
 
-Outputs (``write``): ``train.jsonl`` and ``heldout.jsonl`` (id, text, source,
-entity), ``probes.jsonl`` and ``probes_context.jsonl`` (prompt, answer, entity,
+Outputs (``write``): ``train.jsonl`` (or, with ``mix``, ``train_news.jsonl`` and ``train_facts.jsonl``) and
+``heldout.jsonl`` (id, text, source, entity), ``probes.jsonl`` and ``probes_context.jsonl`` (prompt, answer, entity,
 frequency, exposures, fact, domain, doc_ids: the entity's training documents,
 copies included), the format ``train.evaluate`` reads.
 """
@@ -76,6 +82,7 @@ class LongtailConfig:
     optional_facts: tuple[int, int] = (1, 3)  # non-probed facts per document (min, max)
     fact_passes: int = 1  # times the facts part is written into train.jsonl (see the module doc)
     fresh_passes: bool = False  # each pass after the first renders the entity's documents anew: no identical text
+    mix: bool = False  # the passes are the job's data mix (--passes), not documents: each fact document once
     seed: int = 0
 
     def __post_init__(self):
@@ -86,6 +93,8 @@ class LongtailConfig:
             raise ValueError("max_frequency must be >= 1 and zipf_exponent > 0")
         if self.fact_passes < 1:
             raise ValueError(f"fact_passes {self.fact_passes}: must be >= 1")
+        if self.mix and self.fresh_passes:
+            raise ValueError("mix and fresh_passes exclude each other: a mix reads the same documents again")
 
 
 @dataclass
@@ -460,7 +469,7 @@ def build(cfg: LongtailConfig, bbc: list[dict]) -> Corpus:
             for i in range(e.frequency)
         ]
         texts = {d["text"] for d in docs}
-        for r in range(1, cfg.fact_passes):
+        for r in range(1, 1 if cfg.mix else cfg.fact_passes):
             for d in docs[: e.frequency]:
                 text, repeat = _fresh(e, fresh, cfg.optional_facts, texts) if fresh else (d["text"], False)
                 corpus.fresh_repeats += repeat
@@ -471,7 +480,7 @@ def build(cfg: LongtailConfig, bbc: list[dict]) -> Corpus:
                 "answer": a,
                 "entity": e.name,
                 "frequency": e.frequency,
-                "exposures": len(docs),
+                "exposures": len(docs) * (cfg.fact_passes if cfg.mix else 1),
                 "fact": fact,
                 "domain": e.domain,
                 "doc_ids": [d["id"] for d in docs],
@@ -501,10 +510,19 @@ def build(cfg: LongtailConfig, bbc: list[dict]) -> Corpus:
 
 
 def write(corpus: Corpus, cfg: LongtailConfig, out_dir: str) -> dict:
-    """Write train.jsonl, heldout.jsonl, probes.jsonl, probes_context.jsonl and summary.json into ``out_dir``."""
+    """Write train.jsonl (with ``mix``: train_news.jsonl and train_facts.jsonl), heldout.jsonl, probes.jsonl,
+    probes_context.jsonl and summary.json into ``out_dir``. summary.json's ``job_inputs`` lists the files the
+    clustering job reads with the passes (--passes) of each."""
     os.makedirs(out_dir, exist_ok=True)
-    for name in ("train", "heldout", "probes", "probes_context"):
+    for name in ("heldout", "probes", "probes_context"):
         write_jsonl(os.path.join(out_dir, f"{name}.jsonl"), getattr(corpus, name))
+    if cfg.mix:
+        write_jsonl(os.path.join(out_dir, "train_news.jsonl"), [d for d in corpus.train if d["source"] == "bbc"])
+        write_jsonl(os.path.join(out_dir, "train_facts.jsonl"), [d for d in corpus.train if d["source"] != "bbc"])
+        job_inputs = [["train_news.jsonl", 1], ["train_facts.jsonl", cfg.fact_passes]]
+    else:
+        write_jsonl(os.path.join(out_dir, "train.jsonl"), corpus.train)
+        job_inputs = [["train.jsonl", 1]]
     freqs = sorted((e.frequency for e in corpus.entities), reverse=True)
     summary = {
         "config": asdict(cfg),
@@ -513,7 +531,8 @@ def write(corpus: Corpus, cfg: LongtailConfig, out_dir: str) -> dict:
         "train_documents": len(corpus.train),
         "heldout_documents": len(corpus.heldout),
         "fact_documents": sum(freqs),
-        "fact_documents_with_copies": sum(freqs) * cfg.fact_passes,
+        "fact_documents_with_copies": sum(freqs) * (1 if cfg.mix else cfg.fact_passes),
+        "job_inputs": job_inputs,
         "entities_seen_once_or_twice": sum(f <= 2 for f in freqs),
         "fresh_repeats": corpus.fresh_repeats,
         "top_frequencies": freqs[:10],
@@ -521,3 +540,11 @@ def write(corpus: Corpus, cfg: LongtailConfig, out_dir: str) -> dict:
     with open(os.path.join(out_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     return summary
+
+
+def job_input(data: str, summary: dict) -> tuple[list[str], list[str]]:
+    """The clustering job's input files for a corpus ``write`` put into ``data`` (its summary.json), and the
+    ``--passes`` arguments of a mix (none otherwise)."""
+    files, passes = zip(*summary["job_inputs"])
+    mix = ["--passes", *map(str, passes)] if any(n != 1 for n in passes) else []
+    return [os.path.join(data, f) for f in files], mix

@@ -71,9 +71,16 @@ def _link(src: str, dst: str) -> None:
 
 
 def routed(run: str, filt=None, columns=("doc_id", "path", "leaf", "first_copy")) -> pa.Table:
-    """Rows of RUN/routed/ (one per routed document), with the ``l1`` partition column."""
-    data = ds.dataset(os.path.join(run, "routed"), format="parquet", partitioning="hive")
-    return data.to_table(columns=[*columns, "l1"], filter=filt)
+    """Rows of RUN/routed/ (one per routed document), with the ``l1`` partition column. ``passes`` is 1 where a
+    file predates the job's data mix (--passes)."""
+    path = os.path.join(run, "routed")
+    data = ds.dataset(path, format="parquet", partitioning="hive")
+    if "passes" in columns and "passes" not in data.schema.names:
+        data = ds.dataset(path, schema=data.schema.append(pa.field("passes", pa.int32())), partitioning="hive")
+    t = data.to_table(columns=[*columns, "l1"], filter=filt)
+    if "passes" in columns:
+        t = t.set_column(t.schema.get_field_index("passes"), "passes", pc.fill_null(t["passes"], 1))
+    return t
 
 
 def find_documents(run: str, ids: list[str]) -> pa.Table:
@@ -111,19 +118,26 @@ def check_exact(meta: dict, run: str, manifest: dict) -> None:
         raise ValueError(f"the model was trained on {meta['runs']}: exact forgetting retrains on that one run only")
 
 
-def remaining_input(run: str, subtrees: list[int], gone: set[str], path: str) -> int:
-    """The documents of ``subtrees`` less ``gone``, as the job's JSONL input (id, text); returns their count."""
-    keep = [d for d in routed(run, pc.field("l1").isin(subtrees), ("doc_id",))["doc_id"].to_pylist() if d not in gone]
+def remaining_input(run: str, subtrees: list[int], gone: set[str], stem: str) -> dict[int, str]:
+    """The documents of ``subtrees`` less ``gone`` as the job's JSONL input (id, text): one file per number of
+    passes they are packed (the run's data mix), ``stem``-p<n>.jsonl. Returns passes -> file."""
+    rows = routed(run, pc.field("l1").isin(subtrees), ("doc_id", "passes"))
+    passes = {d: n for d, n in zip(rows["doc_id"].to_pylist(), rows["passes"].to_pylist()) if d not in gone}
+    files = {n: f"{stem}-p{n}.jsonl" for n in sorted(set(passes.values()))}
+    outs = {n: open(f, "w") for n, f in files.items()}
     docs = ds.dataset(os.path.join(run, "documents"), format="parquet")
-    n = 0
-    with open(path, "w") as f:
-        for batch in docs.to_batches(columns=["doc_id", "text"], filter=pc.field("doc_id").isin(keep)):
+    written = 0
+    try:
+        for batch in docs.to_batches(columns=["doc_id", "text"], filter=pc.field("doc_id").isin(list(passes))):
             for d, t in zip(batch["doc_id"].to_pylist(), batch["text"].to_pylist()):
-                f.write(json.dumps({"id": d, "text": t}) + "\n")
-                n += 1
-    if n != len(keep):
-        raise ValueError(f"{run}/documents holds {n} of the {len(keep)} documents to re-pack")
-    return n
+                outs[passes[d]].write(json.dumps({"id": d, "text": t}) + "\n")
+                written += 1
+    finally:
+        for f in outs.values():
+            f.close()
+    if written != len(passes):
+        raise ValueError(f"{run}/documents holds {written} of the {len(passes)} documents to re-pack")
+    return files
 
 
 def job_env(cores: int | None = None) -> dict:
@@ -151,14 +165,17 @@ def run_logged(cmd: list[str], log: str, what: str, env: dict) -> None:
         raise RuntimeError(f"{what} failed (exit {p.returncode}); the end of {log}:\n{tail}")
 
 
-def repack(run: str, src: str, out: str, master: str, log: str, id_column: str = "id", stored: bool = False) -> dict:
+def repack(
+    run: str, src: list[str], out: str, master: str, log: str, id_column: str = "id", stored: bool = False, passes=()
+) -> dict:
     """The job on ``src`` with RUN's frozen tree and RUN's job config: the same routes, packing and seq_ids.
-    ``stored``: RUN's documents keep RUN's embeddings (embeddings_from), so they keep RUN's routes exactly."""
+    ``passes``: one per ``src`` (the data mix), else once each. ``stored``: RUN's documents keep RUN's embeddings
+    (embeddings_from), so they keep RUN's routes exactly."""
     with open(os.path.join(run, "config.json")) as f:
         job = json.load(f)
     for key in ("input", "output", "tree", "tokenizer", "embeddings_from"):
         job.pop(key, None)
-    job["id_column"] = id_column
+    job["id_column"], job["passes"] = id_column, list(passes)
     if stored:
         job["embeddings_from"] = os.path.abspath(run)
     conf = out + ".job.yaml"
@@ -166,7 +183,7 @@ def repack(run: str, src: str, out: str, master: str, log: str, id_column: str =
         yaml.safe_dump(job, f)
     cmd = [f"{BIN}/spark-submit", "--master", master, "--conf", "spark.driver.memory=2g"]
     cmd += [os.path.join(ROOT, "jobs", "cluster_corpus.py"), "--config", conf, "--tree", run]
-    cmd += ["--input", src, "--output", out]
+    cmd += ["--input", *src, "--output", out]
     run_logged(cmd, log, "re-pack", job_env())
     return read_manifest(out)
 
@@ -268,6 +285,8 @@ def merge_manifest(m: dict, new: dict, subtrees: list[int], old: dict, fresh: di
     for key in ("documents_in", "documents_routed"):
         out[key] += fresh["documents"] - old["documents"]
     out["documents_distinct"] += fresh["distinct"] - old["distinct"]
+    if "documents_packed" in out:  # runs from before the data mix have none
+        out["documents_packed"] += fresh["packed"] - old["packed"]
     for key in ("sequences", "tokens", "valid_tokens"):
         out[key] += fresh[key] - old[key]
     for lv, lnew in zip(out["levels"], new["levels"]):
@@ -279,11 +298,14 @@ def merge_manifest(m: dict, new: dict, subtrees: list[int], old: dict, fresh: di
 
 
 def subtree_counts(run: str, subtrees: list[int]) -> dict:
-    """The subtrees' documents, distinct documents, document tokens, sequences and valid tokens."""
-    rows = routed(run, pc.field("l1").isin(subtrees), ("first_copy", "n_tokens"))
+    """The subtrees' documents, distinct documents, packed documents (x passes), document tokens, sequences and
+    valid tokens."""
+    rows = routed(run, pc.field("l1").isin(subtrees), ("first_copy", "n_tokens", "passes"))
     distinct = int(pc.sum(rows["first_copy"].cast(pa.int64())).as_py() or 0)
     tokens = int(pc.sum(rows["n_tokens"]).as_py() or 0)
-    return {"documents": rows.num_rows, "distinct": distinct, "tokens": tokens, **shard_totals(run, subtrees)}
+    packed = int(pc.sum(rows["passes"].cast(pa.int64())).as_py() or 0)
+    counts = {"documents": rows.num_rows, "distinct": distinct, "packed": packed, "tokens": tokens}
+    return {**counts, **shard_totals(run, subtrees)}
 
 
 def build_run(run: str, new: str, out: str, subtrees: list[int], gone: set[str], record: dict) -> dict:
@@ -416,9 +438,11 @@ def forget(args) -> dict:
         "tokens_full_memory_training": per_subtree * active,
     }
     # the run loses the documents in either mode: the job re-packs their subtrees without them
-    src, new = os.path.join(work, "input.jsonl"), os.path.join(work, "repack")
-    record["documents_repacked"] = remaining_input(args.run, subtrees, set(ids), src)
-    repack(args.run, src, new, args.master, os.path.join(work, "repack.log"), stored=True)
+    new = os.path.join(work, "repack")
+    src = remaining_input(args.run, subtrees, set(ids), os.path.join(work, "input"))
+    mixed = {"passes": list(src)} if manifest["config"].get("passes") else {}  # the run's data mix, per document
+    m = repack(args.run, list(src.values()), new, args.master, os.path.join(work, "repack.log"), stored=True, **mixed)
+    record["documents_repacked"] = m["documents_routed"]
     check_routes(args.run, new, subtrees)
     trained = None
     if args.mode == "exact":

@@ -102,7 +102,7 @@ def replay_run(run: str, new: str, out: str, ratio: float, seed: int) -> int:
     for name in ("tokenizer.json", "config.json"):
         if os.path.exists(os.path.join(run, name)):
             _link(os.path.join(run, name), os.path.join(out, name))
-    n, docs_per_leaf, tokens_per_leaf = 0, {}, {}
+    n, packed, docs_per_leaf, tokens_per_leaf = 0, 0, {}, {}
     for d in sorted(x for x in os.listdir(os.path.join(new, "shards")) if x.startswith("l1=")):
         if not os.path.isdir(os.path.join(run, "shards", d)):
             continue  # a subtree RUN never filled: nothing to replay
@@ -125,6 +125,7 @@ def replay_run(run: str, new: str, out: str, ratio: float, seed: int) -> int:
         n += table.num_rows
         for leaf, ids, valid in zip(*(table[c].to_pylist() for c in ("leaf", "doc_ids", "n_valid"))):
             docs_per_leaf.setdefault(leaf, set()).update(ids)
+            packed += len(ids)
             tokens_per_leaf[leaf] = tokens_per_leaf.get(leaf, 0) + valid
     docs_per_leaf = {leaf: len(ids) for leaf, ids in docs_per_leaf.items()}
     docs, tokens = sum(docs_per_leaf.values()), sum(tokens_per_leaf.values())
@@ -135,6 +136,7 @@ def replay_run(run: str, new: str, out: str, ratio: float, seed: int) -> int:
         lv["node_tokens"] = [sum(tokens_per_leaf.get(j * width + i, 0) for i in range(width)) for j in range(nodes)]
     m.pop("checksums", None)
     m.update(documents_in=docs, documents_routed=docs, documents_distinct=docs, documents_quarantined=0)
+    m["documents_packed"] = packed
     m.update(sequences=n, tokens=tokens, valid_tokens=tokens, replay_of=os.path.abspath(run))
     write_manifest(out, m)
     return n
@@ -161,8 +163,10 @@ def build_run(run: str, new: str, out: str, tag: str, record: dict) -> dict:
         ("documents_in", "documents"),
         ("documents_routed", "documents"),
         ("documents_distinct", "distinct"),
+        ("documents_packed", "packed"),
     ):
-        m[key] += add[src]
+        if key in m:  # documents_packed: runs from before the data mix have none
+            m[key] += add[src]
     for key in ("sequences", "tokens", "valid_tokens"):
         m[key] += add[key]
     for lv, lnew in zip(m["levels"], mn["levels"]):
@@ -185,7 +189,7 @@ def learn(args) -> dict:
     work = os.path.join(args.out, "work")
     os.makedirs(work)
     new = os.path.join(work, "new")
-    repack(args.run, args.input, new, args.master, os.path.join(work, "job.log"), args.id_column)
+    repack(args.run, [args.input], new, args.master, os.path.join(work, "job.log"), args.id_column)
     check_new_ids(args.run, new)
     mn = read_manifest(new)
     docs = routed(new, None, ("doc_id", "path"))

@@ -3,8 +3,10 @@
     hmem-longtail --out runs/longtail/data [--config configs/longtail/corpus.yaml] [--seed 1]
     (or: python jobs/build_longtail.py ...)
 
-Then cluster it like any corpus:
+Then cluster it like any corpus; the last line printed is the job's input part:
     spark-submit jobs/cluster_corpus.py --input runs/longtail/data/train.jsonl --id-column id --output RUN
+A ``mix`` corpus (configs/longtail/corpus_mix.yaml) is two inputs and their passes:
+    ... --input DATA/train_news.jsonl DATA/train_facts.jsonl --passes 1 16 --id-column id --output RUN
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import sys
 import yaml
 
 from corpora.bbc import bbc_records
-from corpora.longtail import LongtailConfig, build, write
+from corpora.longtail import LongtailConfig, build, job_input, write
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,6 +40,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     summary = write(build(cfg, list(bbc_records())), cfg, args.out)
     print(json.dumps(summary))
+    files, mix = job_input(args.out, summary)
+    print("job input: " + " ".join(["--input", *files, *mix, "--id-column", "id"]))
     return 0
 
 

@@ -37,6 +37,12 @@ class JobConfig:
     input: list[str] = opt(
         [], "JSONL or Parquet files, directories or globs, local or any URL Spark reads; empty: the BBC demo corpus"
     )
+    passes: list[int] = opt(
+        [],
+        "a data mix: how many times each --input's documents are packed into shards/, one whole number per "
+        "--input (16 1: the first input read 16 times per epoch, each pass in other sequences); the corpus, "
+        "the tree and the router's index still hold every document once. Empty: once each",
+    )
     text_column: str = opt("text", "field/column holding the document text")
     id_column: str = opt(
         "auto",
@@ -124,6 +130,13 @@ class JobConfig:
             problems.append(f"encoder_threads={self.encoder_threads}: must be >= 0")
         if self.encoder_precision not in ("auto",) + PRECISIONS:
             problems.append(f"encoder_precision={self.encoder_precision!r}: choose auto, {', '.join(PRECISIONS)}")
+        if self.passes and len(self.passes) != len(self.input):
+            problems.append(
+                f"passes={self.passes}: give one number per --input ({len(self.input)} given"
+                + (", none: the BBC demo corpus)" if not self.input else ")")
+            )
+        if any(n < 1 for n in self.passes):
+            problems.append(f"passes={self.passes}: each must be >= 1")
         if self.embeddings_from and not self.tree:
             problems.append(f"embeddings_from={self.embeddings_from}: needs --tree (the vectors of the tree's encoder)")
         if problems:
@@ -162,8 +175,9 @@ def parse_args(argv: list[str] | None = None) -> JobConfig:
         # None in the namespace tells "not given" apart from the default, which --help shows;
         # values stay strings, which the loader coerces to the field's type as it does the file's
         help_text = f"{f.metadata['help']} (default: {default!r})"
-        if hints[f.name] == list[str]:
-            ap.add_argument(name, dest=f.name, nargs="+", default=None, help=help_text, metavar="PATH")
+        if hints[f.name] in (list[str], list[int]):
+            metavar = "PATH" if hints[f.name] == list[str] else "N"
+            ap.add_argument(name, dest=f.name, nargs="+", default=None, help=help_text, metavar=metavar)
         else:
             ap.add_argument(name, dest=f.name, default=None, help=help_text, metavar=hints[f.name].__name__.upper())
     args = ap.parse_args(argv)

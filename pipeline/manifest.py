@@ -73,17 +73,23 @@ def verify(spark: SparkSession, run_dir: str, input_rows: str) -> dict:
         "quarantined_ids": checksum(quarantine, "doc_id"),
         "validated_ids": checksum(docs, "doc_id"),
         "routed_ids": checksum(table("routed"), "doc_id"),
+        # every routed document once per pass (--passes): the shards must list exactly these
+        "packed_ids": checksum(
+            table("routed").select(F.explode(F.array_repeat("doc_id", F.col("passes"))).alias("doc_id")), "doc_id"
+        ),
         "shard_ids": checksum(table("shards").select(F.explode("doc_ids").alias("doc_id")), "doc_id"),
     }
     rows_out = add_checksums(sums["validated_rows"], sums["quarantined_rows"])
     problems = []
     if rows_out != input_rows:
         problems.append(f"the input rows (checksum {input_rows}) are not documents/ + quarantine/ ({rows_out})")
-    for name, where in (("routed_ids", "routed/"), ("shard_ids", "the shards' doc_ids")):
-        if sums[name] != sums["validated_ids"]:
-            problems.append(
-                f"{where} hold other doc ids (checksum {sums[name]}) than documents/ ({sums['validated_ids']})"
-            )
+    if sums["routed_ids"] != sums["validated_ids"]:
+        problems.append(f"routed/ holds other doc ids (checksum {sums['routed_ids']}) than documents/")
+    if sums["shard_ids"] != sums["packed_ids"]:
+        problems.append(
+            f"the shards' doc_ids (checksum {sums['shard_ids']}) are not routed/'s documents once per pass "
+            f"({sums['packed_ids']})"
+        )
     if problems:
         raise ChecksumError(
             f"{run_dir}: exactly-once check failed: {'; '.join(problems)}: a document was dropped, "
@@ -111,6 +117,7 @@ def build(cfg: JobConfig, read: dict, fit: dict, pack: dict, seconds: dict, chec
         "documents_in": read["documents_in"],
         "documents_routed": pack["documents"],
         "documents_distinct": pack["documents_distinct"],
+        "documents_packed": pack["documents_packed"],  # routed documents x their passes (--passes): shards' doc_ids
         "documents_quarantined": read["documents_quarantined"],
         "quarantine_reasons": read["quarantine_reasons"],
         "inputs": read["inputs"],

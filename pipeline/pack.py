@@ -11,7 +11,13 @@ concatenated with an end-of-text token after each and cut into sequences of
 ``seq_len + 1`` tokens. A large leaf is split into packing groups by a seeded
 hash of the doc id so that one task holds at most ``pack_group_tokens`` tokens;
 only each group's last sequence is padded. Each sequence lists the documents
-whose first token it holds, so every routed document appears exactly once.
+whose first token it holds, so every routed document appears exactly once per pass.
+
+The data mix (``--passes``): a document of an input with n passes is packed n times, pass p at its own seeded
+place (group and order hash (doc id, p)), so a source is read n times per epoch in n different sequences while
+the corpus, the tree, routed/ and the router's index hold it once. Pass 0 hashes as an unmixed run does: a run
+without ``--passes`` packs exactly as before the option existed. The shards of an n-pass input take n times its
+tokens on disk.
 Shards are partitioned by level-1 node and sorted by leaf inside each file, so a trainer rank reads
 only the files and row groups of its subtrees.
 """
@@ -118,13 +124,23 @@ def copy_groups(leaves: DataFrame, embeddings: DataFrame) -> DataFrame:
     )
 
 
-def write_tokens(spark: SparkSession, run_dir: str, docs: DataFrame, routed: DataFrame, tok) -> DataFrame:
-    """work/tokens: each routed document's token ids and term hashes beside its path, written once and read back
-    so that routed/, the packing and the statistics do not tokenize again."""
+def with_passes(docs: DataFrame, passes_of: dict[str, int]) -> DataFrame:
+    """``passes``: how many times a document is packed, from its input file (``source``); 1 without a data mix."""
+    if not passes_of:
+        return docs.withColumn("passes", F.lit(1))
+    table = docs.sparkSession.createDataFrame(list(passes_of.items()), "source string, passes int")
+    return docs.join(F.broadcast(table), "source", "left")  # every source is a listed file: no null (verify checks)
+
+
+def write_tokens(
+    spark: SparkSession, run_dir: str, docs: DataFrame, routed: DataFrame, tok, passes_of: dict[str, int]
+) -> DataFrame:
+    """work/tokens: each routed document's token ids, term hashes and passes beside its path, written once and read
+    back so that routed/, the packing and the statistics do not tokenize again."""
     tokenize = make_tokenize_udf(tok.to_str())
     parts = shuffle_partitions(spark)
     joined = (
-        routed.join(docs.select("doc_id", "text"), "doc_id")
+        routed.join(with_passes(docs.select("doc_id", "text", "source"), passes_of).drop("source"), "doc_id")
         .repartition(parts, "doc_id")
         .withColumn("ids", tokenize("text"))
         .withColumn("terms", make_terms_udf()("text"))
@@ -146,7 +162,19 @@ def write_routed(spark: SparkSession, run_dir: str, docs: DataFrame, toks: DataF
         toks.join(docs.select("doc_id", F.substring("text", 1, 200).alias("preview")), "doc_id")
         .join(embeddings, "doc_id")
         .join(copies, "doc_id")
-        .select("doc_id", "path", "leaf", "embedding", "n_tokens", "preview", "copies", "first_copy", "terms", "l1")
+        .select(
+            "doc_id",
+            "path",
+            "leaf",
+            "embedding",
+            "n_tokens",
+            "preview",
+            "copies",
+            "first_copy",
+            "terms",
+            "passes",
+            "l1",
+        )
         .write.mode("overwrite")
         .partitionBy("l1")
         .parquet(os.path.join(run_dir, "routed"))
@@ -181,22 +209,27 @@ def make_pack(seq_len: int, eot_id: int, pad_id: int):
 
 
 def write_shards(run_dir: str, cfg: JobConfig, toks: DataFrame, eot_id: int, pad_id: int) -> dict:
-    """shards/: each leaf's documents packed in groups of at most pack_group_tokens (see the module doc).
-    Returns the tokens per leaf (an end-of-text token per document included)."""
-    leaf_tokens = {
-        r["leaf"]: int(r["t"]) for r in toks.groupBy("leaf").agg(F.sum(F.col("n_tokens") + 1).alias("t")).collect()
-    }
+    """shards/: each leaf's documents, every pass of them, packed in groups of at most pack_group_tokens (see the
+    module doc). Returns the tokens packed per leaf (an end-of-text token per document and pass included)."""
+    packed = (F.col("n_tokens") + 1) * F.col("passes")
+    leaf_tokens = {r["leaf"]: int(r["t"]) for r in toks.groupBy("leaf").agg(F.sum(packed).alias("t")).collect()}
     groups = {leaf: max(1, -(-t // cfg.pack_group_tokens)) for leaf, t in leaf_tokens.items()}
-    h = F.xxhash64("doc_id", F.lit(cfg.seed))
+
+    def place(seed: int):  # a pass's seeded hash; pass 0 hashes as a run without --passes
+        return F.when(F.col("pass") == 0, F.xxhash64("doc_id", F.lit(seed))).otherwise(
+            F.xxhash64("doc_id", F.col("pass"), F.lit(seed))
+        )
+
     shards = (
         with_lookup(toks, "leaf", groups, "n_groups", "long")
+        .withColumn("pass", F.explode(F.sequence(F.lit(0), F.col("passes") - 1)))
         .select(
             "doc_id",
             "path",
             "leaf",
             "ids",
-            F.pmod(h, F.col("n_groups")).alias("group"),
-            F.xxhash64("doc_id", F.lit(cfg.seed + 1)).alias("order"),
+            F.pmod(place(cfg.seed), F.col("n_groups")).alias("group"),
+            place(cfg.seed + 1).alias("order"),
         )
         .groupBy("leaf", "group")
         .applyInPandas(make_pack(cfg.seq_len, eot_id, pad_id), SHARD_SCHEMA)
@@ -214,14 +247,15 @@ def write_shards(run_dir: str, cfg: JobConfig, toks: DataFrame, eot_id: int, pad
     return leaf_tokens
 
 
-def pack_stage(spark: SparkSession, cfg: JobConfig, run_dir: str) -> dict:
-    """Tokenize the routed documents, write routed/ and shards/, and check that shards/ lists every document."""
+def pack_stage(spark: SparkSession, cfg: JobConfig, run_dir: str, passes_of: dict[str, int]) -> dict:
+    """Tokenize the routed documents, write routed/ and shards/, and check that shards/ lists every document once
+    per pass. ``passes_of``: input file URI -> passes (the data mix; empty: once each)."""
     docs = spark.read.parquet(os.path.join(run_dir, "documents"))
     routed = spark.read.parquet(os.path.join(run_dir, "work", "routed"))  # pipeline/fit.py: doc_id, path, leaf
     n_docs = routed.count()
     tok, eot_id, pad_id = load_or_train_tokenizer(spark, docs, cfg, n_docs)
     tok.save(os.path.join(run_dir, "tokenizer.json"))
-    toks = write_tokens(spark, run_dir, docs, routed, tok)
+    toks = write_tokens(spark, run_dir, docs, routed, tok, passes_of)
     distinct = write_routed(spark, run_dir, docs, toks)
     leaf_tokens = write_shards(run_dir, cfg, toks, eot_id, pad_id)
 
@@ -229,8 +263,11 @@ def pack_stage(spark: SparkSession, cfg: JobConfig, run_dir: str) -> dict:
     seq_stats = written.agg(
         F.count("*").alias("sequences"), F.sum("n_valid").alias("valid"), F.sum(F.size("doc_ids")).alias("docs")
     ).first()
-    if seq_stats["docs"] != n_docs:
-        raise RuntimeError(f"pack: {n_docs} routed documents but {seq_stats['docs']} listed in shards")
+    n_packed = int(toks.agg(F.sum("passes")).first()[0] or 0)
+    if seq_stats["docs"] != n_packed:
+        raise RuntimeError(
+            f"pack: {n_docs} routed documents, {n_packed} with their passes, but {seq_stats['docs']} listed in shards"
+        )
     leaf_seq = {r["leaf"]: r["count"] for r in written.groupBy("leaf").count().collect()}
     return {
         "vocab_size": tok.get_vocab_size(),
@@ -238,6 +275,7 @@ def pack_stage(spark: SparkSession, cfg: JobConfig, run_dir: str) -> dict:
         "pad_id": pad_id,
         "documents": n_docs,
         "documents_distinct": distinct,
+        "documents_packed": n_packed,
         "sequences": seq_stats["sequences"],
         "tokens": int(toks.agg(F.sum("n_tokens")).first()[0]),
         "valid_tokens": int(seq_stats["valid"]),

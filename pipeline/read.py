@@ -52,20 +52,22 @@ class InputFile:
     rel: str  # path relative to the --input it was found under: derived ids hash this
     kind: str  # "jsonl" | "parquet"
     size: int
+    entry: int = 0  # which --input listed it (its --passes)
 
 
-def input_root(fs, path, status) -> str:
+def input_root(fs, path, status, hadoop_path) -> str:
     """The directory relative paths start from: the input itself (a directory), the part of a glob before
-    its first wildcard, or a file's parent."""
+    its first wildcard, or a file's parent. ``hadoop_path``: the JVM's org.apache.hadoop.fs.Path."""
     pattern = path.toString()
     cut = min((i for i in map(pattern.find, "*?[{") if i >= 0), default=-1)
     if cut >= 0:
-        return fs.makeQualified(type(path)(pattern[:cut].rsplit("/", 1)[0] or "/")).toString()
+        return fs.makeQualified(hadoop_path(pattern[:cut].rsplit("/", 1)[0] or "/")).toString()
     return status.getPath().toString() if status.isDirectory() else status.getPath().getParent().toString()
 
 
-def list_inputs(spark: SparkSession, patterns: list[str]) -> list[InputFile]:
-    """Expand files, directories and globs through Hadoop's FileSystem (so any URL Spark reads works)."""
+def list_inputs(spark: SparkSession, patterns: list[str], passes: list[int] | None = None) -> list[InputFile]:
+    """Expand files, directories and globs through Hadoop's FileSystem (so any URL Spark reads works). ``passes``
+    (one per pattern, the job's data mix) only to refuse a file that two patterns list with different passes."""
     jvm = spark.sparkContext._jvm
     conf = spark.sparkContext._jsc.hadoopConfiguration()
     found: list[InputFile] = []
@@ -84,17 +86,25 @@ def list_inputs(spark: SparkSession, patterns: list[str]) -> list[InputFile]:
             raise InputError(f"{p}: unknown input type; expected one of {TEXT_EXT + PARQUET_EXT}")
         # as _metadata.file_path names it (re-parsed: a listed local path has an empty authority, file:///)
         uri = jvm.org.apache.spark.paths.SparkPath.fromPath(jvm.org.apache.hadoop.fs.Path(p)).urlEncoded()
-        found.append(InputFile(p, uri, p[len(root) :].lstrip("/"), kind, status.getLen()))
+        found.append(InputFile(p, uri, p[len(root) :].lstrip("/"), kind, status.getLen(), entry))
 
-    for pattern in patterns:
+    for entry, pattern in enumerate(patterns):
         path = jvm.org.apache.hadoop.fs.Path(pattern)
         fs = path.getFileSystem(conf)
         statuses = fs.globStatus(path)
         if not statuses:
             raise InputError(f"--input {pattern}: no such file or directory")
         for s in statuses:
-            visit(s, input_root(fs, path, s))
-    return sorted(set(found), key=lambda f: f.path)
+            visit(s, input_root(fs, path, s, jvm.org.apache.hadoop.fs.Path))
+    files: dict[str, InputFile] = {}  # a file two inputs list is read once, as the first lists it
+    for f in sorted(set(found), key=lambda f: (f.path, f.entry)):
+        first = files.setdefault(f.path, f)
+        if passes and passes[first.entry] != passes[f.entry]:
+            raise InputError(
+                f"{f.path} is listed by --input {patterns[first.entry]} (passes {passes[first.entry]}) and by "
+                f"--input {patterns[f.entry]} (passes {passes[f.entry]}): list it under one of them"
+            )
+    return list(files.values())
 
 
 def with_row_numbers(df: DataFrame, files: DataFrame) -> DataFrame:

@@ -71,7 +71,8 @@ def run(cfg: JobConfig, spark: SparkSession | None = None) -> dict:
         json.dump(cfg.__dict__, f, indent=2)
     t0 = time.time()
     stages = Stages(run_dir, cfg.fingerprint())
-    files = list_inputs(spark, cfg.input)
+    files = list_inputs(spark, cfg.input, cfg.passes)
+    passes_of = {f.uri: cfg.passes[f.entry] for f in files} if cfg.passes else {}
     parallelism = size_partitions(spark, sum(f.size for f in files))
     print(
         f"shuffle partitions: {parallelism['shuffle_partitions']} ({parallelism['from']}); adaptive execution "
@@ -95,7 +96,7 @@ def run(cfg: JobConfig, spark: SparkSession | None = None) -> dict:
     else:
         fit = stages.run(spark, "route", lambda: route_stage(spark, cfg, run_dir, tree), total_items=n)
         routing = ["route"]
-    pack = stages.run(spark, "pack", lambda: pack_stage(spark, cfg, run_dir), total_items=n)
+    pack = stages.run(spark, "pack", lambda: pack_stage(spark, cfg, run_dir, passes_of), total_items=n)
     names = ["read", "embed", *routing, "pack"]
     seconds = {name: round(stages.seconds(name), 2) for name in names}
     checksums = manifest.verify(spark, run_dir, read["input_rows_checksum"])
@@ -111,7 +112,8 @@ def summary(m: dict) -> str:
     lines = [
         f"documents: {m['documents_in']} in = {m['documents_routed']} routed + {m['documents_quarantined']} "
         "quarantined "
-        f"{m['quarantine_reasons'] or ''}; {m['documents_distinct']} distinct (copies are one document to the index)",
+        f"{m['quarantine_reasons'] or ''}; {m['documents_distinct']} distinct (copies are one document to the index)"
+        + (f"; {m['documents_packed']} packed with --passes {m['config']['passes']}" if m["config"]["passes"] else ""),
         f"tree {m['tree_version']}: k={m['k']} depth={m['depth']}; {m['sequences']} sequences of {m['seq_len']}+1 "
         "tokens, "
         f"{m['tokens']:,} document tokens",

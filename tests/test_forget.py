@@ -217,3 +217,35 @@ def test_learn_moves_only_the_new_documents_blocks_and_no_other_prompts_logits(w
     seq_ids = ds.dataset(os.path.join(run, "shards"), partitioning="hive").to_table(columns=["seq_id"])["seq_id"]
     assert len(set(seq_ids.to_pylist())) == len(seq_ids)  # the new sequences' ids are unique in the run
     assert 0 < record["share_of_full"] < 1
+
+
+def test_a_re_pack_keeps_each_documents_passes(tmp_path):
+    """A run of the job's data mix (--passes): the documents a forget re-packs go to one input file per number of
+    passes, so the job packs each as often as before; a run from before the mix reads as once each."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from hmem.forget import remaining_input, routed
+
+    run = tmp_path / "run"
+    for l1, ids, passes in ((0, ["a", "b", "c"], [1, 16, 16]), (1, ["d"], [16])):
+        os.makedirs(run / "routed" / f"l1={l1}")
+        pq.write_table(
+            pa.table({"doc_id": ids, "passes": pa.array(passes, pa.int32())}), run / "routed" / f"l1={l1}" / "p.parquet"
+        )
+    os.makedirs(run / "documents")
+    pq.write_table(
+        pa.table({"doc_id": list("abcd"), "text": ["ta", "tb", "tc", "td"]}), run / "documents" / "p.parquet"
+    )
+    files = remaining_input(str(run), [0], {"c"}, str(tmp_path / "in"))
+    assert files == {1: str(tmp_path / "in-p1.jsonl"), 16: str(tmp_path / "in-p16.jsonl")}
+    read = {n: [json.loads(line) for line in open(f)] for n, f in files.items()}
+    assert read == {1: [{"id": "a", "text": "ta"}], 16: [{"id": "b", "text": "tb"}]}
+    os.remove(run / "routed" / "l1=1" / "p.parquet")  # l1=1 now from before the mix: no passes column
+    pq.write_table(pa.table({"doc_id": ["d"]}), run / "routed" / "l1=1" / "p.parquet")
+    t = routed(str(run), None, ("doc_id", "passes"))
+    assert dict(zip(t["doc_id"].to_pylist(), t["passes"].to_pylist())) == {"a": 1, "b": 16, "c": 16, "d": 1}
+    old = tmp_path / "old"  # a run wholly from before the mix
+    os.makedirs(old / "routed" / "l1=0")
+    pq.write_table(pa.table({"doc_id": ["x"]}), old / "routed" / "l1=0" / "p.parquet")
+    assert routed(str(old), None, ("doc_id", "passes"))["passes"].to_pylist() == [1]

@@ -25,7 +25,8 @@ def stage(out, name: str) -> dict:
 
 @pytest.fixture(scope="module")
 def layout_run(tmp_path_factory):
-    """2023/part-0.jsonl and 2024/part-0.jsonl (same base name, no ids) and 2025/part-0.parquet."""
+    """2023/part-0.jsonl and 2024/part-0.jsonl (same base name, no ids) and 2025/part-0.parquet, given as two
+    globs; the second is packed 3 times (--passes 1 3, a data mix)."""
     d = tmp_path_factory.mktemp("layout")
     recs = bbc(50, start=100)
     for year, part in (("2023", recs[:20]), ("2024", recs[20:40])):
@@ -35,8 +36,10 @@ def layout_run(tmp_path_factory):
     os.makedirs(d / "2025")
     pq.write_table(pa.table({"text": [r["text"] for r in recs[40:]]}), d / "2025" / "part-0.parquet")
     out = tmp_path_factory.mktemp("run") / "layout"
+    inputs = [str(d / "202[34]"), str(d / "2025*")]  # a glob's paths are relative to the part before its wildcard
     p = submit(
-        ["--input", str(d), "--output", str(out), *SMALL], conf={"spark.sql.shuffle.partitions": str(PARTITIONS)}
+        ["--input", *inputs, "--passes", "1", "3", "--output", str(out), *SMALL],
+        conf={"spark.sql.shuffle.partitions": str(PARTITIONS)},
     )
     assert p.returncode == 0, p.stdout[-4000:]
     return out, recs, p
@@ -78,8 +81,30 @@ def test_conf_shuffle_partitions_is_honoured(layout_run):
 def test_manifest_checksums_agree(layout_run):
     out, _, _ = layout_run
     c = manifest(out)["checksums"]
-    assert c["validated_ids"] == c["routed_ids"] == c["shard_ids"]
+    assert c["validated_ids"] == c["routed_ids"] and c["shard_ids"] == c["packed_ids"] != c["routed_ids"]
     assert len(c["validated_ids"]) == 32 and c["quarantined_rows"] == "0" * 32
+
+
+def test_passes_pack_an_input_n_times_and_route_it_once(layout_run):
+    out, recs, p = layout_run
+    m = manifest(out)
+    docs = read_table(out / "documents")
+    thrice = set(docs[docs.source.str.endswith("part-0.parquet")].doc_id)
+    assert len(thrice) == 10 and m["documents_routed"] == len(recs)
+    assert m["documents_packed"] == len(recs) + 2 * len(thrice) and "70 packed with --passes [1, 3]" in p.stdout
+    routed = read_table(out / "routed")
+    assert len(routed) == len(recs) and dict(zip(routed.doc_id, routed.passes)) == {
+        d: 3 if d in thrice else 1 for d in docs.doc_id
+    }
+    # each pass starts in its own sequence (an article is longer than a 64-token sequence), in the document's leaf
+    shards = read_table(out / "shards")
+    starts = {}
+    for seq, leaf, ids in zip(shards.seq_id, shards.leaf, shards.doc_ids):
+        for d in ids:
+            starts.setdefault(d, []).append((seq, leaf))
+    leaf_of = dict(zip(routed.doc_id, routed.leaf))
+    for d, at in starts.items():
+        assert len(at) == len({s for s, _ in at}) == (3 if d in thrice else 1) and {lf for _, lf in at} == {leaf_of[d]}
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ from collections import Counter, defaultdict
 import pytest
 
 from corpora.bbc import bbc_records
-from corpora.longtail import LongtailConfig, build, write, zipf_frequencies
+from corpora.longtail import LongtailConfig, build, job_input, write, zipf_frequencies
 from train.evaluate import read_probes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -136,11 +136,44 @@ def test_fresh_passes_read_the_facts_as_often_without_identical_documents(bbc, c
     assert fresh.heldout == up.heldout and [p["prompt"] for p in fresh.probes] == [p["prompt"] for p in up.probes]
 
 
+def test_a_mix_reads_the_facts_as_often_with_each_document_once(tmp_path, bbc, corpus):
+    up = build(LongtailConfig(**SMALL, fact_passes=3), bbc)
+    cfg = LongtailConfig(**SMALL, fact_passes=3, mix=True)
+    mixed = build(cfg, bbc)
+    # the corpus is the copies variant's first pass: every document once
+    first = [d for d in up.train if not re.search(r"-r\d\d$", d["id"])]
+    assert sorted(mixed.train, key=lambda d: d["id"]) == sorted(first, key=lambda d: d["id"])
+    assert sum(d["source"] != "bbc" for d in mixed.train) == sum(e.frequency for e in mixed.entities)
+    for p, q in zip(up.probes, mixed.probes):  # read as often, listed once
+        assert q["exposures"] == p["exposures"] == 3 * q["frequency"] and len(q["doc_ids"]) == q["frequency"]
+    summary = write(mixed, cfg, str(tmp_path))
+    assert summary["job_inputs"] == [["train_news.jsonl", 1], ["train_facts.jsonl", 3]]
+    assert not (tmp_path / "train.jsonl").exists()
+    news, facts = (json_lines(tmp_path / f"train_{n}.jsonl") for n in ("news", "facts"))
+    assert {d["source"] for d in news} == {"bbc"} and "bbc" not in {d["source"] for d in facts}
+    assert len(news) + len(facts) == len(mixed.train) == summary["train_documents"]
+    files, mix = job_input(str(tmp_path), summary)
+    assert files == [str(tmp_path / "train_news.jsonl"), str(tmp_path / "train_facts.jsonl")]
+    assert mix == ["--passes", "1", "3"]
+    up_summary = write(up, LongtailConfig(**SMALL, fact_passes=3), str(tmp_path / "up"))
+    assert job_input(str(tmp_path / "up"), up_summary) == (
+        [str(tmp_path / "up" / "train.jsonl")],
+        [],
+    )
+
+
+def json_lines(path) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
 def test_bad_config_is_refused():
     with pytest.raises(ValueError, match="domains"):
         LongtailConfig(domains=("planets",))
     with pytest.raises(ValueError, match="fact_passes"):
         LongtailConfig(fact_passes=0)
+    with pytest.raises(ValueError, match="mix and fresh_passes"):
+        LongtailConfig(mix=True, fresh_passes=True)
 
 
 def test_bench_stage_reruns_exactly_when_its_inputs_change(tmp_path):
