@@ -76,7 +76,9 @@ def routed(run: str, filt=None, columns=("doc_id", "path", "leaf", "first_copy")
     path = os.path.join(run, "routed")
     data = ds.dataset(path, format="parquet", partitioning="hive")
     if "passes" in columns and "passes" not in data.schema.names:
-        data = ds.dataset(path, schema=data.schema.append(pa.field("passes", pa.int32())), partitioning="hive")
+        data = ds.dataset(
+            path, format="parquet", schema=data.schema.append(pa.field("passes", pa.int32())), partitioning="hive"
+        )
     t = data.to_table(columns=[*columns, "l1"], filter=filt)
     if "passes" in columns:
         t = t.set_column(t.schema.get_field_index("passes"), "passes", pc.fill_null(t["passes"], 1))
@@ -440,8 +442,8 @@ def forget(args) -> dict:
     # the run loses the documents in either mode: the job re-packs their subtrees without them
     new = os.path.join(work, "repack")
     src = remaining_input(args.run, subtrees, set(ids), os.path.join(work, "input"))
-    mixed = {"passes": list(src)} if manifest["config"].get("passes") else {}  # the run's data mix, per document
-    m = repack(args.run, list(src.values()), new, args.master, os.path.join(work, "repack.log"), stored=True, **mixed)
+    log = os.path.join(work, "repack.log")  # each document with its passes (the run's data mix; [1] packs as none)
+    m = repack(args.run, list(src.values()), new, args.master, log, stored=True, passes=list(src))
     record["documents_repacked"] = m["documents_routed"]
     check_routes(args.run, new, subtrees)
     trained = None
