@@ -80,7 +80,7 @@ class LongtailConfig:
     heldout_entities: int = 80  # entities that get one extra, held-out document
     people: int = 1000  # synthetic people of the ``people`` domain (facts no pretrained model can know)
     optional_facts: tuple[int, int] = (1, 3)  # non-probed facts per document (min, max)
-    fact_passes: int = 1  # times the facts part is written into train.jsonl (see the module doc)
+    fact_passes: int = 1  # times the facts part is read: copies in train.jsonl, or with mix the job's --passes
     fresh_passes: bool = False  # each pass after the first renders the entity's documents anew: no identical text
     mix: bool = False  # the passes are the job's data mix (--passes), not documents: each fact document once
     seed: int = 0
