@@ -20,9 +20,14 @@ EOT_ID, PAD_ID = 0, 1
 
 
 def train_bpe(texts, vocab_size: int) -> Tokenizer:
-    """A byte-level BPE with EOT = 0 and PAD = 1."""
+    """A byte-level BPE with EOT = 0 and PAD = 1.
+
+    A prefix space, as Llama's and T5's tokenizers add one: a text's first word gets the same token as inside
+    a sentence ("The" -> "ĠThe"), so a question typed without a leading space reads like the sentence of a
+    training document that states its fact (measured on the long-tail bench, docs/RESULTS.md).
+    """
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
