@@ -26,8 +26,12 @@ def test_reads_equal_the_in_memory_store_across_files(tmp_path):
         want = torch.cat([want, want[:2]])  # unordered, with repeats
         a, b = lazy.read(level, want), full.read(level, want)
         assert all(torch.equal(a[n], b[n]) for n in b)
-    with pytest.raises(KeyError, match="not in"):
-        lazy.read(1, torch.tensor([ids.max() + 100]))
+        for i in want.tolist():  # one block: the serving path (one positioned read per tensor)
+            a, b = lazy.read(level, [i]), full.read(level, [i])
+            assert all(torch.equal(a[n], b[n]) and a[n].shape == b[n].shape for n in b)
+    for absent in (ids.max() + 100, -1):  # past the last id, before the first
+        with pytest.raises(KeyError, match="not in"):
+            lazy.read(1, torch.tensor([absent]))
     with pytest.raises(TypeError, match="read-only"):
         lazy.write(1, full.ids[1][:1], full.read(1, full.ids[1][:1]))
     with pytest.raises(ValueError, match="more than one"):

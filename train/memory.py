@@ -222,13 +222,14 @@ def store_rows(owned: dict[int, torch.Tensor], level: int, ids) -> torch.Tensor:
     """Rows of global block ``ids`` of ``level`` in a store whose sorted ids per level are ``owned``."""
     if level not in owned:
         raise KeyError(f"level {level} has no blocks in this store (rank 0 or not a level)")
-    have = owned[level]
-    ids = torch.as_tensor(ids, dtype=torch.long).flatten().cpu()
-    rows = torch.searchsorted(have, ids).clamp(max=max(have.numel() - 1, 0))
-    if have.numel() == 0 or not bool((have[rows] == ids).all()):
-        missing = ids[(have.numel() == 0) | (have[rows] != ids)] if have.numel() else ids
+    # numpy: a serving fetch asks for one block per level, where torch's per-op overhead costs more than the lookup
+    have = owned[level].numpy()
+    ids = torch.as_tensor(ids, dtype=torch.long).flatten().cpu().numpy()
+    rows = np.searchsorted(have, ids).clip(max=max(have.size - 1, 0))
+    if have.size == 0 or not (have[rows] == ids).all():
+        missing = ids[have[rows] != ids] if have.size else ids
         raise KeyError(f"level {level}: blocks {missing[:8].tolist()} are not owned by this store")
-    return rows
+    return torch.from_numpy(rows)
 
 
 class TensorBlockStore(BlockStore):
@@ -622,22 +623,24 @@ class MemoryBank:
         block_ids = torch.as_tensor(block_ids, dtype=torch.long).cpu()
         if block_ids.ndim != 2 or block_ids.shape[1] != self.config.depth:
             raise ValueError(f"block_ids of shape {tuple(block_ids.shape)}; expected [B, {self.config.depth}]")
-        B = block_ids.shape[0]
-        all_same = bool((block_ids == block_ids[:1]).all())
+        cols = block_ids.numpy()  # numpy bookkeeping: torch's per-op overhead dominated a one-prompt fetch
+        all_same = bool((cols == cols[:1]).all())
         ids, params, index = [], [], []
         for l, r in enumerate(self.config.ranks, start=1):
-            col = block_ids[:, l - 1]
+            col = cols[:, l - 1]
             ok = col >= 0
-            idx = torch.full((B,), -1, dtype=torch.long)
-            if r == 0 or not bool(ok.any()):
-                uniq, named = torch.zeros(0, dtype=torch.long), {}
+            idx = np.full(len(col), -1, dtype=np.int64)
+            if r == 0 or not ok.any():
+                uniq, named = np.zeros(0, dtype=np.int64), {}
             else:
-                uniq, inv = torch.unique(col[ok], return_inverse=True)
+                uniq, inv = np.unique(col[ok], return_inverse=True)
                 idx[ok] = inv
-                named = {n: t.to(device).requires_grad_(requires_grad) for n, t in self.store.read(l, uniq).items()}
-            ids.append(uniq)
+                named = self.store.read(l, torch.from_numpy(uniq))
+                if requires_grad or device is not None:
+                    named = {n: t.to(device).requires_grad_(requires_grad) for n, t in named.items()}
+            ids.append(torch.from_numpy(uniq))
             params.append(named)
-            index.append(idx.to(device))
+            index.append(torch.from_numpy(idx).to(device))
         return Fetched(self.config.kind, self.config.ranks, ids, params, index, all_same, self.n_layers)
 
     def write(self, fetched: Fetched) -> None:
