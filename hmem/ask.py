@@ -67,19 +67,23 @@ class Asker:
         completions, spent = {}, {}
         for s in settings:
             t = time.perf_counter()
-            completions[s] = ev.complete(questions, ids[s], [max_new] * n)
+            completions[s] = ev.generate(questions, ids[s], [max_new] * n)
             spent[s] = time.perf_counter() - t
-        scored = [a if a is not None else own_answer(c) for a, c in zip(answers, completions[settings[0]])]
+        tokens = [
+            ev.answer_ids(a) if a is not None else own_answer(ev, c) for a, c in zip(answers, completions[settings[0]])
+        ]
+        scored = [a if a is not None else ev.tokenizer.decode(t).strip() or None for a, t in zip(answers, tokens)]
+        completions = {s: [ev.tokenizer.decode(t) for t in c] for s, c in completions.items()}
         logp = {}
         if compare:
             t = time.perf_counter()
-            have = [i for i, a in enumerate(scored) if a]
+            have = [i for i, a in enumerate(tokens) if a]
             for s in settings:
                 lp = np.full(n, -math.inf)
                 if have:
                     lp[have] = ev.answer_logprob(
                         [questions[i] for i in have],
-                        [scored[i] for i in have],
+                        [tokens[i] for i in have],
                         None if ids[s] is None else ids[s][have],
                     )
                 logp[s] = lp
@@ -119,10 +123,13 @@ class Asker:
         return out
 
 
-def own_answer(completion: str) -> str | None:
-    """The model's completion as the answer to score: its first line, stripped."""
-    line = completion.strip().split("\n")[0].strip()
-    return line or None
+def own_answer(ev, completion: list[int]) -> list[int]:
+    """The model's completion as the answer to score: its tokens before the first line break, as generated
+    (its text re-encoded could differ: a completion need not start with the space an answer gets)."""
+    text = [ev.tokenizer.decode([t]) for t in completion]
+    start = next((i for i, t in enumerate(text) if t.strip()), len(text))  # leading blank lines stay in the score
+    end = next((i for i in range(start + 1, len(text)) if "\n" in text[i]), len(text))
+    return completion[:end] if start < len(text) else []
 
 
 def label(setting: str, blocks: np.ndarray) -> str:

@@ -13,7 +13,7 @@ from fixtures import PROMPTS
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from hmem.ask import Asker, main
+from hmem.ask import Asker, own_answer, main
 from index.tree import path_block_ids
 
 
@@ -23,9 +23,11 @@ def asker(tiny_export):
     return Asker(run, export, mode="descent", batch_size=2)  # the fixture run has no document index
 
 
-def direct_logprob(ev, prompt: str, answer: str, ids: torch.Tensor | None) -> float:
-    """log p(answer | <eot> prompt) from one forward pass of the anchor, written out here."""
-    p, a = [ev.eot] + ev.tokenizer.encode(prompt).ids, ev.tokenizer.encode(" " + answer).ids
+def direct_logprob(ev, prompt: str, answer: str | list[int], ids: torch.Tensor | None) -> float:
+    """log p(answer | <eot> prompt) from one forward pass of the anchor, written out here (an answer's text, or
+    tokens as generated)."""
+    p = [ev.eot] + ev.tokenizer.encode(prompt).ids
+    a = answer if isinstance(answer, list) else ev.tokenizer.encode(" " + answer).ids
     x = torch.tensor([p + a])
     with torch.no_grad():
         logits = ev.anchor(x[:, :-1], None if ids is None else ev.bank.fetch(ids, requires_grad=False))
@@ -75,9 +77,15 @@ def test_verdict_names_the_block_that_holds_the_answer(tiny_export, tmp_path):
         with safe_open(path, framework="pt") as f:
             meta = f.metadata()
         save_file(t, path, metadata=meta)
-    a = Asker(run, crafted, mode="descent").ask([question], max_new=4)[0]
+    asker = Asker(run, crafted, mode="descent")
+    a = asker.ask([question], max_new=4)[0]
     v = a["verdict"]
     assert not a["answer_given"] and a["answer"]
+    # the own answer is scored as generated: its greedy tokens (a completion need not start with a space)
+    fetched = asker.ev.block_ids(np.array([a["path"]]), "fetched")
+    own = own_answer(asker.ev, asker.ev.generate([question], fetched, [4])[0])
+    assert asker.ev.tokenizer.decode(own).strip() == a["answer"]
+    assert a["settings"][0]["logprob"] == pytest.approx(direct_logprob(asker.ev, question, own, fetched), abs=1e-4)
     assert v is not None and v["level"] == 2 and v["block"] == leaf_block and v["leaf"]
     assert v["p_without"] < v["p_fetched"] and v["logprob_drop"] > 1.0
     off1 = next(r for r in a["settings"] if r["setting"] == "off@1")

@@ -224,12 +224,12 @@ class Evaluator:
         """An answer's tokens after its prompt: one leading space, as completions start."""
         return self.tokenizer.encode(" " + answer.strip()).ids
 
-    def answer_logprob(self, prompts: list[str], answers: list[str], ids: torch.Tensor | None) -> np.ndarray:
-        """log p(answer | <eot> prompt), summed over the answer's tokens; row i of ``ids`` is prompt i's blocks.
-        A prompt too long for the model keeps its end, as ``complete`` does."""
+    def answer_logprob(self, prompts: list[str], answers: list[list[int]], ids: torch.Tensor | None) -> np.ndarray:
+        """log p(answer | <eot> prompt), summed over the answer's tokens (``answer_ids``, or a completion's own
+        tokens); row i of ``ids`` is prompt i's blocks. A prompt too long for the model keeps its end, as
+        ``complete`` does."""
         wins, skip = [], []
-        for p, a in zip(prompts, answers):
-            ans = self.answer_ids(a)
+        for p, ans in zip(prompts, answers):
             prompt = self.prompt_ids(p)[-max(1, self.anchor.cfg.max_seq_len + 1 - len(ans)) :]
             wins.append(prompt + ans)
             skip.append(len(prompt) - 1)
@@ -273,9 +273,13 @@ class Evaluator:
             out[name] = row
         return out
 
-    @torch.no_grad()
     def complete(self, prompts: list[str], ids: torch.Tensor | None, max_new: list[int]) -> list[str]:
-        """Greedy continuation of each prompt (after <eot>), ``max_new[i]`` tokens or until <eot>."""
+        """Greedy continuation of each prompt (after <eot>), ``max_new[i]`` tokens or until <eot>, as text."""
+        return [self.tokenizer.decode(t) for t in self.generate(prompts, ids, max_new)]
+
+    @torch.no_grad()
+    def generate(self, prompts: list[str], ids: torch.Tensor | None, max_new: list[int]) -> list[list[int]]:
+        """``complete``'s tokens: a completion scored as the model wrote it, not re-encoded from its text."""
         out = []
         for s in range(0, len(prompts), self.batch_size):
             seqs = [self.prompt_ids(p) for p in prompts[s : s + self.batch_size]]
@@ -286,7 +290,7 @@ class Evaluator:
             new = (self._decode if cached else self._recompute)(seqs, memory, want)
             for n, m in zip(new, want):
                 n = n[:m]
-                out.append(self.tokenizer.decode(n[: n.index(self.eot)] if self.eot in n else n))
+                out.append(n[: n.index(self.eot)] if self.eot in n else n)
         return out
 
     def _decode(self, seqs: list[list[int]], memory, want: list[int]) -> list[list[int]]:
