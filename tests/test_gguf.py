@@ -49,13 +49,17 @@ def test_from_gguf_of_a_tiny_qwen2_equals_the_model_it_was_written_from(tmp_path
     pytest.importorskip("gguf", reason="needs the .[posthoc] extra (gguf)")
     from fixtures import write_tokenizer
     from test_hf import tiny_base
-    from tokenizers import Tokenizer
+    from tokenizers import Tokenizer, pre_tokenizers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from train.hf import model_config
 
     tok_file = str(tmp_path / "tokenizer.json")
     vocab = write_tokenizer(tok_file, 300)
+    # as Qwen2's: no prefix space (a GGUF "gpt2" tokenizer records none, and transformers reads it without one)
+    tok = Tokenizer.from_file(tok_file)
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.save(tok_file)
     src = AutoModelForCausalLM.from_pretrained(tiny_base(str(tmp_path / "qwen2"), "qwen2", vocab=vocab)).eval()
     write_gguf(str(tmp_path / "q.gguf"), src, tok_file)
     out = str(tmp_path / "out")
