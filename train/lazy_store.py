@@ -95,9 +95,6 @@ class LazyBlockStore(BlockStore):
                 raise ValueError(f"level {l}: blocks {dup} are in more than one of {self.files}")
             self.file_of[l] = torch.cat([torch.full((len(p),), i) for p, i in parts])[order]
             self.row_of[l] = torch.cat([torch.arange(len(p)) for p, _ in parts])[order]
-        # numpy views of the same tables for ``_read_one``: a serving miss reads one block, and at ~0.2 MiB per
-        # block torch's per-call overhead on these tables cost more than the read itself
-        self._np = {l: (self.ids[l].numpy(), self.file_of[l].numpy(), self.row_of[l].numpy()) for l in self.ids}
 
     def owned_ids(self) -> torch.Tensor:
         parts = [self.ids[l] for l in sorted(self.ids)]
@@ -107,13 +104,11 @@ class LazyBlockStore(BlockStore):
         if level not in self.ids:
             raise KeyError(f"level {level} has no blocks in {self.files}")
         ids = torch.as_tensor(ids, dtype=torch.long).flatten().cpu()
-        if ids.numel() == 1:
-            return self._read_one(level, int(ids[0]))
-        have = self.ids[level]
-        pos = torch.searchsorted(have, ids).clamp(max=max(have.numel() - 1, 0))
-        if have.numel() == 0 or not bool((have[pos] == ids).all()):
-            raise KeyError(f"level {level}: blocks {ids[have[pos] != ids][:8].tolist()} are not in {self.files}")
+        pos = store_rows(self.ids, level, ids, where=f"in {self.files}")
         files, rows = self.file_of[level][pos].numpy(), self.row_of[level][pos].numpy()
+        if len(ids) == 1:  # a serving miss: one positioned read per tensor, straight into its output
+            f, row = self.handles[files[0]], int(rows[0])
+            return {n: f.rows(f"level{level}.{n}", row, row + 1).to(self.device) for n in self.shapes[level]}
         out = {n: None for n in self.shapes[level]}
         for fi in np.unique(files):
             want = np.flatnonzero(files == fi)
@@ -130,16 +125,6 @@ class LazyBlockStore(BlockStore):
             n: (t if t is not None else torch.empty((0, *self.shapes[level][n]))).to(self.device)
             for n, t in out.items()
         }
-
-    def _read_one(self, level: int, block: int) -> dict[str, torch.Tensor]:
-        """One block: a positioned read per tensor straight into its output (as ``read``, without its batching)."""
-        have, file_of, row_of = self._np[level]
-        pos = int(np.searchsorted(have, block))
-        if pos == have.size or have[pos] != block:
-            raise KeyError(f"level {level}: blocks [{block}] are not in {self.files}")
-        f, row = self.handles[file_of[pos]], int(row_of[pos])
-        out = {n: f.rows(f"level{level}.{n}", row, row + 1) for n in self.shapes[level]}
-        return out if self.device is None else {n: t.to(self.device) for n, t in out.items()}
 
     def write(self, level: int, ids, tensors: dict[str, torch.Tensor]) -> None:
         raise TypeError(f"LazyBlockStore over {self.files} is read-only (an exported bank); train from a checkpoint")

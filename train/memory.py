@@ -218,8 +218,9 @@ class BlockStore(ABC):
         raise NotImplementedError(f"{type(self).__name__} holds no optimiser state")
 
 
-def store_rows(owned: dict[int, torch.Tensor], level: int, ids) -> torch.Tensor:
-    """Rows of global block ``ids`` of ``level`` in a store whose sorted ids per level are ``owned``."""
+def store_rows(owned: dict[int, torch.Tensor], level: int, ids, where: str = "owned by this store") -> torch.Tensor:
+    """Rows of global block ``ids`` of ``level`` in a store whose sorted ids per level are ``owned``; a missing
+    block is a KeyError saying where it is not."""
     if level not in owned:
         raise KeyError(f"level {level} has no blocks in this store (rank 0 or not a level)")
     # numpy: a serving fetch asks for one block per level, where torch's per-op overhead costs more than the lookup
@@ -228,7 +229,7 @@ def store_rows(owned: dict[int, torch.Tensor], level: int, ids) -> torch.Tensor:
     rows = np.searchsorted(have, ids).clip(max=max(have.size - 1, 0))
     if have.size == 0 or not (have[rows] == ids).all():
         missing = ids[have[rows] != ids] if have.size else ids
-        raise KeyError(f"level {level}: blocks {missing[:8].tolist()} are not owned by this store")
+        raise KeyError(f"level {level}: blocks {missing[:8].tolist()} are not {where}")
     return torch.from_numpy(rows)
 
 
