@@ -123,6 +123,19 @@ def env(cores: int) -> dict:
     return e
 
 
+def index_stage(st: "Stages", name: str, run: str, log: str, after: list[str]) -> None:
+    """jobs/build_index.py on ``run``; its code is part of the stage's fingerprint."""
+    st.run(
+        name,
+        [sys.executable, "jobs/build_index.py", "--run", run],
+        os.path.join(run, "index", "index.json"),
+        log,
+        files=[os.path.join(ROOT, f) for f in ("jobs/build_index.py", "index/docindex.py", "index/terms.py")],
+        after=after,
+        clear=os.path.join(run, "index"),
+    )
+
+
 class Stages:
     """The stages of one seed directory and their fingerprints (``stages.json``)."""
 
@@ -272,16 +285,7 @@ def run_seed(
         }
     if until == "train":
         return results
-    # the document index the neighbour vote searches; its code is part of its fingerprint
-    st.run(
-        "index",
-        [sys.executable, "jobs/build_index.py", "--run", run],
-        os.path.join(run, "index", "index.json"),
-        f"{logs}/index.log",
-        files=[os.path.join(ROOT, f) for f in ("jobs/build_index.py", "index/docindex.py", "index/terms.py")],
-        after=["cluster"],
-        clear=os.path.join(run, "index"),
-    )
+    index_stage(st, "index", run, f"{logs}/index.log", ["cluster"])  # the document index the neighbour vote searches
     # every model is evaluated with this code's routing (index.router.RoutingConfig), whatever its export
     # recorded; the memory model's bare questions also with the linear vote, the rule before rerank
     vote = RoutingConfig()

@@ -167,12 +167,12 @@ def run_logged(cmd: list[str], log: str, what: str, env: dict) -> None:
         raise RuntimeError(f"{what} failed (exit {p.returncode}); the end of {log}:\n{tail}")
 
 
-def repack(
-    run: str, src: list[str], out: str, master: str, log: str, id_column: str = "id", stored: bool = False, passes=()
-) -> dict:
+def repack_command(
+    run: str, src: list[str], out: str, master: str, id_column: str = "id", stored: bool = False, passes=()
+) -> list[str]:
     """The job on ``src`` with RUN's frozen tree and RUN's job config: the same routes, packing and seq_ids.
     ``passes``: one per ``src`` (the data mix), else once each. ``stored``: RUN's documents keep RUN's embeddings
-    (embeddings_from), so they keep RUN's routes exactly."""
+    (embeddings_from), so they keep RUN's routes exactly. Writes the job's config beside ``out``."""
     with open(os.path.join(run, "config.json")) as f:
         job = json.load(f)
     for key in ("input", "output", "tree", "tokenizer", "embeddings_from"):
@@ -183,9 +183,16 @@ def repack(
     conf = out + ".job.yaml"
     with open(conf, "w") as f:
         yaml.safe_dump(job, f)
-    cmd = [f"{BIN}/spark-submit", "--master", master, "--conf", "spark.driver.memory=2g"]
-    cmd += [os.path.join(ROOT, "jobs", "cluster_corpus.py"), "--config", conf, "--tree", run]
-    cmd += ["--input", *src, "--output", out]
+    job_py = os.path.join(ROOT, "jobs", "cluster_corpus.py")
+    cmd = [f"{BIN}/spark-submit", "--master", master, "--conf", "spark.driver.memory=2g", job_py, "--config", conf]
+    return cmd + ["--tree", run, "--input", *src, "--output", out]
+
+
+def repack(
+    run: str, src: list[str], out: str, master: str, log: str, id_column: str = "id", stored: bool = False, passes=()
+) -> dict:
+    """``repack_command`` run (output to ``log``); returns the new run's manifest."""
+    cmd = repack_command(run, src, out, master, id_column, stored, passes)
     run_logged(cmd, log, "re-pack", job_env())
     return read_manifest(out)
 

@@ -13,7 +13,7 @@ from test_trainer import blocks_of, train
 
 from hmem.forget import main as forget_main
 from hmem.forget import path_blocks, subtree_blocks
-from hmem.learn import main as learn_main
+from hmem.learn import learn_warmup, main as learn_main
 from index.router import Router
 from index.rundir import read_manifest
 from index.tree import generic_block_ids, level_offset
@@ -217,6 +217,13 @@ def test_learn_moves_only_the_new_documents_blocks_and_no_other_prompts_logits(w
     seq_ids = ds.dataset(os.path.join(run, "shards"), partitioning="hive").to_table(columns=["seq_id"])["seq_id"]
     assert len(set(seq_ids.to_pylist())) == len(seq_ids)  # the new sequences' ids are unique in the run
     assert 0 < record["share_of_full"] < 1
+
+
+def test_learn_keeps_the_warmup_share_of_the_models_own_schedule():
+    cfg = {"optim": {"memory": {"warmup_steps": 30}}, "schedule": {"max_steps": 174}}
+    assert learn_warmup(cfg, 8) == 1  # not 30: a learn of 8 steps would never reach its peak learning rate
+    assert learn_warmup(cfg, 174) == 30
+    assert learn_warmup({"optim": {"memory": {}}, "schedule": {"max_steps": 10}}, 5) == 0
 
 
 def test_a_re_pack_keeps_each_documents_passes(tmp_path):
