@@ -1,7 +1,7 @@
 """`hmem.serve` figures: memory fetch latency through the tiered store, end-to-end latency, RSS, a load test.
 
     python -m bench.serve --run runs/demo --model runs/demo/model/export [--prompts 128] [--cache-mb 16]
-        [--requests 400] [--clients 8]
+        [--requests 400] [--clients 8] [--layers N_LAYERS,D_MODEL]
 
 Fetch. The first words of ``--prompts`` of the run's documents, routed by the model's routing, make two
 streams: topic-coherent (sorted by path: consecutive prompts in one level-1 subtree) and random. Each
@@ -11,6 +11,9 @@ block per leaf holding a whole path's units: no shared ancestors) through a cach
 plus the resident levels' bytes), cold (the cache empty and the
 bank files dropped from the OS page cache) and warm (the same stream again). Per case: p50 / p95 ms, the
 cache hit rate and the MiB read from the bank files per prompt (the figure a loaded machine does not blur).
+``--layers``: the same streams over banks whose blocks are shaped for a larger anchor (the model's tree and
+ranks, values unset, written in parts beside the model and removed after): at the demo's block sizes Python
+bookkeeping, not bytes, sets the fetch time. The server figures stay the model's.
 
 Server. ``python -m hmem.serve`` on a free loopback port: end-to-end p50 / p95 of single requests with
 the real openai client (warm), its RSS against the bank's size, and a load test of ``--requests``
@@ -55,20 +58,41 @@ def fetch_times(bank, ids: torch.Tensor) -> np.ndarray:
     return np.array(out)
 
 
-def flat_bank(ev, tmp: str):
-    """A flat bank of the same fetched size: one block per leaf of sum(ranks) units (zeros: only reads count)."""
-    from train.memory import MemoryConfig, TensorBlockStore
+def write_bank(cfg, model_cfg, ids: np.ndarray, stem: str, part_bytes: int = 512 * 2**20) -> list[str]:
+    """Blocks ``ids`` of memory ``cfg`` (values unset: a fetch's cost is its bytes and bookkeeping) as bank files
+    ``stem``N.safetensors of about ``part_bytes`` each, so no process holds the bank."""
+    from index.tree import level_offset
+    from train.memory import TensorBlockStore, block_shapes
 
-    cfg = ev.bank.config
+    shapes = block_shapes(cfg, model_cfg)
+    level = np.searchsorted([level_offset(lv, cfg.k) for lv in range(1, cfg.depth + 1)], ids, side="right")
+    size = np.array([sum(int(np.prod(s)) * 4 for s in shapes[lv].values()) for lv in level])  # fp32
+    part = np.cumsum(size) // part_bytes
+    files = []
+    for i in np.unique(part):
+        files.append(f"{stem}{i}.safetensors")
+        TensorBlockStore.create(cfg, model_cfg, owned_ids=ids[part == i], init=False).save(files[-1])
+    return files
+
+
+def flat_bank(cfg, model_cfg, leaves: np.ndarray, tmp: str):
+    """A flat bank of the same fetched size: one block per leaf of sum(ranks) units, holding the leaves the
+    prompts reach (the others would only take disk)."""
+    from train.memory import MemoryConfig
+
     flat = MemoryConfig(kind=cfg.kind, ranks=(sum(cfg.ranks),), k=cfg.k**cfg.depth)
-    path = os.path.join(tmp, "flat.safetensors")
-    TensorBlockStore.create(flat, ev.anchor.cfg, init=False).save(path)
-    return path, flat
+    return write_bank(flat, model_cfg, np.unique(leaves), os.path.join(tmp, "flat")), flat
 
 
-def fetch_bench(asker, model: str, prompts: list[str], cache_mb: float, resident: int) -> tuple[list[str], dict]:
+def fetch_bench(
+    asker, model: str, prompts: list[str], cache_mb: float, resident: int, layers: tuple[int, int] | None = None
+) -> tuple[list[str], dict]:
+    """``layers`` (n_layers, d_model): both banks' blocks shaped for that anchor instead of the model's, with
+    the model's tree and ranks, written to a temporary directory (the routes stay the model's)."""
+    from dataclasses import replace
+
     from index.router import leading_path
-    from index.tree import path_block_ids
+    from index.tree import n_tree_blocks, path_block_ids
     from train.lazy_store import CachedBlockStore, LazyBlockStore
     from train.memory import MemoryBank
 
@@ -78,23 +102,33 @@ def fetch_bench(asker, model: str, prompts: list[str], cache_mb: float, resident
     leaves = asker.router.leaves(paths)
     coherent = np.lexsort(paths.T[::-1])
     streams = {"coherent": coherent, "random": np.random.default_rng(0).permutation(len(prompts))}
-    hier_files = [os.path.join(model, f) for f in sorted(ev.meta["bank_files"])]
+    cfg, model_cfg = ev.bank.config, ev.anchor.cfg
     budget = int(cache_mb * 2**20)
     lines, p50 = [], {}
-    with tempfile.TemporaryDirectory() as tmp:
-        flat_path, flat_cfg = flat_bank(ev, tmp)
+    with tempfile.TemporaryDirectory(dir=os.path.dirname(os.path.abspath(model))) as tmp:  # on the bank's disk
+        if layers:
+            model_cfg = replace(model_cfg, n_layers=layers[0], d_model=layers[1])
+            hier_files = write_bank(cfg, model_cfg, np.arange(n_tree_blocks(cfg.k, cfg.depth)), f"{tmp}/bank")
+        else:
+            hier_files = [os.path.join(model, f) for f in sorted(ev.meta["bank_files"])]
+        flat_files, flat_cfg = flat_bank(cfg, model_cfg, leaves, tmp)
+        mib = sum(os.path.getsize(f) for f in hier_files) / 2**20
+        lines.append(
+            f"  blocks of {model_cfg.n_layers} layers x d {model_cfg.d_model}, ranks {list(cfg.ranks)}: bank "
+            f"{mib:.0f} MiB on disk, {mib / cache_mb:.1f}x the cache"
+        )
         for name, order in streams.items():
             for kind in ("hierarchical", "flat"):
-                files = hier_files if kind == "hierarchical" else [flat_path]
+                files = hier_files if kind == "hierarchical" else flat_files
                 if kind == "hierarchical":
                     store = CachedBlockStore(LazyBlockStore(files), budget, resident)
                     same_ram = budget + store.resident.nbytes()  # the flat bank's cache gets the resident bytes too
                 else:
                     store = CachedBlockStore(LazyBlockStore(files), same_ram, 0)
-                cfg = ev.bank.config if kind == "hierarchical" else flat_cfg
-                bank = MemoryBank(cfg, ev.anchor.cfg.n_layers, ev.anchor.cfg.d_model, store)
+                bank_cfg = cfg if kind == "hierarchical" else flat_cfg
+                bank = MemoryBank(bank_cfg, model_cfg.n_layers, model_cfg.d_model, store)
                 ids = torch.from_numpy(
-                    path_block_ids(paths[order], ev.k)
+                    path_block_ids(paths[order], cfg.k)
                     if kind == "hierarchical"
                     else leaves[order][:, None].astype(np.int64)
                 )
@@ -218,13 +252,19 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=8)
     ap.add_argument("--requests", type=int, default=400)
     ap.add_argument("--clients", type=int, default=8)
+    ap.add_argument(
+        "--layers",
+        type=lambda v: tuple(int(x) for x in v.split(",")),
+        help="N_LAYERS,D_MODEL: the fetch figures with blocks shaped for that anchor (30,576: SmolLM2-135M), the "
+        "model's tree, ranks and routes; a bank of zeros written beside the model",
+    )
     args = ap.parse_args()
     from hmem.ask import Asker
 
     asker = Asker(args.run, args.model)
     texts = asker.router.documents.table.column("preview").to_pylist()
     prompts = [" ".join(t.split()[:12]) for t in texts[:: max(1, len(texts) // args.prompts)][: args.prompts]]
-    lines, p50 = fetch_bench(asker, args.model, prompts, args.cache_mb, args.resident_levels)
+    lines, p50 = fetch_bench(asker, args.model, prompts, args.cache_mb, args.resident_levels, args.layers)
     print(
         f"memory fetch per prompt ({len(prompts)} prompts, cache {args.cache_mb:g} MiB, level <= "
         f"{args.resident_levels} resident; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs):",
