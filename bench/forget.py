@@ -58,7 +58,9 @@ from bench.longtail import (
 )
 from corpora.bbc import write_jsonl
 from hmem.forget import remaining_input, repack_command
+from index.router import leaf_paths
 from index.rundir import read_manifest
+from index.tree import path_block_ids
 from train.evaluate import read_jsonl
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -244,7 +246,9 @@ def run_seed(out: str, seed: int, args) -> dict:
     with open(os.path.join(o, "learn.json")) as f:
         lrec = json.load(f)
     lev = evaluate(st, "learn", os.path.join(o, "export"), os.path.join(o, "run"), d, ["learn"])
-    result["learn"] = learned(original, evals["batch"], lev, asked, never)
+    m = read_manifest(run)
+    touched = trained_leaves(lrec["blocks"], m["k"], m["depth"])
+    result["learn"] = learned(original, evals["batch"], lev, asked, never, touched)
     result["learn"].update(token_share=lrec["share_of_full"], seconds=lrec["seconds"], epochs=lrec["epochs"])
     result["learn"].update(retrain_share=lrec["train_seconds"] / full_seconds, time_share=lrec["seconds"] / rebuild)
     result["full_memory_seconds"], result["full_rebuild_seconds"] = full_seconds, rebuild
@@ -277,11 +281,26 @@ def subtree_sequences(run: str) -> list[int]:
     return [int(n) for n in pc.value_counts(t["l1"]).field("counts").to_pylist()]
 
 
-def learned(original: dict, forgot: dict, after: dict, asked: set[str], never: set[str]) -> dict:
+def trained_leaves(blocks: list[int], k: int, depth: int) -> set[int]:
+    """The leaves (local indices) whose path holds a block of ``blocks``: the prompts a learn can change."""
+    leaves = np.arange(k**depth)
+    on_path = np.isin(path_block_ids(leaf_paths(leaves, k, depth), k), blocks).any(axis=1)
+    return set(leaves[on_path].tolist())
+
+
+def learned(original: dict, forgot: dict, after: dict, asked: set[str], never: set[str], touched: set[int]) -> dict:
     """The requests' entities learnt back (accuracy against the original model, which read them in its corpus),
-    and every other probe before and after (those in the learned blocks can change)."""
+    and every other probe before and after: in all, and split by whether its routed leaf's path holds a learned
+    block (``touched`` leaves: it can change) or not (its logits are the batch model's, bit for bit)."""
     o, f, a = correct(original), correct(forgot), correct(after)
+    leaf = {(r["entity"], r["fact"]): r["leaf"] for r in after["probes"]["records"]}
     rest = [k for k in a if k[0] not in asked and k[0] not in never]
+    split = {}
+    for name, inside in (("touched", True), ("untouched", False)):
+        group = [k for k in rest if (leaf[k] in touched) == inside]
+        split[f"{name}_before"] = mean(float(f[k]) for k in group)
+        split[f"{name}_after"] = mean(float(a[k]) for k in group)
+        split[f"{name}_changed"], split[f"{name}_probes"] = sum(f[k] != a[k] for k in group), len(group)
     out = {
         "asked_original": accuracy(o, asked)[0],
         "asked_forgotten": accuracy(f, asked)[0],
@@ -292,6 +311,7 @@ def learned(original: dict, forgot: dict, after: dict, asked: set[str], never: s
         "rest_changed": sum(f[k] != a[k] for k in rest),
         "rest_probes": len(rest),
     }
+    out.update(split)
     out["ratio"] = out["asked_learned"] / out["asked_original"] if out["asked_original"] else None
     return out
 
@@ -383,17 +403,20 @@ def markdown(per_seed: list[dict]) -> str:
         "",
         "## learn: the batch's model learns the requests' documents back",
         "",
-        "| seed | original (in the corpus) | forgotten | learned | learned / original | other probes: before / after "
-        "(changed) | tokens | time: training / training | time: learn / rebuild |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| seed | original (in the corpus) | forgotten | learned | learned / original "
+        "| other probes in learned leaves: before / after (changed) | other probes elsewhere: changed | tokens "
+        "| time: training / training "
+        "| time: learn / rebuild |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in per_seed:
         x = r["learn"]
         ratio = "-" if x["ratio"] is None else f"{x['ratio']:.2f}"
         lines.append(
             f"| {r['seed']} | {pct(x['asked_original'])} | {pct(x['asked_forgotten'])} | {pct(x['asked_learned'])} "
-            f"| {ratio} | {pct(x['rest_before'])} / {pct(x['rest_after'])} ({x['rest_changed']} of "
-            f"{x['rest_probes']}) | {x['token_share']:.1%} | {x['retrain_share']:.1%} | {x['time_share']:.1%} |"
+            f"| {ratio} | {pct(x['touched_before'])} / {pct(x['touched_after'])} ({x['touched_changed']} of "
+            f"{x['touched_probes']}) | {x['untouched_changed']} of {x['untouched_probes']} | {x['token_share']:.1%} "
+            f"| {x['retrain_share']:.1%} | {x['time_share']:.1%} |"
         )
     lines += ["", "## Requests", ""]
     lines += [
