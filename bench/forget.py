@@ -171,6 +171,7 @@ def run_seed(out: str, seed: int, args) -> dict:
     steps = -(-read_manifest(arun)["sequences"] // BATCH)
     train_stage(st, "anchor", f"{CONFIGS}/anchor.yaml", arun, anchor, steps, seed, logs, ["cluster anchor"])
     m = read_manifest(run)
+    subtrees = [s for s, n in enumerate(m["levels"][0]["node_documents"]) if n]
     mem_steps = int(np.ceil(args.epochs * np.median(subtree_sequences(run)) / BATCH))
     mdir = os.path.join(d, "models", "memory")
     init = f"recipe.init_anchor={anchor}/export"
@@ -183,7 +184,7 @@ def run_seed(out: str, seed: int, args) -> dict:
         st, "control", MEMORY, run, cdir, mem_steps, seed, logs, ["train memory"], init, f"data.seed={seed + 1000}"
     )
     control = evaluate(st, "control", os.path.join(cdir, "export"), run, d, ["train control", "index"])
-    timings["rebuild input"] = rebuild_stage(st, run, d, logs, args.cores)
+    timings["rebuild input"] = rebuild_stage(st, run, subtrees, d, logs, args.cores)
     timings.update({k: v for k, v in st.timings.items() if k.startswith(("train", "rebuild"))})
     with open(timings_path, "w") as f:
         json.dump(timings, f, indent=1)
@@ -199,7 +200,7 @@ def run_seed(out: str, seed: int, args) -> dict:
         "control": {
             s: compare(original, control, set(), {s}, where, never) for s in sorted(set().union(*where.values()))
         },
-        "active_subtrees": sum(1 for n in m["levels"][0]["node_documents"] if n),
+        "active_subtrees": len(subtrees),
         "requests": [],
     }
 
@@ -246,7 +247,6 @@ def run_seed(out: str, seed: int, args) -> dict:
     with open(os.path.join(o, "learn.json")) as f:
         lrec = json.load(f)
     lev = evaluate(st, "learn", os.path.join(o, "export"), os.path.join(o, "run"), d, ["learn"])
-    m = read_manifest(run)
     touched = trained_leaves(lrec["blocks"], m["k"], m["depth"])
     result["learn"] = learned(original, evals["batch"], lev, asked, never, touched)
     result["learn"].update(token_share=lrec["share_of_full"], seconds=lrec["seconds"], epochs=lrec["epochs"])
@@ -256,12 +256,12 @@ def run_seed(out: str, seed: int, args) -> dict:
     return result
 
 
-def rebuild_stage(st: Stages, run: str, d: str, logs: str, cores: int) -> float:
-    """The full rebuild's re-pack and document index (stages "rebuild pack", "rebuild index"); returns the seconds
-    that writing the job's input took, which a forget spends too."""
+def rebuild_stage(st: Stages, run: str, subtrees: list[int], d: str, logs: str, cores: int) -> float:
+    """The full rebuild's re-pack of ``subtrees`` (all that hold documents) and its document index (stages
+    "rebuild pack", "rebuild index"); returns the seconds that writing the job's input took, which a forget spends
+    too."""
     o = os.path.join(d, "rebuild")
     os.makedirs(o, exist_ok=True)
-    subtrees = [s for s, n in enumerate(read_manifest(run)["levels"][0]["node_documents"]) if n]
     t = time.time()
     src = remaining_input(run, subtrees, set(), os.path.join(o, "input"))
     seconds = round(time.time() - t, 1)
@@ -295,23 +295,21 @@ def learned(original: dict, forgot: dict, after: dict, asked: set[str], never: s
     o, f, a = correct(original), correct(forgot), correct(after)
     leaf = {(r["entity"], r["fact"]): r["leaf"] for r in after["probes"]["records"]}
     rest = [k for k in a if k[0] not in asked and k[0] not in never]
-    split = {}
-    for name, inside in (("touched", True), ("untouched", False)):
-        group = [k for k in rest if (leaf[k] in touched) == inside]
-        split[f"{name}_before"] = mean(float(f[k]) for k in group)
-        split[f"{name}_after"] = mean(float(a[k]) for k in group)
-        split[f"{name}_changed"], split[f"{name}_probes"] = sum(f[k] != a[k] for k in group), len(group)
     out = {
         "asked_original": accuracy(o, asked)[0],
         "asked_forgotten": accuracy(f, asked)[0],
         "asked_learned": accuracy(a, asked)[0],
         "asked_probes": accuracy(a, asked)[1],
-        "rest_before": float(np.mean([f[k] for k in rest])),
-        "rest_after": float(np.mean([a[k] for k in rest])),
-        "rest_changed": sum(f[k] != a[k] for k in rest),
-        "rest_probes": len(rest),
     }
-    out.update(split)
+    groups = {
+        "rest": rest,
+        "touched": [k for k in rest if leaf[k] in touched],
+        "untouched": [k for k in rest if leaf[k] not in touched],
+    }
+    for name, group in groups.items():
+        out[f"{name}_before"] = mean(float(f[k]) for k in group)
+        out[f"{name}_after"] = mean(float(a[k]) for k in group)
+        out[f"{name}_changed"], out[f"{name}_probes"] = sum(f[k] != a[k] for k in group), len(group)
     out["ratio"] = out["asked_learned"] / out["asked_original"] if out["asked_original"] else None
     return out
 

@@ -61,12 +61,12 @@ def fetch_times(bank, ids: torch.Tensor) -> np.ndarray:
 def write_bank(cfg, model_cfg, ids: np.ndarray, stem: str, part_bytes: int = 512 * 2**20) -> list[str]:
     """Blocks ``ids`` of memory ``cfg`` (values unset: a fetch's cost is its bytes and bookkeeping) as bank files
     ``stem``N.safetensors of about ``part_bytes`` each, so no process holds the bank."""
-    from index.tree import level_offset
+    from index.tree import block_level
     from train.memory import TensorBlockStore, block_shapes
 
     shapes = block_shapes(cfg, model_cfg)
-    level = np.searchsorted([level_offset(lv, cfg.k) for lv in range(1, cfg.depth + 1)], ids, side="right")
-    size = np.array([sum(int(np.prod(s)) * 4 for s in shapes[lv].values()) for lv in level])  # fp32
+    nbytes = {lv: sum(int(np.prod(s)) * 4 for s in named.values()) for lv, named in shapes.items()}  # fp32
+    size = np.array([nbytes[block_level(int(i), cfg.k, cfg.depth)] for i in ids])
     part = np.cumsum(size) // part_bytes
     files = []
     for i in np.unique(part):
