@@ -9,13 +9,15 @@ Per seed, via the real CLIs (``make smollm2`` makes the base):
    capacity point; their probes split by entity into a validation fifth (learning rates) and a test rest;
 2. the Spark job packs them with the base's tokenizer (configs/posthoc/job.yaml), ``hmem-index`` indexes them;
 3. known facts: element symbols and capitals (both ways) that the base answers right, found by running the
-   base (``retention.jsonl``);
+   base (``retention.jsonl``), a third of them to validate on;
 4. per method and learning rate (the sweep at the first size only; later sizes use the learning rate with
    the best validation accuracy): FFN memory (train/main.py, recipe memory_only, configs/posthoc/memory.yaml),
    LoRA on q, v, gate, up, down with the rank that matches the fetched memory's parameters, and a full
    fine-tune (``finetune`` below: the run's packed sequences, same batch, steps and schedule);
-5. ``hmem-evaluate`` on every model: test probes per frequency bucket (memory: routed, oracle leaf, blocked,
-   generic, none = the base), the known facts, and held-out BBC perplexity.
+5. the memory's far threshold (``routing.far``: a prompt whose nearest training document scores below it
+   fetches no memory), chosen on the validation probes, new facts and known ones alike (``choose_far``);
+6. ``hmem-evaluate`` on every model: test probes per frequency bucket (memory: routed with and without the
+   far threshold, oracle leaf, blocked, generic, none = the base), the known facts, and held-out BBC perplexity.
 Also ``speed``: the frozen base's forward+backward tokens/s, measured in this invocation, against the memory
 training's logged tokens/s.
 
@@ -49,9 +51,10 @@ METHODS = ("memory", "lora", "full")
 SWEEP = {"memory": [1e-3, 3e-3], "lora": [3e-4, 1e-3], "full": [1e-5, 3e-5]}
 BATCH = 8  # configs/posthoc/memory.yaml data.batch_size: every method reads the same sequences per step
 LORA_TARGETS = ("q_proj", "v_proj", "gate_proj", "up_proj", "down_proj")
-ROWS = [  # (label, method, setting of train.evaluate)
+ROWS = [  # (label, method, setting of train.evaluate; fetched applies the far threshold, fetched[always] does not)
     ("base (frozen, no memory)", "memory", "none"),
-    ("base + memory, routed", "memory", "fetched"),
+    ("base + memory, routed", "memory", "fetched[always]"),
+    ("base + memory, routed, far prompts without memory", "memory", "fetched"),
     ("base + memory, oracle leaf", "memory", "oracle"),
     ("base + memory, blocked", "memory", "blocked"),
     ("base + memory, generic", "memory", "generic"),
@@ -173,14 +176,41 @@ def speed(args) -> None:
 # ---------------------------------------------------------------- the chain
 
 
-def split_probes(data: str) -> None:
-    """probes.jsonl -> probes_val.jsonl (a fifth of the entities, by a hash of the name) and probes_test.jsonl."""
-    with open(os.path.join(data, "probes.jsonl")) as f:
+def split_probes(path: str, every: int) -> tuple[str, str]:
+    """NAME.jsonl -> (NAME_val.jsonl, NAME_test.jsonl): one entity in ``every`` (by a hash of its name) validates."""
+    with open(path) as f:
         probes = [json.loads(line) for line in f]
-    val = lambda p: int(hashlib.sha256(p["entity"].encode()).hexdigest(), 16) % 5 == 0  # noqa: E731
+    val = lambda p: int(hashlib.sha256(p["entity"].encode()).hexdigest(), 16) % every == 0  # noqa: E731
+    out = []
     for name, keep in (("val", True), ("test", False)):
-        with open(os.path.join(data, f"probes_{name}.jsonl"), "w") as f:
+        out.append(path.removesuffix(".jsonl") + f"_{name}.jsonl")
+        with open(out[-1], "w") as f:
             f.writelines(json.dumps(p) + "\n" for p in probes if val(p) == keep)
+    return out[0], out[1]
+
+
+def choose_far(*validation: list[dict]) -> dict:
+    """routing.far from validation records (hmem-evaluate's, without far): the threshold on a prompt's nearest-
+    document score that maximises the mean, over the given probe sets, of their accuracy when a prompt below it
+    answers with no memory and the rest with their fetched blocks. Thresholds sit midway between observed scores;
+    on a tie the lowest wins (the fewest prompts lose their memory)."""
+    near = lambda r: -math.inf if r["nearest"] is None else r["nearest"]  # noqa: E731
+    scores = sorted({near(r) for records in validation for r in records} - {-math.inf})
+    candidates = [-math.inf] + [(a + b) / 2 for a, b in zip(scores, scores[1:])] + [math.inf]
+
+    def accuracy(records: list[dict], t: float) -> float:
+        return float(np.mean([r["none"] if near(r) < t else r["fetched"] for r in records]))
+
+    scored = [(float(np.mean([accuracy(rs, t) for rs in validation])), t) for t in candidates]
+    best = max(scored, key=lambda x: x[0])[0]
+    t = next(t for v, t in scored if v == best)
+    return {
+        "far": None if t == -math.inf else t,
+        "objective": best,
+        "never": scored[0][0],
+        "accuracy": [accuracy(rs, t) for rs in validation],
+        "accuracy_never": [accuracy(rs, -math.inf) for rs in validation],
+    }
 
 
 def known_candidates(path: str) -> None:
@@ -244,7 +274,7 @@ class Chain:
             os.path.join(data, "summary.json"),
             files=[conf],
         )
-        split_probes(data)
+        split_probes(os.path.join(data, "probes.jsonl"), 5)
         cmd = [
             f"{BIN}/spark-submit",
             "--master",
@@ -277,11 +307,14 @@ class Chain:
         )
         return data, run
 
-    def evaluate(self, name: str, model: str, run: str, after: list[str], probes: str, heldout: str | None) -> dict:
+    def evaluate(
+        self, name: str, model: str, run: str, after: list[str], probes: str, heldout: str | None, far=None
+    ) -> dict:
         out = os.path.join(self.d, "eval", f"{name}.json")
         os.makedirs(os.path.dirname(out), exist_ok=True)
         cmd = [sys.executable, "-m", "train.evaluate", "--model", model, "--run", run, "--probes", probes, "--out", out]
         cmd += ["--heldout", heldout, "--max-docs", "10"] if heldout else []  # 10 articles: ~50 windows
+        cmd += ["--far", repr(far)] if far is not None else []
         self.stage(f"evaluate {name}", cmd, out, after, [probes])
         with open(out) as f:
             return json.load(f)
@@ -362,8 +395,9 @@ def train_rate(export: str) -> float | None:
     return float(np.median(rates[1:] or rates)) if rates else None
 
 
-def retention_set(c: Chain, run: str, after: str) -> tuple[str, int, int]:
-    """(retention.jsonl, known facts kept, candidates): the candidates the base answers right."""
+def retention_set(c: Chain, run: str, after: str) -> tuple[str, str, int, int]:
+    """(validation, test probe files, known facts, candidates): the candidates the base answers right, a third
+    of their entities to choose the memory's ``far`` threshold, the rest to report retention on."""
     base_export = os.path.join(c.d, "models", "base", "export")
     cmd = [sys.executable, "-m", "bench.posthoc", "dense-export", "--hf", c.base, "--run", run, "--out", base_export]
     c.stage("base export", cmd, os.path.join(base_export, "meta.json"), [after], clear=base_export)
@@ -371,18 +405,15 @@ def retention_set(c: Chain, run: str, after: str) -> tuple[str, int, int]:
     known_candidates(cand)
     ev = c.evaluate("base on known candidates", base_export, run, ["base export"], cand, None)
     retention = os.path.join(c.d, "retention.jsonl")
-    return (
-        retention,
-        keep_known(os.path.join(c.d, "eval", "base on known candidates.json"), retention),
-        len(ev["probes"]["records"]),
-    )
+    known = keep_known(os.path.join(c.d, "eval", "base on known candidates.json"), retention)
+    return (*split_probes(retention, 3), known, len(ev["probes"]["records"]))
 
 
 def run_seed(args, seed: int) -> dict:
     c = Chain(args, seed)
     fetched = fetched_params(c.base)
     data0, run0 = c.data(args.sizes[0])
-    retention, n_known, n_cand = retention_set(c, run0, f"index {args.sizes[0]}")
+    known_val, known_test, n_known, n_cand = retention_set(c, run0, f"index {args.sizes[0]}")
     speed_out = os.path.join(c.d, "speed.json")
     c.stage(
         "speed",
@@ -407,11 +438,24 @@ def run_seed(args, seed: int) -> dict:
                 sweep[lr] = {"val_accuracy": val["probes"]["accuracy"][setting], "export": export, "stage": trained}
             lr = chosen.setdefault(method, max(sweep, key=lambda x: sweep[x]["val_accuracy"]))
             export, trained = sweep[lr]["export"], sweep[lr]["stage"]
+            far = None
+            if method == "memory":  # its far threshold, from the validation probes: new facts and known ones
+                val = c.evaluate(f"memory {n} lr={lr:g} val", export, run, [trained], f"{data}/probes_val.jsonl", None)
+                known_v = c.evaluate(f"memory {n} known val", export, run, [trained], known_val, None)
+                far = choose_far(val["probes"]["records"], known_v["probes"]["records"])
             test = c.evaluate(
-                f"{method} {n} test", export, run, [trained], f"{data}/probes_test.jsonl", f"{data}/heldout.jsonl"
+                f"{method} {n} test",
+                export,
+                run,
+                [trained],
+                f"{data}/probes_test.jsonl",
+                f"{data}/heldout.jsonl",
+                far and far["far"],
             )
-            known = c.evaluate(f"{method} {n} known", export, run, [trained], retention, None)
+            known = c.evaluate(f"{method} {n} known", export, run, [trained], known_test, None, far and far["far"])
             size["methods"][method] = {
+                "far": far,
+                "far_share": {"test": test["probes"].get("far_share"), "known": known["probes"].get("far_share")},
                 "lr": lr,
                 "sweep": {str(k): v["val_accuracy"] for k, v in sweep.items()},
                 "test": test["probes"],
@@ -448,13 +492,22 @@ def markdown(r: dict) -> str:
         ]
         for label, method, setting in ROWS:
             m = size["methods"][method]
-            acc = [pct(b["accuracy"].get(setting)) for b in m["test"]["buckets"] if b["probes"]]
-            known = m["known"].get(setting if setting != "oracle" else "fetched")
-            ppl = m["perplexity"].get(setting, {}).get("all")  # oracle / blocked: no held-out perplexity
-            ppl = "" if ppl is None else f"{ppl:.2f}"
+            acc = [pct(got(b["accuracy"], setting)) for b in m["test"]["buckets"] if b["probes"]]
+            known = got(m["known"], setting if setting != "oracle" else "fetched[always]")
+            ppl = got(m["perplexity"], setting) or {}  # oracle / blocked: no held-out perplexity
+            ppl = "" if ppl.get("all") is None else f"{ppl['all']:.2f}"
             lr = "" if setting == "none" and method == "memory" else f"{m['lr']:g}"
-            all_ = pct(m["test"]["accuracy"].get(setting))
+            all_ = pct(got(m["test"]["accuracy"], setting))
             lines.append(f"| {label} | {lr} | " + " | ".join(acc) + f" | {all_} | {pct(known)} | {ppl} |")
+        far = mem["far"]
+        lines += [
+            "",
+            f"Far threshold (nearest-document score below which a prompt fetches no memory), chosen on validation: "
+            f"{'none' if far['far'] is None else format(far['far'], '.3f')}; validation accuracy new facts "
+            f"{pct(far['accuracy_never'][0])} -> {pct(far['accuracy'][0])}, known facts "
+            f"{pct(far['accuracy_never'][1])} -> {pct(far['accuracy'][1])}. Far on test: "
+            f"{pct(mem['far_share']['test'])} of the new-fact probes, {pct(mem['far_share']['known'])} of the known.",
+        ]
         lines.append("")
         lines.append(
             "Sweeps (validation accuracy): "
@@ -472,17 +525,24 @@ def markdown(r: dict) -> str:
     return "\n".join(lines)
 
 
+def got(by_setting: dict, setting: str):
+    """An evaluation's entry for ``setting``; ``fetched[always]`` is ``fetched`` when no far threshold was set."""
+    return by_setting.get(setting, by_setting.get("fetched") if setting == "fetched[always]" else None)
+
+
 def headline(r: dict) -> str:
     n = str(r["sizes_list"][-1])
     ms = r["sizes"][n]["methods"]
 
     def rare(method, setting):
-        return pct(ms[method]["test"]["buckets"][0]["accuracy"].get(setting))
+        return pct(got(ms[method]["test"]["buckets"][0]["accuracy"], setting))
 
     return (
         f"{n} people, rarest bucket: base {rare('memory', 'none')}, memory routed {rare('memory', 'fetched')} "
-        f"(oracle {rare('memory', 'oracle')}), LoRA {rare('lora', 'none')}, full fine-tune {rare('full', 'none')}; "
-        f"known facts kept: memory {pct(ms['memory']['known'].get('fetched'))}, LoRA "
+        f"(always fetched {rare('memory', 'fetched[always]')}, oracle {rare('memory', 'oracle')}), LoRA "
+        f"{rare('lora', 'none')}, full fine-tune {rare('full', 'none')}; known facts kept: memory "
+        f"{pct(ms['memory']['known'].get('fetched'))} (always fetched "
+        f"{pct(got(ms['memory']['known'], 'fetched[always]'))}), LoRA "
         f"{pct(ms['lora']['known'].get('none'))}, full {pct(ms['full']['known'].get('none'))}"
     )
 

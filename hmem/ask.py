@@ -11,7 +11,9 @@ the answer's probability under each setting: p(answer) = exp(summed log-probabil
 after the prompt). The answer is ``--answer`` (or a question file's ``answer``), else the model's own
 completion with its memory. The verdict names the block whose removal costs the answer most, as
 "level 2 block 37 holds it: p 0.62 -> 0.03"; when no removal lowers p(answer) by 0.1%, no block on
-the path holds it alone (the anchor, or several blocks together, carry it).
+the path holds it alone (the anchor, or several blocks together, carry it). A question far from every
+training document (the model's ``routing.far``, or ``--far``: its vote's best score is below it) is
+answered with no memory, and says so.
 
 A question file holds one question per line: plain text, or JSON with ``question`` (or ``prompt``,
 so a probe file works as is) and optionally ``answer``.
@@ -38,9 +40,15 @@ class Asker:
     """An export, its tokenizer and the run's router, loaded once; ``ask`` answers a batch of questions."""
 
     def __init__(
-        self, run_dir: str, model_dir: str, mode: str | None = None, vote: str | None = None, batch_size: int = 16
+        self,
+        run_dir: str,
+        model_dir: str,
+        mode: str | None = None,
+        vote: str | None = None,
+        batch_size: int = 16,
+        far: float | None = None,
     ):
-        routing = model_routing(model_dir, [mode] if mode else None, vote=vote)
+        routing = model_routing(model_dir, [mode] if mode else None, vote=vote, far=far)
         self.router = Router.load(run_dir, documents=routing.mode != "descent", routing=routing)
         self.ev = Evaluator(model_dir, self.router, batch_size)
         self.router.embed(["warm up"])  # the encoder loads on first use: keep it out of the first answer's time
@@ -61,9 +69,11 @@ class Asker:
         leaves = self.router.leaves(first)
         descent = self.router.routing.mode == "descent"  # no vote, no document index needed
         share = None if descent else self.router.vote_share(x, questions, leaves)
+        nearest = None if descent else self.router.nearest(x, questions)
+        far = ev.far(nearest)
         t1 = time.perf_counter()
         settings = ["fetched"] + (self.compared() if compare else []) if ev.bank is not None else ["none"]
-        ids = {s: ev.block_ids(routed, s) for s in settings}
+        ids = {s: ev.block_ids(routed, s, far) for s in settings}
         completions, spent = {}, {}
         for s in settings:
             t = time.perf_counter()
@@ -94,7 +104,7 @@ class Asker:
             rows = [
                 {
                     "setting": s,
-                    "label": label(s, blocks[q]),
+                    "label": label(s, blocks[q], far is not None and bool(far[q])),
                     "completion": completions[s][q],
                     **({"logprob": float(logp[s][q]), "p": math.exp(logp[s][q])} if logp else {}),
                 }
@@ -111,8 +121,11 @@ class Asker:
                     "leaf": int(leaves[q]),
                     "blocks": blocks[q].tolist(),
                     "vote_share": None if share is None else float(share[q]),
+                    "nearest": None if nearest is None or not np.isfinite(nearest[q]) else float(nearest[q]),
+                    "far": None if far is None else bool(far[q]),
+                    "far_below": self.router.routing.far,
                     "settings": rows,
-                    "verdict": verdict(rows, blocks[q]) if logp else None,
+                    "verdict": verdict(rows, blocks[q]) if logp and not (far is not None and far[q]) else None,
                     "ms": {
                         "route": 1e3 * (t1 - t0) / n,
                         "answer": 1e3 * spent[settings[0]] / n,
@@ -132,10 +145,12 @@ def own_answer(ev, completion: list[int]) -> list[int]:
     return completion[:end] if start < len(text) else []
 
 
-def label(setting: str, blocks: np.ndarray) -> str:
+def label(setting: str, blocks: np.ndarray, far: bool = False) -> str:
     if setting.startswith("off@"):
         level = int(setting.split("@")[1])
         return f"without level {level} block {int(blocks[level - 1])}"
+    if setting == "fetched" and far:
+        return "no memory (far)"
     return {"fetched": "fetched memory", "none": "no memory", "generic": "generic memory"}[setting]
 
 
@@ -173,7 +188,13 @@ def format_answer(a: dict) -> str:
         p = f"   p(answer) {r['p']:.3g}" if scored else ""
         lines.append(f"  {r['label']:<{width}}  {r['completion'].strip()!r}{p}")
     v = a["verdict"]
-    if v:
+    if a.get("far"):
+        lines.append(
+            "verdict: far from every training document (nearest score "
+            + ("none found" if a["nearest"] is None else f"{a['nearest']:.3f}")
+            + f" < {a['far_below']:g}): answered with no memory"
+        )
+    elif v:
         lines.append(
             f"verdict: level {v['level']} block {v['block']} holds it: p {v['p_fetched']:.3g} -> "
             f"{v['p_without']:.3g}" + (" (the leaf)" if v["leaf"] else "")
@@ -225,6 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fast", action="store_true", help="only the answer with the fetched memory: no comparison")
     p.add_argument("--routing", choices=MODES, help="routing mode (default: the model's recorded mode)")
     p.add_argument("--vote", choices=VOTES, help="how the neighbours weigh (default: the model's recorded vote)")
+    p.add_argument("--far", type=float, help="questions whose best vote score is below this fetch no memory")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--json", action="store_true", help="one JSON object per line and question")
     args = p.parse_args(argv)
@@ -233,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.max_new < 1:
             raise ValueError(f"--max-new {args.max_new}: must be at least 1")
         questions, answers = read_questions(args)
-        asker = Asker(args.run, args.model, args.routing, args.vote, args.batch_size)
+        asker = Asker(args.run, args.model, args.routing, args.vote, args.batch_size, args.far)
         return asker.ask(questions, answers, args.max_new, compare=not args.fast)
 
     return respond(work, args.json, format_answer)

@@ -19,6 +19,9 @@ What a *prompt* fetches is a routing mode, chosen at inference (``RoutingConfig`
 
 A query with no neighbour found (an empty index region) falls back to descent.
 
+Far prompts (``RoutingConfig.far``): a prompt whose best vote score (``nearest``) is below ``far`` is
+far from every training document; ``far`` marks it, and the model answers it with no memory.
+
 The vote's weights (``RoutingConfig.vote``):
 
   rerank      (default) each neighbour's score is its cosine similarity plus ``words`` times the
@@ -74,16 +77,24 @@ def leading_path(routes: np.ndarray) -> np.ndarray:
     return routes[:, 0] if routes.ndim == 3 else routes
 
 
-def vote_weights(hits: Hits, cfg: RoutingConfig, word_share: np.ndarray | None = None) -> np.ndarray:
-    """Vote weight of each hit under ``cfg.vote`` (module doc); 0 for a missing hit. ``word_share``
-    [N, m]: DocumentIndex.word_share of the queries' terms, needed by ``rerank``."""
+def vote_scores(hits: Hits, cfg: RoutingConfig, word_share: np.ndarray | None = None) -> np.ndarray:
+    """Score of each hit under ``cfg.vote`` (module doc): the similarity, plus ``words`` x the word share under
+    ``rerank``; -inf for a missing hit. ``word_share`` [N, m]: DocumentIndex.word_share of the queries' terms."""
     found = hits.rows >= 0
     sims = np.nan_to_num(hits.sims, nan=0.0).astype(np.float64)
+    if cfg.vote == "rerank":
+        if word_share is None:
+            raise ValueError("the rerank vote weighs the query's words: pass the query texts")
+        sims = sims + cfg.words * word_share
+    return np.where(found, sims, -np.inf)
+
+
+def vote_weights(hits: Hits, cfg: RoutingConfig, word_share: np.ndarray | None = None) -> np.ndarray:
+    """Vote weight of each hit under ``cfg.vote`` (module doc); 0 for a missing hit."""
+    found = hits.rows >= 0
+    score = vote_scores(hits, cfg, word_share)
     if cfg.vote == "linear":
-        return np.clip(sims, 0.0, None) * found + found * 1e-9
-    if word_share is None:
-        raise ValueError("the rerank vote weighs the query's words: pass the query texts")
-    score = np.where(found, sims + cfg.words * word_share, -np.inf)
+        return np.clip(np.where(found, score, 0.0), 0.0, None) + found * 1e-9
     best = score.max(axis=1, keepdims=True)
     return np.where(found, np.exp((score - np.where(np.isfinite(best), best, 0.0)) / cfg.temperature), 0.0)
 
@@ -212,6 +223,19 @@ class Router:
             return np.where((found & (share[:, 0] >= cfg.hybrid_share))[:, None], first, descent)
         second = np.where((best[:, 1] >= 0)[:, None], leaf_paths(np.maximum(best[:, 1], 0), k, depth), first)
         return np.stack([first, second], axis=1)
+
+    def nearest(self, x: np.ndarray, texts: list[str]) -> np.ndarray:
+        """Per query, its vote's best score (``vote_scores``): how close its nearest training document is; -inf
+        where the vote found none."""
+        hits, words = self._search(np.atleast_2d(x), texts)
+        return vote_scores(hits, self.routing, words).max(axis=1)
+
+    def far(self, x: np.ndarray, texts: list[str]) -> np.ndarray | None:
+        """[N] bool: the queries whose nearest training document is farther than ``routing.far`` allows (they
+        fetch no memory); None when the routing sets no ``far``."""
+        if self.routing.far is None:
+            return None
+        return self.nearest(x, texts) < self.routing.far
 
     def route_texts(self, texts: list[str], mode: str | None = None) -> np.ndarray:
         return self.route_embeddings(self.embed(texts), mode, texts)

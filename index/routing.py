@@ -24,6 +24,10 @@ class RoutingConfig:
     # reported on (configs/longtail/corpus_once.yaml, seed 7; docs/RESULTS.md, "Routing")
     words: float = 0.5  # score = similarity + words x the share of the query's words the document holds
     temperature: float = 0.01  # weight = exp((score - best) / temperature)
+    # a prompt whose best vote score is below ``far`` fetches no memory (the bare model): a block trained only on
+    # documents unlike the prompt has nothing for it and can damage what the anchor knows (issue 21's retention).
+    # None: every prompt fetches its route. Chosen per model on a validation split (bench/posthoc.py).
+    far: float | None = None
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -34,6 +38,8 @@ class RoutingConfig:
             raise ValueError(f"routing: neighbours and nprobe must be >= 1 and 0 < hybrid_share <= 1 ({self})")
         if self.words < 0 or self.temperature <= 0:
             raise ValueError(f"routing: words must be >= 0 and temperature > 0 ({self})")
+        if self.far is not None and not self.needs_index:
+            raise ValueError("routing.far compares the vote's best score: it needs a mode that votes, not descent")
 
     @property
     def needs_index(self) -> bool:

@@ -128,6 +128,26 @@ def test_two_paths_fetch_shared_blocks_once(setup):
     assert not np.allclose(nll_one, nll_both)  # the sibling's block takes part
 
 
+def test_far_texts_fetch_no_memory(setup):
+    """routing.far's mask: a far text's fetched ids are all -1 and it answers and scores as with no memory; the
+    other texts fetch their route."""
+    ev, _, _ = setup
+    prompts = list(PROMPTS.values())
+    paths = ev.router.route_texts(prompts)
+    far = np.array([True, False])
+    ids = ev.block_ids(paths, "fetched", far)
+    assert (ids[0] == -1).all() and torch.equal(ids[1], ev.block_ids(paths, "fetched")[1])
+    assert ev.block_ids(paths, "generic", far).equal(ev.block_ids(paths, "generic"))  # only fetched withholds
+    assert ev.complete(prompts, ids, [4, 4]) == [
+        ev.complete(prompts[:1], None, [4])[0],
+        ev.complete(prompts[1:], ev.block_ids(paths[1:], "fetched"), [4])[0],
+    ]
+    nll, _ = ev.text_nll(prompts, paths, "fetched", far)
+    assert nll[0] == pytest.approx(ev.text_nll(prompts, paths, "none")[0][0], rel=1e-6)
+    assert nll[1] == pytest.approx(ev.text_nll(prompts, paths, "fetched")[0][1], rel=1e-6)
+    assert ev.far(np.array([0.2, 0.9])) is None  # the router sets no far
+
+
 def test_block_report(setup):
     ev, _, model_dir = setup
     texts = ["hydrogen is element one", "a tree of memory blocks"]

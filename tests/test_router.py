@@ -200,6 +200,26 @@ def test_neighbours_match_brute_force(run_dir):
     assert [nb[0].doc_id for nb in own] == ids[:5].tolist()
 
 
+def test_far_marks_the_queries_whose_nearest_document_scores_below_it(run_dir):
+    """nearest is the vote's best score (similarity + words x word share, as the neighbours list it); far marks
+    the queries below routing.far, and a router without far marks none."""
+    with open(os.path.join(run_dir, "texts.json")) as f:
+        own = list(json.load(f).values())[:3]
+    queries = own + ["zyx qwv plomb", "The chemical symbol of gold is"]
+    r = Router.load(run_dir)
+    x = r.embed(queries)
+    nearest = r.nearest(x, queries)
+    for q, row in enumerate(r.neighbours(x, 32, texts=queries)):
+        assert nearest[q] == pytest.approx(max(nb.score + r.routing.words * nb.words for nb in row), abs=1e-6)
+    assert (nearest[:3] > 1.2).all() and (nearest[3:] < 0.6).all()  # a document's own text holds all its words
+    assert r.far(x, queries) is None
+    cut = float(nearest[3:].max() + nearest[:3].min()) / 2
+    far = Router.load(run_dir, routing=RoutingConfig(far=cut)).far(x, queries)
+    assert far.tolist() == [False, False, False, True, True]
+    with pytest.raises(ValueError, match="far"):
+        RoutingConfig(mode="descent", far=0.5)
+
+
 def test_index_is_compact_sharded_and_movable(run_dir, tmp_path, monkeypatch):
     """Many batches and shards merged on disk give the index one shard gives; the run can move."""
     copy = str(tmp_path / "run")

@@ -10,7 +10,9 @@ paths; only what a prompt or held-out text fetches depends on the mode.
 
 Memory settings. A routed text fetches, per level, one block:
   fetched     the blocks on its path under the headline mode (``fetched[mode]``: under another mode;
-              two_paths fetches the blocks of both paths, shared ancestors once)
+              two_paths fetches the blocks of both paths, shared ancestors once); with ``routing.far``
+              set, a text far from every training document fetches none (index/router.py) and
+              ``fetched[always]`` is the headline route fetched whatever the distance
   generic     the generic memory (one shared block per level, co-trained with probability p_generic)
   none        no memory: the bare anchor (the only setting of an anchor-only model)
   generic@l   its path, with level l's block swapped for the generic one   (per-level ablation)
@@ -149,12 +151,17 @@ class Evaluator:
         levels = [l for l in range(1, self.depth + 1) if self.bank.config.ranks[l - 1] > 0]
         return ["fetched", "generic", "none"] + [f"{s}@{l}" for l in levels for s in ("generic", "off")]
 
-    def block_ids(self, paths: np.ndarray, setting: str) -> torch.Tensor | None:
+    def block_ids(self, paths: np.ndarray, setting: str, far: np.ndarray | None = None) -> torch.Tensor | None:
         """[N, p] block ids of ``paths`` [N, p] under ``setting``; None means no memory. Two paths per text
         ([N, 2, p], the two_paths mode) give [N, 2p] for ``fetched``: the second path's blocks that the
-        first already fetches are disabled (-1), so a shared ancestor counts once."""
+        first already fetches are disabled (-1), so a shared ancestor counts once. ``far`` [N] (Router.far):
+        those texts fetch no block under ``fetched`` (all ids -1)."""
         if setting == "none" or self.bank is None:
             return None
+        if setting == "fetched" and far is not None:
+            ids = self.block_ids(paths, setting)
+            ids[torch.from_numpy(np.asarray(far, dtype=bool))] = -1
+            return ids
         if paths.ndim == 3:
             if setting == "fetched":
                 first, second = path_block_ids(paths[:, 0], self.k), path_block_ids(paths[:, 1], self.k)
@@ -185,10 +192,17 @@ class Evaluator:
         ranks = torch.tensor(self.bank.config.ranks * (ids.shape[1] // self.depth), dtype=torch.float64)
         return float(((ids >= 0).double() @ ranks).mean() / sum(self.bank.config.ranks))
 
-    def routes(self, texts: list[str], modes: list[str]) -> dict[str, np.ndarray]:
-        """Paths of ``texts`` under each routing mode (the texts embedded once)."""
+    def routes(self, texts: list[str], modes: list[str]) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+        """(paths of ``texts`` under each routing mode, their nearest-document scores (Router.nearest; None
+        without a vote)), the texts embedded once."""
         x = self.router.embed(texts)
-        return {mode: self.router.route_embeddings(x, mode, texts) for mode in modes}
+        by_mode = {mode: self.router.route_embeddings(x, mode, texts) for mode in modes}
+        return by_mode, None if self.router.documents is None else self.router.nearest(x, texts)
+
+    def far(self, nearest: np.ndarray | None) -> np.ndarray | None:
+        """Which texts fetch no memory under ``fetched`` (routing.far; None when it is not set)."""
+        far = self.router.routing.far
+        return None if far is None or self.bank is None else nearest < far
 
     @torch.no_grad()
     def window_nll(
@@ -239,15 +253,18 @@ class Evaluator:
         stream = [self.eot] + self.tokenizer.encode(text).ids + [self.eot]
         return [stream[s : s + self.seq_len + 1] for s in range(0, len(stream) - 1, self.seq_len)]
 
-    def text_nll(self, texts: list[str], paths: np.ndarray, setting: str) -> tuple[np.ndarray, np.ndarray]:
-        """(summed NLL, predicted tokens) per text under ``setting``, each text on its own path."""
+    def text_nll(
+        self, texts: list[str], paths: np.ndarray, setting: str, far: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(summed NLL, predicted tokens) per text under ``setting``, each text on its own path (``far``: the
+        texts that fetch nothing under ``fetched``)."""
         wins, owner = [], []
         for i, t in enumerate(texts):
             ws = self.windows(t)
             wins += ws
             owner += [i] * len(ws)
         owner = np.asarray(owner)
-        ids = self.block_ids(paths[owner], setting)
+        ids = self.block_ids(paths[owner], setting, None if far is None else far[owner])
         nll = self.window_nll(wins, ids)
         return (
             np.bincount(owner, weights=nll, minlength=len(texts)),
@@ -260,13 +277,15 @@ class Evaluator:
         texts = [d["text"] for d in docs]
         sources = np.array([d.get("source") or "all" for d in docs])
         modes = modes or [self.router.routing.mode]
-        routes = self.routes(texts, modes)
-        runs = [(setting, routes[modes[0]], setting) for setting in settings or self.settings]
+        routes, nearest = self.routes(texts, modes)
+        far = self.far(nearest)
+        runs = [(setting, routes[modes[0]], setting, far) for setting in settings or self.settings]
         if self.bank is not None:
-            runs += [(f"fetched[{m}]", routes[m], "fetched") for m in modes[1:]]
+            runs += [(f"fetched[{m}]", routes[m], "fetched", None) for m in modes[1:]]
+            runs += [("fetched[always]", routes[modes[0]], "fetched", None)] if far is not None else []
         out = {}
-        for name, paths, setting in runs:
-            nll, n = self.text_nll(texts, paths, setting)
+        for name, paths, setting, far_ in runs:
+            nll, n = self.text_nll(texts, paths, setting, far_)
             row = {"all": math.exp(nll.sum() / n.sum())}
             for s in sorted(set(sources) - {"all"}):
                 row[s] = math.exp(nll[sources == s].sum() / n[sources == s].sum())
@@ -384,13 +403,16 @@ class Evaluator:
         routes: np.ndarray,
         oracle: np.ndarray,
         blocked: list[set],
+        far: np.ndarray | None = None,
     ) -> dict:
         """The probes' block ids per evaluated setting (the module doc's probe settings); ``blocked``: the
-        headline route with the blocks on the entity documents' paths disabled."""
+        headline route with the blocks on the entity documents' paths disabled; ``far``: the probes that fetch
+        nothing under ``fetched`` (then ``fetched[always]`` fetches their route)."""
         if self.bank is None:
             return {"none": None}
         runs = {
-            "fetched": self.block_ids(by_mode[modes[0]], "fetched"),
+            "fetched": self.block_ids(by_mode[modes[0]], "fetched", far),
+            **({"fetched[always]": self.block_ids(by_mode[modes[0]], "fetched")} if far is not None else {}),
             "generic": self.block_ids(routes, "generic"),
             "none": None,
             "oracle": self.block_ids(oracle, "fetched"),
@@ -407,7 +429,8 @@ class Evaluator:
         compare, the first is the headline (``fetched``, ``blocked``, ``agreement``)."""
         prompts = [p.prompt for p in probes]
         modes = modes or [self.router.routing.mode]
-        by_mode = self.routes(prompts, modes)
+        by_mode, nearest = self.routes(prompts, modes)
+        far = self.far(nearest)
         first = {m: leading_path(r) for m, r in by_mode.items()}
         routes = first[modes[0]]
         leaves = self.router.leaves(routes)
@@ -415,7 +438,7 @@ class Evaluator:
         oracle, mode_agreement, blocked = self.probe_oracle(probes, routes, mode_leaves)
         agreement = mode_agreement[modes[0]]
         max_new = [len(self.tokenizer.encode(" " + p.answer).ids) + 1 for p in probes]
-        runs = self.probe_runs(by_mode, modes, routes, oracle, blocked)
+        runs = self.probe_runs(by_mode, modes, routes, oracle, blocked, far)
         correct = {}
         for name, ids in runs.items():
             completions = self.complete(prompts, ids, max_new)
@@ -435,6 +458,8 @@ class Evaluator:
                 leaf=int(leaves[i]),
                 agreement=None if np.isnan(agreement[i]) else float(agreement[i]),
                 blocked_share=len(blocked[i]) / n_blocks,
+                nearest=None if nearest is None or not np.isfinite(nearest[i]) else float(nearest[i]),
+                far=None if far is None else bool(far[i]),
                 **{n: bool(c[i]) for n, c in correct.items()},
             )
             for i, p in enumerate(probes)
@@ -450,6 +475,7 @@ class Evaluator:
             if self.bank is not None
             else {},
             "blocked_bank_share": float(np.mean([len(b) for b in blocked]) / n_blocks),
+            "far_share": None if far is None else float(far.mean()),
         }
 
 
@@ -526,10 +552,11 @@ def model_routing(
     vote: str | None = None,
     words: float | None = None,
     temperature: float | None = None,
+    far: float | None = None,
 ):
     """The routing of prompts for an exported model: the one its meta.json records (index.router defaults
     for older exports; a recorded routing without ``vote`` used the linear vote, and keeps it), with the
-    first of ``modes``, the given sizes and ``vote`` overriding it."""
+    first of ``modes``, the given sizes, ``vote`` and ``far`` overriding it."""
     from index.routing import RoutingConfig
 
     from train.export import read_meta
@@ -539,7 +566,7 @@ def model_routing(
     if recorded and "vote" not in recorded:
         recorded["vote"] = "linear"  # recorded before votes had a name: the rule it was evaluated with
     if meta.get("memory") is None:  # a dense model fetches nothing: routing decides nothing, needs no document index
-        recorded = dict(recorded, mode="descent")
+        recorded, far = dict(recorded, mode="descent", far=None), None
     given = {
         "mode": modes[0] if modes else None,
         "neighbours": neighbours,
@@ -547,6 +574,7 @@ def model_routing(
         "vote": vote,
         "words": words,
         "temperature": temperature,
+        "far": far,
     }
     return RoutingConfig(**dict(recorded, **{k: v for k, v in given.items() if v is not None}))
 
@@ -588,6 +616,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--vote", choices=VOTES, help="how the neighbours weigh (index/router.py; default: the model's)")
     ap.add_argument("--words", type=float, help="rerank vote: weight of the query's words (default: the model's)")
     ap.add_argument("--temperature", type=float, help="rerank vote: temperature (default: the model's)")
+    ap.add_argument(
+        "--far", type=float, help="prompts whose best vote score is below this fetch no memory (default: the model's)"
+    )
     return ap.parse_args(argv)
 
 
@@ -607,7 +638,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         routing = model_routing(
-            args.model, args.routing, args.neighbours, args.nprobe, args.vote, args.words, args.temperature
+            args.model, args.routing, args.neighbours, args.nprobe, args.vote, args.words, args.temperature, args.far
         )
         modes = args.routing or [routing.mode]
         router = Router.load(args.run, documents=any(m != "descent" for m in modes), routing=routing)
