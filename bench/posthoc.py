@@ -192,23 +192,35 @@ def split_probes(path: str, every: int) -> tuple[str, str]:
 def choose_far(*validation: list[dict]) -> dict:
     """routing.far from validation records (hmem-evaluate's, without far): the threshold on a prompt's nearest-
     document score that maximises the mean, over the given probe sets, of their accuracy when a prompt below it
-    answers with no memory and the rest with their fetched blocks. Thresholds sit midway between observed scores;
-    on a tie the lowest wins (the fewest prompts lose their memory)."""
+    answers with no memory and the rest with their fetched blocks. The mean changes only at observed scores, so
+    the best thresholds form runs between them: the widest run wins and the threshold is its middle (the largest
+    margin to the scores on either side). None (never far) when a run reaches below every score."""
     near = lambda r: -math.inf if r["nearest"] is None else r["nearest"]  # noqa: E731
-    scores = sorted({near(r) for records in validation for r in records} - {-math.inf})
-    candidates = [-math.inf] + [(a + b) / 2 for a, b in zip(scores, scores[1:])] + [math.inf]
+    edges = [-math.inf] + sorted({near(r) for records in validation for r in records} - {-math.inf}) + [math.inf]
 
     def accuracy(records: list[dict], t: float) -> float:
         return float(np.mean([r["none"] if near(r) < t else r["fetched"] for r in records]))
 
-    scored = [(float(np.mean([accuracy(rs, t) for rs in validation])), t) for t in candidates]
-    best = max(scored, key=lambda x: x[0])[0]
-    t = next(t for v, t in scored if v == best)
+    def mean(t: float) -> float:  # any t in (edges[i], edges[i + 1]] gives the same value
+        return float(np.mean([accuracy(rs, t) for rs in validation]))
+
+    values = [mean(edges[i + 1]) for i in range(len(edges) - 1)]  # per interval (edges[i], edges[i + 1]]
+    best = max(values)
+    runs, start = [], None
+    for i, v in enumerate(values + [-1.0]):
+        if v == best and start is None:
+            start = i
+        elif v != best and start is not None:
+            runs.append((edges[start], edges[i]))
+            start = None
+    lo, hi = max(runs, key=lambda r: r[1] - r[0])
+    t = None if lo == -math.inf else (hi if hi == math.inf else (lo + hi) / 2)
+    at = -math.inf if t is None else t
     return {
-        "far": None if t == -math.inf else t,
+        "far": t,
         "objective": best,
-        "never": scored[0][0],
-        "accuracy": [accuracy(rs, t) for rs in validation],
+        "never": values[0],
+        "accuracy": [accuracy(rs, at) for rs in validation],
         "accuracy_never": [accuracy(rs, -math.inf) for rs in validation],
     }
 

@@ -9,7 +9,9 @@ Endpoints
                         (a string or a list: the text is cut before the first one). Greedy decoding only:
                         ``temperature`` absent or 0 (anything above is refused); ``n`` 1, no ``stream``; other
                         OpenAI fields are ignored. The response adds a top-level ``hmem`` list, one entry per
-                        prompt: routing mode, path, block per level, route / fetch / compute milliseconds
+                        prompt: routing mode, path, block per level, ``far`` (true: the prompt is far from
+                        every training document and fetched no block; null: no far threshold), route / fetch /
+                        compute milliseconds
                         (a request's prompts are answered in one batch: its means per prompt).
   GET /v1/models        the one served model
   GET /health           200 with the model's name once it is loaded
@@ -198,6 +200,7 @@ class Service:
                     "path": a["path"],
                     "leaf": a["leaf"],
                     "blocks": a["blocks"],
+                    "far": a["far"],  # routing.far: a far prompt fetched none of its blocks
                     "route_ms": a["ms"]["route"],
                     "fetch_ms": fetch_ms,
                     "compute_ms": a["ms"]["answer"] - fetch_ms,

@@ -106,6 +106,9 @@ def test_probe_agreement_oracle_and_blocking(setup):
     assert h["blocked_share"] == pytest.approx(2 / 6)  # 2 of the 6 tree blocks (k=2, depth=2)
     assert sum(b["probes"] for b in res["buckets"]) == 3
     assert set(res["accuracy"]) == {"fetched", "generic", "none", "oracle", "blocked"}
+    # probes that name no training document (a retention set) keep their own route as the oracle, block nothing
+    (alone,) = ev.probe([Probe("the capital of France is", "Paris", "France", 1)])["records"]
+    assert alone["agreement"] is None and alone["blocked_share"] == 0 and alone["oracle"] == alone["fetched"]
 
 
 def test_two_paths_fetch_shared_blocks_once(setup):

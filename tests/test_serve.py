@@ -69,6 +69,7 @@ def test_openai_client_round_trip_is_the_askers_answer(tiny_export, client):
     assert one.choices[0].text == want[0]["settings"][0]["completion"]
     route = one.model_extra["hmem"][0]
     assert route["path"] == want[0]["path"] and route["blocks"] == want[0]["blocks"] and route["routing"] == "descent"
+    assert route["far"] is None  # descent sets no far threshold
     assert route["fetch_ms"] >= 0 and route["compute_ms"] > 0
     both = client.completions.create(model="hmem", prompt=QUESTIONS[:2], max_tokens=8)
     assert [c.text for c in both.choices] == [w["settings"][0]["completion"] for w in want]

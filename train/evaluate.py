@@ -369,6 +369,8 @@ class Evaluator:
         import pyarrow.compute as pc
         import pyarrow.dataset as ds
 
+        if not doc_ids:  # no probe names a training document (isin of an empty list has no type)
+            return {}
         table = ds.dataset(os.path.join(self.router.run_dir, "routed"), format="parquet", partitioning="hive").to_table(
             columns=["doc_id", "path"], filter=pc.field("doc_id").isin(sorted(doc_ids))
         )
