@@ -101,10 +101,11 @@ class Asker:
         blocks = path_block_ids(first, ev.k)
         out = []
         for q in range(n):
+            far_q = far is not None and bool(far[q])  # answered with no memory: no block to name
             rows = [
                 {
                     "setting": s,
-                    "label": label(s, blocks[q], far is not None and bool(far[q])),
+                    "label": label(s, blocks[q], far_q),
                     "completion": completions[s][q],
                     **({"logprob": float(logp[s][q]), "p": math.exp(logp[s][q])} if logp else {}),
                 }
@@ -125,7 +126,7 @@ class Asker:
                     "far": None if far is None else bool(far[q]),
                     "far_below": self.router.routing.far,
                     "settings": rows,
-                    "verdict": verdict(rows, blocks[q]) if logp and not (far is not None and far[q]) else None,
+                    "verdict": verdict(rows, blocks[q]) if logp and not far_q else None,
                     "ms": {
                         "route": 1e3 * (t1 - t0) / n,
                         "answer": 1e3 * spent[settings[0]] / n,
