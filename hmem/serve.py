@@ -1,7 +1,7 @@
 """Serve an exported model over an OpenAI-compatible HTTP API: greedy completions, each with the route it fetched.
 
     python -m hmem.serve --run RUN --model EXPORT [--host 127.0.0.1] [--port 8000] [--cache-mb 256]
-        [--resident-levels 1] [--max-tokens-limit 256] [--routing MODE] [--name hmem]
+        [--resident-levels 1] [--max-tokens-limit 256] [--routing MODE] [--far S] [--name hmem]
 
 Endpoints
   POST /v1/completions  the OpenAI completions schema: ``model`` (``--name``), ``prompt`` (a string or a list
@@ -127,11 +127,12 @@ class Service:
         cache_mb: float,
         resident_levels: int,
         max_tokens_limit: int,
+        far: float | None = None,
     ):
         from hmem.ask import Asker
         from train.lazy_store import CachedBlockStore
 
-        self.asker = Asker(run, model, routing)
+        self.asker = Asker(run, model, routing, far=far)
         self.name, self.max_tokens_limit, self.created = name, max_tokens_limit, int(time.time())
         bank = self.asker.ev.bank
         self.store = None
@@ -310,6 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--resident-levels", type=int, default=1, help="memory levels held in RAM (default 1)")
     p.add_argument("--max-tokens-limit", type=int, default=256, help="largest max_tokens a request may ask")
     p.add_argument("--routing", choices=MODES, help="routing mode (default: the model's recorded mode)")
+    p.add_argument("--far", type=float, help="prompts whose best vote score is below this fetch no memory")
     args = p.parse_args(argv)
     if args.cache_mb <= 0 or args.resident_levels < 0 or args.max_tokens_limit < 1:
         print(
@@ -321,7 +323,14 @@ def main(argv: list[str] | None = None) -> int:
     bound_malloc()
     try:
         service = Service(
-            args.run, args.model, args.name, args.routing, args.cache_mb, args.resident_levels, args.max_tokens_limit
+            args.run,
+            args.model,
+            args.name,
+            args.routing,
+            args.cache_mb,
+            args.resident_levels,
+            args.max_tokens_limit,
+            args.far,
         )
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
