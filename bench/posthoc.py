@@ -559,6 +559,41 @@ def headline(r: dict) -> str:
     )
 
 
+def pooled(results: list[dict]) -> str:
+    """The seeds' table at their largest size: per method and setting, rarest bucket / all / known facts kept per
+    seed and their mean, then the issue's acceptance ratios on the means."""
+    n = str(results[0]["sizes_list"][-1])
+    seeds = [r["seed"] for r in results]
+    lines = [
+        f"Post-hoc memory, {n} people, {results[0]['epochs']:g} epochs, seeds {', '.join(map(str, seeds))}: "
+        "rarest bucket / all / known facts kept, %",
+        "",
+        "| method | " + " | ".join(f"seed {s}" for s in seeds) + " | mean |",
+        "|---|" + "---|" * (len(seeds) + 1),
+    ]
+    means = {}
+    for label, method, setting in ROWS:
+        cells = []
+        for r in results:
+            m = r["sizes"][n]["methods"][method]
+            rare = got(m["test"]["buckets"][0]["accuracy"], setting)
+            known = got(m["known"], setting if setting != "oracle" else "fetched[always]")
+            cells.append((rare, got(m["test"]["accuracy"], setting), known))
+        mean = tuple(None if None in col else float(np.mean(col)) for col in zip(*cells))
+        means[method, setting] = mean
+        fmt = lambda c: " / ".join(pct(x) for x in c)  # noqa: E731
+        lines.append(f"| {label} | " + " | ".join(fmt(c) for c in cells) + f" | {fmt(mean)} |")
+    memory, lora, full = (means[key][0] for key in (("memory", "fetched"), ("lora", "none"), ("full", "none")))
+    ratio = "-" if not lora else f"{memory / lora:.2f}x"
+    lines += [
+        "",
+        f"Acceptance on the means (memory routed, far prompts without memory): rarest bucket {pct(memory)} vs LoRA "
+        f"{pct(lora)} ({ratio}, target >= 1.5x) and the full fine-tune {pct(full)} (target: >=); known facts kept "
+        f"{pct(means['memory', 'fetched'][2])} (target >= 98).",
+    ]
+    return "\n".join(lines) + "\n"
+
+
 def parse_sweep(items: list[str]) -> dict[str, list[float]]:
     out = dict(SWEEP)
     for item in items or []:
@@ -606,7 +641,21 @@ def main(argv: list[str] | None = None) -> int:
         f.write(markdown(r) + "\n")
     print(markdown(r))
     print(headline(r))
+    write_pooled(args.out, r)
     return 0
+
+
+def write_pooled(out: str, like: dict) -> None:
+    """OUT/results.md: every seed in OUT run with ``like``'s epochs and sizes, pooled (``pooled``)."""
+    results = []
+    for name in sorted(os.listdir(out)):
+        if name.startswith("results_seed") and name.endswith(".json"):
+            with open(os.path.join(out, name)) as f:
+                r = json.load(f)
+            if (r["epochs"], r["sizes_list"]) == (like["epochs"], like["sizes_list"]):
+                results.append(r)
+    with open(os.path.join(out, "results.md"), "w") as f:
+        f.write(pooled(results))
 
 
 if __name__ == "__main__":
