@@ -447,14 +447,14 @@ def run_seed(args, seed: int) -> dict:
                 val = c.evaluate(
                     f"{method} {n} lr={lr:g} val", export, run, [trained], f"{data}/probes_val.jsonl", None
                 )
-                sweep[lr] = {"val_accuracy": val["probes"]["accuracy"][setting], "export": export, "stage": trained}
-            lr = chosen.setdefault(method, max(sweep, key=lambda x: sweep[x]["val_accuracy"]))
+                sweep[lr] = {"val": val["probes"], "export": export, "stage": trained}
+            lr = chosen.setdefault(method, max(sweep, key=lambda x: sweep[x]["val"]["accuracy"][setting]))
             export, trained = sweep[lr]["export"], sweep[lr]["stage"]
-            far = None
+            far, threshold = None, None
             if method == "memory":  # its far threshold, from the validation probes: new facts and known ones
-                val = c.evaluate(f"memory {n} lr={lr:g} val", export, run, [trained], f"{data}/probes_val.jsonl", None)
                 known_v = c.evaluate(f"memory {n} known val", export, run, [trained], known_val, None)
-                far = choose_far(val["probes"]["records"], known_v["probes"]["records"])
+                far = choose_far(sweep[lr]["val"]["records"], known_v["probes"]["records"])
+                threshold = far["far"]
             test = c.evaluate(
                 f"{method} {n} test",
                 export,
@@ -462,14 +462,14 @@ def run_seed(args, seed: int) -> dict:
                 [trained],
                 f"{data}/probes_test.jsonl",
                 f"{data}/heldout.jsonl",
-                far and far["far"],
+                threshold,
             )
-            known = c.evaluate(f"{method} {n} known", export, run, [trained], known_test, None, far and far["far"])
+            known = c.evaluate(f"{method} {n} known", export, run, [trained], known_test, None, threshold)
             size["methods"][method] = {
                 "far": far,
                 "far_share": {"test": test["probes"].get("far_share"), "known": known["probes"].get("far_share")},
                 "lr": lr,
-                "sweep": {str(k): v["val_accuracy"] for k, v in sweep.items()},
+                "sweep": {str(k): v["val"]["accuracy"][setting] for k, v in sweep.items()},
                 "test": test["probes"],
                 "perplexity": test["perplexity"],
                 "known": known["probes"]["accuracy"],
@@ -505,7 +505,7 @@ def markdown(r: dict) -> str:
         for label, method, setting in ROWS:
             m = size["methods"][method]
             acc = [pct(got(b["accuracy"], setting)) for b in m["test"]["buckets"] if b["probes"]]
-            known = got(m["known"], setting if setting != "oracle" else "fetched[always]")
+            known = known_kept(m, setting)
             ppl = got(m["perplexity"], setting) or {}  # oracle / blocked: no held-out perplexity
             ppl = "" if ppl.get("all") is None else f"{ppl['all']:.2f}"
             lr = "" if setting == "none" and method == "memory" else f"{m['lr']:g}"
@@ -540,6 +540,12 @@ def markdown(r: dict) -> str:
 def got(by_setting: dict, setting: str):
     """An evaluation's entry for ``setting``; ``fetched[always]`` is ``fetched`` when no far threshold was set."""
     return by_setting.get(setting, by_setting.get("fetched") if setting == "fetched[always]" else None)
+
+
+def known_kept(method: dict, setting: str):
+    """A method's share of known facts kept under ``setting``; the oracle's is the route's (a known fact names no
+    training document, so its oracle leaf is its own route)."""
+    return got(method["known"], setting if setting != "oracle" else "fetched[always]")
 
 
 def headline(r: dict) -> str:
@@ -577,7 +583,7 @@ def pooled(results: list[dict]) -> str:
         for r in results:
             m = r["sizes"][n]["methods"][method]
             rare = got(m["test"]["buckets"][0]["accuracy"], setting)
-            known = got(m["known"], setting if setting != "oracle" else "fetched[always]")
+            known = known_kept(m, setting)
             cells.append((rare, got(m["test"]["accuracy"], setting), known))
         mean = tuple(None if None in col else float(np.mean(col)) for col in zip(*cells))
         means[method, setting] = mean

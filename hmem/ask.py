@@ -70,7 +70,7 @@ class Asker:
         descent = self.router.routing.mode == "descent"  # no vote, no document index needed
         share = None if descent else self.router.vote_share(x, questions, leaves)
         nearest = None if descent else self.router.nearest(x, questions)
-        far = ev.far(nearest)
+        far = self.router.far(nearest)
         t1 = time.perf_counter()
         settings = ["fetched"] + (self.compared() if compare else []) if ev.bank is not None else ["none"]
         ids = {s: ev.block_ids(routed, s, far) for s in settings}

@@ -230,12 +230,12 @@ class Router:
         hits, words = self._search(np.atleast_2d(x), texts)
         return vote_scores(hits, self.routing, words).max(axis=1)
 
-    def far(self, x: np.ndarray, texts: list[str]) -> np.ndarray | None:
-        """[N] bool: the queries whose nearest training document is farther than ``routing.far`` allows (they
-        fetch no memory); None when the routing sets no ``far``."""
-        if self.routing.far is None:
+    def far(self, nearest: np.ndarray | None) -> np.ndarray | None:
+        """[N] bool: the queries whose ``nearest`` score is below ``routing.far`` (they fetch no memory); None when
+        the routing sets no ``far`` (or gives no scores: no vote)."""
+        if self.routing.far is None or nearest is None:
             return None
-        return self.nearest(x, texts) < self.routing.far
+        return nearest < self.routing.far
 
     def route_texts(self, texts: list[str], mode: str | None = None) -> np.ndarray:
         return self.route_embeddings(self.embed(texts), mode, texts)

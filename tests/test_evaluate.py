@@ -148,7 +148,7 @@ def test_far_texts_fetch_no_memory(setup):
     nll, _ = ev.text_nll(prompts, paths, "fetched", far)
     assert nll[0] == pytest.approx(ev.text_nll(prompts, paths, "none")[0][0], rel=1e-6)
     assert nll[1] == pytest.approx(ev.text_nll(prompts, paths, "fetched")[0][1], rel=1e-6)
-    assert ev.far(np.array([0.2, 0.9])) is None  # the router sets no far
+    assert ev.router.far(np.array([0.2, 0.9])) is None  # the router sets no far
 
 
 def test_block_report(setup):

@@ -212,9 +212,10 @@ def test_far_marks_the_queries_whose_nearest_document_scores_below_it(run_dir):
     for q, row in enumerate(r.neighbours(x, 32, texts=queries)):
         assert nearest[q] == pytest.approx(max(nb.score + r.routing.words * nb.words for nb in row), abs=1e-6)
     assert (nearest[:3] > 1.2).all() and (nearest[3:] < 0.6).all()  # a document's own text holds all its words
-    assert r.far(x, queries) is None
+    assert r.far(nearest) is None
     cut = float(nearest[3:].max() + nearest[:3].min()) / 2
-    far = Router.load(run_dir, routing=RoutingConfig(far=cut)).far(x, queries)
+    far_router = Router.load(run_dir, routing=RoutingConfig(far=cut))
+    far = far_router.far(far_router.nearest(x, queries))
     assert far.tolist() == [False, False, False, True, True]
     with pytest.raises(ValueError, match="far"):
         RoutingConfig(mode="descent", far=0.5)

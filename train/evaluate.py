@@ -199,11 +199,6 @@ class Evaluator:
         by_mode = {mode: self.router.route_embeddings(x, mode, texts) for mode in modes}
         return by_mode, None if self.router.documents is None else self.router.nearest(x, texts)
 
-    def far(self, nearest: np.ndarray | None) -> np.ndarray | None:
-        """Which texts fetch no memory under ``fetched`` (routing.far; None when it is not set)."""
-        far = self.router.routing.far
-        return None if far is None or self.bank is None else nearest < far
-
     @torch.no_grad()
     def window_nll(
         self, windows: list[list[int]], ids: torch.Tensor | None, skip: list[int] | None = None
@@ -278,7 +273,7 @@ class Evaluator:
         sources = np.array([d.get("source") or "all" for d in docs])
         modes = modes or [self.router.routing.mode]
         routes, nearest = self.routes(texts, modes)
-        far = self.far(nearest)
+        far = self.router.far(nearest)
         runs = [(setting, routes[modes[0]], setting, far) for setting in settings or self.settings]
         if self.bank is not None:
             runs += [(f"fetched[{m}]", routes[m], "fetched", None) for m in modes[1:]]
@@ -432,7 +427,7 @@ class Evaluator:
         prompts = [p.prompt for p in probes]
         modes = modes or [self.router.routing.mode]
         by_mode, nearest = self.routes(prompts, modes)
-        far = self.far(nearest)
+        far = self.router.far(nearest)
         first = {m: leading_path(r) for m, r in by_mode.items()}
         routes = first[modes[0]]
         leaves = self.router.leaves(routes)
