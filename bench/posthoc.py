@@ -8,8 +8,8 @@ Per seed, via the real CLIs (``make smollm2`` makes the base):
 1. new facts: synthetic people (configs/posthoc/people.yaml, jobs/build_longtail.py), ``--sizes`` of them per
    capacity point; their probes split by entity into a validation fifth (learning rates) and a test rest;
 2. the Spark job packs them with the base's tokenizer (configs/posthoc/job.yaml), ``hmem-index`` indexes them;
-3. known facts: element symbols and capitals (both ways) that the base answers right, found by running the
-   base (``retention.jsonl``), a third of them to validate on;
+3. known facts: element symbols, and countries' capitals (both ways), continents, languages and currencies that
+   the base answers right, found by running the base (``retention.jsonl``), a third of them to validate on;
 4. per method and learning rate (the sweep at the first size only; later sizes use the learning rate with
    the best validation accuracy): FFN memory (train/main.py, recipe memory_only, configs/posthoc/memory.yaml),
    LoRA on q, v, gate, up, down with the rank that matches the fetched memory's parameters, and a full
@@ -40,6 +40,7 @@ import os
 import shutil
 import sys
 import time
+from collections import Counter
 
 import numpy as np
 
@@ -226,8 +227,10 @@ def choose_far(*validation: list[dict]) -> dict:
 
 
 def known_candidates(path: str) -> None:
-    """Retention candidates (hmem-evaluate then says which the base knows): element symbols (mendeleev) and
-    capitals both ways (countryinfo). Probes the base answers in another form ("Au" in quotes, codes) drop out."""
+    """Retention candidates (hmem-evaluate then says which the base knows): element symbols (mendeleev), and per
+    country (countryinfo, names via pycountry) its capital both ways, continent, first official language and
+    currency. Probes the base answers in another form ("Pashto" for "Pushto", symbols in quotes) drop out."""
+    import pycountry
     from countryinfo import all_countries
 
     from corpora.longtail import element_entities
@@ -236,22 +239,32 @@ def known_candidates(path: str) -> None:
         (f"The chemical symbol of {e.name} is", e.probes["symbol"][1], e.name, "symbol") for e in element_entities()
     ]
     for c in all_countries():
+        name = c.name()
         if isinstance(c.capital(), str) and c.capital():  # a list names several capitals: no one answer
-            rows.append((f"The capital of {c.name()} is", c.capital(), c.name(), "capital"))
-            rows.append((f"{c.capital()} is the capital of", c.name(), c.name(), "country_of_capital"))
+            rows.append((f"The capital of {name} is", c.capital(), name, "capital"))
+            rows.append((f"{c.capital()} is the capital of", name, name, "country_of_capital"))
+        if c.region() in ("Africa", "Asia", "Europe"):  # "Americas" / "Oceania" are not what one answers
+            rows.append((f"{name} is located on the continent of", c.region(), name, "continent"))
+        language = pycountry.languages.get(alpha_2=c.languages()[0]) if c.languages() else None
+        if language is not None:
+            rows.append((f"The official language of {name} is", language.name, name, "language"))
+        currency = pycountry.currencies.get(alpha_3=c.currencies()[0]) if c.currencies() else None
+        if currency is not None:
+            rows.append((f"The currency of {name} is the", currency.name, name, "currency"))
     with open(path, "w") as f:
         for q, a, entity, fact in rows:
             f.write(json.dumps({"prompt": q, "answer": a, "entity": entity, "frequency": 1, "fact": fact}) + "\n")
 
 
-def keep_known(evaluation: str, out: str) -> int:
+def keep_known(evaluation: str, out: str) -> dict[str, int]:
+    """Writes the candidates the base answered right to ``out``; returns how many of each kind of fact."""
     with open(evaluation) as f:
         records = json.load(f)["probes"]["records"]
     keep = [r for r in records if r["none"]]
     with open(out, "w") as f:
         for r in keep:
             f.write(json.dumps({k: r[k] for k in ("prompt", "answer", "entity", "frequency", "fact")}) + "\n")
-    return len(keep)
+    return dict(sorted(Counter(r["fact"] for r in keep).items()))
 
 
 class Chain:
@@ -407,8 +420,8 @@ def train_rate(export: str) -> float | None:
     return float(np.median(rates[1:] or rates)) if rates else None
 
 
-def retention_set(c: Chain, run: str, after: str) -> tuple[str, str, int, int]:
-    """(validation, test probe files, known facts, candidates): the candidates the base answers right, a third
+def retention_set(c: Chain, run: str, after: str) -> tuple[str, str, dict, int]:
+    """(validation, test probe files, known facts per kind, candidates): the candidates the base answers right, a third
     of their entities to choose the memory's ``far`` threshold, the rest to report retention on."""
     base_export = os.path.join(c.d, "models", "base", "export")
     cmd = [sys.executable, "-m", "bench.posthoc", "dense-export", "--hf", c.base, "--run", run, "--out", base_export]
@@ -433,7 +446,17 @@ def run_seed(args, seed: int) -> dict:
         speed_out,
         [f"index {args.sizes[0]}"],
     )
-    result = {"seed": seed, "known": n_known, "known_candidates": n_cand, "fetched_params": fetched, "sizes": {}}
+    with open(known_test) as f:
+        n_test = sum(1 for _ in f)
+    result = {
+        "seed": seed,
+        "known": sum(n_known.values()),
+        "known_by_fact": n_known,
+        "known_test": n_test,
+        "known_candidates": n_cand,
+        "fetched_params": fetched,
+        "sizes": {},
+    }
     chosen: dict[str, float] = {}
     for n in args.sizes:
         data, run = (data0, run0) if n == args.sizes[0] else c.data(n)
@@ -487,7 +510,9 @@ def markdown(r: dict) -> str:
     lines = [
         f"Post-hoc memory on {r['base']}: seed {r['seed']}, {r['epochs']:g} epochs, batch {BATCH}. "
         f"Fetched memory {r['fetched_params'] / 1e6:.2f}M parameters. Known facts: {r['known']} of "
-        f"{r['known_candidates']} candidates the base answers right."
+        f"{r['known_candidates']} candidates the base answers right ("
+        + ", ".join(f"{k} {v}" for k, v in r.get("known_by_fact", {}).items())
+        + f"); {r.get('known_test')} of them report retention, the rest choose the far threshold."
     ]
     for n, size in r["sizes"].items():
         mem = size["methods"]["memory"]
