@@ -9,7 +9,7 @@ Per seed, via the real CLIs (``make smollm2`` makes the base):
    capacity point; their probes split by entity into a validation fifth (learning rates) and a test rest;
 2. the Spark job packs them with the base's tokenizer (configs/posthoc/job.yaml), ``hmem-index`` indexes them;
 3. known facts: element symbols, and countries' capitals (both ways), continents, languages and currencies that
-   the base answers right, found by running the base (``retention.jsonl``), a third of them to validate on;
+   the base answers right, found by running the base (``retention.jsonl``), a fourth of them to validate on;
 4. per method and learning rate (the sweep at the first size only; later sizes use the learning rate with
    the best validation accuracy): FFN memory (train/main.py, recipe memory_only, configs/posthoc/memory.yaml),
    LoRA on q, v, gate, up, down with the rank that matches the fetched memory's parameters, and a full
@@ -421,7 +421,7 @@ def train_rate(export: str) -> float | None:
 
 
 def retention_set(c: Chain, run: str, after: str) -> tuple[str, str, dict, int]:
-    """(validation, test probe files, known facts per kind, candidates): the candidates the base answers right, a third
+    """(validation, test probe files, known facts per kind, candidates): the candidates the base answers right, a fourth
     of their entities to choose the memory's ``far`` threshold, the rest to report retention on."""
     base_export = os.path.join(c.d, "models", "base", "export")
     cmd = [sys.executable, "-m", "bench.posthoc", "dense-export", "--hf", c.base, "--run", run, "--out", base_export]
@@ -431,7 +431,7 @@ def retention_set(c: Chain, run: str, after: str) -> tuple[str, str, dict, int]:
     ev = c.evaluate("base on known candidates", base_export, run, ["base export"], cand, None)
     retention = os.path.join(c.d, "retention.jsonl")
     known = keep_known(os.path.join(c.d, "eval", "base on known candidates.json"), retention)
-    return (*split_probes(retention, 3), known, len(ev["probes"]["records"]))
+    return (*split_probes(retention, 4), known, len(ev["probes"]["records"]))
 
 
 def run_seed(args, seed: int) -> dict:
