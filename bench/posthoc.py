@@ -1,12 +1,15 @@
 """Post-hoc memory on a real pretrained model: does FFN memory on the FROZEN base learn facts it lacks, without
 forgetting what it knows? Against a LoRA of the fetched memory's size and a full fine-tune, at equal tokens.
 
-    python -m bench.posthoc [--base models/smollm2-135m] [--out runs/posthoc] [--seed 0] [--sizes 100]
-        [--epochs 12] [--sweep memory=1e-3,3e-3 lora=3e-4,1e-3 full=1e-5,3e-5] [--cores 2] [--force]
+    python -m bench.posthoc [--base models/smollm2-135m] [--out runs/posthoc] [--seed 0]
+        [--sizes 100 | --corpus countries] [--epochs 12] [--sweep memory=1e-3,3e-3 lora=3e-4,1e-3 full=1e-5,3e-5]
+        [--cores 2] [--force]
 
 Per seed, via the real CLIs (``make smollm2`` makes the base):
 1. new facts: synthetic people (configs/posthoc/people.yaml, jobs/build_longtail.py), ``--sizes`` of them per
-   capacity point; their probes split by entity into a validation fifth (learning rates) and a test rest;
+   capacity point; their probes split by entity into a validation fifth (learning rates) and a test rest.
+   ``--corpus countries`` (configs/posthoc/countries.yaml, results in OUT/countries) trains on a real
+   long-tail domain instead: the countries' ISO codes, about the same countries as the known facts below;
 2. the Spark job packs them with the base's tokenizer (configs/posthoc/job.yaml), ``hmem-index`` indexes them;
 3. known facts: element symbols, and countries' capitals (both ways), continents, languages and currencies that
    the base answers right, found by running the base (``retention.jsonl``), a fourth of them to validate on;
@@ -21,8 +24,8 @@ Per seed, via the real CLIs (``make smollm2`` makes the base):
 Also ``speed``: the frozen base's forward+backward tokens/s, measured in this invocation, against the memory
 training's logged tokens/s.
 
-Writes OUT/results.md and OUT/results.json; stages resume as in bench/longtail.py. The last line is the
-headline: rarest-bucket accuracy at the largest size and the share of known facts kept, per method.
+Writes OUT/results_seedS.{md,json} and OUT/results.md (the seeds pooled); stages resume as in bench/longtail.py.
+The last line is the headline: rarest-bucket accuracy at the largest size and the share of known facts kept, per method.
 
 Sub-commands the stages call: ``finetune`` (LoRA / full fine-tune of a transformers model on a run's
 sequences, saved as a transformers checkpoint plus an hmem export without memory), ``dense-export`` and
@@ -49,6 +52,7 @@ from index.rundir import read_manifest
 
 CONFIGS = os.path.join(ROOT, "configs", "posthoc")
 METHODS = ("memory", "lora", "full")
+CORPORA = ("people", "countries")  # configs/posthoc/NAME.yaml: new facts, and a real domain near the known facts
 SWEEP = {"memory": [1e-3, 3e-3], "lora": [3e-4, 1e-3], "full": [1e-5, 3e-5]}
 BATCH = 8  # configs/posthoc/memory.yaml data.batch_size: every method reads the same sequences per step
 LORA_TARGETS = ("q_proj", "v_proj", "gate_proj", "up_proj", "down_proj")
@@ -282,14 +286,16 @@ class Chain:
         log = os.path.join(self.logs, name.replace(" ", "_").replace("=", "") + ".log")
         self.st.run(name, cmd, done, log, files=list(files), after=list(after), clear=clear)
 
-    def data(self, n: int) -> tuple[str, str]:
-        """The corpus of ``n`` people, packed and indexed: (data dir, run dir)."""
+    def data(self, n: int | str) -> tuple[str, str]:
+        """The corpus of ``n`` people (or the ``--corpus`` named ``n``), packed and indexed: (data dir, run dir)."""
         data, run = os.path.join(self.d, f"data{n}"), os.path.join(self.d, f"run{n}")
         os.makedirs(data, exist_ok=True)
         import yaml
 
-        with open(os.path.join(CONFIGS, "people.yaml")) as f:
-            cfg = dict(yaml.safe_load(f), people=n, seed=self.seed)
+        with open(os.path.join(CONFIGS, f"{self.args.corpus}.yaml")) as f:
+            cfg = dict(yaml.safe_load(f), seed=self.seed)
+        if isinstance(n, int):
+            cfg["people"] = n
         conf = os.path.join(data, "corpus.yaml")
         with open(conf, "w") as f:
             yaml.safe_dump(cfg, f)
@@ -344,8 +350,8 @@ class Chain:
         with open(out) as f:
             return json.load(f)
 
-    def train(self, method: str, lr: float, n: int, run: str, steps: int, fetched: int) -> tuple[str, str]:
-        """(export dir, stage name) of ``method`` at ``lr`` on the run of ``n`` people."""
+    def train(self, method: str, lr: float, n: int | str, run: str, steps: int, fetched: int) -> tuple[str, str]:
+        """(export dir, stage name) of ``method`` at ``lr`` on the run of size ``n``."""
         name = f"{method} {n} lr={lr:g}"
         mdir = os.path.join(self.d, "models", name.replace(" ", "_"))
         if method == "memory":
@@ -522,7 +528,7 @@ def markdown(r: dict) -> str:
         ]
         lines += [
             "",
-            f"### {n} people: {size['steps']} steps, {size['tokens']:,} tokens per method",
+            f"### {corpus_label(n)}: {size['steps']} steps, {size['tokens']:,} tokens per method",
             "",
             "| method | lr | " + " | ".join(head) + " | all | known facts kept | BBC ppl |",
             "|---|---|" + "---|" * (len(head) + 3),
@@ -562,6 +568,10 @@ def markdown(r: dict) -> str:
     return "\n".join(lines)
 
 
+def corpus_label(n: str) -> str:
+    return f"{n} people" if str(n).isdigit() else f"the {n} corpus"
+
+
 def got(by_setting: dict, setting: str):
     """An evaluation's entry for ``setting``; ``fetched[always]`` is ``fetched`` when no far threshold was set."""
     return by_setting.get(setting, by_setting.get("fetched") if setting == "fetched[always]" else None)
@@ -581,7 +591,7 @@ def headline(r: dict) -> str:
         return pct(got(ms[method]["test"]["buckets"][0]["accuracy"], setting))
 
     return (
-        f"{n} people, rarest bucket: base {rare('memory', 'none')}, memory routed {rare('memory', 'fetched')} "
+        f"{corpus_label(n)}, rarest bucket: base {rare('memory', 'none')}, memory routed {rare('memory', 'fetched')} "
         f"(always fetched {rare('memory', 'fetched[always]')}, oracle {rare('memory', 'oracle')}), LoRA "
         f"{rare('lora', 'none')}, full fine-tune {rare('full', 'none')}; known facts kept: memory "
         f"{pct(ms['memory']['known'].get('fetched'))} (always fetched "
@@ -596,7 +606,7 @@ def pooled(results: list[dict]) -> str:
     n = str(results[0]["sizes_list"][-1])
     seeds = [r["seed"] for r in results]
     lines = [
-        f"Post-hoc memory, {n} people, {results[0]['epochs']:g} epochs, seeds {', '.join(map(str, seeds))}: "
+        f"Post-hoc memory, {corpus_label(n)}, {results[0]['epochs']:g} epochs, seeds {', '.join(map(str, seeds))}: "
         "rarest bucket / all / known facts kept, %",
         "",
         "| method | " + " | ".join(f"seed {s}" for s in seeds) + " | mean |",
@@ -654,13 +664,20 @@ def main(argv: list[str] | None = None) -> int:
         {"finetune": finetune, "speed": speed, "dense-export": lambda a: dense_export(a.hf, a.run, a.out)}[sub](args)
         return 0
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--sizes", type=int, nargs="+", default=[100])
+    p.add_argument("--corpus", default="people", choices=CORPORA)
+    p.add_argument("--sizes", type=int, nargs="+")
     p.add_argument("--epochs", type=float, default=12)  # memory's validation accuracy: 6.7% at 6 epochs, 24.4% at 12
     p.add_argument("--sweep", nargs="*", metavar="METHOD=LR,LR")
     p.add_argument("--cores", type=int, default=2)
     p.add_argument("--force", action="store_true")
     args = p.parse_args(argv)
     args.sweep = parse_sweep(args.sweep)
+    if args.corpus != "people":  # a real domain has its own entities: its one size is its name
+        if args.sizes:
+            raise SystemExit(f"--sizes counts synthetic people; --corpus {args.corpus} has none")
+        args.sizes = [args.corpus]
+        args.out = os.path.join(args.out, args.corpus)  # its own seeds, results and pooled table
+    args.sizes = args.sizes or [100]
     if not os.path.exists(os.path.join(args.base, "config.json")):
         raise SystemExit(f"{args.base}: no transformers checkpoint; `make smollm2` converts SmolLM2-135M into it")
     r = run_seed(args, args.seed)
