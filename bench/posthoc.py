@@ -403,6 +403,13 @@ class Chain:
         return os.path.join(mdir, "export"), f"train {name}"
 
 
+def by_fact(records: list[dict]) -> dict[str, dict[str, float]]:
+    """Per evaluation setting, the share of probes answered right per kind of fact."""
+    settings = {setting for _, _, setting in ROWS} & set(records[0]) if records else set()
+    facts = sorted({r["fact"] for r in records})
+    return {s: {f: float(np.mean([r[s] for r in records if r["fact"] == f])) for f in facts} for s in sorted(settings)}
+
+
 def fetched_params(base: str) -> int:
     """Parameters a sequence fetches with configs/posthoc/memory.yaml's ranks on ``base`` (3 x d per FFN unit)."""
     import yaml
@@ -502,6 +509,7 @@ def run_seed(args, seed: int) -> dict:
                 "test": test["probes"],
                 "perplexity": test["perplexity"],
                 "known": known["probes"]["accuracy"],
+                "known_by_fact": by_fact(known["probes"]["records"]),
                 "model": test["model"],
                 "train_tokens_per_s": train_rate(export),
             }
@@ -551,6 +559,17 @@ def markdown(r: dict) -> str:
             f"{pct(far['accuracy_never'][1])} -> {pct(far['accuracy'][1])}. Far on test: "
             f"{pct(mem['far_share']['test'])} of the new-fact probes, {pct(mem['far_share']['known'])} of the known.",
         ]
+        kinds = sorted(size["methods"]["full"]["known_by_fact"]["none"])
+        lines += [
+            "",
+            "Known facts kept per kind, %:",
+            "",
+            "| method | " + " | ".join(kinds) + " |",
+            "|---|" + "---|" * len(kinds),
+        ]
+        for label, method, setting in ROWS:
+            row = known_kept(size["methods"][method], setting, "known_by_fact") or {}
+            lines.append(f"| {label} | " + " | ".join(pct(row.get(k)) for k in kinds) + " |")
         lines.append("")
         lines.append(
             "Sweeps (validation accuracy): "
@@ -577,10 +596,10 @@ def got(by_setting: dict, setting: str):
     return by_setting.get(setting, by_setting.get("fetched") if setting == "fetched[always]" else None)
 
 
-def known_kept(method: dict, setting: str):
-    """A method's share of known facts kept under ``setting``; the oracle's is the route's (a known fact names no
-    training document, so its oracle leaf is its own route)."""
-    return got(method["known"], setting if setting != "oracle" else "fetched[always]")
+def known_kept(method: dict, setting: str, field: str = "known"):
+    """A method's known facts kept under ``setting`` (``field``: overall, or ``known_by_fact`` per kind); the
+    oracle's are the route's (a known fact names no training document, so its oracle leaf is its own route)."""
+    return got(method.get(field, {}), setting if setting != "oracle" else "fetched[always]")
 
 
 def headline(r: dict) -> str:
