@@ -58,8 +58,9 @@ longtail: install  # the long-tail knowledge benchmark, 3 seeds as docs/RESULTS.
 forget: install  # deletion requests and learn on the long-tail corpus (bench/forget.py), 3 seeds
 	$(BIN)/python -m bench.forget --out runs/forget --seeds 0 1 2
 
-posthoc: smollm2  # post-hoc memory on SmolLM2-135M vs LoRA and a full fine-tune (bench/posthoc.py), 3 seeds
-	for s in 0 1 2; do $(BIN)/python -m bench.posthoc --seed $$s --out runs/posthoc || exit 1; done
+posthoc: smollm2  # post-hoc memory on SmolLM2-135M vs LoRA and a full fine-tune (bench/posthoc.py), 3 seeds x 2 corpora
+	for s in 0 1 2; do for c in people countries; do \
+		$(BIN)/python -m bench.posthoc --seed $$s --corpus $$c --out runs/posthoc || exit 1; done; done
 
 test: install lint
 	$(BIN)/python -m pytest -q

@@ -460,12 +460,13 @@ def run_seed(args, seed: int) -> dict:
         [f"index {args.sizes[0]}"],
     )
     with open(known_test) as f:
-        n_test = sum(1 for _ in f)
+        test_kinds = Counter(json.loads(line)["fact"] for line in f)
     result = {
         "seed": seed,
         "known": sum(n_known.values()),
         "known_by_fact": n_known,
-        "known_test": n_test,
+        "known_test": sum(test_kinds.values()),
+        "known_test_by_fact": dict(sorted(test_kinds.items())),
         "known_candidates": n_cand,
         "fetched_params": fetched,
         "sizes": {},
@@ -559,12 +560,12 @@ def markdown(r: dict) -> str:
             f"{pct(far['accuracy_never'][1])} -> {pct(far['accuracy'][1])}. Far on test: "
             f"{pct(mem['far_share']['test'])} of the new-fact probes, {pct(mem['far_share']['known'])} of the known.",
         ]
-        kinds = sorted(size["methods"]["full"]["known_by_fact"]["none"])
+        kinds = r["known_test_by_fact"]
         lines += [
             "",
             "Known facts kept per kind, %:",
             "",
-            "| method | " + " | ".join(kinds) + " |",
+            "| method | " + " | ".join(f"{k} ({n})" for k, n in kinds.items()) + " |",
             "|---|" + "---|" * len(kinds),
         ]
         for label, method, setting in ROWS:
