@@ -598,9 +598,8 @@ def got(by_setting: dict, setting: str):
 
 
 def known_kept(method: dict, setting: str, field: str = "known"):
-    """A method's known facts kept under ``setting`` (``field``: overall, or ``known_by_fact`` per kind); the
-    oracle's are the route's (a known fact names no training document, so its oracle leaf is its own route)."""
-    return got(method.get(field, {}), setting if setting != "oracle" else "fetched[always]")
+    """A method's known facts kept under ``setting``: overall (``known``) or per kind (``known_by_fact``)."""
+    return got(method.get(field, {}), setting)
 
 
 def headline(r: dict) -> str:
