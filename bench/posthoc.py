@@ -294,7 +294,7 @@ class Chain:
 
         with open(os.path.join(CONFIGS, f"{self.args.corpus}.yaml")) as f:
             cfg = dict(yaml.safe_load(f), seed=self.seed)
-        if isinstance(n, int):
+        if self.args.corpus == "people":
             cfg["people"] = n
         conf = os.path.join(data, "corpus.yaml")
         with open(conf, "w") as f:
@@ -463,9 +463,7 @@ def run_seed(args, seed: int) -> dict:
         test_kinds = Counter(json.loads(line)["fact"] for line in f)
     result = {
         "seed": seed,
-        "known": sum(n_known.values()),
         "known_by_fact": n_known,
-        "known_test": sum(test_kinds.values()),
         "known_test_by_fact": dict(sorted(test_kinds.items())),
         "known_candidates": n_cand,
         "fetched_params": fetched,
@@ -524,10 +522,10 @@ def run_seed(args, seed: int) -> dict:
 def markdown(r: dict) -> str:
     lines = [
         f"Post-hoc memory on {r['base']}: seed {r['seed']}, {r['epochs']:g} epochs, batch {BATCH}. "
-        f"Fetched memory {r['fetched_params'] / 1e6:.2f}M parameters. Known facts: {r['known']} of "
-        f"{r['known_candidates']} candidates the base answers right ("
-        + ", ".join(f"{k} {v}" for k, v in r.get("known_by_fact", {}).items())
-        + f"); {r.get('known_test')} of them report retention, the rest choose the far threshold."
+        f"Fetched memory {r['fetched_params'] / 1e6:.2f}M parameters. Known facts: "
+        f"{sum(r['known_by_fact'].values())} of {r['known_candidates']} candidates the base answers right ("
+        + ", ".join(f"{k} {v}" for k, v in r["known_by_fact"].items())
+        + f"); {sum(r['known_test_by_fact'].values())} of them report retention, the rest choose the far threshold."
     ]
     for n, size in r["sizes"].items():
         mem = size["methods"]["memory"]
@@ -613,9 +611,9 @@ def headline(r: dict) -> str:
         f"{corpus_label(n)}, rarest bucket: base {rare('memory', 'none')}, memory routed {rare('memory', 'fetched')} "
         f"(always fetched {rare('memory', 'fetched[always]')}, oracle {rare('memory', 'oracle')}), LoRA "
         f"{rare('lora', 'none')}, full fine-tune {rare('full', 'none')}; known facts kept: memory "
-        f"{pct(ms['memory']['known'].get('fetched'))} (always fetched "
-        f"{pct(got(ms['memory']['known'], 'fetched[always]'))}), LoRA "
-        f"{pct(ms['lora']['known'].get('none'))}, full {pct(ms['full']['known'].get('none'))}"
+        f"{pct(known_kept(ms['memory'], 'fetched'))} (always fetched "
+        f"{pct(known_kept(ms['memory'], 'fetched[always]'))}), LoRA "
+        f"{pct(known_kept(ms['lora'], 'none'))}, full {pct(known_kept(ms['full'], 'none'))}"
     )
 
 
