@@ -31,6 +31,7 @@ import time
 
 import numpy as np
 
+from bench import machine, machine_line
 from corpora.longtail import job_input
 from index.routing import RoutingConfig
 from index.rundir import read_manifest
@@ -536,6 +537,7 @@ def markdown(r: dict) -> str:
         ),
     ]
     lines.append("Stage seconds: " + json.dumps(r["timings"]))
+    lines.append(machine_line(r.get("machine")))
     return "\n".join(lines)
 
 
@@ -639,6 +641,7 @@ def main(argv: list[str] | None = None) -> int:
     r = aggregate(per_seed)
     r["wall_seconds"] = round(time.time() - t, 1)
     r["load_average"] = os.getloadavg()
+    r["machine"] = machine()
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(r, f, indent=1)
     md = markdown(r)

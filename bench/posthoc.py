@@ -47,6 +47,7 @@ from collections import Counter
 
 import numpy as np
 
+from bench import machine, machine_line
 from bench.longtail import BIN, ROOT, Stages, pct
 from index.rundir import read_manifest
 
@@ -516,6 +517,7 @@ def run_seed(args, seed: int) -> dict:
     with open(speed_out) as f:
         result["speed"] = json.load(f)
     result["timings"] = c.st.timings
+    result["machine"] = machine()
     return result
 
 
@@ -581,7 +583,7 @@ def markdown(r: dict) -> str:
     lines += [
         "",
         f"Throughput: memory training {mem_rate:.0f} tokens/s vs the frozen base's forward+backward "
-        f"{base_rate:.0f} tokens/s: {mem_rate / base_rate:.2f}x.",
+        f"{base_rate:.0f} tokens/s: {mem_rate / base_rate:.2f}x. " + machine_line(r.get("machine")),
     ]
     return "\n".join(lines)
 

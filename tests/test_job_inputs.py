@@ -1,12 +1,11 @@
-"""The real Spark job on input layouts a corpus has: nested directories without ids, Parquet, an ``id``
-field found automatically, several embedding windows, a user's shuffle partitions. (A corpus routed into another
-run's frozen tree: tests/test_routing.py.)"""
+"""The real Spark job on input layouts a corpus has: nested directories without ids, Parquet, a user's shuffle
+partitions, a data mix. (An ``id`` field found automatically and several embedding windows: tests/test_pipeline.py;
+a corpus routed into another run's frozen tree: tests/test_routing.py.)"""
 
 import hashlib
 import json
 import os
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -105,47 +104,3 @@ def test_passes_pack_an_input_n_times_and_route_it_once(layout_run):
     leaf_of = dict(zip(routed.doc_id, routed.leaf))
     for d, at in starts.items():
         assert len(at) == len({s for s, _ in at}) == (3 if d in thrice else 1) and {lf for _, lf in at} == {leaf_of[d]}
-
-
-@pytest.fixture(scope="module")
-def id_run(tmp_path_factory):
-    """An ``id`` field in JSONL and Parquet, found without --id-column; two rows without one; 2 windows."""
-    d = tmp_path_factory.mktemp("ids")
-    recs = bbc(24, start=300)
-    rows = [{"id": f"doc-{i}", "text": r["text"]} for i, r in enumerate(recs)]
-    del rows[3]["id"]
-    with open(d / "a.jsonl", "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows[:12])
-    ids = [r["id"] for r in rows[12:]]
-    ids[5] = None  # doc-17
-    pq.write_table(pa.table({"id": ids, "text": [r["text"] for r in rows[12:]]}), d / "b.parquet")
-    out = tmp_path_factory.mktemp("run") / "ids"
-    p = submit(["--input", str(d), "--output", str(out), *SMALL, "--max-windows", "2"])
-    assert p.returncode == 0, p.stdout[-4000:]
-    return out, recs, p
-
-
-def test_id_field_is_used_when_present(id_run):
-    out, recs, p = id_run
-    m = manifest(out)
-    assert m["ids"] == "id" and "ids: the input's 'id' field (22 of 24 rows have one" in p.stdout
-    assert m["quarantine_reasons"] == {"missing_id": 2}
-    q = read_table(out / "quarantine")
-    assert sorted(zip(q.source.str.rsplit("/", n=1).str[-1], q.row)) == [("a.jsonl", 3), ("b.parquet", 5)]
-    assert set(read_table(out / "routed").doc_id) == {f"doc-{i}" for i in range(24)} - {"doc-3", "doc-17"}
-
-
-def test_max_windows_embeds_the_mean_of_windows(id_run):
-    from index.encoder import embed_texts, load_encoder
-
-    out, recs, _ = id_run
-    assert manifest(out)["config"]["max_windows"] == 2
-    routed = read_table(out / "routed").sort_values("doc_id")
-    text = dict(read_table(out / "documents")[["doc_id", "text"]].values)
-    texts = [text[i] for i in routed.doc_id]
-    model = load_encoder(precision=manifest(out)["config"]["encoder_precision"])  # the run's own (bf16 where native)
-    two, one = embed_texts(model, texts, max_windows=2), embed_texts(model, texts, max_windows=1)
-    stored = np.stack(routed.embedding.to_numpy())
-    assert np.abs(stored - two).max() < 1e-4
-    # BBC articles run past one 256-piece window: the second window changed most embeddings
-    assert (np.abs(stored - one).max(1) > 1e-3).mean() > 0.5

@@ -1,4 +1,5 @@
-"""End to end: the real Spark job (spark-submit, local[2]) on real BBC text plus bad rows."""
+"""End to end: the real Spark job (spark-submit, local[2]) on real BBC text plus bad rows, in JSONL and Parquet,
+with an ``id`` field the job finds by itself and two embedding windows."""
 
 import os
 
@@ -9,7 +10,7 @@ import pytest
 
 from index.route import route
 from index.tree import Tree
-from tests.spark_helpers import SMALL, manifest, read_table, submit, write_bbc_subset
+from tests.spark_helpers import SMALL, bbc, manifest, read_table, submit, write_bbc_subset
 
 pytestmark = pytest.mark.slow
 
@@ -27,16 +28,25 @@ def bad_inputs(tmp_path_factory):
         b'{"id": "ok-1", "text": "A second document that reuses the id ok-1."}',
         b'{"id": "notext", "title": "no text field on this row"}',
         b'{"id": "huge", "text": "' + b"word " * 2_000_000 + b'"}',
+        b'{"text": "A valid document, but the only JSONL row without an id."}',
     ]
     (d / "bad.jsonl").write_bytes(b"\n".join(rows) + b"\n")
+    ids = [f"pq-{i}" for i in range(6)]
+    ids[4] = None
+    texts = [r["text"] for r in bbc(6, start=7)]  # not among write_bbc_subset's every 20th
+    pq.write_table(pa.table({"id": ids, "text": texts}), d / "more.parquet")
     return d, good
+
+
+# no --id-column: the job finds the rows' "id" field itself; BBC articles run past one 256-piece window
+ARGS = [*SMALL, "--row-group-sequences", "8", "--max-windows", "2"]
 
 
 @pytest.fixture(scope="module")
 def run(bad_inputs, tmp_path_factory):
     d, good = bad_inputs
     out = tmp_path_factory.mktemp("run") / "r"
-    p = submit(["--input", str(d), "--id-column", "id", "--output", str(out), *SMALL, "--row-group-sequences", "8"])
+    p = submit(["--input", str(d), "--output", str(out), *ARGS])
     assert p.returncode == 0, p.stdout[-4000:]
     return out, good, p
 
@@ -44,10 +54,11 @@ def run(bad_inputs, tmp_path_factory):
 def test_counts_in_equal_counts_out(run):
     out, good, _ = run
     m = manifest(out)
-    assert m["documents_in"] == len(good) + 7
+    assert m["documents_in"] == len(good) + 8 + 6
     assert m["documents_in"] == m["documents_routed"] + m["documents_quarantined"]
-    assert m["documents_routed"] == len(good) + 1
+    assert m["documents_routed"] == len(good) + 1 + 5
     assert m["quarantine_reasons"] == {
+        "missing_id": 2,
         "invalid_utf8": 1,
         "invalid_json": 1,
         "empty_text": 1,
@@ -58,6 +69,11 @@ def test_counts_in_equal_counts_out(run):
     q = read_table(out / "quarantine")
     assert len(q) == m["documents_quarantined"]
     assert set(q[q.reason == "duplicate_id"].row) == {4}  # the later occurrence, by (source, row)
+    missing = q[q.reason == "missing_id"]
+    assert sorted(zip(missing.source.str.rsplit("/", n=1).str[-1], missing.row)) == [
+        ("bad.jsonl", 7),
+        ("more.parquet", 4),
+    ]
     assert any(i["rows"] == 0 and i["path"].endswith("empty.jsonl") for i in m["inputs"])
     assert set(m) >= {"documents_in", "documents_routed", "documents_quarantined", "tree_version", "levels"}
 
@@ -124,7 +140,7 @@ def test_rerun_resumes_and_reproduces(run, bad_inputs):
     routed_before = read_table(out / "routed").sort_values("doc_id").reset_index(drop=True)
     for redo in ("fit_subtrees", "route", "pack"):
         os.remove(out / "stages" / f"{redo}.json")
-    p = submit(["--input", str(d), "--id-column", "id", "--output", str(out), *SMALL, "--row-group-sequences", "8"])
+    p = submit(["--input", str(d), "--output", str(out), *ARGS])
     assert p.returncode == 0, p.stdout[-3000:]
     assert p.stdout.count("skipped") == 3 and all(f"[{s}] start" in p.stdout for s in ("fit_subtrees", "route", "pack"))
     after = manifest(out)
@@ -139,8 +155,32 @@ def test_rerun_resumes_and_reproduces(run, bad_inputs):
 def test_changed_config_into_same_dir_is_refused(run, bad_inputs):
     out, _, _ = run
     d, _ = bad_inputs
-    p = submit(["--input", str(d), "--id-column", "id", "--output", str(out), *SMALL, "--balance-factor", "2.0"])
+    p = submit(["--input", str(d), "--output", str(out), *ARGS, "--balance-factor", "2.0"])
     assert p.returncode != 0 and "another config" in p.stdout
+
+
+def test_id_field_is_found_without_id_column(run):
+    out, good, p = run
+    m = manifest(out)
+    assert m["ids"] == "id" and "ids: the input's 'id' field (" in p.stdout
+    assert f" of {m['documents_in']} rows have one;" in p.stdout  # counted over every row, bad ones too
+    assert {r["id"] for r in good} | {"ok-1", "pq-0", "pq-5"} <= set(read_table(out / "routed").doc_id)
+
+
+def test_max_windows_embeds_the_mean_of_windows(run):
+    from index.encoder import embed_texts, load_encoder
+
+    out, _, _ = run
+    assert manifest(out)["config"]["max_windows"] == 2
+    routed = read_table(out / "routed").sort_values("doc_id")
+    text = dict(read_table(out / "documents")[["doc_id", "text"]].values)
+    texts = [text[i] for i in routed.doc_id]
+    model = load_encoder(precision=manifest(out)["config"]["encoder_precision"])  # the run's own (bf16 where native)
+    two, one = embed_texts(model, texts, max_windows=2), embed_texts(model, texts, max_windows=1)
+    stored = np.stack(routed.embedding.to_numpy())
+    assert np.abs(stored - two).max() < 1e-4
+    # most BBC articles run past one 256-piece window: the second window changed their embeddings
+    assert (np.abs(stored - one).max(1) > 1e-3).mean() > 0.5
 
 
 def test_missing_text_column_is_a_clear_error(tmp_path):

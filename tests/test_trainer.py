@@ -139,15 +139,24 @@ def test_ranks_update_only_blocks_on_their_paths(run, tmp_path):
     assert logits.shape == (2, 8, meta["model"]["vocab_size"])
 
 
+RESUMED = ("schedule.max_steps=40", "schedule.checkpoint_every=10")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(run, tmp_path_factory):
+    """The kill-and-resume tests' reference: RESUMED's run, never killed, its bank in RAM."""
+    ref = str(tmp_path_factory.mktemp("uninterrupted"))
+    train("torchrun", run, ref, *RESUMED)
+    return ref
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("store", [(), ("memory.store=disk", "memory.ram_budget_mb=0.01")], ids=["ram", "disk"])
-def test_kill_and_resume_matches_uninterrupted_run(run, tmp_path, store):
+def test_kill_and_resume_matches_uninterrupted_run(run, uninterrupted, tmp_path, store):
     """The reference keeps the bank in RAM; the killed run uses ``store`` (disk: ~2 records cached, the rest
     evicted and written behind every step), so the disk store is also held to the RAM store's losses."""
-    sets = ("schedule.max_steps=40", "schedule.checkpoint_every=10")
-    ref, out = str(tmp_path / "ref"), str(tmp_path / "out")
-    train("torchrun", run, ref, *sets)
-    sets += store
+    out = str(tmp_path / "out")
+    sets = RESUMED + store
     cmd = train_cmd("deepspeed", run, out, *sets)
     p = subprocess.Popen(
         cmd, env=ENV, cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
@@ -165,7 +174,7 @@ def test_kill_and_resume_matches_uninterrupted_run(run, tmp_path, store):
     log = train("deepspeed", run, out, *sets)
     assert "resumed from" in log
     assert os.path.isdir(os.path.join(out, "bank_store", "rank1")) == bool(store)
-    a, b = losses(ref), losses(out)
+    a, b = losses(uninterrupted), losses(out)
     assert sorted(a) == sorted(b) == list(range(1, 41))
     assert max(abs(a[s] - b[s]) for s in a) <= 1e-5
 
