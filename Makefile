@@ -58,9 +58,13 @@ longtail: install  # the long-tail knowledge benchmark, 3 seeds as docs/RESULTS.
 forget: install  # deletion requests and learn on the long-tail corpus (bench/forget.py), 3 seeds
 	$(BIN)/python -m bench.forget --out runs/forget --seeds 0 1 2
 
+# One learning rate per method, the ones bench/posthoc.py's validation sweep chose (docs/RESULTS.md), so a seed
+# fits 90 minutes on 2 cores; POSTHOC_SWEEP= sweeps bench/posthoc.py's SWEEP again on every seed.
+POSTHOC_SWEEP ?= memory=3e-3 lora=1e-3 full=1e-5
 posthoc: smollm2  # post-hoc memory on SmolLM2-135M vs LoRA and a full fine-tune (bench/posthoc.py), 3 seeds x 2 corpora
 	for s in 0 1 2; do for c in people countries; do \
-		$(BIN)/python -m bench.posthoc --seed $$s --corpus $$c --out runs/posthoc || exit 1; done; done
+		$(BIN)/python -m bench.posthoc --seed $$s --corpus $$c --epochs 12 --sweep $(POSTHOC_SWEEP) \
+			--out runs/posthoc || exit 1; done; done
 
 test: install lint
 	$(BIN)/python -m pytest -q
