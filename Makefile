@@ -63,7 +63,7 @@ forget: install  # deletion requests and learn on the long-tail corpus (bench/fo
 POSTHOC_SWEEP ?= memory=3e-3 lora=1e-3 full=1e-5
 posthoc: smollm2  # post-hoc memory on SmolLM2-135M vs LoRA and a full fine-tune (bench/posthoc.py), 3 seeds x 2 corpora
 	for s in 0 1 2; do for c in people countries; do \
-		$(BIN)/python -m bench.posthoc --seed $$s --corpus $$c --epochs 12 --sweep $(POSTHOC_SWEEP) \
+		$(BIN)/python -m bench.posthoc --seed $$s --corpus $$c --sweep $(POSTHOC_SWEEP) \
 			--out runs/posthoc || exit 1; done; done
 
 test: install lint
