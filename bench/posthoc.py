@@ -3,7 +3,7 @@ forgetting what it knows? Against a LoRA of the fetched memory's size and a full
 
     python -m bench.posthoc [--base models/smollm2-135m] [--out runs/posthoc] [--seed 0]
         [--sizes 100 | --corpus countries] [--epochs 12] [--sweep memory=1e-3,3e-3 lora=3e-4,1e-3 full=1e-5,3e-5]
-        [--cores 2] [--force]
+        [--memory-ranks 2 3] [--methods memory lora] [--cores 2] [--force]
 
 Per seed, via the real CLIs (``make smollm2`` makes the base):
 1. new facts: synthetic people (configs/posthoc/people.yaml, jobs/build_longtail.py), ``--sizes`` of them per
@@ -21,6 +21,9 @@ Per seed, via the real CLIs (``make smollm2`` makes the base):
    fetches no memory), chosen on the validation probes, new facts and known ones alike (``choose_far``);
 6. ``hmem-evaluate`` on every model: test probes per frequency bucket (memory: routed with and without the
    far threshold, oracle leaf, blocked, generic, none = the base), the known facts, and held-out BBC perplexity.
+``--memory-ranks`` shrinks the memory (and with it the LoRA's rank) below configs/posthoc/memory.yaml's: the same
+facts on a tenth of the parameters load each parameter as ten times the facts would, a capacity point that costs
+no more CPU than the first; ``--methods`` leaves out methods the change does not touch (the full fine-tune).
 Also ``speed``: the frozen base's forward+backward tokens/s, measured in this invocation, against the memory
 training's logged tokens/s.
 
@@ -369,6 +372,7 @@ class Chain:
             ]
             for s in (
                 f"model.hf={self.base}",
+                *([f"memory.ranks={list(self.args.memory_ranks)}"] if self.args.memory_ranks else []),
                 f"optim.memory.lr={lr}",
                 f"schedule.max_steps={steps}",
                 f"data.seed={self.seed}",
@@ -411,14 +415,18 @@ def by_fact(records: list[dict]) -> dict[str, dict[str, float]]:
     return {s: {f: float(np.mean([r[s] for r in records if r["fact"] == f])) for f in facts} for s in sorted(settings)}
 
 
-def fetched_params(base: str) -> int:
-    """Parameters a sequence fetches with configs/posthoc/memory.yaml's ranks on ``base`` (3 x d per FFN unit)."""
+def config_ranks() -> list[int]:
+    """configs/posthoc/memory.yaml's memory units per tree level (``--memory-ranks`` overrides them)."""
     import yaml
 
+    with open(os.path.join(CONFIGS, "memory.yaml")) as f:
+        return list(yaml.safe_load(f)["memory"]["ranks"])
+
+
+def fetched_params(base: str, ranks: list[int]) -> int:
+    """Parameters a sequence fetches with ``ranks`` on ``base`` (3 x d per FFN unit, one unit per rank per layer)."""
     with open(os.path.join(base, "config.json")) as f:
         hf = json.load(f)
-    with open(os.path.join(CONFIGS, "memory.yaml")) as f:
-        ranks = yaml.safe_load(f)["memory"]["ranks"]
     return sum(ranks) * 3 * hf["hidden_size"] * hf["num_hidden_layers"]
 
 
@@ -450,7 +458,7 @@ def retention_set(c: Chain, run: str, after: str) -> tuple[str, str, dict, int]:
 
 def run_seed(args, seed: int) -> dict:
     c = Chain(args, seed)
-    fetched = fetched_params(c.base)
+    fetched = fetched_params(c.base, args.memory_ranks or config_ranks())
     data0, run0 = c.data(args.sizes[0])
     known_val, known_test, n_known, n_cand = retention_set(c, run0, f"index {args.sizes[0]}")
     speed_out = os.path.join(c.d, "speed.json")
@@ -468,6 +476,8 @@ def run_seed(args, seed: int) -> dict:
         "known_test_by_fact": dict(sorted(test_kinds.items())),
         "known_candidates": n_cand,
         "fetched_params": fetched,
+        "memory_ranks": args.memory_ranks or config_ranks(),
+        "methods": list(args.methods),
         "sizes": {},
     }
     chosen: dict[str, float] = {}
@@ -475,7 +485,7 @@ def run_seed(args, seed: int) -> dict:
         data, run = (data0, run0) if n == args.sizes[0] else c.data(n)
         steps = math.ceil(args.epochs * read_manifest(run)["sequences"] / BATCH)
         size = {"steps": steps, "tokens": steps * BATCH * read_manifest(run)["seq_len"], "methods": {}}
-        for method in METHODS:
+        for method in args.methods:
             setting = "fetched" if method == "memory" else "none"
             sweep = {}
             for lr in args.sweep[method] if n == args.sizes[0] else [chosen[method]]:
@@ -524,7 +534,7 @@ def run_seed(args, seed: int) -> dict:
 def markdown(r: dict) -> str:
     lines = [
         f"Post-hoc memory on {r['base']}: seed {r['seed']}, {r['epochs']:g} epochs, batch {BATCH}. "
-        f"Fetched memory {r['fetched_params'] / 1e6:.2f}M parameters. Known facts: "
+        f"Memory ranks {r.get('memory_ranks')}: {r['fetched_params'] / 1e6:.2f}M parameters fetched. Known facts: "
         f"{sum(r['known_by_fact'].values())} of {r['known_candidates']} candidates the base answers right ("
         + ", ".join(f"{k} {v}" for k, v in r["known_by_fact"].items())
         + f"); {sum(r['known_test_by_fact'].values())} of them report retention, the rest choose the far threshold."
@@ -542,7 +552,7 @@ def markdown(r: dict) -> str:
             "| method | lr | " + " | ".join(head) + " | all | known facts kept | BBC ppl |",
             "|---|---|" + "---|" * (len(head) + 3),
         ]
-        for label, method, setting in ROWS:
+        for label, method, setting in rows(size):
             m = size["methods"][method]
             acc = [pct(got(b["accuracy"], setting)) for b in m["test"]["buckets"] if b["probes"]]
             known = known_kept(m, setting)
@@ -568,14 +578,15 @@ def markdown(r: dict) -> str:
             "| method | " + " | ".join(f"{k} ({n})" for k, n in kinds.items()) + " |",
             "|---|" + "---|" * len(kinds),
         ]
-        for label, method, setting in ROWS:
+        for label, method, setting in rows(size):
             row = known_kept(size["methods"][method], setting, "known_by_fact") or {}
             lines.append(f"| {label} | " + " | ".join(pct(row.get(k)) for k in kinds) + " |")
         lines.append("")
         lines.append(
             "Sweeps (validation accuracy): "
             + "; ".join(
-                f"{m}: " + ", ".join(f"{lr} {pct(a)}" for lr, a in size["methods"][m]["sweep"].items()) for m in METHODS
+                f"{m}: " + ", ".join(f"{lr} {pct(a)}" for lr, a in v["sweep"].items())
+                for m, v in size["methods"].items()
             )
         )
     mem_rate = r["sizes"][str(r["sizes_list"][0])]["methods"]["memory"]["train_tokens_per_s"]
@@ -592,6 +603,11 @@ def corpus_label(n: str) -> str:
     return f"{n} people" if str(n).isdigit() else f"the {n} corpus"
 
 
+def rows(size: dict) -> list[tuple[str, str, str]]:
+    """ROWS of the methods a size ran (``--methods``)."""
+    return [row for row in ROWS if row[1] in size["methods"]]
+
+
 def got(by_setting: dict, setting: str):
     """An evaluation's entry for ``setting``; ``fetched[always]`` is ``fetched`` when no far threshold was set."""
     return by_setting.get(setting, by_setting.get("fetched") if setting == "fetched[always]" else None)
@@ -606,8 +622,8 @@ def headline(r: dict) -> str:
     n = str(r["sizes_list"][-1])
     ms = r["sizes"][n]["methods"]
 
-    def rare(method, setting):
-        return pct(got(ms[method]["test"]["buckets"][0]["accuracy"], setting))
+    def rare(method, setting):  # "-" for a method left out
+        return pct(got(ms[method]["test"]["buckets"][0]["accuracy"], setting) if method in ms else None)
 
     return (
         f"{corpus_label(n)}, rarest bucket: base {rare('memory', 'none')}, memory routed {rare('memory', 'fetched')} "
@@ -615,7 +631,7 @@ def headline(r: dict) -> str:
         f"{rare('lora', 'none')}, full fine-tune {rare('full', 'none')}; known facts kept: memory "
         f"{pct(known_kept(ms['memory'], 'fetched'))} (always fetched "
         f"{pct(known_kept(ms['memory'], 'fetched[always]'))}), LoRA "
-        f"{pct(known_kept(ms['lora'], 'none'))}, full {pct(known_kept(ms['full'], 'none'))}"
+        f"{pct(known_kept(ms.get('lora', {}), 'none'))}, full {pct(known_kept(ms.get('full', {}), 'none'))}"
     )
 
 
@@ -632,7 +648,7 @@ def pooled(results: list[dict]) -> str:
         "|---|" + "---|" * (len(seeds) + 1),
     ]
     means = {}
-    for label, method, setting in ROWS:
+    for label, method, setting in rows(results[0]["sizes"][n]):
         cells = []
         for r in results:
             m = r["sizes"][n]["methods"][method]
@@ -643,7 +659,8 @@ def pooled(results: list[dict]) -> str:
         means[method, setting] = mean
         fmt = lambda c: " / ".join(pct(x) for x in c)  # noqa: E731
         lines.append(f"| {label} | " + " | ".join(fmt(c) for c in cells) + f" | {fmt(mean)} |")
-    memory, lora, full = (means[key][0] for key in (("memory", "fetched"), ("lora", "none"), ("full", "none")))
+    keys = (("memory", "fetched"), ("lora", "none"), ("full", "none"))
+    memory, lora, full = (means.get(key, (None,))[0] for key in keys)  # "-" for a method left out
     ratio = "-" if not lora else f"{memory / lora:.2f}x"
     lines += [
         "",
@@ -687,10 +704,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sizes", type=int, nargs="+")
     p.add_argument("--epochs", type=float, default=12)  # memory's validation accuracy: 6.7% at 6 epochs, 24.4% at 12
     p.add_argument("--sweep", nargs="*", metavar="METHOD=LR,LR")
+    p.add_argument("--memory-ranks", type=int, nargs="+", metavar="R", help="units per tree level (memory.yaml's)")
+    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     p.add_argument("--cores", type=int, default=2)
     p.add_argument("--force", action="store_true")
     args = p.parse_args(argv)
     args.sweep = parse_sweep(args.sweep)
+    if "memory" not in args.methods:
+        raise SystemExit(f"--methods {' '.join(args.methods)}: memory is what the others are compared with; add it")
     if args.corpus != "people":  # a real domain has its own entities: its one size is its name
         if args.sizes:
             raise SystemExit(f"--sizes counts synthetic people; --corpus {args.corpus} has none")
@@ -719,7 +740,8 @@ def write_pooled(out: str, like: dict) -> None:
         if name.startswith("results_seed") and name.endswith(".json"):
             with open(os.path.join(out, name)) as f:
                 r = json.load(f)
-            if (r["epochs"], r["sizes_list"]) == (like["epochs"], like["sizes_list"]):
+            older = {"memory_ranks": config_ranks(), "methods": list(METHODS)}  # results before them
+            if all(r.get(k, older.get(k)) == like[k] for k in ("epochs", "sizes_list", "memory_ranks", "methods")):
                 results.append(r)
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write(pooled(results))
