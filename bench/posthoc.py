@@ -458,7 +458,8 @@ def retention_set(c: Chain, run: str, after: str) -> tuple[str, str, dict, int]:
 
 def run_seed(args, seed: int) -> dict:
     c = Chain(args, seed)
-    fetched = fetched_params(c.base, args.memory_ranks or config_ranks())
+    ranks = args.memory_ranks or config_ranks()
+    fetched = fetched_params(c.base, ranks)
     data0, run0 = c.data(args.sizes[0])
     known_val, known_test, n_known, n_cand = retention_set(c, run0, f"index {args.sizes[0]}")
     speed_out = os.path.join(c.d, "speed.json")
@@ -476,7 +477,7 @@ def run_seed(args, seed: int) -> dict:
         "known_test_by_fact": dict(sorted(test_kinds.items())),
         "known_candidates": n_cand,
         "fetched_params": fetched,
-        "memory_ranks": args.memory_ranks or config_ranks(),
+        "memory_ranks": ranks,
         "methods": list(args.methods),
         "sizes": {},
     }
@@ -734,13 +735,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def write_pooled(out: str, like: dict) -> None:
-    """OUT/results.md: every seed in OUT run with ``like``'s epochs and sizes, pooled (``pooled``)."""
+    """OUT/results.md: every seed in OUT run with ``like``'s epochs, sizes, memory ranks and methods, pooled
+    (``pooled``)."""
+    older = {"memory_ranks": config_ranks(), "methods": list(METHODS)}  # results written before these two fields
     results = []
     for name in sorted(os.listdir(out)):
         if name.startswith("results_seed") and name.endswith(".json"):
             with open(os.path.join(out, name)) as f:
                 r = json.load(f)
-            older = {"memory_ranks": config_ranks(), "methods": list(METHODS)}  # results before them
             if all(r.get(k, older.get(k)) == like[k] for k in ("epochs", "sizes_list", "memory_ranks", "methods")):
                 results.append(r)
     with open(os.path.join(out, "results.md"), "w") as f:
