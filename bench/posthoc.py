@@ -2,7 +2,8 @@
 forgetting what it knows? Against a LoRA of the fetched memory's size and a full fine-tune, at equal tokens.
 
     python -m bench.posthoc [--base models/smollm2-135m] [--out runs/posthoc] [--seed 0]
-        [--sizes 100 | --corpus countries] [--epochs 12] [--sweep memory=1e-3,3e-3 lora=3e-4,1e-3 full=1e-5,3e-5]
+        [--sizes 100 | --corpus countries] [--epochs 12]
+        [--sweep memory=3e-3,1e-2,3e-2 lora=3e-4,1e-3,3e-3 full=1e-5,3e-5,1e-4]
         [--memory-ranks 2 3] [--methods memory lora] [--cores 2] [--force]
 
 Per seed, via the real CLIs (``make smollm2`` makes the base):
@@ -57,7 +58,7 @@ from index.rundir import read_manifest
 CONFIGS = os.path.join(ROOT, "configs", "posthoc")
 METHODS = ("memory", "lora", "full")
 CORPORA = ("people", "countries")  # configs/posthoc/NAME.yaml: new facts, and a real domain near the known facts
-SWEEP = {"memory": [1e-3, 3e-3], "lora": [3e-4, 1e-3], "full": [1e-5, 3e-5]}
+SWEEP = {"memory": [3e-3, 1e-2, 3e-2], "lora": [3e-4, 1e-3, 3e-3], "full": [1e-5, 3e-5, 1e-4]}
 BATCH = 8  # configs/posthoc/memory.yaml data.batch_size: every method reads the same sequences per step
 LORA_TARGETS = ("q_proj", "v_proj", "gate_proj", "up_proj", "down_proj")
 ROWS = [  # (label, method, setting of train.evaluate; fetched applies the far threshold, fetched[always] does not)
@@ -586,7 +587,7 @@ def markdown(r: dict) -> str:
         lines.append(
             "Sweeps (validation accuracy): "
             + "; ".join(
-                f"{m}: " + ", ".join(f"{lr} {pct(a)}" for lr, a in v["sweep"].items())
+                f"{m}: " + ", ".join(f"{lr} {pct(a)}" for lr, a in v["sweep"].items()) + sweep_edge(v)
                 for m, v in size["methods"].items()
             )
         )
@@ -598,6 +599,16 @@ def markdown(r: dict) -> str:
         f"{base_rate:.0f} tokens/s: {mem_rate / base_rate:.2f}x. " + machine_line(r.get("machine")),
     ]
     return "\n".join(lines)
+
+
+def sweep_edge(method: dict) -> str:
+    """A warning when the chosen rate is the sweep's lowest or highest: the best rate may lie outside it."""
+    swept = sorted(float(lr) for lr in method["sweep"])
+    if len(swept) < 2:
+        return " (one rate, not swept)"
+    if method["lr"] in (swept[0], swept[-1]):
+        return f" (best at the sweep's {'top' if method['lr'] == swept[-1] else 'bottom'}: widen it)"
+    return ""
 
 
 def corpus_label(n: str) -> str:

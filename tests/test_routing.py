@@ -168,3 +168,13 @@ def test_the_far_threshold_is_chosen_where_validation_gains_most():
     assert c["far"] == pytest.approx(0.8) and c["accuracy"] == [2 / 3, 1.0] and c["accuracy_never"] == [2 / 3, 1 / 3]
     unhurt = [rec(0.3, True, True), rec(0.5, True, True)]
     assert choose_far(new, unhurt)["far"] is None  # the lowest of the tied thresholds: never far
+
+
+def test_a_sweep_whose_best_rate_is_at_its_edge_says_so():
+    """The post-hoc tables flag a learning rate chosen at the sweep's top or bottom: the best may lie beyond it."""
+    from bench.posthoc import sweep_edge
+
+    assert "top" in sweep_edge({"sweep": {"0.003": 0.04, "0.01": 0.27}, "lr": 0.01})
+    assert "bottom" in sweep_edge({"sweep": {"0.001": 0.3, "0.003": 0.2}, "lr": 0.001})
+    assert sweep_edge({"sweep": {"0.0003": 0.0, "0.001": 0.04, "0.003": 0.02}, "lr": 0.001}) == ""
+    assert "not swept" in sweep_edge({"sweep": {"0.001": 0.04}, "lr": 0.001})
