@@ -587,7 +587,9 @@ def markdown(r: dict) -> str:
         lines.append(
             "Sweeps (validation accuracy): "
             + "; ".join(
-                f"{m}: " + ", ".join(f"{lr} {pct(a)}" for lr, a in v["sweep"].items()) + sweep_edge(v)
+                f"{m}: "
+                + ", ".join(f"{lr} {pct(a)}" for lr, a in v["sweep"].items())
+                + (sweep_edge(v) if n == str(r["sizes_list"][0]) else " (the first size's rate)")
                 for m, v in size["methods"].items()
             )
         )
