@@ -4,7 +4,7 @@ forgetting what it knows? Against a LoRA of the fetched memory's size and a full
     python -m bench.posthoc [--base models/smollm2-135m] [--out runs/posthoc] [--seed 0]
         [--sizes 100 | --corpus countries] [--epochs 12]
         [--sweep memory=3e-3,1e-2,3e-2 lora=3e-4,1e-3,3e-3 full=1e-5,3e-5,1e-4]
-        [--memory-ranks 2 3] [--methods memory lora] [--cores 2] [--force]
+        [--memory-ranks 2 3] [--methods memory lora] [--bf16] [--cores 2] [--force]
 
 Per seed, via the real CLIs (``make smollm2`` makes the base):
 1. new facts: synthetic people (configs/posthoc/people.yaml, jobs/build_longtail.py), ``--sizes`` of them per
@@ -25,8 +25,12 @@ Per seed, via the real CLIs (``make smollm2`` makes the base):
 ``--memory-ranks`` shrinks the memory (and with it the LoRA's rank) below configs/posthoc/memory.yaml's: the same
 facts on a tenth of the parameters load each parameter as ten times the facts would, a capacity point that costs
 no more CPU than the first; ``--methods`` leaves out methods the change does not touch (the full fine-tune).
+``--bf16`` runs every method's training forward under bf16 autocast with fp32 weights (the trainer's
+``deepspeed.bf16`` on a frozen base); it pays on a CPU with native bf16 (AVX512-BF16, AMX) and is many times
+slower without. Evaluation stays fp32. Give it its own ``--out``: seeds pool only with seeds of one precision.
 Also ``speed``: the frozen base's forward+backward tokens/s, measured in this invocation, against the memory
-training's logged tokens/s.
+training's logged tokens/s; with ``--bf16`` it times fp32 and bf16 autocast alternately and reports the logits'
+difference between the two on the same batch.
 
 Writes OUT/results_seedS.{md,json} and OUT/results.md (the seeds pooled); stages resume as in bench/longtail.py.
 The last line is the headline: rarest-bucket accuracy at the largest size and the share of known facts kept, per method.
@@ -139,7 +143,8 @@ def finetune(args) -> None:
         rows = [order(i // n)[i % n] for i in range(first, first + BATCH)]
         x = torch.from_numpy(tokens[rows])
         mask = torch.arange(1, x.shape[1])[None, :] < torch.from_numpy(n_valid[rows])[:, None]
-        logits = model(input_ids=x[:, :-1]).logits
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):  # fp32 weights either way
+            logits = model(input_ids=x[:, :-1]).logits
         loss = (token_nll(logits, x[:, 1:]) * mask).sum() / mask.sum().clamp(min=1)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -165,22 +170,40 @@ def finetune(args) -> None:
 
 def speed(args) -> None:
     """Frozen base forward+backward tokens/s (gradient to the hidden states only, as memory training needs),
-    on the run's sequences, ``BATCH`` x T, after a warm-up step."""
+    on the run's sequences, ``BATCH`` x T, after a warm-up step. With ``--bf16`` the steps alternate between fp32
+    and bf16 autocast (the rate reported is bf16's, the precision the trainings ran in), and the logits of the
+    two on that batch are compared: largest difference, the fp32 logits' std, and the share of positions whose
+    top token agrees."""
     import torch
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(args.base, torch_dtype=torch.float32).requires_grad_(False)
     tokens, _ = run_sequences(args.run)
     x = torch.from_numpy(tokens[:BATCH])
-    times = []
+    precisions = ("fp32", "bf16") if args.bf16 else ("fp32",)
+    times: dict[str, list[float]] = {p: [] for p in precisions}
     for i in range(args.steps + 1):
-        t = time.perf_counter()
-        h = model.get_input_embeddings()(x[:, :-1]).requires_grad_(True)
-        model(inputs_embeds=h).logits.float().logsumexp(-1).mean().backward()
-        times.append(time.perf_counter() - t)
-    rate = BATCH * (x.shape[1] - 1) / float(np.median(times[1:]))
+        for p in precisions:
+            t = time.perf_counter()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=p == "bf16"):
+                h = model.get_input_embeddings()(x[:, :-1]).requires_grad_(True)
+                model(inputs_embeds=h).logits.float().logsumexp(-1).mean().backward()
+            times[p].append(time.perf_counter() - t)
+    rate = {p: BATCH * (x.shape[1] - 1) / float(np.median(t[1:])) for p, t in times.items()}
+    out = {"frozen_fwd_bwd_tokens_per_s": rate[precisions[-1]], "step_seconds": times[precisions[-1]][1:]}
+    if args.bf16:
+        with torch.no_grad():
+            exact = model(input_ids=x[:, :-1]).logits
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                fast = model(input_ids=x[:, :-1]).logits.float()
+        out["fp32_tokens_per_s"] = rate["fp32"]
+        out["logits_bf16_vs_fp32"] = {
+            "max_abs_diff": float((fast - exact).abs().max()),
+            "fp32_std": float(exact.std()),
+            "top1_agreement": float((fast.argmax(-1) == exact.argmax(-1)).float().mean()),
+        }
     with open(args.out, "w") as f:
-        json.dump({"frozen_fwd_bwd_tokens_per_s": rate, "step_seconds": times[1:]}, f)
+        json.dump(out, f)
 
 
 # ---------------------------------------------------------------- the chain
@@ -378,6 +401,7 @@ class Chain:
                 f"schedule.max_steps={steps}",
                 f"data.seed={self.seed}",
                 f"memory.seed={self.seed}",
+                *(["deepspeed.bf16=true"] if self.args.bf16 else []),
             ):
                 cmd += ["--set", s]
             files = [f"{CONFIGS}/memory.yaml"]
@@ -403,6 +427,7 @@ class Chain:
                 str(self.seed),
                 "--fetched-params",
                 str(fetched),
+                *(["--bf16"] if self.args.bf16 else []),
             ]
             files = []
         self.stage(f"train {name}", cmd, os.path.join(mdir, "export", "meta.json"), [f"index {n}"], files, clear=mdir)
@@ -466,7 +491,8 @@ def run_seed(args, seed: int) -> dict:
     speed_out = os.path.join(c.d, "speed.json")
     c.stage(
         "speed",
-        [sys.executable, "-m", "bench.posthoc", "speed", "--base", c.base, "--run", run0, "--out", speed_out],
+        [sys.executable, "-m", "bench.posthoc", "speed", "--base", c.base, "--run", run0, "--out", speed_out]
+        + (["--bf16"] if args.bf16 else []),
         speed_out,
         [f"index {args.sizes[0]}"],
     )
@@ -480,6 +506,7 @@ def run_seed(args, seed: int) -> dict:
         "fetched_params": fetched,
         "memory_ranks": ranks,
         "methods": list(args.methods),
+        "bf16": args.bf16,
         "sizes": {},
     }
     chosen: dict[str, float] = {}
@@ -535,7 +562,8 @@ def run_seed(args, seed: int) -> dict:
 
 def markdown(r: dict) -> str:
     lines = [
-        f"Post-hoc memory on {r['base']}: seed {r['seed']}, {r['epochs']:g} epochs, batch {BATCH}. "
+        f"Post-hoc memory on {r['base']}: seed {r['seed']}, {r['epochs']:g} epochs, batch {BATCH}, "
+        f"{'bf16 autocast' if r.get('bf16') else 'fp32'} training. "
         f"Memory ranks {r.get('memory_ranks')}: {r['fetched_params'] / 1e6:.2f}M parameters fetched. Known facts: "
         f"{sum(r['known_by_fact'].values())} of {r['known_candidates']} candidates the base answers right ("
         + ", ".join(f"{k} {v}" for k, v in r["known_by_fact"].items())
@@ -600,6 +628,13 @@ def markdown(r: dict) -> str:
         f"Throughput: memory training {mem_rate:.0f} tokens/s vs the frozen base's forward+backward "
         f"{base_rate:.0f} tokens/s: {mem_rate / base_rate:.2f}x. " + machine_line(r.get("machine")),
     ]
+    if err := r["speed"].get("logits_bf16_vs_fp32"):
+        lines.append(
+            f"bf16 autocast: the frozen base's forward+backward {base_rate / r['speed']['fp32_tokens_per_s']:.2f}x "
+            f"fp32's in the same invocation; its logits differ from fp32's by at most {err['max_abs_diff']:.3f} "
+            f"(fp32 logits' std {err['fp32_std']:.2f}); the top token is the same at {pct(err['top1_agreement'])}% "
+            "of positions."
+        )
     return "\n".join(lines)
 
 
@@ -710,6 +745,7 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--steps", type=int, default=3)
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--fetched-params", type=int, default=0)
+        p.add_argument("--bf16", action="store_true")
         args = p.parse_args(argv[1:])
         {"finetune": finetune, "speed": speed, "dense-export": lambda a: dense_export(a.hf, a.run, a.out)}[sub](args)
         return 0
@@ -720,6 +756,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sweep", nargs="*", metavar="METHOD=LR,LR")
     p.add_argument("--memory-ranks", type=int, nargs="+", metavar="R", help="units per tree level (memory.yaml's)")
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    p.add_argument("--bf16", action="store_true", help="training forwards under bf16 autocast (native-bf16 CPUs)")
     p.add_argument("--cores", type=int, default=2)
     p.add_argument("--force", action="store_true")
     args = p.parse_args(argv)
@@ -750,13 +787,15 @@ def main(argv: list[str] | None = None) -> int:
 def write_pooled(out: str, like: dict) -> None:
     """OUT/results.md: every seed in OUT run with ``like``'s epochs, sizes, memory ranks and methods, pooled
     (``pooled``)."""
-    older = {"memory_ranks": config_ranks(), "methods": list(METHODS)}  # results written before these two fields
+    older = {"memory_ranks": config_ranks(), "methods": list(METHODS), "bf16": False}  # results before these fields
     results = []
     for name in sorted(os.listdir(out)):
         if name.startswith("results_seed") and name.endswith(".json"):
             with open(os.path.join(out, name)) as f:
                 r = json.load(f)
-            if all(r.get(k, older.get(k)) == like[k] for k in ("epochs", "sizes_list", "memory_ranks", "methods")):
+            if all(
+                r.get(k, older.get(k)) == like[k] for k in ("epochs", "sizes_list", "memory_ranks", "methods", "bf16")
+            ):
                 results.append(r)
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write(pooled(results))

@@ -215,6 +215,33 @@ def test_memory_only_on_a_transformers_base(tmp_path, arch, launch):
 
 
 @pytest.mark.slow
+@pytest.mark.slow
+def test_bf16_autocast_trains_memory_and_keeps_the_frozen_base_in_fp32(tmp_path):
+    """deepspeed.bf16 on a frozen base is autocast: the base stays fp32 and bit-identical, the bank fp32, and the
+    losses follow the fp32 run's within bf16's rounding."""
+    from fixtures import make_run_dir
+    from test_trainer import blocks_of, losses, train
+
+    from train.memory import TensorBlockStore
+
+    run = make_run_dir(str(tmp_path / "run"), k=2, depth=2, seq_len=16, dim=384)
+    base = tiny_base(str(tmp_path / "base"), "llama")
+    base_weights = load_file(os.path.join(base, "model.safetensors"))
+    sets = (f"model={{hf: {base}}}", "recipe.name=memory_only", "memory.ranks=[8,4]", "schedule.max_steps=3")
+    train("python", run, str(tmp_path / "fp32"), *sets, nproc=1)
+    log = train("python", run, str(tmp_path / "bf16"), *sets, "deepspeed.bf16=true", nproc=1)
+    assert "bf16 autocast, fp32 weights" in log
+    ckpt = str(tmp_path / "bf16" / "checkpoints" / "step00000003")
+    module = torch.load(f"{ckpt}/mp_rank_00_model_states.pt", weights_only=True)["module"]
+    assert all(torch.equal(module[f"model.{n}"], t) for n, t in base_weights.items())
+    blocks = blocks_of(TensorBlockStore.load(f"{ckpt}/rank0/bank.safetensors"))
+    assert {t.dtype for b in blocks.values() for t in b.values()} == {torch.float32}
+    assert any(b["w_down"].abs().sum() > 0 for b in blocks.values())  # the memory trained under autocast
+    exact, fast = losses(str(tmp_path / "fp32")), losses(str(tmp_path / "bf16"))
+    assert exact.keys() == fast.keys() and all(abs(fast[s] - exact[s]) < 0.05 * exact[s] for s in exact)
+    assert fast != exact  # autocast did run in bf16
+
+
 def test_job_packs_with_a_transformers_tokenizer(tmp_path):
     """--tokenizer DIR: the model's own ids (eos 2, no pad token -> pad = eos) end and pad the sequences."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers

@@ -88,7 +88,9 @@ class RecipeConfig:
 class DeepSpeedConfig:
     zero_stage: int = 2
     config: str | None = None  # a ds_config JSON used as is instead of the generated one
-    bf16: bool | None = None  # None: bf16 on GPU, fp32 on CPU
+    # None: bf16 on GPU, fp32 on CPU. A frozen anchor (memory_only) runs under bf16 autocast with fp32 weights;
+    # on a CPU that pays only with native bf16 (AVX512-BF16, AMX)
+    bf16: bool | None = None
 
 
 @dataclass

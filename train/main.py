@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
 
+from index.encoder import cpu_has_bf16
 from train import checkpoint
 from train.config import TrainConfig, check_world, load_config
 from train.data import IsolatedLoader, ShardLoader, assign_subtrees, nonempty_l1, read_manifests
@@ -121,7 +122,18 @@ class Trainer:
 
         anchor, optimizer = build_anchor(cfg)
         self.bf16 = cfg.deepspeed.bf16 if cfg.deepspeed.bf16 is not None else self.device.type == "cuda"
-        self.engine, *_ = deepspeed.initialize(model=anchor, optimizer=optimizer, config=ds_config(cfg, self.bf16))
+        # A frozen anchor keeps its fp32 weights (it must stay bit-identical) and runs under bf16 autocast;
+        # DeepSpeed's bf16 would cast them. A trained anchor gets DeepSpeed's bf16 (fp32 master weights).
+        self.autocast = self.bf16 and not cfg.recipe.trains_anchor
+        if self.autocast and self.device.type == "cpu" and not cpu_has_bf16():
+            print(
+                "warning: deepspeed.bf16 on a CPU without native bf16 (AVX512-BF16 or AMX): autocast runs many "
+                "times slower than fp32 here; leave deepspeed.bf16 unset",
+                file=sys.stderr,
+                flush=True,
+            )
+        ds_bf16 = self.bf16 and not self.autocast
+        self.engine, *_ = deepspeed.initialize(model=anchor, optimizer=optimizer, config=ds_config(cfg, ds_bf16))
 
         self.bank = self.mem_optim = self.reducer = None
         if cfg.recipe.uses_memory:
@@ -249,6 +261,9 @@ class Trainer:
             return 0
         return self.bank.store.nbytes() + self.mem_optim.state_bytes()
 
+    def precision(self) -> str:
+        return "bf16 autocast, fp32 weights" if self.autocast else "bf16" if self.bf16 else "fp32"
+
     def describe(self) -> None:
         o = self.ownership
         line = (
@@ -261,7 +276,7 @@ class Trainer:
         self.log("\n".join(lines))
         self.log(
             f"recipe {self.cfg.recipe.name}, anchor {human(self.cfg.model.num_params())} params, "
-            f"ZeRO stage {self.engine.zero_optimization_stage()}, {'bf16' if self.bf16 else 'fp32'}, {self.world} "
+            f"ZeRO stage {self.engine.zero_optimization_stage()}, {self.precision()}, {self.world} "
             f"ranks on {self.device.type}"
         )
 
@@ -313,7 +328,8 @@ class Trainer:
         # A frozen anchor runs as the bare module: DeepSpeed's forward arms a hook that refuses a backward
         # not driven by engine.backward, which needs an optimizer the frozen anchor does not have.
         model = self.engine if self.cfg.recipe.trains_anchor else self.engine.module
-        logits = model(tokens[:, :-1], fetched)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            logits = model(tokens[:, :-1], fetched)
         ce = token_nll(logits, tokens[:, 1:]) * mask
         return fetched, ce, mask, ce.sum() / mask.sum().clamp(min=1)
 
