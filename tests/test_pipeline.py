@@ -177,12 +177,15 @@ def test_max_windows_embeds_the_mean_of_windows(run):
     routed = read_table(out / "routed").sort_values("doc_id")
     text = dict(read_table(out / "documents")[["doc_id", "text"]].values)
     texts = [text[i] for i in routed.doc_id]
-    model = load_encoder(precision=manifest(out)["config"]["encoder_precision"])  # the run's own (bf16 where native)
+    precision = manifest(out)["config"]["encoder_precision"]  # the run's own (bf16 where native)
+    model = load_encoder(precision=precision)
     two, one = embed_texts(model, texts, max_windows=2), embed_texts(model, texts, max_windows=1)
     stored = np.stack(routed.embedding.to_numpy())
-    assert np.abs(stored - two).max() < 1e-4
+    # the job batches other texts together; bf16 rounding depends on the batch (as in test_embed)
+    tol = {"fp32": 1e-4, "bf16": 2e-3}[precision]
+    assert np.abs(stored - two).max() < tol
     # most BBC articles run past one 256-piece window: the second window changed their embeddings
-    assert (np.abs(stored - one).max(1) > 1e-3).mean() > 0.5
+    assert (np.abs(stored - one).max(1) > 10 * tol).mean() > 0.5
 
 
 def test_missing_text_column_is_a_clear_error(tmp_path):
