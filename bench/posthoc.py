@@ -3,7 +3,7 @@ forgetting what it knows? Against a LoRA of the fetched memory's size and a full
 
     python -m bench.posthoc [--base models/smollm2-135m] [--out runs/posthoc] [--seed 0]
         [--sizes 100 | --corpus countries] [--epochs 12]
-        [--sweep memory=3e-3,1e-2,3e-2 lora=3e-4,1e-3,3e-3 full=1e-5,3e-5,1e-4]
+        [--sweep memory=3e-3,1e-2,3e-2 lora=1e-3,3e-3,1e-2 full=1e-3,3e-3,1e-2]
         [--memory-ranks 2 3] [--methods memory lora] [--bf16] [--cores 2] [--force]
 
 Per seed, via the real CLIs (``make smollm2`` makes the base):
@@ -62,7 +62,7 @@ from index.rundir import read_manifest
 CONFIGS = os.path.join(ROOT, "configs", "posthoc")
 METHODS = ("memory", "lora", "full")
 CORPORA = ("people", "countries")  # configs/posthoc/NAME.yaml: new facts, and a real domain near the known facts
-SWEEP = {"memory": [3e-3, 1e-2, 3e-2], "lora": [3e-4, 1e-3, 3e-3], "full": [1e-5, 3e-5, 1e-4]}
+SWEEP = {"memory": [3e-3, 1e-2, 3e-2], "lora": [1e-3, 3e-3, 1e-2], "full": [1e-3, 3e-3, 1e-2]}
 BATCH = 8  # configs/posthoc/memory.yaml data.batch_size: every method reads the same sequences per step
 LORA_TARGETS = ("q_proj", "v_proj", "gate_proj", "up_proj", "down_proj")
 ROWS = [  # (label, method, setting of train.evaluate; fetched applies the far threshold, fetched[always] does not)
