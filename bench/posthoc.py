@@ -3,7 +3,7 @@ forgetting what it knows? Against a LoRA of the fetched memory's size and a full
 
     python -m bench.posthoc [--base models/smollm2-135m] [--out runs/posthoc] [--seed 0]
         [--sizes 100 | --corpus countries] [--epochs 12]
-        [--sweep memory=3e-3,1e-2,3e-2 lora=1e-3,3e-3,1e-2 full=1e-3,3e-3,1e-2]
+        [--sweep METHOD=LR,LR ... (default: SWEEP below)]
         [--memory-ranks 2 3] [--methods memory lora] [--bf16] [--cores 2] [--force]
 
 Per seed, via the real CLIs (``make smollm2`` makes the base):
