@@ -58,6 +58,7 @@ import numpy as np
 from bench import machine, machine_line
 from bench.longtail import BIN, ROOT, Stages, pct
 from index.rundir import read_manifest
+from pipeline.stages import fmt_duration
 
 CONFIGS = os.path.join(ROOT, "configs", "posthoc")
 METHODS = ("memory", "lora", "full")
@@ -153,9 +154,11 @@ def finetune(args) -> None:
         opt.step()
         opt.zero_grad(set_to_none=True)
         if step % 5 == 0 or step == args.steps:
-            rate = step * BATCH * (x.shape[1] - 1) / (time.time() - t0)
+            elapsed = time.time() - t0
+            rate = step * BATCH * (x.shape[1] - 1) / elapsed
             log.append({"step": step, "loss": float(loss), "tokens_per_s": rate})
-            print(f"step {step}/{args.steps} loss {float(loss):.4f} {rate:.0f} tokens/s", flush=True)
+            eta = fmt_duration(elapsed / step * (args.steps - step))
+            print(f"step {step}/{args.steps} loss {float(loss):.4f} {rate:.0f} tokens/s, ETA {eta}", flush=True)
     if args.method == "lora":
         model = model.merge_and_unload()
     hf = os.path.join(args.out, "hf")

@@ -45,6 +45,30 @@ class RecentRate:
         return (d_b - d_a) / (t_b - t_a) if t_b > t_a else 0.0
 
 
+def count_line(done: float, total: int, unit: str, rate: float) -> str:
+    """`done/total unit, rate unit/s, ETA` (no ETA before a rate is known or after the end)."""
+    line = f"{done:,.0f}/{total:,} {unit}, {rate:,.1f} {unit}/s"
+    return line + (f", ETA {fmt_duration((total - done) / rate)}" if rate > 0 and done < total else "")
+
+
+class Ticker:
+    """Progress of a loop outside Spark: ``add(n)`` after each piece of work; every ``every`` seconds, and at
+    the end, prints `[name] done/total unit, rate over the recent window, ETA` to stderr."""
+
+    def __init__(self, name: str, total: int, unit: str, every: float = 30.0, window: float = 60.0):
+        self.name, self.total, self.unit, self.every = name, total, unit, every
+        self.done, self.last = 0, time.time()
+        self.rate = RecentRate(self.last, window)
+
+    def add(self, n: int) -> None:
+        self.done += n
+        now = time.time()
+        rate = self.rate.add(now, self.done)
+        if now - self.last >= self.every or self.done >= self.total:
+            self.last = now
+            print(f"[{self.name}] {count_line(self.done, self.total, self.unit, rate)}", file=sys.stderr, flush=True)
+
+
 class Progress(threading.Thread):
     """Polls Spark's status tracker and prints `stage: tasks, items/s, ETA` every few seconds.
 
@@ -74,9 +98,7 @@ class Progress(threading.Thread):
     def counted_line(self, now: float) -> str:
         """`items done/total, items/s over the recent window, ETA` from the live count."""
         done = min(self.done_items(), self.total)
-        rate = self.rate.add(now, done)
-        line = f", {done:,.0f}/{self.total:,} {self.unit}, {rate:,.1f} {self.unit}/s"
-        return line + (f", ETA {fmt_duration((self.total - done) / rate)}" if rate > 0 else "")
+        return ", " + count_line(done, self.total, self.unit, self.rate.add(now, done))
 
     def run(self):
         while not self.stop_event.wait(self.every):

@@ -15,7 +15,7 @@ from index.router import Router
 from index.rundir import write_manifest
 from index.tree import Tree
 from pipeline.counter import ItemCounter, report
-from pipeline.stages import RecentRate
+from pipeline.stages import RecentRate, Ticker
 
 
 def mixed_texts(n: int = 10) -> list[str]:
@@ -132,6 +132,18 @@ def test_recent_rate_reads_the_steady_rate_after_start_up():
     readings = [rate.add(t, max(0, t - 30) * 10.0) for t in range(10, 301, 10)]
     assert readings[-1] == pytest.approx(10.0)  # done/elapsed would read 9.0 and keep falling short
     assert readings[0] == 0.0 and readings[5] == pytest.approx(30 * 10 / 60)
+
+
+def test_ticker_prints_counts_rate_and_eta_then_the_end(capsys):
+    tick = Ticker("probes", 10, "completions", every=0.0)
+    tick.add(4)
+    tick.add(6)
+    first, last = capsys.readouterr().err.splitlines()
+    assert first.startswith("[probes] 4/10 completions, ") and ", ETA " in first
+    assert last.startswith("[probes] 10/10 completions, ") and "ETA" not in last  # done: nothing left to wait for
+    quiet = Ticker("windows", 10, "windows", every=3600.0)
+    quiet.add(4)
+    assert capsys.readouterr().err == ""  # between prints it stays silent
 
 
 @pytest.mark.slow

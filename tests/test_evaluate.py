@@ -91,7 +91,7 @@ def test_batched_greedy_completion_equals_one_by_one(setup):
         assert together[i] == ev.tokenizer.decode([t for t in new if t != ev.eot])
 
 
-def test_probe_agreement_oracle_and_blocking(setup):
+def test_probe_agreement_oracle_and_blocking(setup, capsys):
     ev, routes, _ = setup
     probes = [
         Probe(PROMPTS["hydrogen"], "one", "hydrogen", 2, ["h0", "h1"]),
@@ -99,6 +99,7 @@ def test_probe_agreement_oracle_and_blocking(setup):
         Probe(PROMPTS["hydrogen"], "one", "hydrogen", 2),
     ]  # no doc_ids: found by name in documents/
     res = ev.probe(probes)
+    assert capsys.readouterr().err.splitlines()[-1].startswith("[probes] 15/15 completions")  # 5 settings x 3
     h, t, found = res["records"]
     assert h["agreement"] == 1.0 and t["agreement"] == 0.0 and found["agreement"] == 1.0
     assert h["oracle"] == h["fetched"]  # its documents are on its own path

@@ -54,6 +54,7 @@ from index.router import leading_path
 from index.routing import MODES, VOTES
 from index.tree import generic_block_ids, n_tree_blocks, path_block_ids
 from pipeline import tokenizer
+from pipeline.stages import Ticker
 from train.model import DecodeCache, token_nll
 
 N_BUCKETS = 5
@@ -201,10 +202,14 @@ class Evaluator:
 
     @torch.no_grad()
     def window_nll(
-        self, windows: list[list[int]], ids: torch.Tensor | None, skip: list[int] | None = None
+        self,
+        windows: list[list[int]],
+        ids: torch.Tensor | None,
+        skip: list[int] | None = None,
+        tick: Ticker | None = None,
     ) -> np.ndarray:
         """Summed next-token NLL of each token window (input = w[:-1], target = w[1:]), leaving out the first
-        ``skip[i]`` targets of window i (a prompt before its answer)."""
+        ``skip[i]`` targets of window i (a prompt before its answer); ``tick`` counts the windows done."""
         out = np.zeros(len(windows))
         for s in range(0, len(windows), self.batch_size):
             part = windows[s : s + self.batch_size]
@@ -216,6 +221,8 @@ class Evaluator:
             logits = self.anchor(x[:, :-1], self._memory(None if ids is None else ids[s : s + len(part)]))
             nll = token_nll(logits, x[:, 1:])
             out[s : s + len(part)] = (nll * mask).sum(1).numpy()
+            if tick:
+                tick.add(len(part))
         return out
 
     def padded(self, seqs: list[list[int]]) -> torch.Tensor:
@@ -249,10 +256,15 @@ class Evaluator:
         return [stream[s : s + self.seq_len + 1] for s in range(0, len(stream) - 1, self.seq_len)]
 
     def text_nll(
-        self, texts: list[str], paths: np.ndarray, setting: str, far: np.ndarray | None = None
+        self,
+        texts: list[str],
+        paths: np.ndarray,
+        setting: str,
+        far: np.ndarray | None = None,
+        tick: Ticker | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """(summed NLL, predicted tokens) per text under ``setting``, each text on its own path (``far``: the
-        texts that fetch nothing under ``fetched``)."""
+        texts that fetch nothing under ``fetched``; ``tick`` counts the windows done)."""
         wins, owner = [], []
         for i, t in enumerate(texts):
             ws = self.windows(t)
@@ -260,7 +272,7 @@ class Evaluator:
             owner += [i] * len(ws)
         owner = np.asarray(owner)
         ids = self.block_ids(paths[owner], setting, None if far is None else far[owner])
-        nll = self.window_nll(wins, ids)
+        nll = self.window_nll(wins, ids, tick=tick)
         return (
             np.bincount(owner, weights=nll, minlength=len(texts)),
             np.bincount(owner, weights=[len(w) - 1 for w in wins], minlength=len(texts)),
@@ -279,21 +291,27 @@ class Evaluator:
             runs += [(f"fetched[{m}]", routes[m], "fetched", None) for m in modes[1:]]
             runs += [("fetched[always]", routes[modes[0]], "fetched", None)] if far is not None else []
         out = {}
+        tick = Ticker("perplexity", len(runs) * sum(len(self.windows(t)) for t in texts), "windows")
         for name, paths, setting, far_ in runs:
-            nll, n = self.text_nll(texts, paths, setting, far_)
+            nll, n = self.text_nll(texts, paths, setting, far_, tick)
             row = {"all": math.exp(nll.sum() / n.sum())}
             for s in sorted(set(sources) - {"all"}):
                 row[s] = math.exp(nll[sources == s].sum() / n[sources == s].sum())
             out[name] = row
         return out
 
-    def complete(self, prompts: list[str], ids: torch.Tensor | None, max_new: list[int]) -> list[str]:
+    def complete(
+        self, prompts: list[str], ids: torch.Tensor | None, max_new: list[int], tick: Ticker | None = None
+    ) -> list[str]:
         """Greedy continuation of each prompt (after <eot>), ``max_new[i]`` tokens or until <eot>, as text."""
-        return [self.tokenizer.decode(t) for t in self.generate(prompts, ids, max_new)]
+        return [self.tokenizer.decode(t) for t in self.generate(prompts, ids, max_new, tick)]
 
     @torch.no_grad()
-    def generate(self, prompts: list[str], ids: torch.Tensor | None, max_new: list[int]) -> list[list[int]]:
-        """``complete``'s tokens: a completion scored as the model wrote it, not re-encoded from its text."""
+    def generate(
+        self, prompts: list[str], ids: torch.Tensor | None, max_new: list[int], tick: Ticker | None = None
+    ) -> list[list[int]]:
+        """``complete``'s tokens: a completion scored as the model wrote it, not re-encoded from its text
+        (``tick`` counts the prompts done)."""
         out = []
         for s in range(0, len(prompts), self.batch_size):
             seqs = [self.prompt_ids(p) for p in prompts[s : s + self.batch_size]]
@@ -305,6 +323,8 @@ class Evaluator:
             for n, m in zip(new, want):
                 n = n[:m]
                 out.append(n[: n.index(self.eot)] if self.eot in n else n)
+            if tick:
+                tick.add(len(seqs))
         return out
 
     def _decode(self, seqs: list[list[int]], memory, want: list[int]) -> list[list[int]]:
@@ -437,8 +457,9 @@ class Evaluator:
         max_new = [len(self.tokenizer.encode(" " + p.answer).ids) + 1 for p in probes]
         runs = self.probe_runs(by_mode, modes, routes, oracle, blocked, far)
         correct = {}
+        tick = Ticker("probes", len(runs) * len(prompts), "completions")
         for name, ids in runs.items():
-            completions = self.complete(prompts, ids, max_new)
+            completions = self.complete(prompts, ids, max_new, tick)
             correct[name] = np.array([is_exact_match(c, p.answer) for c, p in zip(completions, probes)])
         freqs = np.array([p.frequency for p in probes])
         edges = bucket_edges(freqs)
