@@ -190,6 +190,17 @@ def test_fresh_bank_is_an_exact_noop_on_the_real_base(base, plain):
         assert torch.equal(base(tokens), want)
 
 
+def test_cached_decoding_equals_forward_on_the_real_base(base, plain):
+    from test_hf import assert_decode_matches_forward, trained_like
+
+    from train.memory import MemoryBank, MemoryConfig
+
+    _, tok = plain
+    bank = trained_like(MemoryBank.create(MemoryConfig(ranks=(8, 4), k=2), base.cfg))
+    prompts = [tok(p).input_ids for p in PROMPTS]
+    assert_decode_matches_forward(base, prompts, bank, [[0, 1], [1, 0], [1, 1]], steps=4, atol=1e-3)
+
+
 @pytest.mark.slow
 def test_memory_trains_on_the_real_base_and_leaves_it_bit_identical(smollm2, plain, tmp_path):
     """The real trainer (python launch, DeepSpeed engine) trains FFN memory on the frozen SmolLM2; export; load."""

@@ -125,9 +125,48 @@ def test_fresh_memory_is_an_exact_noop_and_trained_memory_is_not(tmp_path, arch)
     grads = [t.grad for t in fetched.leaves()]
     assert all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads)
     assert all(p.grad is None and not p.requires_grad for p in anchor.parameters())  # the base stays frozen
-    for level, ids in bank.store.ids.items():  # a trained bank: w_down away from zero
+    assert not torch.allclose(anchor(tokens, fetch(trained_like(bank), paths)), want, atol=1e-3)
+
+
+def assert_decode_matches_forward(anchor, prompts: list[list[int]], bank, paths, steps: int, atol: float) -> None:
+    """Batched decoding of right-padded prompts of unequal lengths, each on its own blocks, gives every
+    sequence the logits ``forward`` gives it alone, at each step of its own greedy continuation."""
+    from train.model import DecodeCache
+
+    cache = DecodeCache(torch.tensor([len(p) for p in prompts]))
+    padded = torch.zeros(len(prompts), max(map(len, prompts)), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        padded[i, : len(p)] = torch.tensor(p)
+    seqs = [list(p) for p in prompts]
+    with torch.no_grad():
+        logits = anchor.decode(padded, cache, fetch(bank, paths))
+        for _ in range(steps):
+            for i, seq in enumerate(seqs):
+                alone = anchor(torch.tensor([seq]), fetch(bank, [paths[i]]))[0, -1]
+                assert torch.allclose(logits[i], alone, atol=atol), (logits[i] - alone).abs().max()
+            nxt = logits.argmax(-1)
+            for seq, t in zip(seqs, nxt.tolist()):
+                seq.append(t)
+            logits = anchor.decode(nxt[:, None], cache)
+
+
+def trained_like(bank):
+    """A fresh bank with w_down away from zero, so its blocks change the logits."""
+    torch.manual_seed(1)
+    for level, ids in bank.store.ids.items():
         bank.store.write(level, ids, {"w_down": torch.randn_like(bank.store.read(level, ids)["w_down"])})
-    assert not torch.allclose(anchor(tokens, fetch(bank, paths)), want, atol=1e-3)
+    return bank
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_cached_decoding_equals_forward_per_sequence(tmp_path, arch):
+    from train.hf import load_base, model_config
+    from train.memory import MemoryBank, MemoryConfig
+
+    anchor = load_base(model_config(tiny_base(str(tmp_path / arch), arch)))
+    bank = trained_like(MemoryBank.create(MemoryConfig(ranks=(4, 2), k=2), anchor.cfg))
+    prompts = [[5, 9, 33, 2, 7], [11] * 9, [300, 4], [7, 7, 7, 7, 8]]  # two of one length: one head position
+    assert_decode_matches_forward(anchor, prompts, bank, [[0, 1], [1, 0], [1, 1], [0, 0]], steps=6, atol=1e-5)
 
 
 def test_unsupported_architectures_and_changed_bases_are_refused(tmp_path):

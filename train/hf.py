@@ -31,7 +31,7 @@ import shutil
 import torch
 from torch import nn
 
-from train.model import ModelConfig
+from train.model import DecodeCache, ModelConfig
 
 # model types whose MLP is down(silu(gate(x)) * up(x)): the FFN-memory units use the same activation
 SUPPORTED = ("llama", "qwen2")
@@ -155,10 +155,10 @@ def model_config(directory: str, overrides: dict | None = None) -> ModelConfig:
 
 
 class HFAnchor(nn.Module):
-    """A transformers causal LM with the anchor's contract: ``forward(tokens, memory) -> logits``.
+    """A transformers causal LM with the anchor's contract: ``forward(tokens, memory) -> logits`` and ``decode``.
 
-    ``memory.layers(dtype)`` is built once per forward; the hook on layer i's MLP adds its units
-    (out + silu(x Wg) * (x Wu) Wd), exactly the project anchor's FFN memory. Only FFN memory: LoRA /
+    ``memory.layers(dtype)`` is built once per forward (once per decoded batch); the hook on layer i's MLP adds
+    its units (out + silu(x Wg) * (x Wu) Wd), exactly the project anchor's FFN memory. Only FFN memory: LoRA /
     KV memory would need hooks inside the MLP / attention.
     """
 
@@ -183,19 +183,54 @@ class HFAnchor(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
+    def _layer_memories(self, memory, batch: int) -> list | None:
+        if memory is None:
+            return None
+        if memory.kind != "ffn":
+            raise ValueError(f"a transformers base takes FFN memory only, not {memory.kind!r}")
+        if memory.batch_size != batch:
+            raise ValueError(f"memory fetched for {memory.batch_size} sequences, tokens hold {batch}")
+        if memory.n_layers != self.cfg.n_layers:
+            raise ValueError(f"memory has {memory.n_layers} layers, the model {self.cfg.n_layers}")
+        return memory.layers(dtype=self.model.get_input_embeddings().weight.dtype)
+
     def forward(self, tokens: torch.Tensor, memory=None) -> torch.Tensor:
-        if memory is not None:
-            if memory.kind != "ffn":
-                raise ValueError(f"a transformers base takes FFN memory only, not {memory.kind!r}")
-            if memory.batch_size != tokens.shape[0]:
-                raise ValueError(f"memory fetched for {memory.batch_size} sequences, tokens hold {tokens.shape[0]}")
-            if memory.n_layers != self.cfg.n_layers:
-                raise ValueError(f"memory has {memory.n_layers} layers, the model {self.cfg.n_layers}")
-            self._mems = memory.layers(dtype=self.model.get_input_embeddings().weight.dtype)
+        self._mems = self._layer_memories(memory, tokens.shape[0])
         try:
             return self.model(input_ids=tokens, use_cache=False).logits
         finally:
             self._mems = None
+
+    def decode(self, tokens: torch.Tensor, cache: DecodeCache, memory=None) -> torch.Tensor:
+        """``Anchor.decode`` on the base: next-token logits [B, V] of right-padded prompts [B, T] (``cache`` made
+        from their lengths), then of one token per sequence [B, 1] per call, on transformers' key/value cache.
+        Each new token sits at its sequence's own position and the prompts' padding is masked out of every later
+        attention, so it equals ``forward`` on each unpadded sequence up to float rounding."""
+        from transformers import DynamicCache
+
+        B, T = tokens.shape
+        prompt = cache.past is None
+        if prompt:  # the memory is gathered once, with the prompt
+            cache.mems, cache.past = self._layer_memories(memory, B), DynamicCache()
+            cache.keys = torch.arange(T)[None, :] < cache.next[:, None]
+            positions = torch.arange(T).expand(B, T)
+        else:
+            cache.keys = torch.cat([cache.keys, torch.ones(B, 1, dtype=torch.bool)], dim=1)
+            positions = cache.next[:, None]
+        # the head only at each prompt's last token (a sorted index set shared by the batch)
+        keep = torch.unique(cache.next - 1) if prompt else 0
+        self._mems = cache.mems
+        try:
+            # the cache goes by position: transformers 5.x renames its keyword (past_key_values -> cache)
+            logits = self.model(
+                tokens, cache.keys.long(), positions, cache.past, use_cache=True, logits_to_keep=keep
+            ).logits
+        finally:
+            self._mems = None
+        if prompt:
+            return logits[torch.arange(B), torch.searchsorted(keep, cache.next - 1)]
+        cache.next = cache.next + 1
+        return logits[:, 0]
 
 
 def load_base(cfg: ModelConfig, device: str | torch.device = "cpu") -> HFAnchor:

@@ -177,7 +177,7 @@ class Block(nn.Module):
 class DecodeCache:
     """Greedy decoding state (``Anchor.decode``): per layer the keys and values of every position so far,
     which key positions are real tokens (a batch's prompts are right-padded), each sequence's next position,
-    and the batch's memory gathered once."""
+    and the batch's memory gathered once. A transformers base (train/hf.py) keeps its own cache in ``past``."""
 
     def __init__(self, lengths: torch.Tensor):
         self.k: list[torch.Tensor] = []
@@ -185,6 +185,7 @@ class DecodeCache:
         self.next = lengths.clone()  # [B] position of each sequence's next token
         self.keys: torch.Tensor | None = None  # [B, positions] bool
         self.mems: list = []  # per layer the memory hooks (train/memory.py), gathered with the prompt
+        self.past = None  # transformers' key/value cache
 
 
 class Anchor(nn.Module):
