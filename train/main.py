@@ -25,6 +25,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file
 
 from index.encoder import cpu_has_bf16
+from pipeline.stages import fmt_duration
 from train import checkpoint
 from train.config import TrainConfig, check_world, load_config
 from train.data import IsolatedLoader, ShardLoader, assign_subtrees, nonempty_l1, read_manifests
@@ -471,12 +472,12 @@ class Trainer:
             "memory_grad_norm": stats["mem_norm"],
         }
         self.write_metrics(m)
-        eta = step_time * (self.cfg.schedule.max_steps - self.step)
+        eta = fmt_duration(step_time * (self.cfg.schedule.max_steps - self.step))
         print(
             f"step {self.step}/{self.cfg.schedule.max_steps} | loss {m['loss']:.4f} | {human(m['tokens_per_s'])} "
             "tok/s | "
             f"lr {stats['lr_anchor']:.2e}/{stats['lr_memory']:.2e} | blocks/step {m['blocks_touched_per_step']:.1f} | "
-            f"bank {human(bank_bytes)}B | eta {int(eta // 60)}m{int(eta % 60):02d}s",
+            f"bank {human(bank_bytes)}B | eta {eta}",
             flush=True,
         )
 
